@@ -1,0 +1,222 @@
+"""Synthetic GGUF models: real shapes and quant types, random but valid blocks.
+
+For GPU benchmarks where real weights cannot be fetched. Each tensor's bytes are drawn with numpy
+and streamed to disk one tensor at a time (the whole model is never held in memory); every block's
+fp16 scales are overwritten with small finite values so activations stay in range.
+
+    python -m lstream.tools.synth_model llama3-8b Q4_0 out/llama3-8b-q4_0.gguf
+    python -m lstream.tools.synth_model llama-70b Q4_K out/70b-4l.gguf --layers 4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+# one `lstream` import, by package or by path when run as a plain script
+try:
+    from lstream.core.qtypes import QTYPE_INFO, QType, tensor_bytes
+except ImportError:  # pragma: no cover - `python tools/synth_model.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lstream.core.qtypes import QTYPE_INFO, QType, tensor_bytes
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str  # general.architecture
+    n_layers: int
+    dim: int
+    ffn: int
+    n_heads: int
+    n_kv_heads: int
+    vocab: int
+    rope_base: float
+    eps: float
+    ctx: int
+    qkv_bias: bool = False
+    tied_output: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+PRESETS: dict[str, Preset] = {
+    "llama3-8b": Preset("llama", 32, 4096, 14336, 32, 8, 128256, 500000.0, 1e-5, 8192),
+    "qwen2.5-14b": Preset("qwen2", 48, 5120, 13824, 40, 8, 152064, 1000000.0, 1e-6, 32768, qkv_bias=True),
+    "llama-70b": Preset("llama", 80, 8192, 28672, 64, 8, 128256, 500000.0, 1e-5, 8192),
+    # small shapes for tests (not real models)
+    "tiny": Preset("llama", 2, 256, 512, 4, 2, 512, 10000.0, 1e-5, 512),
+    "tiny-qwen": Preset("qwen2", 2, 256, 512, 4, 2, 512, 10000.0, 1e-6, 512, qkv_bias=True),
+}
+
+# llama.cpp's ftype ids (general.file_type) for the files we write
+FILE_TYPE = {QType.F16: 1, QType.Q4_0: 2, QType.Q4_1: 3, QType.Q8_0: 7, QType.Q5_0: 8, QType.Q5_1: 9,
+             QType.Q4_K: 15, QType.Q5_K: 17, QType.Q6_K: 18, QType.BF16: 32}
+
+# fp16 scale fields per block: (byte offset, magnitude). Magnitudes make a weight's typical size
+# ~0.01, so a 4096-wide dot product of unit activations stays O(1) through many layers.
+_SCALES: dict[QType, list[tuple[int, float]]] = {
+    QType.Q4_0: [(0, 2e-3)],
+    QType.Q4_1: [(0, 2e-3), (2, 1e-2)],  # d, m
+    QType.Q5_0: [(0, 1e-3)],
+    QType.Q5_1: [(0, 1e-3), (2, 1e-2)],
+    QType.Q8_0: [(0, 1.5e-4)],
+    QType.Q4_K: [(0, 7e-5), (2, 3e-5)],  # d, dmin (super-block)
+    QType.Q5_K: [(0, 3.5e-5), (2, 3e-5)],
+    QType.Q6_K: [(208, 8e-6)],  # d is the last field
+}
+
+
+def tensor_plan(p: Preset, wtype: QType, embd_type: QType, out_type: QType) -> list[tuple[str, tuple[int, ...], QType]]:
+    """(name, numpy-order shape (rows, cols), type) for every tensor, in file order."""
+    kv = p.n_kv_heads * p.head_dim
+    plan: list[tuple[str, tuple[int, ...], QType]] = [("token_embd.weight", (p.vocab, p.dim), embd_type)]
+    for i in range(p.n_layers):
+        b = f"blk.{i}."
+        plan += [(b + "attn_norm.weight", (p.dim,), QType.F32),
+                 (b + "attn_q.weight", (p.dim, p.dim), wtype),
+                 (b + "attn_k.weight", (kv, p.dim), wtype),
+                 (b + "attn_v.weight", (kv, p.dim), wtype)]
+        if p.qkv_bias:
+            plan += [(b + "attn_q.bias", (p.dim,), QType.F32), (b + "attn_k.bias", (kv,), QType.F32),
+                     (b + "attn_v.bias", (kv,), QType.F32)]
+        plan += [(b + "attn_output.weight", (p.dim, p.dim), wtype),
+                 (b + "ffn_norm.weight", (p.dim,), QType.F32),
+                 (b + "ffn_gate.weight", (p.ffn, p.dim), wtype),
+                 (b + "ffn_up.weight", (p.ffn, p.dim), wtype),
+                 (b + "ffn_down.weight", (p.dim, p.ffn), wtype)]
+    plan.append(("output_norm.weight", (p.dim,), QType.F32))
+    if not p.tied_output:
+        plan.append(("output.weight", (p.vocab, p.dim), out_type))
+    return plan
+
+
+def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], qt: QType) -> np.ndarray:
+    """Random valid data: float arrays for F32/F16/BF16, (rows, row_bytes) uint8 blocks otherwise."""
+    if qt == QType.F32:
+        if name.endswith("norm.weight"):
+            return (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    if qt == QType.F16:
+        return (0.01 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
+    if qt == QType.BF16:
+        f = (0.01 * rng.standard_normal(shape, dtype=np.float32)).view(np.uint32)
+        return ((f + 0x8000) >> 16).astype(np.uint16)  # round to nearest; stored as raw uint16
+    info = QTYPE_INFO[qt]
+    nbytes = tensor_bytes(qt, shape)
+    data = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
+    blocks = data.reshape(-1, info.type_size)
+    for off, mag in _SCALES[qt]:
+        # |scale| in [0.5, 1.5] * mag, random sign for d of symmetric types (m / dmin keep sign too)
+        s = (mag * (0.5 + rng.random(blocks.shape[0], dtype=np.float32))).astype(np.float16)
+        blocks[:, off:off + 2] = s.view(np.uint8).reshape(-1, 2)
+    return data.reshape(shape[0] if len(shape) > 1 else 1, -1)
+
+
+def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QType.Q4_0, *,
+                layers: int | None = None, embd_type: QType | str | None = None,
+                out_type: QType | str | None = None, seed: int = 0, verbose: bool = False) -> Path:
+    import gguf
+
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    if layers is not None:
+        p = replace(p, n_layers=layers)
+    wtype = QType[wtype] if isinstance(wtype, str) else QType(wtype)
+    embd_type = wtype if embd_type is None else (QType[embd_type] if isinstance(embd_type, str) else embd_type)
+    out_type = wtype if out_type is None else (QType[out_type] if isinstance(out_type, str) else out_type)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan = tensor_plan(p, wtype, embd_type, out_type)
+
+    w = gguf.GGUFWriter(str(path), p.arch)
+    name = preset if isinstance(preset, str) else "custom"
+    w.add_name(f"lstream-synthetic-{name}-{wtype.name}")
+    w.add_file_type(FILE_TYPE.get(wtype, 0))
+    w.add_quantization_version(2)
+    w.add_context_length(p.ctx)
+    w.add_embedding_length(p.dim)
+    w.add_block_count(p.n_layers)
+    w.add_feed_forward_length(p.ffn)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.n_kv_heads)
+    w.add_rope_freq_base(p.rope_base)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_layer_norm_rms_eps(p.eps)
+    w.add_vocab_size(p.vocab)
+    _add_tokenizer(w, p.vocab)
+
+    for tname, shape, qt in plan:
+        if qt in (QType.F32, QType.F16, QType.BF16):
+            dt = {QType.F32: np.float32, QType.F16: np.float16, QType.BF16: np.uint16}[qt]
+            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+            w.add_tensor_info(tname, shape, np.dtype(dt), nbytes,
+                              raw_dtype=gguf.GGMLQuantizationType.BF16 if qt == QType.BF16 else None)
+        else:
+            nb = tensor_bytes(qt, shape)
+            w.add_tensor_info(tname, (shape[0], nb // shape[0]), np.dtype(np.uint8), nb,
+                              raw_dtype=gguf.GGMLQuantizationType(int(qt)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    t0, total = time.time(), 0
+    for tname, shape, qt in plan:
+        arr = random_tensor(rng, tname, shape, qt)
+        w.write_tensor_data(arr)
+        total += arr.nbytes
+        if verbose and arr.nbytes > (64 << 20):
+            print(f"  {tname:28s} {qt.name:5s} {arr.nbytes / 2**20:8.1f} MiB", file=sys.stderr)
+    w.close()
+    if verbose:
+        dt = time.time() - t0
+        print(f"wrote {path}: {total / 2**30:.2f} GiB of tensors in {dt:.1f} s", file=sys.stderr)
+    return path
+
+
+def _add_tokenizer(w, vocab: int) -> None:
+    """Minimal gpt2-style BPE vocabulary of exactly `vocab` tokens: the 256 byte tokens, then fillers."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_tokens = [chr(c) for c in cs]
+    n_special = 2
+    toks = byte_tokens + [f"<|synth_{i}|>" for i in range(vocab - 256 - n_special)]
+    toks += ["<|begin_of_text|>", "<|end_of_text|>"]
+    toks = toks[:vocab]
+    types = [1] * len(toks)
+    if vocab >= 258:
+        types[-2:] = [3, 3]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(toks)
+    w.add_token_types(types)
+    w.add_token_merges([])
+    w.add_bos_token_id(max(vocab - 2, 0))
+    w.add_eos_token_id(max(vocab - 1, 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("preset", choices=sorted(PRESETS))
+    ap.add_argument("qtype", choices=["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"])
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=None, help="cut the layer count (e.g. a 70B shape with 4 layers)")
+    ap.add_argument("--embd-type", default=None, help="token_embd type (default: same as the weights)")
+    ap.add_argument("--output-type", default=None, help="output.weight type (default: same; llama.cpp uses Q6_K)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    write_model(a.out, a.preset, a.qtype, layers=a.layers, embd_type=a.embd_type, out_type=a.output_type,
+                seed=a.seed, verbose=True)
+
+
+if __name__ == "__main__":
+    main()

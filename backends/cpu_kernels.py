@@ -10,12 +10,29 @@ Public interface (used by the CPU executor):
 """
 from __future__ import annotations
 
-import numba
-import numpy as np
+import os
+
+# numba's OpenMP workers must spin between the many small parallel calls of decode: with libgomp's
+# default wait policy an idle worker sleeps and every prange launch costs 4-8 ms on this VM (measured),
+# vs ~2 us when spinning.  Only a default: the user's environment wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 from lstream.core.qtypes import QTYPE_INFO, QType
 from lstream.backends import cpu_quant_deq as _dq
 from lstream.backends.cpu_ops_kernels import gelu_tanh, rms_norm, swiglu  # noqa: F401
+
+try:
+    import llvmlite.binding as _llb
+
+    HAVE_AVX2 = bool(_llb.get_host_cpu_features().get("avx2", False))
+except Exception:  # pragma: no cover
+    HAVE_AVX2 = False
+if HAVE_AVX2:
+    from lstream.backends import cpu_quant_mm as _mm
 
 __all__ = ["set_threads", "dequantize", "PackedWeight", "pack", "matmul", "get_rows",
            "rms_norm", "swiglu", "gelu_tanh", "SUPPORTED"]
@@ -76,18 +93,102 @@ def dequantize(qtype: QType, raw: np.ndarray, n_cols: int) -> np.ndarray:
 
 
 class PackedWeight:
-    """A weight tensor ready for matmul. Holds the raw (memmapped) blocks plus per-type repacked data."""
+    """A weight tensor ready for matmul.
 
-    def __init__(self, qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int):
+    layout "nib":    qs uint8 (n_rows*nb*16) nibbles, d/m float32 (n_rows*nb)  (Q4_0, Q4_1, Q4_K)
+    layout "i8":     qs int8 (n_rows*nb*32), d float32, optional m               (Q8_0, Q5_0, Q5_1, Q5_K)
+    layout "i8s16":  qs int8, d per 16 values                                    (Q6_K)
+    layout "float":  F32/F16/BF16 rows (and any quant type without AVX2): tile-dequantize + BLAS
+    `raw` keeps the zero-copy GGUF view for get_rows (bit-exact) -- it is only read for looked-up rows.
+    """
+
+    def __init__(self, qtype, raw, n_rows, n_cols, layout="float", qs=None, d=None, m=None):
         self.qtype = QType(qtype)
         self.n_rows = int(n_rows)
         self.n_cols = int(n_cols)
         self.raw = raw
-        self.nbytes = int(raw.nbytes)
-        self._buf = None  # reused float32 tile
+        self.layout = layout
+        self.qs, self.d, self.m = qs, d, m
+        if layout == "float":
+            self.nbytes = int(raw.nbytes)
+        else:
+            self.nbytes = int(qs.nbytes + d.nbytes + (m.nbytes if m is not None else 0))
 
     def __repr__(self):
-        return f"PackedWeight({self.qtype.name}, {self.n_rows}x{self.n_cols}, {self.nbytes} B)"
+        return f"PackedWeight({self.qtype.name}, {self.n_rows}x{self.n_cols}, {self.layout}, {self.nbytes} B)"
+
+
+def _nib_pack(lo4: np.ndarray) -> np.ndarray:
+    """(..., 32) uint8 values 0..15 -> (..., 16) bytes: byte j = v[j] | v[j+16] << 4."""
+    return (lo4[..., :16] | (lo4[..., 16:] << 4)).astype(np.uint8)
+
+
+def _k_scale_min(s: np.ndarray):
+    """(N, 12) packed 6-bit scales/mins of Q4_K/Q5_K -> sc, mn (N, 8) float32."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=1)
+    mn = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _unpack_5bit(blocks: np.ndarray, qh_off: int, qs_off: int) -> np.ndarray:
+    """Q5_0/Q5_1 blocks -> (N, 32) uint8 values 0..31."""
+    qs = blocks[:, qs_off:qs_off + 16]
+    lo = np.concatenate([qs & 15, qs >> 4], axis=1)
+    qh = np.ascontiguousarray(blocks[:, qh_off:qh_off + 4]).view(np.uint32).reshape(-1, 1)
+    hb = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return lo | (hb << 4)
+
+
+def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
+    """GGUF blocks (n_blocks, type_size) -> (layout, qs, d, m) in 32-value sub-blocks."""
+    f32 = np.float32
+    if qtype in (QType.Q4_0, QType.Q4_1):
+        d = _fp16_field(blocks, 0)
+        if qtype == QType.Q4_0:
+            return "nib", np.ascontiguousarray(blocks[:, 2:18]).reshape(-1), d, (d * f32(-8)).astype(f32)
+        return "nib", np.ascontiguousarray(blocks[:, 4:20]).reshape(-1), d, _fp16_field(blocks, 2)
+    if qtype == QType.Q8_0:
+        return "i8", np.ascontiguousarray(blocks[:, 2:34]).view(np.int8).reshape(-1), _fp16_field(blocks, 0), None
+    if qtype in (QType.Q5_0, QType.Q5_1):
+        d = _fp16_field(blocks, 0)
+        if qtype == QType.Q5_0:
+            q = _unpack_5bit(blocks, 2, 6)
+            return "i8", (q.astype(np.int8) - np.int8(16)).reshape(-1), d, None
+        q = _unpack_5bit(blocks, 4, 8)
+        m = _fp16_field(blocks, 2) + f32(16) * d  # d*q + m = d*(q-16) + (m + 16 d)
+        return "i8", (q.astype(np.int8) - np.int8(16)).reshape(-1), d, m.astype(f32)
+    if qtype in (QType.Q4_K, QType.Q5_K):
+        n = blocks.shape[0]
+        d = _fp16_field(blocks, 0)[:, None]
+        dmin = _fp16_field(blocks, 2)[:, None]
+        sc, mn = _k_scale_min(blocks[:, 4:16])
+        ds = (d * sc).astype(f32)  # (n, 8)
+        ms = (dmin * mn).astype(f32)
+        qoff = 16 if qtype == QType.Q4_K else 48
+        qs = blocks[:, qoff:qoff + 128].reshape(n, 4, 1, 32)
+        v = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 15  # (n, 4, 2, 32) = sub 2c+h
+        v = v.reshape(n, 8, 32)
+        if qtype == QType.Q4_K:
+            return "nib", _nib_pack(v).reshape(-1), ds.reshape(-1), (-ms).reshape(-1)
+        qh = blocks[:, 16:48].reshape(n, 1, 32)
+        hb = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # (n, 8, 32)
+        q = (v | (hb << 4)).astype(np.int8) - np.int8(16)
+        return "i8", q.reshape(-1), ds.reshape(-1), (f32(16) * ds - ms).reshape(-1)
+    if qtype == QType.Q6_K:
+        n = blocks.shape[0]
+        ql = blocks[:, 0:128].reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        ql = (ql & 15).reshape(n, 8, 32)
+        qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        qh = (qh & 3).reshape(n, 8, 32)
+        q = (ql | (qh << 4)).astype(np.int8) - np.int8(32)
+        sc = blocks[:, 192:208].view(np.int8).astype(f32)
+        d16 = (_fp16_field(blocks, 208)[:, None] * sc).astype(f32)
+        return "i8s16", q.reshape(-1), d16.reshape(-1), None
+    raise NotImplementedError(qtype.name)
+
+
+_PACK_CHUNK = 1 << 16  # blocks per repacking chunk (bounds temporary memory)
 
 
 def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeight:
@@ -102,31 +203,63 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeigh
             raw = raw if raw.dtype == np.float16 else raw.view(np.float16)
         else:
             raw = raw if raw.dtype == np.uint16 else raw.view(np.uint16)
-        raw = raw.reshape(n_rows, n_cols)
-    else:
-        raw = raw.view(np.uint8).reshape(n_rows, n_cols // info.block_size * info.type_size)
-    return PackedWeight(qtype, raw, n_rows, n_cols)
+        return PackedWeight(qtype, raw.reshape(n_rows, n_cols), n_rows, n_cols)
+    raw = raw.view(np.uint8).reshape(n_rows, n_cols // info.block_size * info.type_size)
+    if not HAVE_AVX2:
+        return PackedWeight(qtype, raw, n_rows, n_cols)
+    blocks = raw.reshape(-1, info.type_size)
+    parts = [_repack(qtype, blocks[i:i + _PACK_CHUNK], n_rows, n_cols)
+             for i in range(0, blocks.shape[0], _PACK_CHUNK)]
+    layout = parts[0][0]
+    qs = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    d = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+    m = None
+    if parts[0][3] is not None:
+        m = np.concatenate([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]
+    qs = np.ascontiguousarray(qs)
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    m = None if m is None else np.ascontiguousarray(m, dtype=np.float32)
+    return PackedWeight(qtype, raw, n_rows, n_cols, layout, qs, d, m)
 
 
 _TILE_ELEMS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
+_EMPTY_F32 = np.zeros(1, dtype=np.float32)
 
 
 def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
-    squeeze = x.ndim == 1
     x2 = x.reshape(-1, w.n_cols)
     n_tok = x2.shape[0]
     if out is None:
         out = np.empty((n_tok, w.n_rows), dtype=np.float32)
     o2 = out.reshape(n_tok, w.n_rows)
-    if w.qtype == QType.F32:
-        np.matmul(x2, w.raw.T, out=o2)
-        return out.reshape(-1) if squeeze and out.ndim == 1 else out
-    rows = max(1, _TILE_ELEMS // w.n_cols)
-    for r0 in range(0, w.n_rows, rows):
-        r1 = min(w.n_rows, r0 + rows)
-        tile = dequantize(w.qtype, w.raw[r0:r1], w.n_cols)
-        o2[:, r0:r1] = x2 @ tile.T
+    if n_tok == 0:
+        return out
+    if w.layout == "float":
+        if w.qtype == QType.F32:
+            np.matmul(x2, w.raw.T, out=o2)
+            return out
+        rows = max(1, _TILE_ELEMS // w.n_cols)
+        for r0 in range(0, w.n_rows, rows):
+            r1 = min(w.n_rows, r0 + rows)
+            tile = dequantize(w.qtype, w.raw[r0:r1], w.n_cols)
+            o2[:, r0:r1] = x2 @ tile.T
+        return out
+    nb = w.n_cols // 32
+    xq = np.empty((n_tok, w.n_cols), dtype=np.int8)
+    xd = np.empty((n_tok, nb), dtype=np.float32)
+    xs = np.empty((n_tok, nb), dtype=np.float32)
+    _mm.quant_x(x2, xq, xd, xs)
+    dst = o2 if o2.flags.c_contiguous else np.empty((n_tok, w.n_rows), dtype=np.float32)
+    if w.layout == "nib":
+        _mm.mm_nib(w.qs, w.d, w.m, xq, xd, xs, nb, dst)
+    else:
+        has_m = w.m is not None
+        m = w.m if has_m else _EMPTY_F32
+        kern = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
+        kern(w.qs, w.d, m, has_m, xq, xd, xs, nb, dst)
+    if dst is not o2:
+        o2[...] = dst
     return out
 
 

@@ -1,0 +1,94 @@
+"""Quantized matmul drivers (numba, parallel over output rows) built on the AVX2 row dots.
+
+Activations are quantized per 32 to int8 once per call (quant_x); every kernel then loops
+  prange over row groups -> token tiles -> rows -> tokens
+so one weight row stays in L1 while it is dotted with a tile of tokens, and the token tile
+(int8) stays in L2.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from lstream.backends.cpu_quant_simd import dot_i8_row, dot_i8s16_row, dot_nib_row
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+_ROWS = 16  # rows per parallel work item
+_TT = 64  # tokens per tile
+
+
+@njit(**_JIT)
+def quant_x(x, xq, xd, xs):
+    """x (n_tok, n) float32 -> xq int8 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32)."""
+    n_tok, n = x.shape
+    nb = n // 32
+    for t in prange(n_tok):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[t, b * 32 + j]))
+            dd = amax / np.float32(127.0)
+            idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
+            s = np.int32(0)
+            for j in range(32):
+                v = np.int32(np.rint(x[t, b * 32 + j] * idd))
+                xq[t, b * 32 + j] = v
+                s += v
+            xd[t, b] = dd
+            xs[t, b] = dd * np.float32(s)
+
+
+@njit(**_JIT)
+def mm_nib(q, d, m, xq, xd, xs, nb, out):
+    n_tok = xq.shape[0]
+    n_rows = out.shape[1]
+    n_groups = (n_rows + _ROWS - 1) // _ROWS
+    for g in prange(n_groups):
+        r1 = min(n_rows, (g + 1) * _ROWS)
+        for t0 in range(0, n_tok, _TT):
+            t1 = min(n_tok, t0 + _TT)
+            for r in range(g * _ROWS, r1):
+                off = (r * nb, nb)
+                for t in range(t0, t1):
+                    out[t, r] = dot_nib_row(q, d, m, xq[t], xd[t], xs[t], off)
+
+
+@njit(**_JIT)
+def mm_i8(q, d, m, has_m, xq, xd, xs, nb, out):
+    n_tok = xq.shape[0]
+    n_rows = out.shape[1]
+    n_groups = (n_rows + _ROWS - 1) // _ROWS
+    for g in prange(n_groups):
+        r1 = min(n_rows, (g + 1) * _ROWS)
+        for t0 in range(0, n_tok, _TT):
+            t1 = min(n_tok, t0 + _TT)
+            for r in range(g * _ROWS, r1):
+                off = (r * nb, nb)
+                for t in range(t0, t1):
+                    v = dot_i8_row(q, d, xq[t], xd[t], off)
+                    if has_m:
+                        xst = xs[t]
+                        for b in range(nb):
+                            v += m[r * nb + b] * xst[b]
+                    out[t, r] = v
+
+
+@njit(**_JIT)
+def mm_i8s16(q, d16, m, has_m, xq, xd, xs, nb, out):
+    """int8 weights with one scale per 16 (d16 has 2*nb per row), optional min per 32 (m)."""
+    n_tok = xq.shape[0]
+    n_rows = out.shape[1]
+    n_groups = (n_rows + _ROWS - 1) // _ROWS
+    for g in prange(n_groups):
+        r1 = min(n_rows, (g + 1) * _ROWS)
+        for t0 in range(0, n_tok, _TT):
+            t1 = min(n_tok, t0 + _TT)
+            for r in range(g * _ROWS, r1):
+                off = (r * nb, nb)
+                for t in range(t0, t1):
+                    v = dot_i8s16_row(q, d16, xq[t], xd[t], off)
+                    if has_m:
+                        xst = xs[t]
+                        for b in range(nb):
+                            v += m[r * nb + b] * xst[b]
+                    out[t, r] = v

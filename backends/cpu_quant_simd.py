@@ -1,0 +1,175 @@
+"""Hand-written AVX2 row dot products (LLVM IR through numba @intrinsic).
+
+numba widens small ints to int64, which stops LLVM from using the byte-multiply instructions that
+make quantized dot products fast.  These intrinsics emit the inner loop directly in LLVM IR with
+vector types, in the style of ggml's vec_dot_q4_1_q8_1 / vec_dot_q8_0_q8_0:
+
+    activations are quantized per block of 32 to int8 (xq) with a float scale xd and
+    xs = xd * sum(xq) (ggml's Q8_1), then per weight block
+        vpmaddubsw(u8 weights, s8 activations) -> 16 x i16, vpmaddwd(.., 1) -> 8 x i32,
+        cvt -> 8 x f32, fma with the splatted scale d_w * xd into an 8-lane accumulator.
+
+Two weight layouts are used (built by pack()):
+    nib:  qs uint8 (n_rows, nb*16) nibbles (byte j: weight j low, weight j+16 high), d, m float32
+          (n_rows, nb); row . x = sum_b d*xd*sum(q*xq) + m*xs.  Q4_0 (m = -8d), Q4_1, Q4_K.
+    i8:   qs int8 (n_rows, nb*32), d float32 (n_rows, nb); sign trick for u8 x s8 (vpsignb).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_i8 = ir.IntType(8)
+_i16 = ir.IntType(16)
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+_v16i8 = ir.VectorType(_i8, 16)
+_v32i8 = ir.VectorType(_i8, 32)
+_v16i16 = ir.VectorType(_i16, 16)
+_v8i32 = ir.VectorType(_i32, 8)
+_v8f = ir.VectorType(_f32, 8)
+
+
+def _fn(builder, name, ret, argtys):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
+
+
+def _splat(builder, val, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(undef, val, ir.Constant(_i32, 0))
+    mask = ir.Constant(ir.VectorType(_i32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, undef, mask)
+
+
+def _hsum8(builder, v):
+    # (a0+a4, a1+a5, a2+a6, a3+a7) then pairwise
+    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 4), [0, 1, 2, 3]))
+    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 4), [4, 5, 6, 7]))
+    s = builder.fadd(lo, hi)
+    a = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(_i32, 2), [0, 1]))
+    b = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(_i32, 2), [2, 3]))
+    s2 = builder.fadd(a, b)
+    return builder.fadd(builder.extract_element(s2, ir.Constant(_i32, 0)),
+                        builder.extract_element(s2, ir.Constant(_i32, 1)))
+
+
+def _data(context, builder, aty, aval):
+    return context.make_array(aty)(context, builder, aval).data
+
+
+def _gen_row_dot(kind):
+    """Build the codegen for dot(row of weights, quantized activations) -> float32."""
+
+    def codegen(context, builder, sig, args):
+        if kind == "nib":
+            qa, da, ma, xqa, xda, xsa, offa = args
+            m_p = _data(context, builder, sig.args[2], ma)
+        else:
+            qa, da, xqa, xda, offa = args
+            m_p = xs_p = None
+        q_p = _data(context, builder, sig.args[0], qa)
+        d_p = _data(context, builder, sig.args[1], da)
+        xq_p = _data(context, builder, sig.args[3 if kind == "nib" else 2], xqa)
+        xd_p = _data(context, builder, sig.args[4 if kind == "nib" else 3], xda)
+        if kind == "nib":
+            xs_p = _data(context, builder, sig.args[5], xsa)
+        # offa: (row offset in blocks, n_blocks) packed as two int64 in a UniTuple
+        row_b = builder.extract_value(offa, 0)
+        nb = builder.extract_value(offa, 1)
+
+        pmaddubsw = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _v16i16, [_v32i8, _v32i8])
+        pmaddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8i32, [_v16i16, _v16i16])
+        psignb = _fn(builder, "llvm.x86.avx2.psign.b", _v32i8, [_v32i8, _v32i8])
+        fma = _fn(builder, "llvm.fma.v8f32", _v8f, [_v8f, _v8f, _v8f])
+        ones16 = ir.Constant(_v16i16, [1] * 16)
+        zero8 = ir.Constant(_v8f, [0.0] * 8)
+        fzero = ir.Constant(_f32, 0.0)
+
+        entry = builder.basic_block
+        loop = builder.append_basic_block("qdot.loop")
+        done = builder.append_basic_block("qdot.done")
+        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        i = builder.phi(_i64)
+        acc = builder.phi(_v8f)
+        macc = builder.phi(_f32)
+        wb = builder.add(row_b, i)
+        if kind == "nib":
+            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 16))])
+            qv = builder.load(builder.bitcast(qp, _v16i8.as_pointer()), align=1)
+            lo = builder.and_(qv, ir.Constant(_v16i8, [15] * 16))
+            hi = builder.lshr(qv, ir.Constant(_v16i8, [4] * 16))
+            u = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+        else:
+            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 32))])
+            wv = builder.load(builder.bitcast(qp, _v32i8.as_pointer()), align=1)
+        xp = builder.gep(xq_p, [builder.mul(i, ir.Constant(_i64, 32))])
+        xv = builder.load(builder.bitcast(xp, _v32i8.as_pointer()), align=1)
+        if kind != "nib":
+            u = builder.call(psignb, [wv, wv])  # |w|
+            xv = builder.call(psignb, [xv, wv])  # x * sign(w)
+        p16 = builder.call(pmaddubsw, [u, xv])
+        p32 = builder.call(pmaddwd, [p16, ones16])
+        pf = builder.sitofp(p32, _v8f)
+        dx = builder.load(builder.gep(xd_p, [i]))
+        if kind == "i8s16":
+            # i32 lanes 0-3 hold weights 0-15, lanes 4-7 weights 16-31: one scale per half
+            w2 = builder.mul(wb, ir.Constant(_i64, 2))
+            d0 = builder.fmul(builder.load(builder.gep(d_p, [w2])), dx)
+            d1 = builder.fmul(builder.load(builder.gep(d_p, [builder.add(w2, ir.Constant(_i64, 1))])), dx)
+            sc = builder.shuffle_vector(_splat(builder, d0, _v8f), _splat(builder, d1, _v8f),
+                                        ir.Constant(_v8i32, [0, 0, 0, 0, 8, 8, 8, 8]))
+        else:
+            dw = builder.load(builder.gep(d_p, [wb]))
+            sc = _splat(builder, builder.fmul(dw, dx), _v8f)
+        acc2 = builder.call(fma, [pf, sc, acc])
+        if kind == "nib":
+            mw = builder.load(builder.gep(m_p, [wb]))
+            sx = builder.load(builder.gep(xs_p, [i]))
+            macc2 = builder.fadd(macc, builder.fmul(mw, sx))
+        else:
+            macc2 = macc
+        i2 = builder.add(i, ir.Constant(_i64, 1))
+        builder.cbranch(builder.icmp_signed("<", i2, nb), loop, done)
+        i.add_incoming(ir.Constant(_i64, 0), entry)
+        i.add_incoming(i2, loop)
+        acc.add_incoming(zero8, entry)
+        acc.add_incoming(acc2, loop)
+        macc.add_incoming(fzero, entry)
+        macc.add_incoming(macc2, loop)
+
+        builder.position_at_end(done)
+        accf = builder.phi(_v8f)
+        accf.add_incoming(zero8, entry)
+        accf.add_incoming(acc2, loop)
+        maccf = builder.phi(_f32)
+        maccf.add_incoming(fzero, entry)
+        maccf.add_incoming(macc2, loop)
+        return builder.fadd(_hsum8(builder, accf), maccf)
+
+    return codegen
+
+
+@intrinsic
+def dot_nib_row(typingctx, q, d, m, xq, xd, xs, off):
+    """sum_b d[rb+b]*xd[b]*dot(nibbles of block rb+b, xq[b]) + m[rb+b]*xs[b]; off = (rb, nb)."""
+    sig = types.float32(q, d, m, xq, xd, xs, off)
+    return sig, _gen_row_dot("nib")
+
+
+@intrinsic
+def dot_i8_row(typingctx, q, d, xq, xd, off):
+    """sum_b d[rb+b]*xd[b]*dot(int8 block rb+b, xq[b]); off = (rb, nb)."""
+    sig = types.float32(q, d, xq, xd, off)
+    return sig, _gen_row_dot("i8")
+
+
+@intrinsic
+def dot_i8s16_row(typingctx, q, d16, xq, xd, off):
+    """Like dot_i8_row with one weight scale per 16 values: d16[2*(rb+b)], d16[2*(rb+b)+1]."""
+    sig = types.float32(q, d16, xq, xd, off)
+    return sig, _gen_row_dot("i8s16")

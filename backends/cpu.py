@@ -1,0 +1,167 @@
+"""The CPU backend: numba/numpy kernels on the quantized blocks, where the weights already are.
+Last in priority and able to run every op."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.graph import Node
+from ..core.ops import Op
+from ..core.residency import HOST, ResidencyMap, TensorEntry
+from ..core.rope import cos_sin, inv_freq
+from . import cpu_kernels as K
+from .base import Backend
+
+
+def physical_cores() -> int:
+    """Physical cores (not SMT threads) this process may use: llama.cpp's -t default."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in allowed:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
+                pkg = open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id").read()
+                cores.add((pkg.strip(), f.read().strip()))
+        return max(1, len(cores))
+    except (OSError, AttributeError):
+        return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass
+class HostKV:
+    k: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
+    v: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
+
+
+def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, mode: str) -> None:
+    """x: (n_tokens, n_head, head_dim); cos/sin: (n_tokens, n_rot/2)."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    if mode == "neox":
+        a, b = x[..., : n_rot // 2].copy(), x[..., n_rot // 2: n_rot].copy()
+        x[..., : n_rot // 2] = a * c - b * s
+        x[..., n_rot // 2: n_rot] = a * s + b * c
+    else:
+        a, b = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
+        x[..., 0:n_rot:2] = a * c - b * s
+        x[..., 1:n_rot:2] = a * s + b * c
+
+
+def attention(q: np.ndarray, kv: HostKV, n_past: int, n_head: int, n_kv: int, hd: int, scale: float,
+              window: int = 0) -> np.ndarray:
+    """Causal grouped-query attention of q (T, n_head*hd) over cache rows [0, n_past+T)."""
+    t = q.shape[0]
+    s = n_past + t
+    g = n_head // n_kv
+    qh = q.reshape(t, n_kv, g, hd).transpose(1, 2, 0, 3)  # (n_kv, g, T, hd)
+    kt = kv.k[:s].transpose(1, 2, 0)[:, None]  # (n_kv, 1, hd, S)
+    scores = np.matmul(qh, kt) * np.float32(scale)  # (n_kv, g, T, S)
+    qpos = n_past + np.arange(t)[:, None]
+    kpos = np.arange(s)[None, :]
+    masked = kpos > qpos
+    if window:
+        masked |= kpos <= qpos - window
+    scores[..., masked] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, kv.v[:s].transpose(1, 0, 2)[:, None])  # (n_kv, g, T, hd)
+    return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(t, n_head * hd)
+
+
+class CPUBackend(Backend):
+    name = HOST
+
+    def __init__(self, n_threads: int | None = None):
+        self.n_threads = n_threads or physical_cores()
+        K.set_threads(self.n_threads)
+        self.residency: ResidencyMap | None = None
+        self._packed: dict[str, K.PackedWeight] = {}
+        self._vectors: dict[str, np.ndarray] = {}
+        self._freqs: dict[tuple, np.ndarray] = {}
+
+    def supports_op(self, node: Node) -> bool:
+        return True
+
+    def load(self, residency: ResidencyMap) -> None:
+        self.residency = residency
+        for e in residency:  # repack what this backend computes with, before the first token
+            if e.home == HOST and len(e.shape) == 2:
+                self._weight(e.name)
+
+    def unload(self) -> None:
+        self._packed.clear()
+        self._vectors.clear()
+        self.residency = None
+
+    def alloc_kv(self, layer, n_ctx, n_kv_head, head_dim):
+        return HostKV(np.zeros((n_ctx, n_kv_head, head_dim), np.float32),
+                      np.zeros((n_ctx, n_kv_head, head_dim), np.float32))
+
+    # -- weights -----------------------------------------------------------------------------
+    def _weight(self, name: str) -> K.PackedWeight:
+        w = self._packed.get(name)
+        if w is None:
+            e: TensorEntry = self.residency[name]
+            src = self.residency[e.alias_of] if e.alias_of else e
+            w = self._packed.get(src.name)
+            if w is None:
+                w = K.pack(src.qtype, src.data, src.n_rows, src.n_cols)
+                self._packed[src.name] = w
+            self._packed[name] = w
+        return w
+
+    def _vector(self, name: str) -> np.ndarray:
+        v = self._vectors.get(name)
+        if v is None:
+            e = self.residency[name]
+            v = K.dequantize(e.qtype, np.asarray(e.data).reshape(1, -1), e.n_cols).reshape(-1)
+            v = self._vectors[name] = np.ascontiguousarray(v, dtype=np.float32)
+        return v
+
+    def _rope_freqs(self, p: dict) -> np.ndarray:
+        key = (p["base"], p["n_rot"], id(p["scaling"]))
+        f = self._freqs.get(key)
+        if f is None:
+            f = self._freqs[key] = inv_freq(p["base"], p["n_rot"], p["scaling"])
+        return f
+
+    # -- ops ---------------------------------------------------------------------------------
+    def compute(self, node: Node, inputs, ctx):
+        op, p = node.op, node.params
+        if op is Op.MATMUL:
+            x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+            y = K.matmul(self._weight(node.weights[0]), x)
+            if len(node.weights) > 1:
+                y += self._vector(node.weights[1])
+            return y
+        if op is Op.RMS_NORM:
+            x = inputs[0]
+            if p.get("select_output") and ctx.logits == "last":
+                x = x[-1:]
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            return K.rms_norm(x, self._vector(node.weights[0]), p["eps"])
+        if op is Op.ADD:
+            return inputs[0] + inputs[1]
+        if op is Op.SWIGLU:
+            return K.swiglu(inputs[0], inputs[1])
+        if op is Op.GEGLU:
+            return K.gelu_tanh(inputs[0]) * inputs[1]
+        if op is Op.SCALE:
+            return inputs[0] * np.float32(p["value"])
+        if op is Op.ROPE:
+            x = np.array(inputs[0], dtype=np.float32, copy=True).reshape(len(ctx.positions), p["n_head"], p["head_dim"])
+            cos, sin = cos_sin(ctx.positions, self._rope_freqs(p))
+            rope_inplace(x, cos, sin, p["n_rot"], p["mode"])
+            return x.reshape(len(ctx.positions), -1)
+        if op is Op.ATTENTION:
+            q, k, v = inputs
+            kv: HostKV = ctx.kv.layers[node.layer]
+            n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
+            kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
+            kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)
+            return attention(q, kv, ctx.n_past, p["n_head"], n_kv, hd, p["scale"], p.get("window", 0))
+        if op is Op.EMBED:
+            return K.get_rows(self._weight(node.weights[0]), np.asarray(inputs[0]))
+        raise NotImplementedError(f"CPU backend: op {op}")

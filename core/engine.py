@@ -1,0 +1,188 @@
+"""The Python API: load a model with a residency and an upload policy, then eval, generate,
+chat and score. Everything runs through the graph, the scheduler and the executor."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .arch import build_graph
+from .executor import Executor, Profile, RunContext
+from .kv_cache import ContextFullError, KVCache
+from .policy import BatchThreshold, UploadPolicy
+from .residency import HOST
+from .sampling import Sampler, SamplerConfig
+from .scheduler import Plan, schedule
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0
+
+    def line(self) -> str:
+        pp = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+        tg = self.gen_tokens / self.gen_s if self.gen_s else 0.0
+        return (f"prompt: {self.prompt_tokens} tokens, {pp:.1f} t/s | "
+                f"generation: {self.gen_tokens} tokens, {tg:.1f} t/s")
+
+
+def make_device_backend(device: str, policy: UploadPolicy):
+    """The CUDA backend, imported only when asked for (torch.cuda is not needed otherwise)."""
+    from ..backends.cuda import CUDABackend
+    return CUDABackend(policy=policy, device=device)
+
+
+class Model:
+    def __init__(self, loaded, n_gpu_layers: int = 0, policy: UploadPolicy | None = None, n_ctx: int = 4096,
+                 n_threads: int | None = None, n_ubatch: int = 512, device: str | None = None,
+                 overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
+                 device_backend=None, load_tokenizer: bool = True):
+        from ..backends.cpu import CPUBackend
+        self.loaded = loaded
+        self.config = cfg = loaded.config
+        self.residency = loaded.residency
+        self.policy = policy or BatchThreshold(32)
+        self.n_ubatch = n_ubatch
+        self.graph = build_graph(cfg, set(e.name for e in self.residency))
+        self.cpu = CPUBackend(n_threads)
+        self.device_backend = device_backend
+        if device_backend is None and (device or n_gpu_layers > 0 or overrides):
+            self.device_backend = make_device_backend(device or "cuda", self.policy)
+        self.backends = ([self.device_backend] if self.device_backend else []) + [self.cpu]
+        self.by_name = {b.name: b for b in self.backends}
+        self.notes = self.residency.assign(n_gpu_layers if self.device_backend else 0,
+                                           self.device_backend.name if self.device_backend else HOST,
+                                           list(overrides), vram_budget)
+        for b in self.backends:
+            b.load(self.residency)
+        self.kv = KVCache(n_ctx, cfg.n_layer, cfg.n_head_kv, cfg.head_dim, self.residency, self.by_name)
+        self.executor = Executor(self.graph, self.by_name)
+        self._plans: dict[int, Plan] = {}
+        self.profile: Profile | None = None
+        self.tokenizer = None
+        if load_tokenizer:
+            from ..loaders.tokenizer import Tokenizer
+            self.tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template, cfg.bos_id,
+                                       cfg.eos_ids, cfg.add_bos)
+
+    # -- planning ----------------------------------------------------------------------------
+    def plan(self, n_tokens: int) -> Plan:
+        p = self._plans.get(n_tokens)
+        if p is None:
+            p = self._plans[n_tokens] = schedule(self.graph, self.residency, self.backends, n_tokens)
+        return p
+
+    def set_policy(self, policy: UploadPolicy) -> None:
+        self.policy = policy
+        if self.device_backend is not None and hasattr(self.device_backend, "policy"):
+            self.device_backend.policy = policy
+        self._plans.clear()
+
+    # -- evaluation --------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return self.kv.n_past
+
+    def reset(self) -> None:
+        self.kv.reset()
+
+    def eval(self, tokens, logits: str = "last") -> np.ndarray:
+        """Feed tokens after those already cached, in ubatches of n_ubatch. Returns float32
+        logits: (vocab,) for the last token, or (n_tokens, vocab) with logits="all"."""
+        tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+        if len(tokens) == 0:
+            raise ValueError("eval needs at least one token, found none")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), found {tokens.min()}..{tokens.max()}")
+        self.kv.check_room(len(tokens))
+        outs = []
+        for start in range(0, len(tokens), self.n_ubatch):
+            chunk = tokens[start:start + self.n_ubatch]
+            last = start + len(chunk) == len(tokens)
+            mode = "all" if logits == "all" else "last"
+            ctx = RunContext(chunk, np.arange(self.kv.n_past, self.kv.n_past + len(chunk)), self.kv.n_past,
+                             self.kv, self.residency, mode, self.profile)
+            out = self.executor.run(self.plan(len(chunk)), ctx)
+            self.kv.n_past += len(chunk)
+            if logits == "all":
+                outs.append(out)
+            elif last:
+                outs.append(out[-1])
+        return np.concatenate(outs, axis=0) if logits == "all" else outs[-1]
+
+    # -- text --------------------------------------------------------------------------------
+    def tokenize(self, text: str, bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, bos)
+
+    def generate_tokens(self, prompt_tokens: list[int], n_predict: int, sampler: Sampler | None = None,
+                        timings: Timings | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield sampled tokens after evaluating the prompt on top of the cache."""
+        sampler = sampler or Sampler(SamplerConfig(temp=0.0))
+        timings = timings if timings is not None else Timings()
+        history = list(prompt_tokens)
+        t0 = time.perf_counter()
+        logits = self.eval(prompt_tokens)
+        timings.prompt_tokens += len(prompt_tokens)
+        timings.prompt_s += time.perf_counter() - t0
+        for i in range(n_predict):
+            tok = sampler(logits, history)
+            if stop_at_eos and self.tokenizer is not None and self.tokenizer.is_eos(tok):
+                return
+            yield tok
+            history.append(tok)
+            if i + 1 == n_predict or self.kv.n_past >= self.kv.n_ctx:
+                return
+            t0 = time.perf_counter()
+            logits = self.eval([tok])
+            timings.gen_tokens += 1
+            timings.gen_s += time.perf_counter() - t0
+
+    def stream(self, prompt: str, n_predict: int = 128, sampler: Sampler | None = None,
+               timings: Timings | None = None, bos: bool | None = None) -> Iterator[str]:
+        from ..loaders.tokenizer import StreamDecoder
+        dec = StreamDecoder(self.tokenizer)
+        for tok in self.generate_tokens(self.tokenize(prompt, bos), n_predict, sampler, timings):
+            piece = dec.push(tok)
+            if piece:
+                yield piece
+
+    def generate(self, prompt: str, n_predict: int = 128, sampler: Sampler | None = None, **kw) -> str:
+        self.reset()
+        return "".join(self.stream(prompt, n_predict, sampler or Sampler(SamplerConfig(**kw) if kw else None)))
+
+    def chat(self, messages: list[dict], n_predict: int = 256, sampler: Sampler | None = None) -> str:
+        self.reset()
+        text = self.tokenizer.apply_chat(messages)
+        return "".join(self.stream(text, n_predict, sampler, bos=False))
+
+    def perplexity(self, text: str, n_ctx: int = 512):
+        from .perplexity import perplexity
+        return perplexity(self, self.tokenize(text, bos=False), n_ctx)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.unload()
+        self._plans.clear()
+        self.kv = None
+        self.loaded.handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load(path, **kw) -> Model:
+    """lstream.load(path_or_short_name, n_gpu_layers=0, policy=BatchThreshold(32), n_ctx=4096, ...)"""
+    from ..loaders.model_file import load_model
+    from ..loaders.registry import resolve
+    return Model(load_model(resolve(path)), **kw)
+
+
+__all__ = ["Model", "load", "Timings", "ContextFullError"]

@@ -1,0 +1,32 @@
+"""Per-layer K/V storage, each layer's buffers owned by the backend where the layer lives."""
+from __future__ import annotations
+
+from typing import Any
+
+from .residency import ResidencyMap
+
+
+class ContextFullError(ValueError):
+    """The tokens do not fit in the context (-c)."""
+
+
+class KVCache:
+    def __init__(self, n_ctx: int, n_layer: int, n_kv_head: int, head_dim: int,
+                 residency: ResidencyMap, backends: dict):
+        self.n_ctx = n_ctx
+        self.n_past = 0
+        self.homes = [residency.layer_home(layer) for layer in range(n_layer)]
+        self.layers: list[Any] = [backends[h].alloc_kv(layer, n_ctx, n_kv_head, head_dim)
+                                  for layer, h in enumerate(self.homes)]
+
+    def check_room(self, n_tokens: int) -> None:
+        if self.n_past + n_tokens > self.n_ctx:
+            raise ContextFullError(
+                f"context full: {self.n_past} tokens cached + {n_tokens} new > context size {self.n_ctx} (raise -c)")
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n tokens (the buffers are simply overwritten later)."""
+        self.n_past = min(self.n_past, n)

@@ -1,0 +1,106 @@
+"""Upload policies: for a weight that is not resident on a device, upload it or compute on the CPU?
+
+A policy is any object with `should_upload(op, entry, n_tokens) -> bool` (and a `name`).
+The device backend asks it from its `offload_op`; the scheduler records the answer as a cause.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ops import Op
+from .qtypes import QType
+from .residency import TensorEntry
+
+
+class UploadPolicy:
+    name = "policy"
+
+    def should_upload(self, op: Op, entry: TensorEntry | None, n_tokens: int) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class BatchThreshold(UploadPolicy):
+    """llama.cpp's rule: upload when the batch has at least `n` tokens (default 32)."""
+    name = "threshold"
+
+    def __init__(self, n: int = 32):
+        if n < 1:
+            raise ValueError(f"threshold must be a positive token count, found {n}")
+        self.n = n
+
+    def should_upload(self, op, entry, n_tokens):
+        return n_tokens >= self.n
+
+    def describe(self):
+        return f"threshold({self.n})"
+
+
+class Never(UploadPolicy):
+    """Non-resident weights are always computed where they live (llama-bench -nopo 1)."""
+    name = "never"
+
+    def should_upload(self, op, entry, n_tokens):
+        return False
+
+
+class Always(UploadPolicy):
+    name = "always"
+
+    def should_upload(self, op, entry, n_tokens):
+        return True
+
+
+@dataclass
+class Calibration:
+    """Measured once per machine: bytes/s host->device and weights/s per side and type."""
+    h2d_bytes_per_s: float
+    gpu_flops: float  # dense matmul FLOP/s incl. dequantization, per token-weight pair x2
+    cpu_weights_per_s: dict[str, float] = field(default_factory=dict)  # qtype name -> G weights/s at batch 1
+    cpu_flops: float = 0.0  # CPU matmul FLOP/s at large batch
+
+    def cpu_seconds(self, entry: TensorEntry, n_tokens: int) -> float:
+        n_w = entry.n_rows * entry.n_cols
+        per_tok = self.cpu_weights_per_s.get(entry.qtype.name) or min(self.cpu_weights_per_s.values() or [1e9])
+        matvec = n_w / per_tok  # reading the weights once bounds small batches
+        gemm = 2.0 * n_w * n_tokens / self.cpu_flops if self.cpu_flops else 0.0
+        return max(matvec, gemm)
+
+    def gpu_seconds(self, entry: TensorEntry, n_tokens: int) -> float:
+        return entry.nbytes / self.h2d_bytes_per_s + 2.0 * entry.n_rows * entry.n_cols * n_tokens / self.gpu_flops
+
+
+class CostModel(UploadPolicy):
+    """Upload when moving the weight and computing on the GPU is predicted to beat the CPU."""
+    name = "auto"
+
+    def __init__(self, calibration: Calibration, margin: float = 1.0):
+        self.cal = calibration
+        self.margin = margin
+
+    def should_upload(self, op, entry, n_tokens):
+        if entry is None or op is not Op.MATMUL:
+            # Small ops follow the batch: the activations are already where the matmuls run.
+            return n_tokens >= 32
+        return self.cal.gpu_seconds(entry, n_tokens) * self.margin < self.cal.cpu_seconds(entry, n_tokens)
+
+    def describe(self):
+        return f"auto(h2d {self.cal.h2d_bytes_per_s / 1e9:.1f} GB/s)"
+
+
+def make_policy(name: str = "threshold", threshold: int = 32, no_op_offload: bool = False,
+                calibration: Calibration | None = None) -> UploadPolicy:
+    """The CLI's --policy/--threshold/-nopo flags as one policy object."""
+    if no_op_offload or name == "never":
+        return Never()
+    if name == "threshold":
+        return BatchThreshold(threshold)
+    if name == "always":
+        return Always()
+    if name == "auto":
+        if calibration is None:
+            raise ValueError("policy 'auto' needs a calibration (run on a machine with a GPU)")
+        return CostModel(calibration)
+    raise ValueError(f"unknown policy {name!r}: expected threshold, never, always or auto")

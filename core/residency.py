@@ -1,0 +1,114 @@
+"""The one residency map: every tensor of a model, where it lives and in what state.
+
+Loaders fill it (GGUF and safetensors alike); only the residency policy (`assign`) and the
+streamer change homes and states.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .qtypes import QType
+
+HOST = "cpu"  # backend name of host memory
+
+
+class State(enum.Enum):
+    MAPPED = "mapped"  # memory-mapped from the file, zero-copy
+    HOST = "host"  # in host RAM (converted or quantized at load)
+    PINNED = "pinned"  # page-locked host copy, ready to stream
+    RESIDENT = "resident"  # lives on a device backend
+
+
+@dataclass
+class TensorEntry:
+    name: str  # canonical name (GGUF scheme: blk.N.attn_q.weight)
+    layer: int  # -1 input (embedding), 0..n-1 blocks, n output
+    shape: tuple[int, ...]  # row-major: (rows, cols) for matrices; rows of cols values
+    qtype: QType
+    nbytes: int
+    data: Any  # host array: uint8 blocks (rows, row_bytes) or a float array; a zero-copy view
+    home: str = HOST
+    state: State = State.MAPPED
+    source: str = ""  # file it came from
+    alias_of: str | None = None  # tied output head shares the embedding's bytes
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+    @property
+    def n_cols(self) -> int:
+        return self.shape[-1]
+
+
+class ResidencyMap:
+    def __init__(self, n_layer: int):
+        self.n_layer = n_layer
+        self.entries: dict[str, TensorEntry] = {}
+
+    def add(self, entry: TensorEntry) -> None:
+        if entry.name in self.entries:
+            raise ValueError(f"duplicate tensor {entry.name}")
+        self.entries[entry.name] = entry
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        return self.entries[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def layer(self, layer: int) -> list[TensorEntry]:
+        return [e for e in self.entries.values() if e.layer == layer]
+
+    def layer_home(self, layer: int) -> str:
+        """Where a layer's K/V cache and activations belong: the home of its weights."""
+        homes = {e.home for e in self.layer(layer) if e.alias_of is None} or {HOST}
+        return HOST if HOST in homes and len(homes) > 1 else homes.pop()
+
+    def layer_name(self, layer: int) -> str:
+        return "input" if layer < 0 else ("output" if layer == self.n_layer else str(layer))
+
+    def total_bytes(self, home: str | None = None) -> int:
+        # A tied head is counted once, unless it lives apart from the embedding it shares.
+        return sum(e.nbytes for e in self.entries.values()
+                   if (e.alias_of is None or e.home != self.entries[e.alias_of].home)
+                   and (home is None or e.home == home))
+
+    def assign(self, n_gpu_layers: int, device: str, overrides: list[tuple[str, str]] = (),
+               budget_bytes: int | None = None) -> list[str]:
+        """Set homes the way llama.cpp's -ngl does, then apply -ot overrides and a byte budget.
+
+        The last n_gpu_layers repeating layers go to `device`; the output layer counts as one
+        more (-ngl n_layer+1 or more puts everything but the embedding there). Returns notes.
+        """
+        n = self.n_layer
+        gpu_start = max(n - n_gpu_layers, 0)
+        notes: list[str] = []
+        for e in self.entries.values():
+            on_gpu = (0 <= e.layer < n and e.layer >= gpu_start) or (e.layer == n and n_gpu_layers > n)
+            e.home = device if on_gpu else HOST
+        for pattern, dev in overrides:
+            rx = re.compile(pattern)
+            for e in self.entries.values():
+                if rx.search(e.name):
+                    e.home = HOST if dev.lower() in ("cpu", "host") else device
+        if budget_bytes is not None:
+            # Drop whole layers from the front (llama.cpp keeps the last ones) until it fits.
+            for layer in [n] + list(range(n)):
+                if self.total_bytes(device) <= budget_bytes:
+                    break
+                moved = [e for e in self.layer(layer) if e.home == device]
+                for e in moved:
+                    e.home = HOST
+                if moved:
+                    notes.append(f"layer {self.layer_name(layer)} kept on host to fit the VRAM budget")
+        for e in self.entries.values():
+            if e.home == HOST and e.state is State.RESIDENT:
+                e.state = State.MAPPED
+        return notes

@@ -1,0 +1,135 @@
+"""Hugging Face checkpoint loader: config.json through transformers' AutoConfig, weights from
+model.safetensors (or shards listed in model.safetensors.index.json), memory-mapped."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..core.config import ModelConfig
+from ..core.errors import ModelFormatError
+from ..core.qtypes import QType, tensor_bytes
+from ..core.residency import ResidencyMap, State, TensorEntry
+from .model_file import LoadedModel
+from .names import canonical_from_hf, layer_of
+
+DTYPES = {"F32": (QType.F32, np.float32), "F16": (QType.F16, np.float16), "BF16": (QType.BF16, np.uint8)}
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "gemma3_text": "gemma3", "gemma3": "gemma3"}
+
+
+def _config(path: Path) -> ModelConfig:
+    from transformers import AutoConfig
+    if not (path / "config.json").exists():
+        raise ModelFormatError(path, "not a model directory: expected config.json")
+    try:
+        hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds for a bad config
+        raise ModelFormatError(path / "config.json", f"unreadable config ({type(e).__name__}: {e})") from None
+    hf = getattr(hf, "text_config", None) or hf
+    arch = ARCH.get(hf.model_type)
+    if arch is None:
+        raise ModelFormatError(path, f"unsupported architecture {hf.model_type!r}: expected one of "
+                                     + ", ".join(sorted(ARCH)))
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    eos = hf.eos_token_id if isinstance(hf.eos_token_id, (list, tuple)) else [hf.eos_token_id]
+    scaling = dict(getattr(hf, "rope_scaling", None) or {})
+    rope_base = getattr(hf, "rope_theta", None) or (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return ModelConfig(
+        arch=arch, n_layer=hf.num_hidden_layers, n_embd=hf.hidden_size, n_ff=hf.intermediate_size,
+        n_head=hf.num_attention_heads, n_head_kv=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim, vocab_size=hf.vocab_size, n_ctx_train=getattr(hf, "max_position_embeddings", 4096),
+        rms_eps=getattr(hf, "rms_norm_eps", 1e-6), rope_base=float(rope_base),
+        rope_mode="neox", rope_scaling=scaling,
+        bos_id=getattr(hf, "bos_token_id", None), eos_ids=tuple(e for e in eos if e is not None),
+        name=path.name, extra=hf.to_dict(),
+    )
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise ModelFormatError(file, f"truncated safetensors header: expected 8 bytes, found {len(raw)}")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise ModelFormatError(file, f"header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFormatError(file, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(file, "header is not a JSON object")
+    return 8 + n, header
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ModelFormatError(index, f"bad index file ({e})") from None
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(path, "no model.safetensors or model.safetensors.index.json")
+    return files
+
+
+def load_safetensors(path: Path) -> LoadedModel:
+    path = Path(path)
+    cfg = _config(path)
+    rmap = ResidencyMap(cfg.n_layer)
+    maps = []
+    for file in _shards(path):
+        if not file.exists():
+            raise ModelFormatError(file, "shard listed in the index is missing")
+        start, header = _header(file)
+        size = file.stat().st_size
+        mm = np.memmap(file, dtype=np.uint8, mode="r")
+        maps.append(mm)
+        spans = []
+        for hf_name, info in header.items():
+            if hf_name == "__metadata__":
+                continue
+            canon = canonical_from_hf(hf_name, cfg.arch)
+            if canon is None:
+                continue  # e.g. rotary inv_freq buffers
+            dtype = info.get("dtype")
+            if dtype not in DTYPES:
+                raise ModelFormatError(file, f"unsupported dtype {dtype} for {hf_name}: expected F32, F16 or BF16")
+            qtype, np_dtype = DTYPES[dtype]
+            shape = tuple(int(d) for d in info["shape"])
+            b, e = (int(x) for x in info["data_offsets"])
+            nbytes = tensor_bytes(qtype, shape) if shape else 0
+            if e - b != nbytes or start + e > size:
+                raise ModelFormatError(file, f"tensor {hf_name}: offsets {b}..{e} do not hold {dtype} {shape} "
+                                             f"within {size} bytes")
+            spans.append((b, e, hf_name))
+            data = mm[start + b:start + e]
+            data = data.view(np_dtype).reshape(shape) if np_dtype is not np.uint8 else \
+                data.reshape(shape[0] if len(shape) > 1 else 1, -1)
+            if canon in rmap:
+                raise ModelFormatError(file, f"duplicate tensor {hf_name}")
+            rmap.add(TensorEntry(canon, layer_of(canon, cfg.n_layer), shape, qtype, nbytes, data,
+                                 state=State.MAPPED, source=str(file)))
+        spans.sort()
+        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise ModelFormatError(file, f"tensors {n0} and {n1} overlap")
+    template = None
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.exists():
+        try:
+            template = json.loads(tok_cfg.read_text()).get("chat_template")
+        except json.JSONDecodeError:
+            template = None
+    if template is None and (path / "chat_template.jinja").exists():
+        template = (path / "chat_template.jinja").read_text()
+    return LoadedModel(path=path, format="safetensors", config=cfg, residency=rmap,
+                       tokenizer_source=(str(path), None), metadata={"general.architecture": cfg.arch},
+                       chat_template=template, handle=maps)

@@ -96,7 +96,8 @@ class PackedWeight:
     """A weight tensor ready for matmul.
 
     layout "nib":    qs uint8 (n_rows*nb*16) nibbles, d/m float32 (n_rows*nb)  (Q4_0, Q4_1, Q4_K)
-    layout "i8":     qs int8 (n_rows*nb*32), d float32, optional m               (Q8_0, Q5_0, Q5_1, Q5_K)
+    layout "nib5":   "nib" plus qh uint32 (n_rows*nb): bit j = 5th bit of value j (Q5_0, Q5_1, Q5_K)
+    layout "i8":     qs int8 (n_rows*nb*32), d float32, optional m               (Q8_0)
     layout "i8s16":  qs int8, d per 16 values                                    (Q6_K)
     layout "float":  F32/F16/BF16 rows (and any quant type without AVX2): tile-dequantize + BLAS
     `raw` keeps the zero-copy GGUF view for get_rows (bit-exact) -- it is only read for looked-up rows.
@@ -152,12 +153,11 @@ def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
         return "i8", np.ascontiguousarray(blocks[:, 2:34]).view(np.int8).reshape(-1), _fp16_field(blocks, 0), None
     if qtype in (QType.Q5_0, QType.Q5_1):
         d = _fp16_field(blocks, 0)
-        if qtype == QType.Q5_0:
-            q = _unpack_5bit(blocks, 2, 6)
-            return "i8", (q.astype(np.int8) - np.int8(16)).reshape(-1), d, None
-        q = _unpack_5bit(blocks, 4, 8)
-        m = _fp16_field(blocks, 2) + f32(16) * d  # d*q + m = d*(q-16) + (m + 16 d)
-        return "i8", (q.astype(np.int8) - np.int8(16)).reshape(-1), d, m.astype(f32)
+        o = 0 if qtype == QType.Q5_0 else 2
+        qh = np.ascontiguousarray(blocks[:, 2 + o:6 + o]).view(np.uint32).reshape(-1)
+        qs = np.ascontiguousarray(blocks[:, 6 + o:22 + o]).reshape(-1)
+        m = (d * f32(-16)).astype(f32) if qtype == QType.Q5_0 else _fp16_field(blocks, 2)
+        return "nib5", (qs, qh), d, m
     if qtype in (QType.Q4_K, QType.Q5_K):
         n = blocks.shape[0]
         d = _fp16_field(blocks, 0)[:, None]
@@ -172,9 +172,9 @@ def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
         if qtype == QType.Q4_K:
             return "nib", _nib_pack(v).reshape(-1), ds.reshape(-1), (-ms).reshape(-1)
         qh = blocks[:, 16:48].reshape(n, 1, 32)
-        hb = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # (n, 8, 32)
-        q = (v | (hb << 4)).astype(np.int8) - np.int8(16)
-        return "i8", q.reshape(-1), ds.reshape(-1), (f32(16) * ds - ms).reshape(-1)
+        hb = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1).astype(np.uint32)  # (n, 8, 32)
+        bits = (hb << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)  # (n, 8)
+        return "nib5", (_nib_pack(v).reshape(-1), bits.reshape(-1)), ds.reshape(-1), (-ms).reshape(-1)
     if qtype == QType.Q6_K:
         n = blocks.shape[0]
         ql = blocks[:, 0:128].reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
@@ -211,6 +211,10 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeigh
     parts = [_repack(qtype, blocks[i:i + _PACK_CHUNK], n_rows, n_cols)
              for i in range(0, blocks.shape[0], _PACK_CHUNK)]
     layout = parts[0][0]
+    qh = None
+    if layout == "nib5":
+        qh = np.ascontiguousarray(np.concatenate([p[1][1] for p in parts]))
+        parts = [(p[0], p[1][0], p[2], p[3]) for p in parts]
     qs = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     d = np.concatenate([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
     m = None
@@ -219,7 +223,11 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeigh
     qs = np.ascontiguousarray(qs)
     d = np.ascontiguousarray(d, dtype=np.float32)
     m = None if m is None else np.ascontiguousarray(m, dtype=np.float32)
-    return PackedWeight(qtype, raw, n_rows, n_cols, layout, qs, d, m)
+    pw = PackedWeight(qtype, raw, n_rows, n_cols, layout, qs, d, m)
+    if qh is not None:
+        pw.qh = qh
+        pw.nbytes += int(qh.nbytes)
+    return pw
 
 
 _TILE_ELEMS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
@@ -253,6 +261,8 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     dst = o2 if o2.flags.c_contiguous else np.empty((n_tok, w.n_rows), dtype=np.float32)
     if w.layout == "nib":
         _mm.mm_nib(w.qs, w.d, w.m, xq, xd, xs, nb, dst)
+    elif w.layout == "nib5":
+        _mm.mm_nib5(w.qs, w.qh, w.d, w.m, xq, xd, xs, nb, dst)
     else:
         has_m = w.m is not None
         m = w.m if has_m else _EMPTY_F32

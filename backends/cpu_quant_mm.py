@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from lstream.backends.cpu_quant_simd import dot_i8_row, dot_i8s16_row, dot_nib_row
+from lstream.backends.cpu_quant_simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
 _ROWS = 16  # rows per parallel work item
@@ -92,3 +92,18 @@ def mm_i8s16(q, d16, m, has_m, xq, xd, xs, nb, out):
                         for b in range(nb):
                             v += m[r * nb + b] * xst[b]
                     out[t, r] = v
+
+
+@njit(**_JIT)
+def mm_nib5(q, qh, d, m, xq, xd, xs, nb, out):
+    n_tok = xq.shape[0]
+    n_rows = out.shape[1]
+    n_groups = (n_rows + _ROWS - 1) // _ROWS
+    for g in prange(n_groups):
+        r1 = min(n_rows, (g + 1) * _ROWS)
+        for t0 in range(0, n_tok, _TT):
+            t1 = min(n_tok, t0 + _TT)
+            for r in range(g * _ROWS, r1):
+                off = (r * nb, nb)
+                for t in range(t0, t1):
+                    out[t, r] = dot_nib5_row(q, qh, d, m, xq[t], xd[t], xs[t], off)

@@ -64,18 +64,24 @@ def _gen_row_dot(kind):
     """Build the codegen for dot(row of weights, quantized activations) -> float32."""
 
     def codegen(context, builder, sig, args):
-        if kind == "nib":
+        sa = list(sig.args)
+        qh_p = m_p = xs_p = None
+        if kind == "nib5":  # drop the high-bit plane so the rest matches "nib"
+            qh_p = _data(context, builder, sa[1], args[1])
+            args = [args[0]] + list(args[2:])
+            sa = [sa[0]] + sa[2:]
+        if kind in ("nib", "nib5"):
             qa, da, ma, xqa, xda, xsa, offa = args
-            m_p = _data(context, builder, sig.args[2], ma)
+            m_p = _data(context, builder, sa[2], ma)
+            xs_p = _data(context, builder, sa[5], xsa)
+            xq_p = _data(context, builder, sa[3], xqa)
+            xd_p = _data(context, builder, sa[4], xda)
         else:
             qa, da, xqa, xda, offa = args
-            m_p = xs_p = None
-        q_p = _data(context, builder, sig.args[0], qa)
-        d_p = _data(context, builder, sig.args[1], da)
-        xq_p = _data(context, builder, sig.args[3 if kind == "nib" else 2], xqa)
-        xd_p = _data(context, builder, sig.args[4 if kind == "nib" else 3], xda)
-        if kind == "nib":
-            xs_p = _data(context, builder, sig.args[5], xsa)
+            xq_p = _data(context, builder, sa[2], xqa)
+            xd_p = _data(context, builder, sa[3], xda)
+        q_p = _data(context, builder, sa[0], qa)
+        d_p = _data(context, builder, sa[1], da)
         # offa: (row offset in blocks, n_blocks) packed as two int64 in a UniTuple
         row_b = builder.extract_value(offa, 0)
         nb = builder.extract_value(offa, 1)
@@ -98,18 +104,24 @@ def _gen_row_dot(kind):
         acc = builder.phi(_v8f)
         macc = builder.phi(_f32)
         wb = builder.add(row_b, i)
-        if kind == "nib":
+        if kind in ("nib", "nib5"):
             qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 16))])
             qv = builder.load(builder.bitcast(qp, _v16i8.as_pointer()), align=1)
             lo = builder.and_(qv, ir.Constant(_v16i8, [15] * 16))
             hi = builder.lshr(qv, ir.Constant(_v16i8, [4] * 16))
             u = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+            if kind == "nib5":
+                # 5th bit of value j is bit j of the block's uint32 -> 16 (x86: broadcast/shuffle/cmpeq)
+                hbits = builder.load(builder.gep(qh_p, [wb]))
+                hv = builder.bitcast(hbits, ir.VectorType(ir.IntType(1), 32))
+                h8 = builder.shl(builder.zext(hv, _v32i8), ir.Constant(_v32i8, [4] * 32))
+                u = builder.or_(u, h8)
         else:
             qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 32))])
             wv = builder.load(builder.bitcast(qp, _v32i8.as_pointer()), align=1)
         xp = builder.gep(xq_p, [builder.mul(i, ir.Constant(_i64, 32))])
         xv = builder.load(builder.bitcast(xp, _v32i8.as_pointer()), align=1)
-        if kind != "nib":
+        if kind in ("i8", "i8s16"):
             u = builder.call(psignb, [wv, wv])  # |w|
             xv = builder.call(psignb, [xv, wv])  # x * sign(w)
         p16 = builder.call(pmaddubsw, [u, xv])
@@ -127,7 +139,7 @@ def _gen_row_dot(kind):
             dw = builder.load(builder.gep(d_p, [wb]))
             sc = _splat(builder, builder.fmul(dw, dx), _v8f)
         acc2 = builder.call(fma, [pf, sc, acc])
-        if kind == "nib":
+        if kind in ("nib", "nib5"):
             mw = builder.load(builder.gep(m_p, [wb]))
             sx = builder.load(builder.gep(xs_p, [i]))
             macc2 = builder.fadd(macc, builder.fmul(mw, sx))
@@ -173,3 +185,10 @@ def dot_i8s16_row(typingctx, q, d16, xq, xd, off):
     """Like dot_i8_row with one weight scale per 16 values: d16[2*(rb+b)], d16[2*(rb+b)+1]."""
     sig = types.float32(q, d16, xq, xd, off)
     return sig, _gen_row_dot("i8s16")
+
+
+@intrinsic
+def dot_nib5_row(typingctx, q, qh, d, m, xq, xd, xs, off):
+    """Like dot_nib_row with 5-bit values: bit j of qh[rb+b] (uint32) adds 16 to value j."""
+    sig = types.float32(q, qh, d, m, xq, xd, xs, off)
+    return sig, _gen_row_dot("nib5")

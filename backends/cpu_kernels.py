@@ -56,6 +56,12 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
+try:
+    import torch as _torch
+except Exception:  # pragma: no cover
+    _torch = None
+
+
 def _fp16_field(blocks: np.ndarray, off: int) -> np.ndarray:
     """fp16 field at byte offset `off` of each block -> float32 (n_blocks,)."""
     return np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1).astype(np.float32)
@@ -67,7 +73,10 @@ def _float_rows(qtype: QType, raw: np.ndarray, n_cols: int) -> np.ndarray:
         return a.reshape(-1, n_cols)
     if qtype == QType.F16:
         a = raw if raw.dtype == np.float16 else np.ascontiguousarray(raw).view(np.float16)
-        return a.reshape(-1, n_cols).astype(np.float32)
+        a = np.ascontiguousarray(a.reshape(-1, n_cols))
+        if _torch is not None and a.size >= 4096:  # exact conversion, vectorized (F16C), ~20x numpy
+            return _torch.from_numpy(a).float().numpy()
+        return a.astype(np.float32)
     # BF16: bits << 16
     a = raw if raw.dtype in (np.uint16, np.int16) else np.ascontiguousarray(raw).view(np.uint16)
     a = a.reshape(-1, n_cols)
@@ -254,6 +263,9 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
             o2[:, r0:r1] = x2 @ tile.T
         return out
     nb = w.n_cols // 32
+    if n_tok >= _BLAS_MIN_TOK:
+        _matmul_tiles(w, x2, o2, nb)
+        return out
     xq = np.empty((n_tok, w.n_cols), dtype=np.int8)
     xd = np.empty((n_tok, nb), dtype=np.float32)
     xs = np.empty((n_tok, nb), dtype=np.float32)
@@ -271,6 +283,29 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     if dst is not o2:
         o2[...] = dst
     return out
+
+
+# Tile-dequantize + BLAS sgemm for prefill is DISABLED: alone, OpenBLAS sgemm reaches ~90 G w*tok/s
+# vs ~45 for the int8 kernels, but numba's OpenMP workers and OpenBLAS's threads spin against each
+# other on 2 cores and both paths collapse 10-500x (measured: mm512 4 G w*tok/s, matvec 16 ms).
+# Kept for a future single-pool setup; set to e.g. 16 to enable.
+_BLAS_MIN_TOK = 1 << 62
+_EMPTY_U32 = np.zeros(1, dtype=np.uint32)
+
+
+def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> None:
+    rows = max(16, _TILE_ELEMS // w.n_cols)
+    buf = np.empty((min(rows, w.n_rows), w.n_cols), dtype=np.float32)
+    for r0 in range(0, w.n_rows, rows):
+        r1 = min(w.n_rows, r0 + rows)
+        tile = buf[:r1 - r0]
+        if w.layout in ("nib", "nib5"):
+            has_h = w.layout == "nib5"
+            _mm.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.d, w.m, r0, r1, nb, tile)
+        else:
+            has_m = w.m is not None
+            _mm.deq_i8(w.qs, w.d, w.layout == "i8s16", w.m if has_m else _EMPTY_F32, has_m, r0, r1, nb, tile)
+        np.matmul(x2, tile.T, out=o2[:, r0:r1])
 
 
 def get_rows(w: PackedWeight, ids: np.ndarray) -> np.ndarray:

@@ -81,6 +81,10 @@ class CPUBackend(Backend):
         self._vectors: dict[str, np.ndarray] = {}
         self._freqs: dict[tuple, np.ndarray] = {}
 
+    def set_threads(self, n: int) -> None:
+        self.n_threads = n
+        K.set_threads(n)
+
     def supports_op(self, node: Node) -> bool:
         return True
 

@@ -91,6 +91,10 @@ class Model:
     def reset(self) -> None:
         self.kv.reset()
 
+    def synchronize(self) -> None:
+        for b in self.backends:
+            b.synchronize()
+
     def eval(self, tokens, logits: str = "last") -> np.ndarray:
         """Feed tokens after those already cached, in ubatches of n_ubatch. Returns float32
         logits: (vocab,) for the last token, or (n_tokens, vocab) with logits="all"."""

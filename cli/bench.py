@@ -1,0 +1,187 @@
+"""`lstream bench`: llama-bench's flags, test names, timing and output formats."""
+from __future__ import annotations
+
+import datetime
+import itertools
+import platform
+import sys
+from collections import Counter
+
+import click
+
+from .bench_output import (csv_text, json_text, jsonl_line, markdown_header, markdown_row, sql_create,
+                           sql_insert)
+from .bench_params import parse_pairs, parse_values
+from .common import one_line_errors, parse_overrides
+from .main import cli
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def model_type(loaded) -> str:
+    n = loaded.n_params
+    label = f"{n / 1e9:.0f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    by_type = Counter()
+    for e in loaded.residency:
+        if e.layer >= 0 and len(e.shape) == 2 and e.alias_of is None:
+            by_type[e.qtype.name] += e.nbytes
+    return f"{loaded.config.arch} {label} {by_type.most_common(1)[0][0] if by_type else '?'}"
+
+
+def _emit(fmt: str, text: str, stream) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+class Printer:
+    """Streams rows in one format to one stream; markdown/csv/sql print a header before the first row."""
+
+    def __init__(self, fmt: str, stream, varied: list[str], gpu: bool):
+        self.fmt, self.stream, self.varied, self.gpu = fmt, stream, varied, gpu
+        self.rows: list[dict] = []
+
+    def start(self):
+        if self.fmt == "md":
+            _emit(self.fmt, markdown_header(self.varied, self.gpu) + "\n", self.stream)
+        elif self.fmt == "csv":
+            _emit(self.fmt, csv_text([], header=True), self.stream)
+        elif self.fmt == "sql":
+            _emit(self.fmt, sql_create(), self.stream)
+
+    def row(self, row: dict, test: str):
+        self.rows.append(row)
+        if self.fmt == "md":
+            _emit(self.fmt, markdown_row(row, self.varied, self.gpu, test) + "\n", self.stream)
+        elif self.fmt == "csv":
+            _emit(self.fmt, csv_text([row], header=False), self.stream)
+        elif self.fmt == "jsonl":
+            _emit(self.fmt, jsonl_line(row), self.stream)
+        elif self.fmt == "sql":
+            _emit(self.fmt, sql_insert(row), self.stream)
+
+    def finish(self):
+        if self.fmt == "json":
+            _emit(self.fmt, json_text(self.rows), self.stream)
+
+
+FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
+
+
+@cli.command()
+@click.option("-m", "--model", "models", multiple=True, help="model (repeatable); default smollm2-135m")
+@click.option("-p", "--n-prompt", "p", multiple=True, default=["512"], show_default=True)
+@click.option("-n", "--n-gen", "n", multiple=True, default=["128"], show_default=True)
+@click.option("-pg", "pg", multiple=True, help="PP,TG: prompt then generation, timed together")
+@click.option("-d", "--n-depth", "d", multiple=True, default=["0"], show_default=True)
+@click.option("-b", "--batch-size", "b", multiple=True, default=["2048"], show_default=True)
+@click.option("-ub", "--ubatch-size", "ub", multiple=True, default=["512"], show_default=True)
+@click.option("-ngl", "--n-gpu-layers", "ngl", multiple=True, default=None, help="default 99 with a GPU, else 0")
+@click.option("-t", "--threads", "t", multiple=True, default=None, help="default: physical cores")
+@click.option("-nopo", "--no-op-offload", "nopo", multiple=True, default=["0"], show_default=True)
+@click.option("-fa", "--flash-attn", "fa", multiple=True, default=["0"], show_default=True)
+@click.option("-ot", "--override-tensor", "ot", default=None, help="REGEX=DEVICE[;REGEX=DEVICE...]")
+@click.option("--policy", "policies", multiple=True, default=["threshold"], show_default=True,
+              help="threshold|never|always|auto (comma list)")
+@click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True)
+@click.option("-r", "--repetitions", "reps", type=int, default=5, show_default=True)
+@click.option("-o", "--output", "fmt", type=FORMATS, default="md", show_default=True)
+@click.option("-oe", "--output-err", "fmt_err", type=FORMATS, default="none", show_default=True)
+@click.option("--progress", is_flag=True, help="print progress to stderr")
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("--no-warmup", is_flag=True)
+@one_line_errors
+def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
+          progress, verbose, no_warmup):
+    """Benchmark prompt processing (pp) and generation (tg) like llama-bench."""
+    from ..backends.cpu import physical_cores
+    from ..core.benchmark import run_test
+    from ..core.engine import Model
+    from ..core.policy import make_policy
+    from ..loaders.model_file import load_model
+    from ..loaders.registry import resolve
+
+    def values(opt, name):
+        return [v for text in opt for v in parse_values(text, name)]
+
+    gpu = _cuda_available()
+    ps, ns, ds = values(p, "-p"), values(n, "-n"), values(d, "-d")
+    pgs = [pair for text in pg for pair in parse_pairs(text, "-pg")]
+    grid = {
+        "n_gpu_layers": values(ngl or (["99"] if gpu else ["0"]), "-ngl"),
+        "n_threads": values(t or [str(physical_cores())], "-t"),
+        "n_batch": values(b, "-b"), "n_ubatch": values(ub, "-ub"),
+        "no_op_offload": values(nopo, "-nopo"), "flash_attn": values(fa, "-fa"),
+        "policy": [x for text in policies for x in text.split(",")],
+        "threshold": values(thresholds, "--threshold"),
+    }
+    for pol in grid["policy"]:
+        if pol not in ("threshold", "never", "always", "auto"):
+            raise click.BadParameter(f"expected threshold, never, always or auto, found {pol!r}", param_hint="--policy")
+    if not gpu and any(x > 0 for x in grid["n_gpu_layers"]):
+        raise click.BadParameter("no CUDA device here: only -ngl 0 runs", param_hint="-ngl")
+    varied = [k for k, v in grid.items() if len(v) > 1]
+    tests = [(x, 0) for x in ps if x > 0] + [(0, x) for x in ns if x > 0] + pgs
+    overrides = parse_overrides(ot.split(";")) if ot else []
+    printers = [Printer(fmt, sys.stdout, varied, gpu)] + ([Printer(fmt_err, sys.stderr, varied, gpu)]
+                                                         if fmt_err != "none" else [])
+    for pr in printers:
+        pr.start()
+    n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
+    try:
+        for model_path in (models or [None]):
+            path = resolve(model_path)
+            for n_gpu in grid["n_gpu_layers"]:
+                loaded = load_model(path)
+                model = Model(loaded, n_gpu_layers=n_gpu, n_ctx=n_ctx, overrides=overrides,
+                              n_threads=grid["n_threads"][0], load_tokenizer=False)
+                try:
+                    combos = itertools.product(grid["n_threads"], grid["n_batch"], grid["n_ubatch"],
+                                               grid["no_op_offload"], grid["flash_attn"], grid["policy"],
+                                               grid["threshold"])
+                    for threads, nb, nub, no_off, flash, pol, thr in combos:
+                        model.cpu.set_threads(threads)
+                        model.n_ubatch = nub
+                        model.set_policy(make_policy(pol, thr, bool(no_off)))
+                        for (pp, tg), depth in itertools.product(tests, ds):
+                            if progress:
+                                click.echo(f"lstream-bench: {path.name} ngl={n_gpu} t={threads} ub={nub} "
+                                           f"pp{pp} tg{tg} d{depth} ...", err=True)
+                            r = run_test(model, pp, tg, depth, reps, nb, warmup=not no_warmup)
+                            row = dict(
+                                build_commit="", build_number=0, cpu_info=platform.processor() or platform.machine(),
+                                gpu_info="", backends="CUDA" if model.device_backend else "CPU",
+                                model_filename=str(path), model_type=model_type(loaded),
+                                model_size=loaded.residency.total_bytes(), model_n_params=loaded.n_params,
+                                n_batch=nb, n_ubatch=nub, n_threads=threads, type_k="f32", type_v="f32",
+                                n_gpu_layers=n_gpu, no_op_offload=no_off, flash_attn=flash, n_prompt=pp,
+                                n_gen=tg, n_depth=depth,
+                                test_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                avg_ns=int(r.avg_ns), stddev_ns=int(r.stddev_ns), avg_ts=r.avg_ts,
+                                stddev_ts=r.stddev_ts, samples_ns=r.samples_ns, samples_ts=r.samples_ts,
+                                policy=model.policy.describe(), threshold=thr,
+                                **stream_fields(model))
+                            for pr in printers:
+                                pr.row(row, r.name)
+                finally:
+                    model.close()
+    except KeyboardInterrupt:
+        click.echo("interrupted: printing the rows that finished", err=True)
+        for pr in printers:
+            pr.finish()
+        sys.exit(130)
+    for pr in printers:
+        pr.finish()
+
+
+def stream_fields(model) -> dict:
+    """Bytes streamed to the device, achieved GB/s and share of copy hidden, when a device backend streams."""
+    stats = getattr(model.device_backend, "stream_stats", None)
+    s = stats() if callable(stats) else {}
+    return {"bytes_streamed": s.get("bytes", 0), "stream_gbps": s.get("gbps", 0.0),
+            "copy_hidden": s.get("hidden", 0.0)}

@@ -1,0 +1,73 @@
+"""Options shared by the commands, and the one place errors become one line + exit 1."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from ..core.errors import LStreamError
+
+
+def one_line_errors(fn):
+    """Expected failures print `error: <one line>` on stderr and exit 1, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (LStreamError, ValueError, OSError, MemoryError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def model_options(fn=None, *, n_ctx: int = 4096):
+    """-m/-ngl/-t/-c/-ub and the upload-policy flags, as llama.cpp spells them."""
+    if fn is None:
+        return lambda f: model_options(f, n_ctx=n_ctx)
+    opts = [
+        click.option("-m", "--model", default=None, help="GGUF file, safetensors directory or short name (default smollm2-135m)"),
+        click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=0, show_default=True, help="layers resident on the GPU"),
+        click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
+        click.option("-c", "--ctx-size", "n_ctx", type=int, default=n_ctx, show_default=True),
+        click.option("-ub", "--ubatch-size", "n_ubatch", type=int, default=512, show_default=True),
+        click.option("-ot", "--override-tensor", "overrides", multiple=True, help="REGEX=DEVICE (cpu or cuda)"),
+        click.option("--policy", type=click.Choice(["threshold", "never", "always", "auto"]), default="threshold",
+                     show_default=True, help="upload policy for non-resident weights"),
+        click.option("--threshold", type=int, default=32, show_default=True, help="batch size from which weights are uploaded"),
+        click.option("-nopo", "--no-op-offload", "nopo", type=int, default=0, help="1: never upload non-resident weights"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def parse_overrides(overrides) -> list[tuple[str, str]]:
+    out = []
+    for o in overrides:
+        pattern, sep, dev = o.rpartition("=")
+        if not sep or not pattern:
+            raise click.BadParameter(f"expected REGEX=DEVICE, found {o!r}", param_hint="-ot")
+        out.append((pattern, dev))
+    return out
+
+
+def load_model(model, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="threshold",
+               threshold=32, nopo=0, load_tokenizer=True, **_):
+    from ..core.engine import Model
+    from ..core.policy import make_policy
+    from ..loaders.model_file import load_model as load_file
+    from ..loaders.registry import resolve
+    pol = make_policy(policy, threshold, bool(nopo), calibration=_calibration() if policy == "auto" else None)
+    return Model(load_file(resolve(model)), n_gpu_layers=ngl, policy=pol, n_ctx=n_ctx, n_threads=threads,
+                 n_ubatch=n_ubatch, overrides=parse_overrides(overrides),
+                 load_tokenizer=load_tokenizer)
+
+
+def _calibration():
+    try:
+        from ..backends.calibrate import load_or_measure
+    except ImportError:
+        raise LStreamError("policy 'auto' needs the CUDA backend's calibration, which is not available here") from None
+    return load_or_measure()

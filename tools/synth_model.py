@@ -204,6 +204,44 @@ def _add_tokenizer(w, vocab: int) -> None:
     w.add_eos_token_id(max(vocab - 1, 0))
 
 
+def truncate_gguf(src: str | Path, dst: str | Path, n_layers: int) -> Path:
+    """Copy a real GGUF keeping only its first n_layers blocks (metadata and other tensors kept).
+
+    For GPU tests of real weights where the whole file cannot travel (e.g. SmolLM2-135M: 98 MB)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        val = f.contents()
+        if name == f"{arch}.block_count":
+            val = n_layers
+        vtype = f.types[0]
+        sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(name, val, vtype, sub_type=sub)
+    keep = []
+    for t in r.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layers:
+            continue
+        keep.append(t)
+        shape = tuple(int(x) for x in t.shape[::-1])
+        raw = t.data
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor_info(t.name, shape, raw.dtype, int(t.n_bytes))
+        else:
+            w.add_tensor_info(t.name, raw.shape, np.dtype(np.uint8), int(t.n_bytes), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in keep:
+        w.write_tensor_data(np.asarray(t.data))
+    w.close()
+    return Path(dst)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("preset", choices=sorted(PRESETS))

@@ -1,0 +1,398 @@
+"""The CUDA backend: torch on the GPU, Triton dequantization, streamed non-resident layers.
+
+Streams: compute runs on torch's current stream (so `.cpu()` and friends order themselves), weight
+uploads on a copy stream (core/streaming.py), K/V write-backs to host on a third stream.
+Activations: the residual stream stays fp32; matmul inputs/outputs, attention and K/V use the
+compute dtype (fp16 by default like llama.cpp's cuBLAS path, or bf16). A matmul dequantizes its
+weight (resident: quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer,
+then calls cuBLAS.
+
+Everything device-specific goes through `self.rt`, so backends/fake_device.py runs this exact code
+on CPU tensors in CI.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.graph import Node
+from ..core.ops import Op
+from ..core.policy import BatchThreshold, UploadPolicy
+from ..core.residency import HOST, ResidencyMap, State
+from ..core.rope import cos_sin, inv_freq
+from ..core.streaming import LayerStreamer
+from . import cuda_kernels as ck
+from .base import Backend
+
+
+class CudaRuntime:
+    """Streams, events, pinned host memory and async copies on a real CUDA device."""
+
+    def __init__(self, device: str = "cuda"):
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(self.device)
+        self.compute_stream = torch.cuda.current_stream(self.device)
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.kv_stream = torch.cuda.Stream(self.device)
+        self._registered: set[int] = set()
+        self._failed: set[int] = set()
+
+    def new_event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing)
+
+    def alloc_host(self, nbytes: int):
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
+        except RuntimeError:
+            return torch.empty(nbytes, dtype=torch.uint8), False
+
+    def alloc_device(self, nbytes: int):
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    @staticmethod
+    def host_view(a) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+    @staticmethod
+    def as_array(buf: torch.Tensor, like) -> np.ndarray:
+        return buf.numpy().view(np.asarray(like).dtype).reshape(np.shape(like))
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def pin_existing(self, a: np.ndarray) -> bool:
+        """Page-lock an existing host array in place (host K/V), so D2H copies into it are async."""
+        ptr = a.ctypes.data
+        if ptr in self._registered:
+            return True
+        if ptr in self._failed:
+            return False
+        err = torch.cuda.cudart().cudaHostRegister(ptr, a.nbytes, 0)
+        if int(err) != 0:
+            torch.cuda.cudart().cudaGetLastError()  # clear the sticky-free error state
+            self._failed.add(ptr)
+            warnings.warn(f"host K/V ({a.nbytes} bytes) could not be pinned (cudaHostRegister error {int(err)}): "
+                          "its write-back is synchronous", RuntimeWarning, stacklevel=2)
+            return False
+        self._registered.add(ptr)
+        return True
+
+    def unpin_all(self) -> None:
+        for ptr in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._registered.clear()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+
+@dataclass
+class DeviceKV:
+    k: torch.Tensor  # (n_ctx, n_kv_head, head_dim) compute dtype, on the device
+    v: torch.Tensor
+
+
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+
+    def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
+                 dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
+                 speculate: bool = True):
+        self.policy = policy or BatchThreshold(32)
+        self.rt = runtime if runtime is not None else CudaRuntime(device)
+        self.device = self.rt.device
+        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.n_slots = n_slots
+        self.use_triton = use_triton
+        self.speculate = speculate
+        self.residency: ResidencyMap | None = None
+        self._resident: dict[str, torch.Tensor] = {}  # uint8 blocks (or raw float bytes) in VRAM
+        self._small: dict[str, torch.Tensor] = {}  # 1-D tensors (norms, biases) in fp32, always on device
+        self._streamable: list[str] = []
+        self.streamer: LayerStreamer | None = None
+        self._scratch: torch.Tensor | None = None
+        self._freqs: dict[tuple, torch.Tensor] = {}
+        self._run = None  # per-run state
+        self._kv_pending: list = []
+        self._plan_cache: dict[int, tuple] = {}
+
+    # -- routing -------------------------------------------------------------------------------
+    def supports_op(self, node: Node) -> bool:
+        if node.weight is not None and self.residency is not None and node.weight in self.residency:
+            return self.residency[node.weight].qtype in ck.SUPPORTED
+        return True
+
+    def offload_op(self, node: Node, n_tokens: int, residency: ResidencyMap) -> tuple[bool, str]:
+        if node.op is Op.EMBED:
+            return False, "embedding rows are gathered where the table lives"
+        entry = residency[node.weight] if node.weight is not None else None
+        if entry is not None and entry.qtype not in ck.SUPPORTED:
+            return False, f"no GPU kernel for {entry.qtype.name}"
+        want = self.policy.should_upload(node.op, entry, n_tokens)
+        return want, f"{self.policy.describe()} {'uploads' if want else 'keeps'} at {n_tokens} tokens"
+
+    # -- lifetime ------------------------------------------------------------------------------
+    def load(self, residency: ResidencyMap) -> None:
+        """Upload resident weights once; note which host weights may be streamed (2-D, supported;
+        a tied output head streams under its own name). 1-D tensors are always copied here."""
+        self.residency = residency
+        rt = self.rt
+        for e in residency:
+            if len(e.shape) == 1 or e.n_rows == 1:
+                if e.alias_of is None:
+                    self._small[e.name] = ck.dequantize(rt.host_view(e.data).to(self.device), e.qtype, e.n_cols,
+                                                        dtype=torch.float32, use_triton=self.use_triton).reshape(-1)
+            elif e.home == self.name:
+                src = self._resident.get(e.alias_of) if e.alias_of else None
+                self._resident[e.name] = src if src is not None else rt.host_view(e.data).to(self.device).view(e.n_rows, -1)
+                e.state = State.RESIDENT
+            elif e.home == HOST and e.qtype in ck.SUPPORTED and e.name != "token_embd.weight":
+                self._streamable.append(e.name)
+
+    def _ensure_streamer(self) -> LayerStreamer:
+        if self.streamer is None:
+            self.streamer = LayerStreamer(self.rt, self.residency, self._streamable, self.n_slots)
+        return self.streamer
+
+    def unload(self) -> None:
+        self.rt.synchronize()
+        self._resident.clear()
+        self._small.clear()
+        self.streamer = None
+        self._scratch = None
+        self._kv_pending.clear()
+        if hasattr(self.rt, "unpin_all"):
+            self.rt.unpin_all()
+
+    def alloc_kv(self, layer, n_ctx, n_kv_head, head_dim):
+        z = lambda: torch.zeros((n_ctx, n_kv_head, head_dim), dtype=self.dtype, device=self.device)  # noqa: E731
+        return DeviceKV(z(), z())
+
+    # -- a run ---------------------------------------------------------------------------------
+    def _stream_plan(self, plan):
+        """(layer order, {node id: layers released after it}, {tensor: layer}) for this plan."""
+        key = id(plan)
+        cached = self._plan_cache.get(key)
+        if cached is not None and cached[0] is plan:
+            return cached[1]
+        streamed = set(self._streamable)
+        order, last, layer_of = [], {}, {}
+        for a in plan.assignments():
+            if a.backend != self.name:
+                continue
+            for w in a.uploads:
+                if w in streamed:
+                    layer = self.residency[w].layer
+                    layer_of[w] = layer
+                    if layer not in order:
+                        order.append(layer)
+                    last[layer] = a.node.id
+        release_after: dict[int, list[int]] = {}
+        for layer, nid in last.items():
+            release_after.setdefault(nid, []).append(layer)
+        info = (order, release_after, layer_of)
+        self._plan_cache[key] = (plan, info)
+        return info
+
+    def begin_run(self, plan, ctx) -> None:
+        order, release_after, layer_of = self._stream_plan(plan)
+        views: dict[str, torch.Tensor] = {}
+        if order:
+            self._ensure_streamer().begin(order)
+        self._run = (release_after, layer_of, views, ctx)
+
+    def end_run(self) -> None:
+        run, self._run = self._run, None
+        s = self.streamer
+        before = (s.stats.bytes_streamed, s.stats.copy_ms, s.stats.stall_ms) if s is not None else None
+        if s is not None and s.order:
+            s.end(speculate=self.speculate)
+        self._flush_kv()
+        ctx = run[3] if run is not None else None
+        prof = getattr(ctx, "profile", None)
+        if prof is not None and s is not None and before is not None:
+            prof.bytes_uploaded += s.stats.bytes_streamed - before[0]
+            prof.add("cuda copy (device)", (s.stats.copy_ms - before[1]) / 1e3)
+            prof.add("cuda copy stall (device)", (s.stats.stall_ms - before[2]) / 1e3)
+
+    def _flush_kv(self) -> None:
+        if self._kv_pending:
+            self.rt.kv_stream.synchronize()
+            self._kv_pending.clear()
+
+    # -- weights -------------------------------------------------------------------------------
+    def _weight_bytes(self, name: str) -> torch.Tensor:
+        t = self._resident.get(name)
+        if t is not None:
+            return t
+        release_after, layer_of, views, _ = self._run
+        v = views.get(name)
+        if v is None:
+            layer = layer_of.get(name)
+            if layer is None:
+                raise RuntimeError(f"{name} is neither resident on {self.name} nor streamed in this run")
+            v = views[name] = self.streamer.acquire(layer)[name]
+        return v
+
+    def _dequant(self, name: str, scratch: bool = True) -> torch.Tensor:
+        e = self.residency[name]
+        src = self.residency[e.alias_of] if e.alias_of else e
+        raw = self._weight_bytes(name)
+        n = src.n_rows * src.n_cols
+        out = None
+        if scratch:
+            if self._scratch is None or self._scratch.numel() < n:
+                self._scratch = torch.empty(n, dtype=self.dtype, device=self.device)
+            out = self._scratch[:n].view(src.n_rows, src.n_cols)
+        return ck.dequantize(raw, src.qtype, src.n_cols, dtype=self.dtype, out=out, use_triton=self.use_triton)
+
+    def _after(self, node: Node) -> None:
+        if self._run is not None:
+            for layer in self._run[0].get(node.id, ()):
+                self.streamer.release(layer)
+
+    # -- ops -----------------------------------------------------------------------------------
+    def compute(self, node: Node, inputs, ctx):
+        op, p = node.op, node.params
+        if op is Op.MATMUL:
+            x = inputs[0].to(self.dtype)
+            w = self._dequant(node.weights[0])
+            self._after(node)
+            y = x @ w.t()
+            if len(node.weights) > 1:
+                y = y + self._small[node.weights[1]].to(self.dtype)
+            return y
+        if op is Op.RMS_NORM:
+            x = inputs[0]
+            if p.get("select_output") and ctx.logits == "last":
+                x = x[-1:]
+            xf = x.float()
+            y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + p["eps"]) * self._small[node.weights[0]]
+            return y.to(self.dtype)
+        if op is Op.ADD:
+            return inputs[0].float() + inputs[1].float()
+        if op is Op.SWIGLU:
+            return F.silu(inputs[0]) * inputs[1]
+        if op is Op.GEGLU:
+            return F.gelu(inputs[0], approximate="tanh") * inputs[1]
+        if op is Op.SCALE:
+            return inputs[0] * p["value"]
+        if op is Op.ROPE:
+            return self._rope(inputs[0], p, ctx)
+        if op is Op.ATTENTION:
+            return self._attention(node, inputs, ctx)
+        if op is Op.EMBED:
+            ids = torch.as_tensor(np.asarray(inputs[0], dtype=np.int64), device=self.device)
+            e = self.residency[node.weights[0]]
+            rows = self._weight_bytes(node.weights[0])[ids]
+            return ck.dequantize(rows, e.qtype, e.n_cols, dtype=torch.float32, use_triton=self.use_triton)
+        raise NotImplementedError(f"{self.name} backend: op {op}")
+
+    def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:
+        t, n_rot, hd = x.shape[0], p["n_rot"], p["head_dim"]
+        key = (id(ctx.positions), p["base"], n_rot, id(p["scaling"]))
+        cs = self._freqs.get(key)
+        if cs is None:
+            if len(self._freqs) > 16:
+                self._freqs.clear()
+            cos, sin = cos_sin(np.asarray(ctx.positions), inv_freq(p["base"], n_rot, p["scaling"]))
+            cs = self._freqs[key] = (torch.from_numpy(cos).to(self.device)[:, None, :],
+                                     torch.from_numpy(sin).to(self.device)[:, None, :], ctx.positions)
+        cos, sin = cs[0], cs[1]
+        xf = x.float().reshape(t, p["n_head"], hd)
+        out = xf.clone()
+        if p["mode"] == "neox":
+            a, b = xf[..., : n_rot // 2], xf[..., n_rot // 2: n_rot]
+            out[..., : n_rot // 2] = a * cos - b * sin
+            out[..., n_rot // 2: n_rot] = a * sin + b * cos
+        else:
+            a, b = xf[..., 0:n_rot:2], xf[..., 1:n_rot:2]
+            out[..., 0:n_rot:2] = a * cos - b * sin
+            out[..., 1:n_rot:2] = a * sin + b * cos
+        return out.to(self.dtype).reshape(t, -1)
+
+    def _attention(self, node: Node, inputs, ctx) -> torch.Tensor:
+        q, k, v = inputs
+        p = node.params
+        t, n_past = q.shape[0], ctx.n_past
+        n_head, n_kv, hd = p["n_head"], p["n_head_kv"], p["head_dim"]
+        k = k.to(self.dtype).reshape(t, n_kv, hd)
+        v = v.to(self.dtype).reshape(t, n_kv, hd)
+        store = ctx.kv.layers[node.layer]
+        if isinstance(store, DeviceKV):  # resident layer: K/V live here
+            store.k[n_past:n_past + t] = k
+            store.v[n_past:n_past + t] = v
+            keys, vals = store.k[:n_past + t], store.v[:n_past + t]
+        else:  # a host layer computed here (prefill): read its past, write the new K/V back async
+            keys, vals = k, v
+            if n_past:
+                pk = torch.from_numpy(store.k[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
+                pv = torch.from_numpy(store.v[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
+                keys, vals = torch.cat([pk, k]), torch.cat([pv, v])
+            self._write_back(store, k, v, n_past)
+        s = n_past + t
+        qh = q.to(self.dtype).reshape(t, n_head, hd).transpose(0, 1).unsqueeze(0)
+        g = n_head // n_kv
+        kh = keys.transpose(0, 1).unsqueeze(0)
+        vh = vals.transpose(0, 1).unsqueeze(0)
+        if g > 1:
+            kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+        window = p.get("window", 0)
+        mask, causal = None, False
+        if window or (n_past and t > 1):
+            qpos = torch.arange(n_past, s, device=self.device)[:, None]
+            kpos = torch.arange(s, device=self.device)[None, :]
+            mask = kpos <= qpos
+            if window:
+                mask &= kpos > qpos - window
+        elif t > 1:
+            causal = True
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=p["scale"])
+        return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
+
+    def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:
+        """New K/V of a host layer go back to its host cache on the K/V stream, without blocking."""
+        rt, t = self.rt, k.shape[0]
+        kf, vf = k.float(), v.float()
+        ev = rt.new_event()
+        ev.record(rt.compute_stream)
+        rt.kv_stream.wait_event(ev)
+        for arr, src in ((store.k, kf), (store.v, vf)):
+            rt.pin_existing(arr)
+            rt.copy(torch.from_numpy(arr)[n_past:n_past + t], src, rt.kv_stream)
+        self._kv_pending.append((kf, vf))  # keep the sources alive until the copies finished
+
+    # -- activations ---------------------------------------------------------------------------
+    def to_host(self, value) -> np.ndarray:
+        return value.float().cpu().numpy()
+
+    def from_host(self, array: np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def synchronize(self) -> None:
+        self.rt.synchronize()
+
+    def stream_stats(self):
+        return self.streamer.stats if self.streamer is not None else None
+
+    def describe(self) -> str:
+        dev = self.device if self.device.type != "cuda" else torch.cuda.get_device_name(self.device)
+        return f"{self.name} ({dev}, {str(self.dtype).replace('torch.', '')}, policy {self.policy.describe()})"
+
+
+__all__ = ["CUDABackend", "CudaRuntime", "DeviceKV", "nullcontext"]

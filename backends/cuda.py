@@ -41,8 +41,6 @@ class CudaRuntime:
         self.compute_stream = torch.cuda.current_stream(self.device)
         self.copy_stream = torch.cuda.Stream(self.device)
         self.kv_stream = torch.cuda.Stream(self.device)
-        self._registered: set[int] = set()
-        self._failed: set[int] = set()
 
     def new_event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing)
@@ -67,28 +65,6 @@ class CudaRuntime:
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
-
-    def pin_existing(self, a: np.ndarray) -> bool:
-        """Page-lock an existing host array in place (host K/V), so D2H copies into it are async."""
-        ptr = a.ctypes.data
-        if ptr in self._registered:
-            return True
-        if ptr in self._failed:
-            return False
-        err = torch.cuda.cudart().cudaHostRegister(ptr, a.nbytes, 0)
-        if int(err) != 0:
-            torch.cuda.cudart().cudaGetLastError()  # clear the sticky-free error state
-            self._failed.add(ptr)
-            warnings.warn(f"host K/V ({a.nbytes} bytes) could not be pinned (cudaHostRegister error {int(err)}): "
-                          "its write-back is synchronous", RuntimeWarning, stacklevel=2)
-            return False
-        self._registered.add(ptr)
-        return True
-
-    def unpin_all(self) -> None:
-        for ptr in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
-        self._registered.clear()
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -130,6 +106,7 @@ class CUDABackend(Backend):
         self._run = None  # per-run state
         self._kv_pending: list = []
         self._plan_cache: dict[int, tuple] = {}
+        self._pinned_kv: set[int] = set()
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -176,8 +153,7 @@ class CUDABackend(Backend):
         self.streamer = None
         self._scratch = None
         self._kv_pending.clear()
-        if hasattr(self.rt, "unpin_all"):
-            self.rt.unpin_all()
+        self._pinned_kv.clear()
 
     def alloc_kv(self, layer, n_ctx, n_kv_head, head_dim):
         z = lambda: torch.zeros((n_ctx, n_kv_head, head_dim), dtype=self.dtype, device=self.device)  # noqa: E731
@@ -372,10 +348,27 @@ class CUDABackend(Backend):
         ev = rt.new_event()
         ev.record(rt.compute_stream)
         rt.kv_stream.wait_event(ev)
+        self._pin_host_kv(store)
         for arr, src in ((store.k, kf), (store.v, vf)):
-            rt.pin_existing(arr)
             rt.copy(torch.from_numpy(arr)[n_past:n_past + t], src, rt.kv_stream)
         self._kv_pending.append((kf, vf))  # keep the sources alive until the copies finished
+
+    def _pin_host_kv(self, store) -> None:
+        """Move a host layer's K/V arrays into pinned memory once (same shape, same contents), so
+        the device writes into them asynchronously; the CPU backend keeps reading store.k/.v."""
+        if id(store) in self._pinned_kv:
+            return
+        self._pinned_kv.add(id(store))
+        for attr in ("k", "v"):
+            a = getattr(store, attr)
+            buf, pinned = self.rt.alloc_host(a.nbytes)
+            if not pinned:
+                warnings.warn("host K/V could not be pinned: its write-back is synchronous", RuntimeWarning,
+                              stacklevel=3)
+                return
+            arr = self.rt.as_array(buf, like=a)
+            arr[...] = a
+            setattr(store, attr, arr)
 
     # -- activations ---------------------------------------------------------------------------
     def to_host(self, value) -> np.ndarray:

@@ -101,9 +101,6 @@ class FakeRuntime:
         self.log.append(("copy", stream.name, dst.data_ptr(), dst.numel()))
         stream.submit(lambda: dst.copy_(src))
 
-    def pin_existing(self, a):
-        return True
-
     def synchronize(self):
         for s in (self.compute_stream, self.copy_stream, self.kv_stream):
             s.synchronize()

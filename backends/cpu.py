@@ -146,6 +146,9 @@ class CPUBackend(Backend):
                 x = x[-1:]
             x = np.ascontiguousarray(x, dtype=np.float32)
             return K.rms_norm(x, self._vector(node.weights[0]), p["eps"])
+        if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
+            x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+            return K.rms_norm(x.reshape(-1, p["head_dim"]), self._vector(node.weights[0]), p["eps"]).reshape(x.shape)
         if op is Op.ADD:
             return inputs[0] + inputs[1]
         if op is Op.SWIGLU:

@@ -14,7 +14,8 @@ class Op(enum.Enum):
     GEGLU = "geglu"  # gelu_tanh(gate) * up
     ADD = "add"
     SCALE = "scale"  # x * constant
+    RMS_NORM_HEADS = "rms_norm_heads"  # per-head rms_norm: x (T, n_head*head_dim), weight (head_dim,)
 
 
 # Ops that read a weight tensor; the scheduler places them by where that weight lives.
-WEIGHT_OPS = frozenset({Op.EMBED, Op.RMS_NORM, Op.MATMUL})
+WEIGHT_OPS = frozenset({Op.EMBED, Op.RMS_NORM, Op.MATMUL, Op.RMS_NORM_HEADS})

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..graph import Graph
-from . import llama
+from . import gemma3, llama, qwen3
 
 BUILDERS = {
     "llama": llama.build,
     "mistral": llama.build,
     "qwen2": llama.build,  # llama with q/k/v biases (picked up from the tensors present)
+    "qwen3": qwen3.build,  # llama with per-head q/k RMS norms, no biases
+    "gemma3": gemma3.build,
 }
 
 SUPPORTED = tuple(sorted(BUILDERS))

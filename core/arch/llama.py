@@ -1,4 +1,5 @@
-"""Llama-family graph (Llama 2/3, Mistral, SmolLM, Qwen2 with q/k/v biases)."""
+"""Llama-family graph (Llama 2/3, Mistral, SmolLM, Qwen2 with q/k/v biases, Qwen3 with q/k norms).
+`attention_block` and `output_head` are shared by the other architectures (gemma3)."""
 from __future__ import annotations
 
 from ..config import ModelConfig
@@ -11,11 +12,18 @@ def _opt(name: str, names: set[str]) -> str | None:
 
 
 def attention_block(g: Graph, cfg: ModelConfig, il: int, x: int, names: set[str], **attn) -> int:
-    """q/k/v projections (+ biases), RoPE, causal GQA over the cache, output projection."""
+    """q/k/v projections (+ biases), per-head q/k RMS norms where the file has them (Qwen3,
+    Gemma 3), RoPE, causal GQA over the cache (attn: rope_base, scale, window), output projection."""
     p = f"blk.{il}."
     q = g.add(Op.MATMUL, f"{p}q", (x,), il, (p + "attn_q.weight", _opt(p + "attn_q.bias", names)))
     k = g.add(Op.MATMUL, f"{p}k", (x,), il, (p + "attn_k.weight", _opt(p + "attn_k.bias", names)))
     v = g.add(Op.MATMUL, f"{p}v", (x,), il, (p + "attn_v.weight", _opt(p + "attn_v.bias", names)))
+    if p + "attn_q_norm.weight" in names:
+        q = g.add(Op.RMS_NORM_HEADS, f"{p}q_norm", (q,), il, (p + "attn_q_norm.weight",), eps=cfg.rms_eps,
+                  head_dim=cfg.head_dim)
+    if p + "attn_k_norm.weight" in names:
+        k = g.add(Op.RMS_NORM_HEADS, f"{p}k_norm", (k,), il, (p + "attn_k_norm.weight",), eps=cfg.rms_eps,
+                  head_dim=cfg.head_dim)
     rope = dict(n_head=cfg.n_head, head_dim=cfg.head_dim, n_rot=cfg.rope_dim, base=attn.pop("rope_base", cfg.rope_base),
                 mode=cfg.rope_mode, scaling=cfg.rope_scaling)
     q = g.add(Op.ROPE, f"{p}q_rope", (q,), il, **rope)

@@ -56,7 +56,9 @@ class CudaRuntime:
 
     @staticmethod
     def host_view(a) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        with warnings.catch_warnings():  # read-only memory maps: we only ever read through the view
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
     @staticmethod
     def as_array(buf: torch.Tensor, like) -> np.ndarray:
@@ -351,7 +353,11 @@ class CUDABackend(Backend):
         self._pin_host_kv(store)
         for arr, src in ((store.k, kf), (store.v, vf)):
             rt.copy(torch.from_numpy(arr)[n_past:n_past + t], src, rt.kv_stream)
-        self._kv_pending.append((kf, vf))  # keep the sources alive until the copies finished
+        done = rt.new_event()
+        done.record(rt.kv_stream)
+        # keep the sources alive until their copies finished; drop the finished ones (VRAM flat)
+        self._kv_pending = [x for x in self._kv_pending if not x[0].query()]
+        self._kv_pending.append((done, kf, vf))
 
     def _pin_host_kv(self, store) -> None:
         """Move a host layer's K/V arrays into pinned memory once (same shape, same contents), so

@@ -9,6 +9,7 @@ logged for ordering assertions, and device allocations are counted (VRAM must st
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import torch
@@ -91,7 +92,9 @@ class FakeRuntime:
 
     @staticmethod
     def host_view(a):
-        return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        with warnings.catch_warnings():  # read-only memory maps: we only ever read through the view
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
     @staticmethod
     def as_array(buf, like):

@@ -75,6 +75,7 @@ def _data_home(node: Node, residency: ResidencyMap) -> str | None:
 def schedule(graph: Graph, residency: ResidencyMap, backends: list, n_tokens: int) -> Plan:
     """backends: in priority order (device first), the CPU last."""
     by_name = {b.name: b for b in backends}
+    rank = {b.name: k for k, b in enumerate(backends)}
     backend_of: dict[int, str] = {}
     assignments: dict[int, Assignment] = {}
 
@@ -112,8 +113,10 @@ def schedule(graph: Graph, residency: ResidencyMap, backends: list, n_tokens: in
         if node.id in backend_of:
             continue
         chosen = cause = None
-        for i in node.inputs:
-            if i != INPUT and by_name[backend_of[i]].supports_op(node):
+        # among the inputs' backends, the highest-priority one first (ggml's pass 2 spreads device
+        # assignments to neighbours): add(x on cpu, h on gpu) runs on the gpu, not a hop each way
+        for i in sorted((i for i in node.inputs if i != INPUT), key=lambda i: rank[backend_of[i]]):
+            if by_name[backend_of[i]].supports_op(node):
                 chosen, cause = backend_of[i], f"follows {graph.nodes[i].name}"
                 break
         if chosen is None:

@@ -28,7 +28,7 @@ def _model_path() -> str:
     pytest.skip("SmolLM2 GGUF not found")
 
 
-def _run(ngl, policy, prompt, n_gen=64, ub=512, device=True):
+def _run(ngl, policy, prompt, n_gen=64, ub=512, device=True, ref_gen=None):
     from lstream.backends.cuda import CUDABackend
     from lstream.core.engine import Model
     from lstream.core.sampling import Sampler, SamplerConfig
@@ -39,7 +39,7 @@ def _run(ngl, policy, prompt, n_gen=64, ub=512, device=True):
               load_tokenizer=False)
     gen = list(m.generate_tokens(list(prompt), n_gen, Sampler(SamplerConfig(temp=0.0)), stop_at_eos=False))
     m.reset()
-    final = m.eval(list(prompt) + gen[:-1])  # the same inputs for both sides
+    final = m.eval(list(prompt) + list(ref_gen or gen)[:-1])  # the same inputs for both sides
     stats = dev.stream_stats() if dev else None
     m.close()
     return gen, final, stats
@@ -60,7 +60,7 @@ def _nmse(a, b):
 def test_matches_cpu(cpu_ref, ngl, policy):
     from lstream.core.policy import make_policy
     prompt, ref_gen, ref_final = cpu_ref
-    gen, final, stats = _run(ngl, make_policy(policy, 32), prompt)
+    gen, final, stats = _run(ngl, make_policy(policy, 32), prompt, ref_gen=ref_gen)
     nmse = _nmse(final, ref_final)
     same = sum(a == b for a, b in zip(gen, ref_gen))
     print(f"-ngl {ngl} {policy}: {same}/64 tokens identical, final logits NMSE {nmse:.2e}, stream {stats}")

@@ -14,6 +14,7 @@ from .bench_output import (csv_text, json_text, jsonl_line, markdown_header, mar
 from .bench_params import parse_pairs, parse_values
 from .common import one_line_errors, parse_overrides
 from .main import cli
+from .profile_opts import profile_options
 
 
 def _cuda_available() -> bool:
@@ -95,11 +96,19 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("--progress", is_flag=True, help="print progress to stderr")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--no-warmup", is_flag=True)
+@profile_options
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
-          progress, verbose, no_warmup):
-    """Benchmark prompt processing (pp) and generation (tg) like llama-bench."""
+          progress, verbose, no_warmup, profile, trace):
+    """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
+
+    Every numeric option takes comma lists and ranges (first-last, first-last+step,
+    first-last*mult); the run is their cross product. --profile prints a per-phase table after
+    each test (stderr); --trace FILE.json writes the last test's timed repetitions as a trace."""
+    import time
+
     from ..backends.cpu import physical_cores
+    from ..core import profile as prof_mod
     from ..core.benchmark import run_test
     from ..core.engine import Model
     from ..core.policy import make_policy
@@ -133,13 +142,23 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     for pr in printers:
         pr.start()
     n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
+    n_models = len(models or [None])
+    n_total = n_models * len(grid["n_gpu_layers"]) * len(list(itertools.product(*[
+        grid[k] for k in ("n_threads", "n_batch", "n_ubatch", "no_op_offload", "flash_attn", "policy", "threshold")]))) \
+        * len(tests) * len(ds)
+    done = 0
     try:
         for model_path in (models or [None]):
             path = resolve(model_path)
             for n_gpu in grid["n_gpu_layers"]:
+                t_load = time.perf_counter()
                 loaded = load_model(path)
                 model = Model(loaded, n_gpu_layers=n_gpu, n_ctx=n_ctx, overrides=overrides,
                               n_threads=grid["n_threads"][0], load_tokenizer=False)
+                if verbose:
+                    click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
+                               f"{' + '.join(b.describe() for b in model.backends)}) in "
+                               f"{time.perf_counter() - t_load:.2f} s, context {n_ctx}", err=True)
                 try:
                     combos = itertools.product(grid["n_threads"], grid["n_batch"], grid["n_ubatch"],
                                                grid["no_op_offload"], grid["flash_attn"], grid["policy"],
@@ -149,10 +168,27 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
                         model.n_ubatch = nub
                         model.set_policy(make_policy(pol, thr, bool(no_off)))
                         for (pp, tg), depth in itertools.product(tests, ds):
-                            if progress:
-                                click.echo(f"lstream-bench: {path.name} ngl={n_gpu} t={threads} ub={nub} "
-                                           f"pp{pp} tg{tg} d{depth} ...", err=True)
-                            r = run_test(model, pp, tg, depth, reps, nb, warmup=not no_warmup)
+                            done += 1
+                            tag = f"lstream-bench: benchmark {done}/{n_total}"
+                            say = (lambda msg, tag=tag: click.echo(f"{tag}: {msg}", err=True)) if progress else None
+                            if say:
+                                say(f"starting ({path.name} ngl={n_gpu} t={threads} b={nb} ub={nub} "
+                                    f"policy={model.policy.describe()} pp{pp} tg{tg} d{depth})")
+                            if profile or trace:
+                                prof_mod.start(model, trace=bool(trace))
+                            try:
+                                r = run_test(model, pp, tg, depth, reps, nb, warmup=not no_warmup, progress=say)
+                            finally:
+                                prof, model.profile = model.profile, None
+                            if verbose:
+                                click.echo(f"lstream-bench: {r.name}: samples_ns {r.samples_ns}", err=True)
+                            if prof is not None:
+                                if profile:
+                                    click.echo(prof_mod.table(prof, loaded.config.n_layer,
+                                                              f"{r.name} t={threads} ub={nub} "
+                                                              f"{model.policy.describe()}, {reps} reps"), err=True)
+                                if trace:
+                                    prof_mod.write_trace(prof, loaded.config.n_layer, trace)
                             row = dict(
                                 build_commit="", build_number=0, cpu_info=platform.processor() or platform.machine(),
                                 gpu_info="", backends="CUDA" if model.device_backend else "CPU",

@@ -64,20 +64,35 @@ def _gen(model, first: int, n: int) -> None:
 
 
 def run_test(model, n_prompt: int, n_gen: int, n_depth: int = 0, reps: int = 5, n_batch: int = 2048,
-             warmup: bool = True, seed: int = 0) -> BenchResult:
+             warmup: bool = True, seed: int = 0, progress=None) -> BenchResult:
+    """One llama-bench test: a warm-up (the whole prompt, one generated token; not timed), then
+    `reps` timed repetitions on random tokens after `n_depth` tokens of context. A profile attached
+    to the model (model.profile) is reset after the warm-up, so it covers the timed repetitions.
+    `progress(str)` is told each step, as llama-bench --progress prints them."""
+    say = progress or (lambda s: None)
     rng = np.random.default_rng(seed)
     vocab = model.config.vocab_size
     res = BenchResult(n_prompt, n_gen, n_depth)
     if warmup:
         model.reset()
         if n_prompt:
-            _prompt(model, _random_tokens(rng, vocab, min(n_batch, n_prompt, 32)), n_batch)
+            say("warmup prompt run")
+            _prompt(model, _random_tokens(rng, vocab, n_prompt), n_batch)
         if n_gen:
+            say("warmup generation run")
             _gen(model, int(rng.integers(vocab)), 1)
-    for _ in range(reps):
+    if getattr(model, "profile", None) is not None:
+        model.profile.reset()
+    for rep in range(reps):
         model.reset()
         if n_depth:
-            _prompt(model, _random_tokens(rng, vocab, n_depth), n_batch)
+            say(f"depth run {rep + 1}/{reps}")
+            prof, model.profile = getattr(model, "profile", None), None  # the depth fill is not measured
+            try:
+                _prompt(model, _random_tokens(rng, vocab, n_depth), n_batch)
+            finally:
+                model.profile = prof
+        say(f"{'prompt' if n_prompt else 'generation'} run {rep + 1}/{reps}")
         prompt = _random_tokens(rng, vocab, n_prompt)
         first = int(rng.integers(vocab))
         model.synchronize()
@@ -90,3 +105,14 @@ def run_test(model, n_prompt: int, n_gen: int, n_depth: int = 0, reps: int = 5, 
         res.samples_ns.append(time.perf_counter_ns() - t0)
     model.reset()
     return res
+
+
+def bench(model, n_prompt: int = 512, n_gen: int = 128, n_depth: int = 0, reps: int = 5, n_batch: int = 2048,
+          warmup: bool = True) -> list[BenchResult]:
+    """llama-bench's default pair of tests on a loaded model: pp`n_prompt` and tg`n_gen` (either may be 0).
+
+        for r in lstream.bench(model, n_prompt=64, n_gen=16, reps=3):
+            print(r.name, f"{r.avg_ts:.1f} ± {r.stddev_ts:.1f} t/s")
+    """
+    tests = [(n_prompt, 0)] * bool(n_prompt) + [(0, n_gen)] * bool(n_gen)
+    return [run_test(model, pp, tg, n_depth, reps, n_batch, warmup) for pp, tg in tests]

@@ -10,7 +10,7 @@ import numpy as np
 
 from .graph import INPUT, Graph
 from .kv_cache import KVCache
-from .residency import ResidencyMap
+from .residency import HOST, ResidencyMap
 from .scheduler import Plan
 
 
@@ -21,6 +21,20 @@ class Profile:
     counts: dict[str, int] = field(default_factory=dict)
     bytes_uploaded: int = 0
     bytes_hopped: int = 0
+    # Per layer and phase (core/profile.py prints them); spans only when a trace is asked for.
+    layer_seconds: dict[tuple[int, str], float] = field(default_factory=dict)
+    spans: list | None = None  # [track, name, t0, t1, layer] in perf_counter seconds
+    sync_device: bool = False  # synchronize a device backend after each op, so its time is its own
+
+    def add_layer(self, layer: int, phase: str, t0: float, t1: float, track: str | None = None) -> None:
+        key = (layer, phase)
+        self.layer_seconds[key] = self.layer_seconds.get(key, 0.0) + (t1 - t0)
+        if self.spans is not None:
+            last = self.spans[-1] if self.spans else None
+            if last is not None and last[0] == (track or phase) and last[4] == layer and last[1] == phase:
+                last[3] = t1  # consecutive ops of one layer on one track: one span
+            else:
+                self.spans.append([track or phase, phase, t0, t1, layer])
 
     def add(self, phase: str, seconds: float, n: int = 1) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
@@ -30,6 +44,9 @@ class Profile:
         self.seconds.clear()
         self.counts.clear()
         self.bytes_uploaded = self.bytes_hopped = 0
+        self.layer_seconds.clear()
+        if self.spans is not None:
+            self.spans.clear()
 
 
 @dataclass
@@ -65,13 +82,21 @@ class Executor:
                         host = self.backends[src].to_host(val)
                         values[i][split.backend] = backend.from_host(host)
                         if prof is not None:
-                            prof.add("hop", time.perf_counter() - t0)
+                            t1 = time.perf_counter()
+                            prof.add("hop", t1 - t0)
                             prof.bytes_hopped += host.nbytes
+                            prof.add_layer(split.assignments[0].node.layer, "hop", t0, t1, "hop")
                 t0 = time.perf_counter()
                 for a in split.assignments:
                     node = a.node
                     args = [ctx.tokens if i == INPUT else values[i][split.backend] for i in node.inputs]
+                    t_op = time.perf_counter() if prof is not None else 0.0
                     values[node.id] = {split.backend: backend.compute(node, args, ctx)}
+                    if prof is not None:
+                        if prof.sync_device and split.backend != HOST:
+                            backend.synchronize()
+                        prof.add_layer(node.layer, f"{split.backend} compute", t_op, time.perf_counter(),
+                                       split.backend)
                     for i in node.inputs:
                         if i != INPUT and self.last_use[i] == node.id:
                             del values[i]

@@ -191,7 +191,9 @@ class CUDABackend(Backend):
         order, release_after, layer_of = self._stream_plan(plan)
         views: dict[str, torch.Tensor] = {}
         if order:
-            self._ensure_streamer().begin(order)
+            st = self._ensure_streamer()
+            st.speculate = self.speculate
+            st.begin(order)
         self._run = (release_after, layer_of, views, ctx)
 
     def end_run(self) -> None:
@@ -199,7 +201,8 @@ class CUDABackend(Backend):
         s = self.streamer
         before = (s.stats.bytes_streamed, s.stats.copy_ms, s.stats.stall_ms) if s is not None else None
         if s is not None and s.order:
-            s.end(speculate=self.speculate)
+            s.speculate = self.speculate
+            s.end()
         self._flush_kv()
         ctx = run[3] if run is not None else None
         prof = getattr(ctx, "profile", None)

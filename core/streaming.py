@@ -23,7 +23,7 @@ it has finished. A copy is issued only once the previous user's compute_done has
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .residency import ResidencyMap, State, TensorEntry
@@ -62,7 +62,7 @@ class Slot:
     layer: int | None = None  # layer whose bytes are (being) copied in
     released: bool = True  # compute_done recorded after the last read of `layer`
     gen: int = 0  # number of fills, for tests
-    timing: list = field(default_factory=list)  # (copy start, copy end, nbytes) events of this fill
+    gen_spec: int = -1  # gen of the last speculative fill
 
 
 class HostStaging:
@@ -114,7 +114,10 @@ class LayerStreamer:
         self.slot_of: dict[int, Slot] = {}
         self.active: set[int] = set()  # layers acquired and not yet released
         self._stalls: list[tuple[Any, Any]] = []
-        self._fills: list[Slot] = []
+        self._copies: list[tuple[Any, Any]] = []  # (start, end) events of this run's fills
+        self._spec_copies: list[tuple[Any, Any]] = []  # speculative fills, counted in the next run
+        self.speculate = True
+        self._speculating = False
         self.log: list[tuple] = []  # (what, layer, slot, gen) for tests
 
     # -- a run ---------------------------------------------------------------------------------
@@ -125,6 +128,7 @@ class LayerStreamer:
         self.order = order
         self.next_issue = 0
         self.active.clear()
+        self._copies, self._spec_copies = self._spec_copies, []
         self.slot_of = {}
         # keep fills of layers in flight from the previous end() when they match this run's start
         for k, layer in enumerate(order[:len(self.slots)]):
@@ -157,8 +161,7 @@ class LayerStreamer:
         rt.copy(slot.buf[:nbytes], self.staging.buf[off:off + nbytes], cs)
         t1.record(cs)
         slot.copy_done.record(cs)
-        slot.timing = [(t0, t1, nbytes)]
-        self._fills.append(slot)
+        (self._spec_copies if self._speculating else self._copies).append((t0, t1))
         slot.layer = layer
         slot.released = False
         slot.gen += 1
@@ -202,37 +205,54 @@ class LayerStreamer:
         self.active.discard(layer)
         self.log.append(("release", layer, slot.index, slot.gen))
         self._issue_ahead()
+        if self.speculate and self.next_issue >= len(self.order):
+            self._speculate()
 
-    def end(self, speculate: bool = True) -> None:
-        """After a run: release what is left, read the timings, and (speculate) start copying the
-        first layers again, since the next ubatch of a prompt usually streams the same layers."""
+    def end(self) -> None:
+        """After a run (the caller has synchronized its compute stream): release what is left and
+        read this run's timings. Never waits for the speculative copies."""
         for layer in list(self.active):
             self.release(layer)
-        self.rt.synchronize()
-        for slot in self._fills:
-            for t0, t1, _ in slot.timing:
-                self.stats.copy_ms += t0.elapsed_time(t1)
-            slot.timing = []
+        for t0, t1 in self._copies:
+            t1.synchronize()  # done: the compute that read the slot waited for it
+            self.stats.copy_ms += t0.elapsed_time(t1)
         for e0, e1 in self._stalls:
+            e1.synchronize()
             self.stats.stall_ms += e0.elapsed_time(e1)
-        self._fills, self._stalls = [], []
+        self._copies, self._stalls = [], []
         self.stats.runs += 1
-        order = self.order
-        self.slot_of = {}
-        if speculate and order:
-            self.next_issue = 0
-            self._issue_ahead_spec(order)
+        if self.speculate:
+            self._speculate()
+        self.slot_of = {layer: s for layer, s in self.slot_of.items() if s.layer == layer}
 
-    def _issue_ahead_spec(self, order: list[int]) -> None:
+    def _speculate(self) -> None:
+        """Start copying this run's first layers into the slots they will use if the next run
+        streams the same layers (the next ubatch of a prompt does), as soon as each slot is free.
+        A slot still holding its layer needs no copy; a wrong guess costs copy-engine time only."""
         n = len(self.slots)
-        for k, layer in enumerate(order[:n]):
-            slot = self.slots[k % n]
-            if slot.layer == layer and slot.released:
-                self.slot_of[layer] = slot  # still holds that layer's bytes: nothing to copy
-                continue
-            self._fill(slot, layer)
-            slot.released = True  # nothing will read it unless the next run starts with `layer`
-        self.log.append(("speculate", tuple(order[:n]), -1, -1))
+        self._speculating = True
+        try:
+            for k, layer in enumerate(self.order[:n]):
+                slot = self.slots[k % n]
+                if slot.layer == layer and (slot.released or slot.gen_spec == slot.gen):
+                    continue
+                if not slot.released:
+                    continue  # still read by this run; end() tries again
+                self._fill(slot, layer)
+                slot.released = True  # nothing reads it unless the next run starts with `layer`
+                slot.gen_spec = slot.gen
+                self.log.append(("speculate", layer, slot.index, slot.gen))
+        finally:
+            self._speculating = False
+
+    def forget(self) -> None:
+        """Drop what the slots hold (benchmarks: each repetition starts cold)."""
+        self.rt.synchronize()
+        for s in self.slots:
+            s.layer = None
+            s.released = True
+        self.slot_of = {}
+        self._spec_copies = []
 
     def device_bytes(self) -> int:
         return self.slot_bytes * len(self.slots)

@@ -121,7 +121,7 @@ CONFIGS = [  # (label, -ngl, -ub, policy)
 
 
 def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str = "fp16", n_slots: int = 3,
-          speculate: bool = True) -> None:
+          speculate: bool = True, warm_ring: bool = False, trace: str | None = None) -> None:
     from lstream.backends.cuda import CUDABackend
     from lstream.core.engine import Model
     from lstream.core.policy import make_policy
@@ -139,6 +139,8 @@ def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str =
         times, hidden = [], []
         for r in range(reps + 1):  # the first is warm-up (JIT, pinning, cuBLAS handles)
             m.reset()
+            if dev.streamer is not None and not warm_ring:
+                dev.streamer.forget()  # each repetition starts with a cold ring (no carried prefetch)
             st = dev.stream_stats()
             before = (st.copy_ms, st.stall_ms) if st else (0.0, 0.0)
             torch.cuda.synchronize()
@@ -153,11 +155,21 @@ def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str =
             if st:
                 c, s = st.copy_ms - before[0], st.stall_ms - before[1]
                 hidden.append((c, s))
+        if trace and not rows:  # one more repetition under the profiler: copy/compute overlap, visible
+            from torch.profiler import ProfilerActivity, profile
+            m.reset()
+            if dev.streamer is not None and not warm_ring:
+                dev.streamer.forget()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                m.eval(toks)
+                torch.cuda.synchronize()
+            prof.export_chrome_trace(trace)
         tps = [n_prompt / t for t in times]
         mean, sd = statistics.mean(tps), statistics.stdev(tps) if len(tps) > 1 else 0.0
         copy_ms = statistics.mean(c for c, _ in hidden) if hidden else 0.0
         stall_ms = statistics.mean(s for _, s in hidden) if hidden else 0.0
-        row = {"test": f"-p {n_prompt} -n 0 {label}", "tps": mean, "sd": sd, "ms": statistics.mean(times) * 1e3,
+        tag = "" if (dtype, n_slots, speculate) == ("fp16", 3, True) else f" [{dtype}, {n_slots} slots{'' if speculate else ', no speculation'}]"
+        row = {"test": f"-p {n_prompt} -n 0 {label}{tag}", "tps": mean, "sd": sd, "ms": statistics.mean(times) * 1e3,
                "copy_ms": copy_ms, "stall_ms": stall_ms,
                "hidden": (1 - stall_ms / copy_ms) if copy_ms else None, "load_s": load_s,
                "vram_GiB": torch.cuda.max_memory_allocated() / 2**30,
@@ -188,8 +200,10 @@ def main(argv=None) -> None:
     t.add_argument("-p", "--n-prompt", type=int, default=2048)
     t.add_argument("--dtype", default="fp16")
     t.add_argument("--slots", type=int, default=3)
-    t.add_argument("--no-speculate", action="store_true")
+    t.add_argument("--no-speculate", action="store_true", help="no prefetch of the next ubatch's first layers")
+    t.add_argument("--warm-ring", action="store_true", help="keep the ring's layers between repetitions")
     t.add_argument("--only", default=None, help="comma-separated config indices")
+    t.add_argument("--trace", default=None, help="chrome trace (torch.profiler) of the first config")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     out: dict = {}
@@ -197,7 +211,7 @@ def main(argv=None) -> None:
         micro(out)
     else:
         cfgs = CONFIGS if a.only is None else [CONFIGS[int(i)] for i in a.only.split(",")]
-        table(a.model, a.reps, a.n_prompt, cfgs, out, a.dtype, a.slots, not a.no_speculate)
+        table(a.model, a.reps, a.n_prompt, cfgs, out, a.dtype, a.slots, not a.no_speculate, a.warm_ring, a.trace)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
 

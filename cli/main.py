@@ -84,6 +84,3 @@ _register()
 def main():
     cli(prog_name="lstream")
 
-
-if __name__ == "__main__":
-    main()

@@ -40,7 +40,11 @@ class LoadedModel:
 def finish(model: LoadedModel) -> LoadedModel:
     """Checks shared by all loaders: required tensors present, shapes agree with the config;
     the tied output head becomes an alias entry so -ngl can place it as llama.cpp does."""
+    from ..core.arch import BUILDERS
     cfg, rmap = model.config, model.residency
+    if cfg.arch not in BUILDERS:
+        raise ModelFormatError(model.path, f"unsupported architecture {cfg.arch!r}: expected one of "
+                                           + ", ".join(sorted(BUILDERS)))
     need = ["token_embd.weight", "output_norm.weight"]
     for il in range(cfg.n_layer):
         need += [f"blk.{il}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",

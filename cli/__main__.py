@@ -1,0 +1,4 @@
+"""python -m lstream.cli"""
+from .main import main
+
+main()

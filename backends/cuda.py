@@ -90,7 +90,7 @@ class CUDABackend(Backend):
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
-                 speculate: bool = True):
+                 speculate: bool = False):
         self.policy = policy or BatchThreshold(32)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -117,12 +117,12 @@ class CUDABackend(Backend):
         return True
 
     def offload_op(self, node: Node, n_tokens: int, residency: ResidencyMap) -> tuple[bool, str]:
-        if node.op is Op.EMBED:
-            return False, "embedding rows are gathered where the table lives"
         entry = residency[node.weight] if node.weight is not None else None
         if entry is not None and entry.qtype not in ck.SUPPORTED:
             return False, f"no GPU kernel for {entry.qtype.name}"
         want = self.policy.should_upload(node.op, entry, n_tokens)
+        if node.op is Op.EMBED and want:
+            return True, f"{self.policy.describe()} at {n_tokens} tokens: only the token rows are uploaded"
         return want, f"{self.policy.describe()} {'uploads' if want else 'keeps'} at {n_tokens} tokens"
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -262,11 +262,10 @@ class CUDABackend(Backend):
             x = inputs[0]
             if p.get("select_output") and ctx.logits == "last":
                 x = x[-1:]
-            xf = x.float()
-            y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + p["eps"]) * self._small[node.weights[0]]
-            return y.to(self.dtype)
+            return ck.rms_norm(x.contiguous(), self._small[node.weights[0]], p["eps"], self.dtype, self.use_triton)
         if op is Op.ADD:
-            return inputs[0].float() + inputs[1].float()
+            y = inputs[0] + inputs[1]  # the residual is fp32: promotion keeps the sum fp32
+            return y if y.dtype == torch.float32 else y.float()
         if op is Op.SWIGLU:
             return F.silu(inputs[0]) * inputs[1]
         if op is Op.GEGLU:
@@ -278,34 +277,30 @@ class CUDABackend(Backend):
         if op is Op.ATTENTION:
             return self._attention(node, inputs, ctx)
         if op is Op.EMBED:
-            ids = torch.as_tensor(np.asarray(inputs[0], dtype=np.int64), device=self.device)
+            ids = torch.as_tensor(np.asarray(inputs[0], dtype=np.int64), device=self.device) \
+                if node.weights[0] in self._resident else None
             e = self.residency[node.weights[0]]
-            rows = self._weight_bytes(node.weights[0])[ids]
+            if node.weights[0] in self._resident:
+                rows = self._resident[node.weights[0]][ids]
+            else:  # gather the token rows on the host, upload only them (a few MB, still quantized)
+                host = np.asarray(e.data).reshape(e.n_rows, -1)
+                rows = torch.from_numpy(host[np.asarray(inputs[0], dtype=np.int64)]).to(self.device)
             return ck.dequantize(rows, e.qtype, e.n_cols, dtype=torch.float32, use_triton=self.use_triton)
         raise NotImplementedError(f"{self.name} backend: op {op}")
 
     def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:
-        t, n_rot, hd = x.shape[0], p["n_rot"], p["head_dim"]
-        key = (id(ctx.positions), p["base"], n_rot, id(p["scaling"]))
+        pos = np.asarray(ctx.positions)
+        arange = len(pos) > 0 and pos[-1] - pos[0] == len(pos) - 1 and bool(np.all(np.diff(pos) == 1))
+        key = (int(pos[0]) if arange else id(ctx.positions), len(pos), p["base"], p["n_rot"], id(p["scaling"]))
         cs = self._freqs.get(key)
         if cs is None:
-            if len(self._freqs) > 16:
+            if len(self._freqs) > 64:
                 self._freqs.clear()
-            cos, sin = cos_sin(np.asarray(ctx.positions), inv_freq(p["base"], n_rot, p["scaling"]))
-            cs = self._freqs[key] = (torch.from_numpy(cos).to(self.device)[:, None, :],
-                                     torch.from_numpy(sin).to(self.device)[:, None, :], ctx.positions)
-        cos, sin = cs[0], cs[1]
-        xf = x.float().reshape(t, p["n_head"], hd)
-        out = xf.clone()
-        if p["mode"] == "neox":
-            a, b = xf[..., : n_rot // 2], xf[..., n_rot // 2: n_rot]
-            out[..., : n_rot // 2] = a * cos - b * sin
-            out[..., n_rot // 2: n_rot] = a * sin + b * cos
-        else:
-            a, b = xf[..., 0:n_rot:2], xf[..., 1:n_rot:2]
-            out[..., 0:n_rot:2] = a * cos - b * sin
-            out[..., 1:n_rot:2] = a * sin + b * cos
-        return out.to(self.dtype).reshape(t, -1)
+            cos, sin = cos_sin(pos, inv_freq(p["base"], p["n_rot"], p["scaling"]))
+            cs = self._freqs[key] = (torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device),
+                                     ctx.positions, p["scaling"])  # keep what the ids name alive
+        return ck.rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox",
+                       self.dtype, self.use_triton)
 
     def _attention(self, node: Node, inputs, ctx) -> torch.Tensor:
         q, k, v = inputs

@@ -117,7 +117,7 @@ class FakeDeviceBackend(CUDABackend):
     name = "fake"
 
     def __init__(self, policy=None, deferred_copies: bool = True, dtype="fp32", n_slots: int = 3,
-                 speculate: bool = True, pin_ok: bool = True):
+                 speculate: bool = False, pin_ok: bool = True):
         super().__init__(policy=policy, runtime=FakeRuntime(deferred_copies, pin_ok), dtype=dtype,
                          n_slots=n_slots, use_triton=False, speculate=speculate)
 

@@ -119,6 +119,7 @@ class LayerStreamer:
         self.speculate = True
         self._speculating = False
         self.log: list[tuple] = []  # (what, layer, slot, gen) for tests
+        self._views: dict[tuple[int, int], dict[str, Any]] = {}
 
     # -- a run ---------------------------------------------------------------------------------
     def begin(self, order: list[int]) -> None:
@@ -192,8 +193,12 @@ class LayerStreamer:
             self._stalls.append((e0, e1))
             self.active.add(layer)
             self.log.append(("acquire", layer, slot.index, slot.gen))
-        base, _ = self.staging.layer_range[layer]
-        return {e.name: slot.buf[self.staging.offsets[e.name][0] - base:][:e.nbytes] for e in self.layers[layer]}
+        views = self._views.get((slot.index, layer))
+        if views is None:  # slots never move: the views of a (slot, layer) pair are made once
+            base, _ = self.staging.layer_range[layer]
+            views = self._views[(slot.index, layer)] = {
+                e.name: slot.buf[self.staging.offsets[e.name][0] - base:][:e.nbytes] for e in self.layers[layer]}
+        return views
 
     def release(self, layer: int) -> None:
         """Called after the last compute op that reads `layer` has been enqueued."""

@@ -123,3 +123,38 @@ def test_gpu_triton_equals_torch_fallback():
         f = ck.dequantize(x, qt, 4096, use_triton=False)
         torch.cuda.synchronize()
         assert (t.float() - f.float()).abs().max() <= (f.float().abs() * 2 ** -8).max(), qt.name
+
+
+def _small_ops_check(dev, use_triton, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 6 * 64, generator=g) * 3
+    w = torch.rand(6 * 64, generator=g) + 0.5
+    ref = ck.rms_norm(x, w, 1e-5, torch.float32, use_triton=False)
+    got = ck.rms_norm(x.to(dev), w.to(dev), 1e-5, dtype, use_triton=use_triton).float().cpu()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got, ref, rtol=tol, atol=tol)
+    pos = torch.arange(5, 42, dtype=torch.float64)
+    freqs = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    ang = pos[:, None] * freqs[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    for neox in (False, True):
+        ref = ck.rope(x, cos, sin, 6, 64, 64, neox, torch.float32, use_triton=False)
+        got = ck.rope(x.to(dev), cos.to(dev), sin.to(dev), 6, 64, 64, neox, dtype, use_triton=use_triton)
+        assert torch.allclose(got.float().cpu(), ref, rtol=tol, atol=tol * 3)
+
+
+def test_small_ops_torch_path_self_consistent():
+    _small_ops_check("cpu", False, torch.float32)
+
+
+@pytest.mark.skipif(not ck.HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton interpreter not enabled (TRITON_INTERPRET=1 with triton installed)")
+def test_small_ops_triton_interpreter():
+    _small_ops_check("cpu", True, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not ck.HAVE_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_small_ops(dtype):
+    _small_ops_check("cuda", True, dtype)

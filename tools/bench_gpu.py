@@ -121,7 +121,7 @@ CONFIGS = [  # (label, -ngl, -ub, policy)
 
 
 def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str = "fp16", n_slots: int = 3,
-          speculate: bool = True, warm_ring: bool = False, trace: str | None = None) -> None:
+          speculate: bool = False, warm_ring: bool = False, trace: str | None = None) -> None:
     from lstream.backends.cuda import CUDABackend
     from lstream.core.engine import Model
     from lstream.core.policy import make_policy
@@ -168,7 +168,7 @@ def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str =
         mean, sd = statistics.mean(tps), statistics.stdev(tps) if len(tps) > 1 else 0.0
         copy_ms = statistics.mean(c for c, _ in hidden) if hidden else 0.0
         stall_ms = statistics.mean(s for _, s in hidden) if hidden else 0.0
-        tag = "" if (dtype, n_slots, speculate) == ("fp16", 3, True) else f" [{dtype}, {n_slots} slots{'' if speculate else ', no speculation'}]"
+        tag = "" if (dtype, n_slots, speculate) == ("fp16", 3, False) else f" [{dtype}, {n_slots} slots{', speculation' if speculate else ''}]"
         row = {"test": f"-p {n_prompt} -n 0 {label}{tag}", "tps": mean, "sd": sd, "ms": statistics.mean(times) * 1e3,
                "copy_ms": copy_ms, "stall_ms": stall_ms,
                "hidden": (1 - stall_ms / copy_ms) if copy_ms else None, "load_s": load_s,
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     t.add_argument("-p", "--n-prompt", type=int, default=2048)
     t.add_argument("--dtype", default="fp16")
     t.add_argument("--slots", type=int, default=3)
-    t.add_argument("--no-speculate", action="store_true", help="no prefetch of the next ubatch's first layers")
+    t.add_argument("--speculate", action="store_true", help="prefetch the next ubatch's first layers early")
     t.add_argument("--warm-ring", action="store_true", help="keep the ring's layers between repetitions")
     t.add_argument("--only", default=None, help="comma-separated config indices")
     t.add_argument("--trace", default=None, help="chrome trace (torch.profiler) of the first config")
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
         micro(out)
     else:
         cfgs = CONFIGS if a.only is None else [CONFIGS[int(i)] for i in a.only.split(",")]
-        table(a.model, a.reps, a.n_prompt, cfgs, out, a.dtype, a.slots, not a.no_speculate, a.warm_ring, a.trace)
+        table(a.model, a.reps, a.n_prompt, cfgs, out, a.dtype, a.slots, a.speculate, a.warm_ring, a.trace)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str))
 

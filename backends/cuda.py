@@ -192,16 +192,22 @@ class CUDABackend(Backend):
         views: dict[str, torch.Tensor] = {}
         if order:
             st = self._ensure_streamer()
-            st.speculate = self.speculate
+            st.speculate = self._speculate_now(ctx)
             st.begin(order)
         self._run = (release_after, layer_of, views, ctx)
+
+    def _speculate_now(self, ctx) -> bool:
+        """Prefetch the first layers again at the end of this run? Only worth it when another
+        ubatch of the same prompt follows: the engine may say so in ctx.more_ubatches; without that
+        hint, the backend's `speculate` flag decides."""
+        more = getattr(ctx, "more_ubatches", None)
+        return self.speculate if more is None else bool(more)
 
     def end_run(self) -> None:
         run, self._run = self._run, None
         s = self.streamer
         before = (s.stats.bytes_streamed, s.stats.copy_ms, s.stats.stall_ms) if s is not None else None
         if s is not None and s.order:
-            s.speculate = self.speculate
             s.end()
         self._flush_kv()
         ctx = run[3] if run is not None else None
@@ -384,8 +390,18 @@ class CUDABackend(Backend):
     def synchronize(self) -> None:
         self.rt.synchronize()
 
-    def stream_stats(self):
+    def stream_counters(self):
+        """The streamer's cumulative StreamStats (None when nothing was ever streamed)."""
         return self.streamer.stats if self.streamer is not None else None
+
+    def stream_stats(self) -> dict:
+        """For `lstream bench`: bytes streamed per run, achieved GB/s of the copies, share of copy
+        time the compute stream did not wait for, cumulative copy/stall ms and run count."""
+        st = self.stream_counters()
+        if st is None or st.runs == 0:
+            return {}
+        return {"bytes": st.bytes_streamed / st.runs, "gbps": st.bytes_streamed / (st.copy_ms * 1e6) if st.copy_ms else 0.0,
+                "hidden": st.hidden_fraction, "copy_ms": st.copy_ms, "stall_ms": st.stall_ms, "runs": st.runs}
 
     def describe(self) -> str:
         dev = self.device if self.device.type != "cuda" else torch.cuda.get_device_name(self.device)

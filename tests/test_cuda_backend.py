@@ -40,7 +40,7 @@ def _run(ngl, policy, prompt, n_gen=64, ub=512, device=True, ref_gen=None):
     gen = list(m.generate_tokens(list(prompt), n_gen, Sampler(SamplerConfig(temp=0.0)), stop_at_eos=False))
     m.reset()
     final = m.eval(list(prompt) + list(ref_gen or gen)[:-1])  # the same inputs for both sides
-    stats = dev.stream_stats() if dev else None
+    stats = dev.stream_counters() if dev else None
     m.close()
     return gen, final, stats
 

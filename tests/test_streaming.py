@@ -150,3 +150,21 @@ def test_speculative_prefetch_between_ubatches(model_path, tokens, cpu_ref):
     assert _nmse(out, cpu_ref[0]) < 1e-4
     kinds = [e[0] for e in dev.streamer.log]
     assert "speculate" in kinds and "reuse" in kinds
+
+
+def test_stream_stats_for_the_cli(model_path, tokens):
+    from lstream.cli.bench import stream_fields
+    dev = FakeDeviceBackend(Always())
+    m = _model(model_path, 0, dev)
+    assert dev.stream_stats() == {}
+    m.eval(tokens)
+    f = stream_fields(m)
+    assert f["bytes_streamed"] > 0 and 0.0 <= f["copy_hidden"] <= 1.0
+
+
+def test_speculation_follows_the_engine_hint(model_path, tokens):
+    from types import SimpleNamespace
+    dev = FakeDeviceBackend(Always(), speculate=False)
+    assert dev._speculate_now(SimpleNamespace()) is False
+    assert dev._speculate_now(SimpleNamespace(more_ubatches=True)) is True
+    assert FakeDeviceBackend(Always(), speculate=True)._speculate_now(SimpleNamespace(more_ubatches=False)) is False

@@ -141,14 +141,14 @@ def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str =
             m.reset()
             if dev.streamer is not None and not warm_ring:
                 dev.streamer.forget()  # each repetition starts with a cold ring (no carried prefetch)
-            st = dev.stream_stats()
+            st = dev.stream_counters()
             before = (st.copy_ms, st.stall_ms) if st else (0.0, 0.0)
             torch.cuda.synchronize()
             t = time.perf_counter()
             m.eval(toks)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
-            st = dev.stream_stats()
+            st = dev.stream_counters()
             if r == 0:
                 continue
             times.append(dt)

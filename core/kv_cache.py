@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import LStreamError
 from .residency import ResidencyMap
 
 
-class ContextFullError(ValueError):
+class ContextFullError(LStreamError, ValueError):
     """The tokens do not fit in the context (-c)."""
 
 

@@ -1,7 +1,9 @@
 """GGUF loader: gguf.GGUFReader over a memory map; tensors stay zero-copy views of the file."""
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,11 @@ SUPPORTED_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q4_0, QTyp
                               QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 NEOX_ARCHS = {"qwen2", "qwen3", "gemma3", "gemma2", "phi3"}  # rotate halves; llama rotates pairs
 GGUF_MAGIC = b"GGUF"
+GGML_MAX_DIMS = 4
+GGUF_DEFAULT_ALIGNMENT = 32
+# GGUF value types: 0-7 and 10-12 scalars (byte sizes), 8 string, 9 array.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
 
 
 def _field(reader, key, default=None):
@@ -26,6 +33,145 @@ def _field(reader, key, default=None):
         return default
     v = f.contents()
     return v
+
+
+class _Cursor:
+    """Reads a GGUF header with every length checked against the bytes that are left."""
+
+    def __init__(self, path: Path, buf, size: int):
+        self.path, self.buf, self.size, self.off = path, buf, size, 8
+
+    def take(self, n: int, what: str) -> int:
+        if n > self.size - self.off:
+            raise ModelFormatError(self.path, f"truncated header: {what} needs {n} bytes at offset {self.off}, "
+                                              f"found {self.size - self.off} left in the file")
+        off, self.off = self.off, self.off + n
+        return off
+
+    def u32(self, what: str) -> int:
+        return struct.unpack_from("<I", self.buf, self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack_from("<Q", self.buf, self.take(8, what))[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(f"length of {what}")
+        off = self.take(n, what)
+        return bytes(self.buf[off:off + n])
+
+    def claim(self, count: int, min_bytes: int, what: str) -> None:
+        """A count read from the file must fit in what is left of it before anything loops over it."""
+        if count * min_bytes > self.size - self.off:
+            raise ModelFormatError(self.path, f"header claims {count} {what}, the {self.size - self.off} bytes "
+                                              f"left in the file hold at most {(self.size - self.off) // min_bytes}")
+
+    def value(self, vtype: int, key: str) -> object:
+        if vtype in _SCALAR_SIZES:
+            off = self.take(_SCALAR_SIZES[vtype], f"value of {key}")
+            return struct.unpack_from("<I", self.buf, off)[0] if vtype == 4 else None
+        if vtype == _STRING:
+            self.string(f"value of {key}")
+            return None
+        if vtype != _ARRAY:
+            raise ModelFormatError(self.path, f"metadata {key}: expected a value type 0..12, found {vtype}")
+        itype, n = self.u32(f"array type of {key}"), self.u64(f"array length of {key}")
+        if itype in _SCALAR_SIZES:
+            self.take(n * _SCALAR_SIZES[itype], f"array {key} of {n} items")
+        elif itype == _STRING:  # vocabularies: 10^5 strings, so a tight loop
+            self.claim(n, 8, f"items in array {key}")
+            off, buf, size, unpack = self.off, self.buf, self.size, struct.Struct("<Q").unpack_from
+            for _ in range(n):
+                if off + 8 > size:
+                    off = size + 1
+                    break
+                off += 8 + unpack(buf, off)[0]
+            if off > size:
+                raise ModelFormatError(self.path, f"truncated header: array {key} of {n} strings runs past the "
+                                                  f"end of the file ({size} bytes)")
+            self.off = off
+        elif itype == _ARRAY:
+            self.claim(n, 12, f"items in array {key}")
+            for _ in range(n):
+                self.value(itype, key)
+        else:
+            raise ModelFormatError(self.path, f"metadata {key}: expected an array item type 0..12, found {itype}")
+        return None
+
+
+def _check_header(path: Path, size: int) -> None:
+    """Walk the whole header before gguf.GGUFReader sees it: GGUFReader trusts counts and lengths
+    (an array length past the end of the file makes it loop for ever), so every count, length,
+    dimension, type, alignment and tensor extent is checked here against the file size first."""
+    import gguf
+    if size < 24:
+        raise ModelFormatError(path, f"truncated header: expected at least 24 bytes, found {size}")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        c = _Cursor(path, buf, size)
+        n_tensors, n_kv = c.u64("tensor count"), c.u64("metadata count")
+        c.claim(n_kv, 13, "metadata entries")
+        keys, alignment = set(), GGUF_DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            raw = c.string(f"metadata key {i}")
+            try:
+                key = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ModelFormatError(path, f"metadata key {i}: expected UTF-8, found {raw[:40]!r}") from None
+            if key in keys:
+                raise ModelFormatError(path, f"duplicate metadata key {key}")
+            keys.add(key)
+            vtype = c.u32(f"type of {key}")
+            v = c.value(vtype, key)
+            if key == "general.alignment":
+                if vtype != 4 or not v or v & (v - 1):
+                    raise ModelFormatError(path, f"general.alignment: expected a power of two (uint32), found "
+                                                 f"{v if vtype == 4 else f'value type {vtype}'}")
+                alignment = v
+        c.claim(n_tensors, 24, "tensors")
+        infos, names = [], set()
+        for i in range(n_tensors):
+            raw = c.string(f"name of tensor {i}")
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ModelFormatError(path, f"tensor {i}: expected a UTF-8 name, found {raw[:40]!r}") from None
+            if name in names:
+                raise ModelFormatError(path, f"duplicate tensor name {name}")
+            names.add(name)
+            n_dims = c.u32(f"dimension count of {name}")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                raise ModelFormatError(path, f"tensor {name}: expected 1 to {GGML_MAX_DIMS} dimensions, found {n_dims}")
+            dims = [c.u64(f"dimensions of {name}") for _ in range(n_dims)]
+            ttype, offset = c.u32(f"type of {name}"), c.u64(f"data offset of {name}")
+            if ttype not in gguf.GGML_QUANT_SIZES:
+                raise ModelFormatError(path, f"unsupported tensor type {ttype} for {name}: expected one of "
+                                             + ", ".join(q.name for q in sorted(SUPPORTED_QTYPES)))
+            n_elems = 1
+            for d in dims:
+                n_elems *= d
+            if min(dims) < 1 or n_elems >= 1 << 62:
+                raise ModelFormatError(path, f"tensor {name}: expected positive dimensions of at most 2^62 "
+                                             f"values, found {dims}")
+            block, type_size = gguf.GGML_QUANT_SIZES[ttype]
+            if dims[0] % block:
+                raise ModelFormatError(path, f"tensor {name}: row of {dims[0]} values is not a multiple of the "
+                                             f"{gguf.GGMLQuantizationType(ttype).name} block ({block})")
+            if offset % alignment:
+                raise ModelFormatError(path, f"tensor {name}: expected a data offset aligned to {alignment} "
+                                             f"bytes, found {offset}")
+            infos.append((offset, n_elems // block * type_size, name))
+        data_start = -(-c.off // alignment) * alignment
+        for offset, nbytes, name in infos:
+            end = data_start + offset + nbytes
+            if data_start + offset >= size:
+                raise ModelFormatError(path, f"tensor {name}: expected its data within the file's {size} bytes, "
+                                             f"found it at byte {data_start + offset}")
+            if end > size:
+                raise ModelFormatError(path, f"truncated: tensor {name} ends at byte {end}, file has {size}")
+        infos.sort()
+        for (b0, n0, name0), (b1, _, name1) in zip(infos, infos[1:]):
+            if b1 < b0 + n0:
+                raise ModelFormatError(path, f"tensors {name0} and {name1} overlap: expected {name1} to start at "
+                                             f"data offset {b0 + n0} or later, found {b1}")
 
 
 def _open(path: Path):
@@ -41,6 +187,7 @@ def _open(path: Path):
     version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
     if version not in (2, 3):
         raise ModelFormatError(path, f"unsupported GGUF version: expected 2 or 3, found {version}")
+    _check_header(path, size)
     try:
         reader = gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -64,6 +211,9 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
         return v
 
     n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    if n_embd < 1 or n_head < 1:
+        raise ModelFormatError(path, f"metadata {arch}.embedding_length and {arch}.attention.head_count: "
+                                     f"expected positive integers, found {n_embd} and {n_head}")
     n_head_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
     head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -93,7 +243,11 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
 def load_gguf(path: Path) -> LoadedModel:
     path = Path(path)
     reader = _open(path)
-    cfg = config_from_gguf(path, reader)
+    try:
+        cfg = config_from_gguf(path, reader)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as e:
+        raise ModelFormatError(path, f"metadata: expected numbers for the hyper-parameters, found "
+                                     f"{type(e).__name__}: {e}") from None
     rmap = ResidencyMap(cfg.n_layer)
     for t in reader.tensors:
         try:

@@ -37,6 +37,40 @@ class LoadedModel:
         return n
 
 
+def _check_config(model: LoadedModel) -> None:
+    """Hyper-parameters that size loops and buffers: positive, bounded by the tensors present."""
+    cfg, n_tensors = model.config, len(list(model.residency))
+    for key in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "rope_dim"):
+        v = getattr(cfg, key)
+        if type(v) is not int or v < 1 or v >= 1 << 31:
+            raise ModelFormatError(model.path, f"config {key}: expected a positive integer, found {v!r}")
+    if cfg.n_layer > n_tensors:
+        raise ModelFormatError(model.path, f"config n_layer: expected at most one layer per tensor "
+                                           f"({n_tensors} tensors), found {cfg.n_layer}")
+    if cfg.n_head % cfg.n_head_kv:
+        raise ModelFormatError(model.path, f"config n_head_kv: expected a divisor of n_head {cfg.n_head}, "
+                                           f"found {cfg.n_head_kv}")
+    if cfg.rope_dim > cfg.head_dim or cfg.rope_dim % 2:
+        raise ModelFormatError(model.path, f"config rope_dim: expected an even number up to head_dim "
+                                           f"{cfg.head_dim}, found {cfg.rope_dim}")
+
+
+def _check_layer_shapes(model: LoadedModel) -> None:
+    """Every layer's tensors against the config (finish() checks layer 0 first, by name)."""
+    cfg, rmap = model.config, model.residency
+    E, Q, KV, F = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.n_ff
+    want = {"output_norm.weight": (E,), "output.weight": (cfg.vocab_size, E)}
+    for il in range(cfg.n_layer):
+        for n, shape in (("attn_norm", (E,)), ("attn_q", (Q, E)), ("attn_k", (KV, E)), ("attn_v", (KV, E)),
+                         ("attn_output", (E, Q)), ("ffn_norm", (E,)), ("ffn_gate", (F, E)), ("ffn_up", (F, E)),
+                         ("ffn_down", (E, F))):
+            want[f"blk.{il}.{n}.weight"] = shape
+    for name, shape in want.items():
+        if name in rmap and tuple(rmap[name].shape) != shape:
+            raise ModelFormatError(model.path, f"tensor {name}: expected shape {shape} from the config, "
+                                               f"found {tuple(rmap[name].shape)}")
+
+
 def finish(model: LoadedModel) -> LoadedModel:
     """Checks shared by all loaders: required tensors present, shapes agree with the config;
     the tied output head becomes an alias entry so -ngl can place it as llama.cpp does."""
@@ -45,6 +79,7 @@ def finish(model: LoadedModel) -> LoadedModel:
     if cfg.arch not in BUILDERS:
         raise ModelFormatError(model.path, f"unsupported architecture {cfg.arch!r}: expected one of "
                                            + ", ".join(sorted(BUILDERS)))
+    _check_config(model)
     need = ["token_embd.weight", "output_norm.weight"]
     for il in range(cfg.n_layer):
         need += [f"blk.{il}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -66,6 +101,7 @@ def finish(model: LoadedModel) -> LoadedModel:
             continue
         if tuple(got) != want:
             raise ModelFormatError(model.path, f"tensor {name}: expected shape {want} from the config, found {tuple(got)}")
+    _check_layer_shapes(model)
     if "output.weight" not in rmap:
         e = rmap["token_embd.weight"]
         rmap.add(TensorEntry("output.weight", cfg.n_layer, e.shape, e.qtype, e.nbytes, e.data,

@@ -18,6 +18,50 @@ from .names import canonical_from_hf, layer_of
 DTYPES = {"F32": (QType.F32, np.float32), "F16": (QType.F16, np.float16), "BF16": (QType.BF16, np.uint8)}
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
         "gemma3_text": "gemma3", "gemma3": "gemma3"}
+# Bytes per value of every dtype the safetensors format defines (lstream computes with DTYPES only).
+ST_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                  "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+
+
+def _unique(file: Path, pairs: list) -> dict:
+    """json.loads keeps the last of duplicate keys silently; a header must not have any."""
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ModelFormatError(file, f"duplicate tensor name {k} in the header")
+        seen.add(k)
+    return dict(pairs)
+
+
+def _check_entries(file: Path, start: int, size: int, header: dict) -> None:
+    """Every tensor entry well-formed, inside the file and apart from the others, before any is used."""
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and \
+            isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 and \
+            all(type(x) is int and x >= 0 for x in info["shape"] + info["data_offsets"])
+        if not ok:
+            raise ModelFormatError(file, f"tensor {name}: expected {{dtype, shape, data_offsets: [begin, end]}} of "
+                                         f"non-negative integers, found {json.dumps(info)[:80]}")
+        dtype, shape, (b, e) = info.get("dtype"), info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_DTYPE_SIZES:
+            raise ModelFormatError(file, f"unsupported dtype {str(dtype)[:20]} for {name}: expected F32, F16 or BF16")
+        n = ST_DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        if min(shape, default=1) < 1 or e < b or e - b != n:
+            raise ModelFormatError(file, f"tensor {name}: expected {n} bytes for {dtype} {tuple(shape)} (positive "
+                                         f"dimensions), found offsets {b}..{e}")
+        if start + e > size:
+            raise ModelFormatError(file, f"truncated: tensor {name} ends at byte {start + e}, file has {size}")
+        spans.append((b, e, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ModelFormatError(file, f"tensors {n0} and {n1} overlap: expected {n1} to start at byte "
+                                         f"{e0} or later, found {b1}")
 
 
 def _config(path: Path) -> ModelConfig:
@@ -58,11 +102,12 @@ def _header(file: Path) -> tuple[int, dict]:
         if n > min(size - 8, 100 << 20):
             raise ModelFormatError(file, f"header length {n} exceeds the file ({size} bytes)")
         try:
-            header = json.loads(fh.read(n))
+            header = json.loads(fh.read(n), object_pairs_hook=lambda pairs: _unique(file, pairs))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFormatError(file, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ModelFormatError(file, "header is not a JSON object")
+    _check_entries(file, 8 + n, size, header)
     return 8 + n, header
 
 
@@ -71,8 +116,11 @@ def _shards(path: Path) -> list[Path]:
     if index.exists():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ModelFormatError(index, f"bad index file ({e})") from None
+        bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+        if bad:
+            raise ModelFormatError(index, f"expected shard file names in the model directory, found {bad[0]!r}")
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -82,7 +130,11 @@ def _shards(path: Path) -> list[Path]:
 
 def load_safetensors(path: Path) -> LoadedModel:
     path = Path(path)
-    cfg = _config(path)
+    try:
+        cfg = _config(path)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:
+        raise ModelFormatError(path / "config.json", f"expected numbers for the hyper-parameters, found "
+                                                     f"{type(e).__name__}: {e}") from None
     rmap = ResidencyMap(cfg.n_layer)
     maps = []
     for file in _shards(path):

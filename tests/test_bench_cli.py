@@ -21,6 +21,24 @@ LSTREAM_FIELDS = ["policy", "threshold", "bytes_streamed", "stream_gbps", "copy_
 TINY = ["bench", "-p", "8", "-n", "4", "-r", "2", "-t", "1"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_model_for_the_module():
+    """Every `lstream bench` below gets the same loaded model (loading dominates these tests);
+    bench re-applies threads, ubatch and policy per combination, and its close() is a no-op here."""
+    import lstream.core.engine as engine
+    import lstream.loaders.model_file as model_file
+    from lstream.loaders.registry import resolve
+    loaded = model_file.load_model(resolve(None))
+    model = engine.Model(loaded, n_ctx=64, n_threads=1, load_tokenizer=False)
+    model.close = lambda: None
+    mp = pytest.MonkeyPatch()
+    mp.setattr(model_file, "load_model", lambda path: loaded)
+    mp.setattr(engine, "Model", lambda *a, **kw: model)
+    yield model
+    mp.undo()
+    engine.Model.close(model)
+
+
 def bench(*args, base=TINY):
     res = CliRunner().invoke(cli, [*base, *args], catch_exceptions=False)
     assert res.exit_code == 0, res.output

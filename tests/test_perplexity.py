@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 TEXT = Path(__file__).parent / "data" / "declaration.txt"
 N_CTX = 128
-N_CHUNKS = 7  # --chunks: all of declaration.txt's whole chunks at -c 128
+N_CHUNKS = 6  # --chunks: all of declaration.txt's whole chunks at -c 128 (815 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def cli_run(model):
     mp.setattr(ppl_cli, "load_model", lambda **kw: model)
     mp.setattr(core_ppl, "perplexity", lambda *a, **kw: results.append(real(*a, **kw)) or results[-1])
     try:
-        res = CliRunner().invoke(cli, ["perplexity", "-f", str(TEXT), "-c", str(N_CTX), "--chunks", str(N_CHUNKS)],
+        res = CliRunner().invoke(cli, ["perplexity", "-f", str(TEXT), "-c", str(N_CTX), "--chunks", str(N_CHUNKS),
+                                       "--profile"],
                                  catch_exceptions=False)
     finally:
         mp.undo()
@@ -72,6 +73,7 @@ def test_printout_is_llama_perplexity_s(cli_run, model):
     assert m and float(m[1]) == pytest.approx(float(running[-1][1]), abs=1e-4)
     assert float(m[2]) > 0
     assert f"over {n_chunk} chunks, n_ctx={N_CTX}" in cli_run.stderr
+    assert "profile: perplexity" in cli_run.stderr and "CPU compute" in cli_run.stderr  # --profile
 
 
 def test_method_scores_second_half_of_each_chunk(cli_run):

@@ -87,8 +87,11 @@ def test_one_shot_prompt(model, monkeypatch, tmp_path):
     assert "prompt eval time" in res.stderr and "tokens per second" in res.stderr
     f = tmp_path / "p.txt"
     f.write_text("Question: what is 2+2?")
-    res = CliRunner().invoke(cli, ["run", "-f", str(f), "-n", "3", "--temp", "0", "-sys", "Be brief."])
+    trace = tmp_path / "run.json"
+    res = CliRunner().invoke(cli, ["run", "-f", str(f), "-n", "3", "--temp", "0", "-sys", "Be brief.",
+                                   "--profile", "--trace", str(trace)])
     assert res.exit_code == 0, res.output
+    assert "profile: run" in res.stderr and trace.exists()
 
 
 def test_interactive_through_a_terminal(tmp_path):

@@ -70,6 +70,19 @@ def attention(q: np.ndarray, kv: HostKV, n_past: int, n_head: int, n_kv: int, hd
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(t, n_head * hd)
 
 
+def matmul_float_act(w, x: np.ndarray) -> np.ndarray:
+    """x (T, n_cols) float32 @ W.T with float32 activations: W dequantized in tiles of up to 64 MiB
+    (few calls: each dequantize call starts the numba pool) through BLAS. For architectures whose
+    activation outliers the int8 activation path blurs (Gemma 3 prefill: the graph asks for it
+    with the float_act_min_tokens param)."""
+    out = np.empty((x.shape[0], w.n_rows), dtype=np.float32)
+    rows = max(1, (1 << 24) // w.n_cols)
+    for r0 in range(0, w.n_rows, rows):
+        r1 = min(w.n_rows, r0 + rows)
+        out[:, r0:r1] = x @ K.dequantize(w.qtype, w.raw[r0:r1], w.n_cols).T
+    return out
+
+
 class CPUBackend(Backend):
     name = HOST
 
@@ -136,7 +149,11 @@ class CPUBackend(Backend):
         op, p = node.op, node.params
         if op is Op.MATMUL:
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-            y = K.matmul(self._weight(node.weights[0]), x)
+            w = self._weight(node.weights[0])
+            if x.shape[0] >= p.get("float_act_min_tokens", 1 << 62) and w.layout != "float":
+                y = matmul_float_act(w, x)
+            else:
+                y = K.matmul(w, x)
             if len(node.weights) > 1:
                 y += self._vector(node.weights[1])
             return y

@@ -224,6 +224,9 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     extra = {k.split(".", 1)[1]: _field(reader, k) for k in reader.fields if k.startswith(arch + ".")}
+    eog = [eos, eot]
+    if arch.startswith("gemma") and tokens is not None and "<end_of_turn>" in tokens:
+        eog.append(tokens.index("<end_of_turn>"))  # a turn ends generation, as in llama.cpp
     return ModelConfig(
         arch=arch, n_layer=int(need("block_count")), n_embd=n_embd, n_ff=int(need("feed_forward_length")),
         n_head=n_head, n_head_kv=int(n_head_kv), head_dim=head_dim, vocab_size=int(vocab),
@@ -233,7 +236,7 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
         rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
         rope_mode="neox" if arch in NEOX_ARCHS else "norm",
         bos_id=None if bos is None else int(bos),
-        eos_ids=tuple(int(x) for x in (eos, eot) if x is not None),
+        eos_ids=tuple(dict.fromkeys(int(x) for x in eog if x is not None)),
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         name=str(_field(reader, "general.name", path.stem)),
         extra=extra,

@@ -37,6 +37,24 @@ class LoadedModel:
         return n
 
 
+# Chat templates of architectures whose files may carry none (base models), as llama.cpp knows
+# them: `run --chat` uses these rather than falling back to plain completion.
+BUILTIN_CHAT_TEMPLATES = {
+    "gemma3": (
+        "{{ bos_token }}"
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+        "{{ '<start_of_turn>' + role + '\\n' + ((first_user_prefix if loop.first else '') + message['content']) | trim"
+        " + '<end_of_turn>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"),
+}
+
+
 def _check_config(model: LoadedModel) -> None:
     """Hyper-parameters that size loops and buffers: positive, bounded by the tensors present."""
     cfg, n_tensors = model.config, len(list(model.residency))
@@ -102,6 +120,9 @@ def finish(model: LoadedModel) -> LoadedModel:
         if tuple(got) != want:
             raise ModelFormatError(model.path, f"tensor {name}: expected shape {want} from the config, found {tuple(got)}")
     _check_layer_shapes(model)
+    if model.chat_template is None and cfg.arch in BUILTIN_CHAT_TEMPLATES:
+        model.chat_template = BUILTIN_CHAT_TEMPLATES[cfg.arch]
+        model.metadata["lstream.chat_template"] = f"built-in {cfg.arch} template (the file has none)"
     if "output.weight" not in rmap:
         e = rmap["token_embd.weight"]
         rmap.add(TensorEntry("output.weight", cfg.n_layer, e.shape, e.qtype, e.nbytes, e.data,

@@ -167,8 +167,14 @@ def load_safetensors(path: Path) -> LoadedModel:
                 data.reshape(shape[0] if len(shape) > 1 else 1, -1)
             if canon in rmap:
                 raise ModelFormatError(file, f"duplicate tensor {hf_name}")
+            state = State.MAPPED
+            if cfg.arch.startswith("gemma") and canon.endswith("norm.weight"):
+                # Gemma scales by (1 + w); canonical (GGUF) norm weights hold 1 + w already.
+                from .quantize import to_float32
+                data = to_float32(qtype, data).reshape(shape) + np.float32(1)
+                qtype, nbytes, state = QType.F32, data.nbytes, State.HOST
             rmap.add(TensorEntry(canon, layer_of(canon, cfg.n_layer), shape, qtype, nbytes, data,
-                                 state=State.MAPPED, source=str(file)))
+                                 state=state, source=str(file)))
         spans.sort()
         for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:

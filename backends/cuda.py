@@ -197,11 +197,9 @@ class CUDABackend(Backend):
         self._run = (release_after, layer_of, views, ctx)
 
     def _speculate_now(self, ctx) -> bool:
-        """Prefetch the first layers again at the end of this run? Only worth it when another
-        ubatch of the same prompt follows: the engine may say so in ctx.more_ubatches; without that
-        hint, the backend's `speculate` flag decides."""
-        more = getattr(ctx, "more_ubatches", None)
-        return self.speculate if more is None else bool(more)
+        """Prefetch the first layers again at the end of this run? Only when allowed (`speculate`)
+        and worth it: another ubatch of the same prompt follows (ctx.more_ubatches; unknown: yes)."""
+        return self.speculate and bool(getattr(ctx, "more_ubatches", True))
 
     def end_run(self) -> None:
         run, self._run = self._run, None

@@ -31,6 +31,14 @@ class Timings:
                 f"generation: {self.gen_tokens} tokens, {tg:.1f} t/s")
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def make_device_backend(device: str, policy: UploadPolicy):
     """The CUDA backend, imported only when asked for (torch.cuda is not needed otherwise)."""
     from ..backends.cuda import CUDABackend
@@ -39,7 +47,7 @@ def make_device_backend(device: str, policy: UploadPolicy):
 
 class Model:
     def __init__(self, loaded, n_gpu_layers: int = 0, policy: UploadPolicy | None = None, n_ctx: int = 4096,
-                 n_threads: int | None = None, n_ubatch: int = 512, device: str | None = None,
+                 n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
                  overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
                  device_backend=None, load_tokenizer: bool = True):
         from ..backends.cpu import CPUBackend
@@ -51,6 +59,8 @@ class Model:
         self.graph = build_graph(cfg, set(e.name for e in self.residency))
         self.cpu = CPUBackend(n_threads)
         self.device_backend = device_backend
+        if device == "auto":  # a GPU is used whenever there is one: -ngl 0 still streams prefill
+            device = "cuda" if cuda_available() else None
         if device_backend is None and (device or n_gpu_layers > 0 or overrides):
             self.device_backend = make_device_backend(device or "cuda", self.policy)
         self.backends = ([self.device_backend] if self.device_backend else []) + [self.cpu]
@@ -62,7 +72,10 @@ class Model:
             b.load(self.residency)
         self.kv = KVCache(n_ctx, cfg.n_layer, cfg.n_head_kv, cfg.head_dim, self.residency, self.by_name)
         self.executor = Executor(self.graph, self.by_name)
-        self._plans: dict[int, Plan] = {}
+        # Ubatches before the last need no logits: they run the graph without its output head.
+        self.body_graph = self.graph.without_output()
+        self.body_executor = Executor(self.body_graph, self.by_name)
+        self._plans: dict[tuple[int, bool], Plan] = {}
         self.profile: Profile | None = None
         self.tokenizer = None
         if load_tokenizer:
@@ -71,10 +84,12 @@ class Model:
                                        cfg.eos_ids, cfg.add_bos)
 
     # -- planning ----------------------------------------------------------------------------
-    def plan(self, n_tokens: int) -> Plan:
-        p = self._plans.get(n_tokens)
+    def plan(self, n_tokens: int, with_output: bool = True) -> Plan:
+        key = (n_tokens, with_output)
+        p = self._plans.get(key)
         if p is None:
-            p = self._plans[n_tokens] = schedule(self.graph, self.residency, self.backends, n_tokens)
+            graph = self.graph if with_output else self.body_graph
+            p = self._plans[key] = schedule(graph, self.residency, self.backends, n_tokens)
         return p
 
     def set_policy(self, policy: UploadPolicy) -> None:
@@ -109,9 +124,11 @@ class Model:
             chunk = tokens[start:start + self.n_ubatch]
             last = start + len(chunk) == len(tokens)
             mode = "all" if logits == "all" else "last"
+            head = logits == "all" or last
             ctx = RunContext(chunk, np.arange(self.kv.n_past, self.kv.n_past + len(chunk)), self.kv.n_past,
-                             self.kv, self.residency, mode, self.profile)
-            out = self.executor.run(self.plan(len(chunk)), ctx)
+                             self.kv, self.residency, mode, self.profile, more_ubatches=not last)
+            ex = self.executor if head else self.body_executor
+            out = ex.run(self.plan(len(chunk), with_output=head), ctx)
             self.kv.n_past += len(chunk)
             if logits == "all":
                 outs.append(out)

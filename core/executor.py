@@ -58,6 +58,7 @@ class RunContext:
     residency: ResidencyMap
     logits: str = "last"  # "last": only the last token's logits; "all": every token's
     profile: Profile | None = None
+    more_ubatches: bool = False  # another ubatch of the same prompt follows (a streamer may prefetch)
 
 
 class Executor:

@@ -58,6 +58,16 @@ class Graph:
         last[self.output] = len(self.nodes)
         return last
 
+    def without_output(self) -> "Graph":
+        """The graph up to the last block: what a ubatch whose logits nobody reads needs to run."""
+        n_body = sum(1 for n in self.nodes if n.layer < self.n_layer)
+        if any(n.layer >= self.n_layer for n in self.nodes[:n_body]):
+            raise ValueError("output-layer nodes must come after every block")
+        g = Graph(self.n_layer)
+        g.nodes = self.nodes[:n_body]
+        g.output = n_body - 1
+        return g
+
     def weight_names(self) -> set[str]:
         return {w for n in self.nodes for w in n.weights}
 

@@ -49,7 +49,7 @@ class Model:
     def __init__(self, loaded, n_gpu_layers: int = 0, policy: UploadPolicy | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
                  overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
-                 device_backend=None, load_tokenizer: bool = True):
+                 device_backend=None, load_tokenizer: bool = True, no_fit: bool = False):
         from ..backends.cpu import CPUBackend
         self.loaded = loaded
         self.config = cfg = loaded.config
@@ -65,7 +65,13 @@ class Model:
             self.device_backend = make_device_backend(device or "cuda", self.policy)
         self.backends = ([self.device_backend] if self.device_backend else []) + [self.cpu]
         self.by_name = {b.name: b for b in self.backends}
-        self.notes = self.residency.assign(n_gpu_layers if self.device_backend else 0,
+        fit_notes: list[str] = []
+        if self.device_backend is not None and hasattr(self.device_backend, "free_memory"):
+            from .fit import fit_model  # fit before load: lower -ngl to what the free VRAM holds
+            r = fit_model(self.residency, cfg, n_gpu_layers, n_ctx, n_ubatch, self.device_backend.free_memory(),
+                          n_slots=getattr(self.device_backend, "n_slots", 3), no_fit=no_fit)
+            n_gpu_layers, fit_notes = r.ngl, [r.note] * bool(r.note) + r.warnings
+        self.notes = fit_notes + self.residency.assign(n_gpu_layers if self.device_backend else 0,
                                            self.device_backend.name if self.device_backend else HOST,
                                            list(overrides), vram_budget)
         for b in self.backends:
@@ -190,7 +196,12 @@ class Model:
             b.unload()
         self._plans.clear()
         self.kv = None
-        self.loaded.handle = None
+        if self.loaded is not None:
+            self.loaded.handle = None
+        # Drop every reference to the weights (memory maps, packed copies), so the maps close even
+        # while this object lives on; close() twice is harmless.
+        self.loaded = self.residency = self.graph = self.executor = None
+        self.backends, self.by_name = [], {}
 
     def __enter__(self):
         return self

@@ -41,7 +41,7 @@ def test_cpu_table_per_layer_and_total(cpu_model, tmp_path):
         assert row["CPU compute"] > 0
         assert row["GPU compute"] == row["copy to GPU"] == row["wait for copy"] == row["hop"] == 0
     tot = P.totals(prof)
-    assert tot["CPU compute"] == pytest.approx(sum(r["CPU compute"] for r in rows.values()), rel=0.05)
+    assert 0 < sum(r["CPU compute"] for r in rows.values()) <= tot["CPU compute"]  # ops inside their splits
     text = lines[0]
     header = text.splitlines()[1].split()
     assert header[0] == "layer" and "total" in text and "output" in text and "embd" in text

@@ -53,5 +53,5 @@ def perplexity(text_file, n_chunks, profile, trace, **kw):
 
     with profiling(model, profile, trace, echo=echo_err, title=f"perplexity, {n_chunk} chunks of {n_ctx}"):
         res = ppl(model, tokens, n_ctx, on_chunk=on_chunk)
-    click.echo("")
-    click.echo(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.err:.5f}")
+        click.echo("")
+        click.echo(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.err:.5f}")

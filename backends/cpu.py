@@ -93,6 +93,11 @@ class CPUBackend(Backend):
         self._packed: dict[str, K.PackedWeight] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._freqs: dict[tuple, np.ndarray] = {}
+        # Stacked projections (q|k|v, gate|up): weight name -> (stacked weight, column slice, siblings)
+        self._groups: dict[str, tuple] = {}
+        # Sibling outputs of a stacked matmul, waiting for their node: weight name -> (input, output)
+        self._pending: dict[str, tuple] = {}
+        self._cs = None  # (positions array, freqs key, cos, sin) of the current run
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
@@ -106,6 +111,42 @@ class CPUBackend(Backend):
         for e in residency:  # repack what this backend computes with, before the first token
             if e.home == HOST and len(e.shape) == 2:
                 self._weight(e.name)
+        self._stack_projections()
+
+    _STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+    def _stack_projections(self) -> None:
+        """Projections that read the same input (q, k, v; gate, up) are stacked into one weight so
+        that one matmul call computes them all (decode: a third of the calls and thread-pool
+        launches).  The single weights become row views of the stack (no extra memory)."""
+        self._groups.clear()
+        layers = {e.layer for e in self.residency if e.layer is not None and e.layer >= 0}
+        for il in layers:
+            for kinds in self._STACKS:
+                names = [f"blk.{il}.{k}.weight" for k in kinds]
+                if not all(n in self.residency for n in names):
+                    continue
+                es = [self.residency[n] for n in names]
+                if any(e.home != HOST or e.alias_of for e in es):
+                    continue
+                ws = [self._packed.get(n) for n in names]
+                if any(w is None or w.layout == "float" for w in ws) or \
+                        len({(w.qtype, w.n_cols, w.layout) for w in ws}) != 1:
+                    continue
+                big, views = K.concat_rows(ws)
+                c0 = 0
+                for n, v in zip(names, views):
+                    self._packed[n] = v
+                    self._groups[n] = (big, slice(c0, c0 + v.n_rows), [m for m in names if m != n], names)
+                    c0 += v.n_rows
+
+    def begin_run(self, plan, ctx) -> None:
+        self._pending.clear()
+        self._cs = None
+
+    def end_run(self) -> None:
+        self._pending.clear()
+        self._cs = None
 
     def unload(self) -> None:
         self._packed.clear()
@@ -137,6 +178,15 @@ class CPUBackend(Backend):
             v = self._vectors[name] = np.ascontiguousarray(v, dtype=np.float32)
         return v
 
+    def _cos_sin(self, ctx, p: dict):
+        """cos/sin of the run's positions, computed once per run (every layer's q and k share them)."""
+        key = (p["base"], p["n_rot"], id(p["scaling"]))
+        cs = self._cs
+        if cs is None or cs[0] is not ctx.positions or cs[1] != key:
+            cos, sin = cos_sin(ctx.positions, self._rope_freqs(p))
+            cs = self._cs = (ctx.positions, key, cos, sin)
+        return cs[2], cs[3]
+
     def _rope_freqs(self, p: dict) -> np.ndarray:
         key = (p["base"], p["n_rot"], id(p["scaling"]))
         f = self._freqs.get(key)
@@ -148,10 +198,25 @@ class CPUBackend(Backend):
     def compute(self, node: Node, inputs, ctx):
         op, p = node.op, node.params
         if op is Op.MATMUL:
+            name = node.weights[0]
+            pend = self._pending.pop(name, None)
+            if pend is not None and pend[0] is inputs[0]:  # computed by a sibling's stacked matmul
+                y = pend[1]
+                if len(node.weights) > 1:
+                    y += self._vector(node.weights[1])
+                return y
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-            w = self._weight(node.weights[0])
+            w = self._weight(name)
+            grp = self._groups.get(name)
             if x.shape[0] >= p.get("float_act_min_tokens", 1 << 62) and w.layout != "float":
                 y = matmul_float_act(w, x)
+            elif grp is not None:
+                big, cols, _, names = grp
+                yy = K.matmul(big, x)
+                for n in names:
+                    if n != name:
+                        self._pending[n] = (inputs[0], yy[:, self._groups[n][1]])
+                y = yy[:, cols]
             else:
                 y = K.matmul(w, x)
             if len(node.weights) > 1:
@@ -176,8 +241,8 @@ class CPUBackend(Backend):
             return inputs[0] * np.float32(p["value"])
         if op is Op.ROPE:
             x = np.array(inputs[0], dtype=np.float32, copy=True).reshape(len(ctx.positions), p["n_head"], p["head_dim"])
-            cos, sin = cos_sin(ctx.positions, self._rope_freqs(p))
-            rope_inplace(x, cos, sin, p["n_rot"], p["mode"])
+            cos, sin = self._cos_sin(ctx, p)
+            K.rope_inplace(x, cos, sin, p["n_rot"], p["mode"] == "neox")
             return x.reshape(len(ctx.positions), -1)
         if op is Op.ATTENTION:
             q, k, v = inputs
@@ -185,7 +250,9 @@ class CPUBackend(Backend):
             n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
             kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
             kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)
-            return attention(q, kv, ctx.n_past, p["n_head"], n_kv, hd, p["scale"], p.get("window", 0))
+            # numba, not numpy: a BLAS call between the numba kernels makes both thread pools spin
+            # against each other (tools/kernel_notes.md)
+            return K.attention(q, kv.k, kv.v, ctx.n_past, p["n_head"], n_kv, hd, p["scale"], p.get("window", 0))
         if op is Op.EMBED:
             return K.get_rows(self._weight(node.weights[0]), np.asarray(inputs[0]))
         raise NotImplementedError(f"CPU backend: op {op}")

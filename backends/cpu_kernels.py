@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from lstream.core.qtypes import QTYPE_INFO, QType
 from lstream.backends import cpu_quant_deq as _dq
-from lstream.backends.cpu_ops_kernels import gelu_tanh, rms_norm, swiglu  # noqa: F401
+from lstream.backends.cpu_ops_kernels import attention, gelu_tanh, rms_norm, rope_inplace, swiglu  # noqa: F401
 
 try:
     import llvmlite.binding as _llb
@@ -34,8 +34,8 @@ except Exception:  # pragma: no cover
 if HAVE_AVX2:
     from lstream.backends import cpu_quant_mm as _mm
 
-__all__ = ["set_threads", "dequantize", "PackedWeight", "pack", "matmul", "get_rows",
-           "rms_norm", "swiglu", "gelu_tanh", "SUPPORTED"]
+__all__ = ["set_threads", "dequantize", "PackedWeight", "pack", "matmul", "get_rows", "concat_rows", "row_view",
+           "rms_norm", "swiglu", "gelu_tanh", "rope_inplace", "attention", "SUPPORTED"]
 
 # qtype -> (dequant kernel, byte offset of fp16 d, byte offset of fp16 m/dmin or -1)
 _DQ = {
@@ -239,6 +239,40 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeigh
     return pw
 
 
+def concat_rows(ws: list[PackedWeight]) -> tuple[PackedWeight, list[PackedWeight]]:
+    """Stack packed weights of one qtype and n_cols along rows (q|k|v, gate|up: one matmul call
+    for all).  Returns the stacked weight and a row-slice view of it for each input (no copy)."""
+    w0 = ws[0]
+    assert all(w.qtype == w0.qtype and w.n_cols == w0.n_cols and w.layout == w0.layout != "float" for w in ws)
+    n_rows = sum(w.n_rows for w in ws)
+    raw = None  # the stacked weight has no GGUF view (get_rows is asked of the single tensors)
+    cat = lambda attr: None if getattr(ws[0], attr, None) is None else np.ascontiguousarray(
+        np.concatenate([getattr(w, attr) for w in ws]))
+    big = PackedWeight(w0.qtype, raw, n_rows, w0.n_cols, w0.layout, cat("qs"), cat("d"), cat("m"))
+    if w0.layout == "nib5":
+        big.qh = cat("qh")
+        big.nbytes += int(big.qh.nbytes)
+    views, r0 = [], 0
+    for w in ws:
+        v = row_view(big, r0, r0 + w.n_rows)
+        v.raw = w.raw
+        views.append(v)
+        r0 += w.n_rows
+    return big, views
+
+
+def row_view(w: PackedWeight, r0: int, r1: int) -> PackedWeight:
+    """Rows [r0, r1) of a packed weight, sharing its memory."""
+    f = lambda a: None if a is None else a[r0 * a.size // w.n_rows: r1 * a.size // w.n_rows]
+    raw = None if w.raw is None else w.raw[r0:r1]
+    v = PackedWeight(w.qtype, raw, r1 - r0, w.n_cols, w.layout, f(w.qs), f(w.d), f(w.m))
+    if w.layout == "nib5":
+        v.qh = f(w.qh)
+        v.nbytes += int(v.qh.nbytes)
+    return v
+
+
+_SERIAL_QUANT_TOK = 8  # up to this many tokens, activations are quantized inside the matmul driver
 _TILE_ELEMS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
 
@@ -266,20 +300,22 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     if n_tok >= _BLAS_MIN_TOK:
         _matmul_tiles(w, x2, o2, nb)
         return out
-    xq = np.empty((n_tok, w.n_cols), dtype=np.int8)
+    xq = np.empty((n_tok, w.n_cols), dtype=np.int16)
     xd = np.empty((n_tok, nb), dtype=np.float32)
     xs = np.empty((n_tok, nb), dtype=np.float32)
-    _mm.quant_x(x2, xq, xd, xs)
+    quant = n_tok <= _SERIAL_QUANT_TOK  # decode: the driver quantizes x itself (one launch per matmul)
+    if not quant:
+        _mm.quant_x(x2, xq, xd, xs)
     dst = o2 if o2.flags.c_contiguous else np.empty((n_tok, w.n_rows), dtype=np.float32)
     if w.layout == "nib":
-        _mm.mm_nib(w.qs, w.d, w.m, xq, xd, xs, nb, dst)
+        _mm.mm_nib(w.qs, w.d, w.m, x2, quant, xq, xd, xs, nb, dst)
     elif w.layout == "nib5":
-        _mm.mm_nib5(w.qs, w.qh, w.d, w.m, xq, xd, xs, nb, dst)
+        _mm.mm_nib5(w.qs, w.qh, w.d, w.m, x2, quant, xq, xd, xs, nb, dst)
     else:
         has_m = w.m is not None
         m = w.m if has_m else _EMPTY_F32
         kern = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
-        kern(w.qs, w.d, m, has_m, xq, xd, xs, nb, dst)
+        kern(w.qs, w.d, m, has_m, x2, quant, xq, xd, xs, nb, dst)
     if dst is not o2:
         o2[...] = dst
     return out

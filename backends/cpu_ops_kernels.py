@@ -52,6 +52,130 @@ def _gelu_tanh(x, out):
             o[i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(k0 * (v + k1 * v * v * v)))
 
 
+_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+_PAR_MIN = 8  # rows (tokens) from which the row-wise kernels use the thread pool
+
+
+@njit(**_SER)
+def _rms_norm_1(x, w, eps, out):
+    n_tok, n = x.shape
+    for t in range(n_tok):
+        ss = np.float32(0.0)
+        for i in range(n):
+            v = x[t, i]
+            ss += v * v
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
+        for i in range(n):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+@njit(**_JIT)
+def _swiglu2(g, u, out):
+    """Row-wise on 2-D (row-strided) arrays: gate/up may be column slices of one q|k|v-like output."""
+    n_tok, n = g.shape
+    for t in prange(n_tok):
+        for i in range(n):
+            v = g[t, i]
+            out[t, i] = v / (np.float32(1.0) + np.exp(-v)) * u[t, i]
+
+
+@njit(**_SER)
+def _swiglu2_1(g, u, out):
+    n_tok, n = g.shape
+    for t in range(n_tok):
+        for i in range(n):
+            v = g[t, i]
+            out[t, i] = v / (np.float32(1.0) + np.exp(-v)) * u[t, i]
+
+
+@njit(**_SER)
+def _rope_row(x, t, cos, sin, n_rot, neox):
+    n_head = x.shape[1]
+    half = n_rot // 2
+    for h in range(n_head):
+        if neox:
+            for i in range(half):
+                a = x[t, h, i]
+                b = x[t, h, i + half]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, h, i] = a * c - b * s
+                x[t, h, i + half] = a * s + b * c
+        else:
+            for i in range(half):
+                a = x[t, h, 2 * i]
+                b = x[t, h, 2 * i + 1]
+                c = cos[t, i]
+                s = sin[t, i]
+                x[t, h, 2 * i] = a * c - b * s
+                x[t, h, 2 * i + 1] = a * s + b * c
+
+
+@njit(**_JIT)
+def _rope(x, cos, sin, n_rot, neox):
+    for t in prange(x.shape[0]):
+        _rope_row(x, t, cos, sin, n_rot, neox)
+
+
+@njit(**_SER)
+def _rope_1(x, cos, sin, n_rot, neox):
+    for t in range(x.shape[0]):
+        _rope_row(x, t, cos, sin, n_rot, neox)
+
+
+@njit(**_SER)
+def _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out):
+    """One query row t of head h over cache rows [lo, n_past + t]: softmax(q.k * scale) @ v."""
+    kh = h // g
+    pos = n_past + t
+    lo = 0
+    if window > 0:
+        lo = max(0, pos - window + 1)
+    qo = h * hd
+    mx = -np.inf
+    for s in range(lo, pos + 1):
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += q[t, qo + d] * kc[s, kh, d]
+        acc *= scale
+        sc[s - lo] = acc
+        mx = max(mx, acc)
+    tot = np.float32(0.0)
+    for s in range(lo, pos + 1):
+        e = np.exp(sc[s - lo] - mx)
+        sc[s - lo] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for d in range(hd):
+        out[t, qo + d] = np.float32(0.0)
+    for s in range(lo, pos + 1):
+        p = sc[s - lo] * inv
+        for d in range(hd):
+            out[t, qo + d] += p * vc[s, kh, d]
+
+
+@njit(**_JIT)
+def _attention(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
+    n_tok = q.shape[0]
+    g = n_head // n_kv
+    s_max = n_past + n_tok
+    for i in prange(n_tok * n_head):  # head-major: each thread gets whole heads (causal work balanced)
+        h = i // n_tok
+        t = i % n_tok
+        sc = np.empty(s_max, np.float32)
+        _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out)
+
+
+@njit(**_SER)
+def _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
+    n_tok = q.shape[0]
+    g = n_head // n_kv
+    sc = np.empty(n_past + n_tok, np.float32)
+    for t in range(n_tok):
+        for h in range(n_head):
+            _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out)
+
+
 def _as2d(x):
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x.reshape(1, -1) if x.ndim == 1 else x.reshape(-1, x.shape[-1])
@@ -63,12 +187,17 @@ def rms_norm(x, w, eps, out=None):
     x2 = _as2d(x)
     w = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     o = np.empty_like(x2) if out is None else out.reshape(x2.shape)
-    _rms_norm(x2, w, np.float32(eps), o)
+    (_rms_norm if x2.shape[0] >= _PAR_MIN else _rms_norm_1)(x2, w, np.float32(eps), o)
     return o.reshape(shape) if out is None else out
 
 
 def swiglu(gate, up, out=None):
-    """silu(gate) * up."""
+    """silu(gate) * up.  2-D float32 inputs may be row-strided views (no copy)."""
+    if gate.ndim == 2 and up.ndim == 2 and gate.dtype == up.dtype == np.float32 \
+            and gate.strides[1] == up.strides[1] == 4:
+        o = np.empty(gate.shape, np.float32) if out is None else out
+        (_swiglu2 if gate.shape[0] >= _PAR_MIN else _swiglu2_1)(gate, up, o)
+        return o
     g = np.ascontiguousarray(gate, dtype=np.float32)
     u = np.ascontiguousarray(up, dtype=np.float32)
     o = np.empty_like(g) if out is None else out
@@ -82,3 +211,21 @@ def gelu_tanh(x, out=None):
     o = np.empty_like(x) if out is None else out
     _gelu_tanh(x, o)
     return o
+
+
+def rope_inplace(x, cos, sin, n_rot, neox):
+    """x (n_tok, n_head, head_dim) float32 C-contiguous, rotated in place; cos/sin (n_tok, n_rot/2)."""
+    cos = np.ascontiguousarray(cos, dtype=np.float32)
+    sin = np.ascontiguousarray(sin, dtype=np.float32)
+    (_rope if x.shape[0] >= _PAR_MIN else _rope_1)(x, cos, sin, int(n_rot), bool(neox))
+
+
+def attention(q, k_cache, v_cache, n_past, n_head, n_kv, head_dim, scale, window=0):
+    """Causal grouped-query attention of q (n_tok, n_head*head_dim) over cache rows [0, n_past+n_tok)
+    of k_cache/v_cache (n_ctx, n_kv, head_dim); window > 0: only the last `window` positions."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty_like(q)
+    args = (q, k_cache, v_cache, int(n_past), int(n_head), int(n_kv), int(head_dim), np.float32(scale),
+            int(window or 0), out)
+    (_attention if q.shape[0] * n_head >= 4 * _PAR_MIN else _attention_1)(*args)
+    return out

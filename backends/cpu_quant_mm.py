@@ -1,9 +1,9 @@
 """Quantized matmul drivers (numba, parallel over output rows) built on the AVX2 row dots.
 
-Activations are quantized per 32 to int8 once per call (quant_x); every kernel then loops
+Activations are quantized per 32 to int16 once per call (quant_x); every kernel then loops
   prange over row groups -> token tiles -> rows -> tokens
 so one weight row stays in L1 while it is dotted with a tile of tokens, and the token tile
-(int8) stays in L2.
+(int16) stays in L2.
 """
 from __future__ import annotations
 
@@ -17,30 +17,43 @@ _ROWS = 16  # rows per parallel work item
 _TT = 64  # tokens per tile
 
 
+_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+
+
+@njit(**_SER)
+def _quant_row(x, xq, xd, xs, t):
+    nb = x.shape[1] // 32
+    for b in range(nb):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[t, b * 32 + j]))
+        dd = amax / np.float32(32767.0)
+        idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
+        s = np.int32(0)
+        for j in range(32):
+            v = np.int32(np.rint(x[t, b * 32 + j] * idd))
+            xq[t, b * 32 + j] = v
+            s += v
+        xd[t, b] = dd
+        xs[t, b] = dd * np.float32(s)
+
+
 @njit(**_JIT)
 def quant_x(x, xq, xd, xs):
-    """x (n_tok, n) float32 -> xq int8 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32)."""
-    n_tok, n = x.shape
-    nb = n // 32
-    for t in prange(n_tok):
-        for b in range(nb):
-            amax = np.float32(0.0)
-            for j in range(32):
-                amax = max(amax, abs(x[t, b * 32 + j]))
-            dd = amax / np.float32(127.0)
-            idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
-            s = np.int32(0)
-            for j in range(32):
-                v = np.int32(np.rint(x[t, b * 32 + j] * idd))
-                xq[t, b * 32 + j] = v
-                s += v
-            xd[t, b] = dd
-            xs[t, b] = dd * np.float32(s)
+    """x (n_tok, n) float32 -> xq int16 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32)."""
+    for t in prange(x.shape[0]):
+        _quant_row(x, xq, xd, xs, t)
 
+
+# Every driver takes the float activations x too: with quant=True it quantizes them itself, serially,
+# before its parallel loop (decode: one dispatch and one thread-pool launch per matmul, not two).
 
 @njit(**_JIT)
-def mm_nib(q, d, m, xq, xd, xs, nb, out):
+def mm_nib(q, d, m, x, quant, xq, xd, xs, nb, out):
     n_tok = xq.shape[0]
+    if quant:
+        for t in range(n_tok):
+            _quant_row(x, xq, xd, xs, t)
     n_rows = out.shape[1]
     n_groups = (n_rows + _ROWS - 1) // _ROWS
     for g in prange(n_groups):
@@ -54,8 +67,11 @@ def mm_nib(q, d, m, xq, xd, xs, nb, out):
 
 
 @njit(**_JIT)
-def mm_i8(q, d, m, has_m, xq, xd, xs, nb, out):
+def mm_i8(q, d, m, has_m, x, quant, xq, xd, xs, nb, out):
     n_tok = xq.shape[0]
+    if quant:
+        for t in range(n_tok):
+            _quant_row(x, xq, xd, xs, t)
     n_rows = out.shape[1]
     n_groups = (n_rows + _ROWS - 1) // _ROWS
     for g in prange(n_groups):
@@ -74,9 +90,12 @@ def mm_i8(q, d, m, has_m, xq, xd, xs, nb, out):
 
 
 @njit(**_JIT)
-def mm_i8s16(q, d16, m, has_m, xq, xd, xs, nb, out):
+def mm_i8s16(q, d16, m, has_m, x, quant, xq, xd, xs, nb, out):
     """int8 weights with one scale per 16 (d16 has 2*nb per row), optional min per 32 (m)."""
     n_tok = xq.shape[0]
+    if quant:
+        for t in range(n_tok):
+            _quant_row(x, xq, xd, xs, t)
     n_rows = out.shape[1]
     n_groups = (n_rows + _ROWS - 1) // _ROWS
     for g in prange(n_groups):
@@ -95,8 +114,11 @@ def mm_i8s16(q, d16, m, has_m, xq, xd, xs, nb, out):
 
 
 @njit(**_JIT)
-def mm_nib5(q, qh, d, m, xq, xd, xs, nb, out):
+def mm_nib5(q, qh, d, m, x, quant, xq, xd, xs, nb, out):
     n_tok = xq.shape[0]
+    if quant:
+        for t in range(n_tok):
+            _quant_row(x, xq, xd, xs, t)
     n_rows = out.shape[1]
     n_groups = (n_rows + _ROWS - 1) // _ROWS
     for g in prange(n_groups):

@@ -20,7 +20,6 @@ from lstream.tools.errors_table import gguf_header_fields, st_bytes, st_config, 
 CASE_SECONDS = 10.0  # generous: the machine running CI may be loaded; a hang is what this catches
 SCALE = int(os.environ.get("LSTREAM_FUZZ_SCALE", "1"))
 COUNTS: dict[str, int] = {}
-_T0 = time.perf_counter()
 
 
 def fuzz_settings(n: int):
@@ -52,16 +51,19 @@ def load_bounded(path, test: str) -> None:
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, request):
+    t0 = time.perf_counter()
     d = tmp_path_factory.mktemp("fuzz")
     gguf_base = write_gguf(d / "base.gguf").read_bytes()
     st_dir = write_st_dir(d / "st")
     yield d, gguf_base, st_dir
     line = (f"fuzz cases: {sum(COUNTS.values())} ("
-            + ", ".join(f"{k} {v}" for k, v in COUNTS.items()) + f") in {time.perf_counter() - _T0:.1f} s")
+            + ", ".join(f"{k} {v}" for k, v in COUNTS.items()) + f") in {time.perf_counter() - t0:.1f} s")
     print("\n" + line)
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(line)
+    cm = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and cm is not None:
+        with cm.global_and_fixture_disabled():  # shown in CI's `pytest -q` output, not only with -s
+            tr.write("\n" + line + "\n")
 
 
 def mutations(size: int, header: int):

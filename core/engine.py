@@ -49,8 +49,11 @@ class Model:
     def __init__(self, loaded, n_gpu_layers: int = 0, policy: UploadPolicy | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
                  overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
-                 device_backend=None, load_tokenizer: bool = True, no_fit: bool = False):
+                 device_backend=None, load_tokenizer: bool = True, quantize: str | None = None, no_fit: bool = False):
         from ..backends.cpu import CPUBackend
+        if quantize:  # float weights -> GGUF blocks in host memory, before anything reads them
+            from ..loaders.quantize import quantize_model
+            self.quantize_report = quantize_model(loaded, quantize)
         self.loaded = loaded
         self.config = cfg = loaded.config
         self.residency = loaded.residency

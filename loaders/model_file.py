@@ -130,8 +130,14 @@ def finish(model: LoadedModel) -> LoadedModel:
     return model
 
 
-def load_model(path) -> LoadedModel:
-    """A .gguf file (or the first part of a split one) or a Hugging Face safetensors directory."""
+def load_model(path, quantize: str | None = None) -> LoadedModel:
+    """A .gguf file (or the first part of a split one) or a Hugging Face safetensors directory;
+    quantize ("q8_0", "q4_0"): float weights become GGUF blocks in host memory."""
+    if quantize:
+        from .quantize import quantize_model
+        model = load_model(path)
+        quantize_model(model, quantize)
+        return model
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(p, "no such file or directory")

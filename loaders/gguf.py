@@ -246,13 +246,15 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
 def load_gguf(path: Path) -> LoadedModel:
     path = Path(path)
     reader = _open(path)
+    from .gguf_split import open_splits
+    parts = open_splits(path, reader, _open)  # a split model's parts, else just this file
     try:
         cfg = config_from_gguf(path, reader)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as e:
         raise ModelFormatError(path, f"metadata: expected numbers for the hyper-parameters, found "
                                      f"{type(e).__name__}: {e}") from None
     rmap = ResidencyMap(cfg.n_layer)
-    for t in reader.tensors:
+    for part, t in ((p, t) for p, r in parts for t in r.tensors):
         try:
             qtype = QType(int(t.tensor_type))
         except ValueError:
@@ -278,9 +280,10 @@ def load_gguf(path: Path) -> LoadedModel:
         if qtype not in (QType.F32, QType.F16):
             data = data.reshape(shape[0] if len(shape) > 1 else 1, -1).view(np.uint8)
         rmap.add(TensorEntry(t.name, layer_of(t.name, cfg.n_layer), shape, qtype, nbytes, data,
-                             state=State.MAPPED, source=str(path)))
+                             state=State.MAPPED, source=str(part)))
     return LoadedModel(path=path, format="gguf", config=cfg, residency=rmap,
                        tokenizer_source=(str(path.parent), path.name),
                        metadata={k: _field(reader, k) for k in reader.fields
                                  if not k.startswith("tokenizer.ggml.") and not k.startswith("GGUF.")},
-                       chat_template=_field(reader, "tokenizer.chat_template"), handle=reader)
+                       chat_template=_field(reader, "tokenizer.chat_template"),
+                       handle=reader if len(parts) == 1 else [r for _, r in parts])

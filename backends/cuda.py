@@ -87,6 +87,8 @@ _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat
 
 class CUDABackend(Backend):
     name = "cuda"
+    OPS = frozenset({Op.EMBED, Op.MATMUL, Op.RMS_NORM, Op.RMS_NORM_HEADS, Op.ADD, Op.SWIGLU, Op.GEGLU,
+                      Op.SCALE, Op.ROPE, Op.ATTENTION})
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
@@ -112,6 +114,8 @@ class CUDABackend(Backend):
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
+        if node.op not in self.OPS:
+            return False  # an op added for a new architecture runs on the CPU until it has a kernel here
         if node.weight is not None and self.residency is not None and node.weight in self.residency:
             return self.residency[node.weight].qtype in ck.SUPPORTED
         return True
@@ -267,6 +271,11 @@ class CUDABackend(Backend):
             if p.get("select_output") and ctx.logits == "last":
                 x = x[-1:]
             return ck.rms_norm(x.contiguous(), self._small[node.weights[0]], p["eps"], self.dtype, self.use_triton)
+        if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
+            x = inputs[0].contiguous()
+            y = ck.rms_norm(x.reshape(-1, p["head_dim"]), self._small[node.weights[0]], p["eps"], self.dtype,
+                            self.use_triton)
+            return y.reshape(x.shape)
         if op is Op.ADD:
             y = inputs[0] + inputs[1]  # the residual is fp32: promotion keeps the sum fp32
             return y if y.dtype == torch.float32 else y.float()

@@ -32,11 +32,12 @@ def _tiny_model(variant: str):
               initializer_range=0.1, hidden_activation="gelu_pytorch_tanh")
     if variant == "gguf-compatible":  # what a GGUF can say: pattern of 6, local base 10000, scale 1/sqrt(head_dim)
         cfg = transformers.Gemma3TextConfig(**kw, num_hidden_layers=6, query_pre_attn_scalar=32)
-    else:  # config.json only: explicit layer types, own local RoPE base, other attention scale
+    else:  # config.json only: explicit layer types, own local RoPE base, linear RoPE scaling on
+        # global layers (as Gemma 3 4B+), other attention scale
         cfg = transformers.Gemma3TextConfig(
             **kw, num_hidden_layers=4, query_pre_attn_scalar=20,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}})
     return transformers.Gemma3ForCausalLM(cfg)
 

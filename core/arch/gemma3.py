@@ -12,6 +12,7 @@ from ..graph import INPUT, Graph
 from ..ops import Op
 from .llama import attention_block, output_head
 
+_NO_SCALING: dict = {}
 SWA_PATTERN = 6  # every 6th layer is global (llama.cpp's and transformers' default for Gemma 3)
 ROPE_BASE_SWA = 10000.0  # local RoPE base when the file does not say (as llama.cpp and transformers)
 
@@ -29,6 +30,7 @@ class Gemma3Layout:
     rope_base: float  # global layers
     rope_base_swa: float  # sliding layers
     attn_scale: float  # query_pre_attn_scalar ** -0.5
+    rope_scaling: dict  # global layers (Gemma 3 4B and larger: linear, factor 8); local layers: none
 
 
 def layout(cfg: ModelConfig) -> Gemma3Layout:
@@ -52,8 +54,13 @@ def layout(cfg: ModelConfig) -> Gemma3Layout:
     if isinstance(rp, dict) and "full_attention" in rp:
         base = float(rp["full_attention"].get("rope_theta", base))
         base_swa = float(rp.get("sliding_attention", {}).get("rope_theta", base_swa))
+    scaling = {}
+    if isinstance(rp, dict) and (rp.get("full_attention") or {}).get("rope_type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(rp["full_attention"]["factor"])}
+    elif x.get("rope.scaling.type") == "linear" and x.get("rope.scaling.factor"):
+        scaling = {"rope_type": "linear", "factor": float(x["rope.scaling.factor"])}
     scalar = x.get("query_pre_attn_scalar") or cfg.head_dim
-    return Gemma3Layout(sliding, window, float(base), base_swa, float(scalar) ** -0.5)
+    return Gemma3Layout(sliding, window, float(base), base_swa, float(scalar) ** -0.5, scaling)
 
 
 def build(cfg: ModelConfig, names: set[str]) -> Graph:
@@ -68,6 +75,7 @@ def build(cfg: ModelConfig, names: set[str]) -> Graph:
         h = g.add(Op.RMS_NORM, f"{p}attn_norm", (x,), il, (p + "attn_norm.weight",), eps=eps)
         h = attention_block(g, cfg, il, h, names, scale=lay.attn_scale,
                             rope_base=lay.rope_base_swa if swa else lay.rope_base,
+                            rope_scaling=_NO_SCALING if swa else lay.rope_scaling,
                             **({"window": lay.window} if swa and lay.window else {}))
         h = g.add(Op.RMS_NORM, f"{p}post_attention_norm", (h,), il, (p + "post_attention_norm.weight",), eps=eps)
         x = g.add(Op.ADD, f"{p}attn_residual", (x, h), il)

@@ -25,7 +25,7 @@ def attention_block(g: Graph, cfg: ModelConfig, il: int, x: int, names: set[str]
         k = g.add(Op.RMS_NORM_HEADS, f"{p}k_norm", (k,), il, (p + "attn_k_norm.weight",), eps=cfg.rms_eps,
                   head_dim=cfg.head_dim)
     rope = dict(n_head=cfg.n_head, head_dim=cfg.head_dim, n_rot=cfg.rope_dim, base=attn.pop("rope_base", cfg.rope_base),
-                mode=cfg.rope_mode, scaling=cfg.rope_scaling)
+                mode=cfg.rope_mode, scaling=attn.pop("rope_scaling", cfg.rope_scaling))
     q = g.add(Op.ROPE, f"{p}q_rope", (q,), il, **rope)
     k = g.add(Op.ROPE, f"{p}k_rope", (k,), il, **{**rope, "n_head": cfg.n_head_kv})
     a = g.add(Op.ATTENTION, f"{p}attn", (q, k, v), il, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv,

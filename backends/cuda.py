@@ -74,6 +74,11 @@ class CudaRuntime:
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
 
+    def free_memory(self) -> int:
+        """Free device bytes now, plus what torch's allocator holds cached (reusable by us)."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
 
 @dataclass
 class DeviceKV:
@@ -130,6 +135,10 @@ class CUDABackend(Backend):
         return want, f"{self.policy.describe()} {'uploads' if want else 'keeps'} at {n_tokens} tokens"
 
     # -- lifetime ------------------------------------------------------------------------------
+    def free_memory(self) -> int:
+        """Device bytes available for weights, K/V and buffers: what fit-before-load plans with."""
+        return self.rt.free_memory()
+
     def load(self, residency: ResidencyMap) -> None:
         """Upload resident weights once; note which host weights may be streamed (2-D, supported;
         a tied output head streams under its own name). 1-D tensors are always copied here."""

@@ -67,8 +67,9 @@ class FakeStream:
 
 
 class FakeRuntime:
-    def __init__(self, deferred_copies: bool = True, pin_ok: bool = True):
+    def __init__(self, deferred_copies: bool = True, pin_ok: bool = True, capacity: int = 1 << 40):
         self.device = torch.device("cpu")
+        self.capacity = capacity  # pretend VRAM size, for fit-before-load
         self.log: list[tuple] = []
         self.compute_stream = FakeStream(self, "compute")
         self.copy_stream = FakeStream(self, "copy", deferred_copies)
@@ -110,6 +111,9 @@ class FakeRuntime:
 
     def memory_allocated(self) -> int:
         return self.device_bytes
+
+    def free_memory(self) -> int:
+        return self.capacity - self.device_bytes
 
 
 class FakeDeviceBackend(CUDABackend):

@@ -124,22 +124,47 @@ def _rope_1(x, cos, sin, n_rot, neox):
 
 
 @njit(**_SER)
-def _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out):
-    """One query row t of head h over cache rows [lo, n_past + t]: softmax(q.k * scale) @ v."""
+def _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out):
+    """One query row t of head h over cache rows [lo, n_past + t]: softmax(q.k * scale) @ v.
+    Everything float32 (a float64 constant here would turn the loops scalar)."""
     kh = h // g
     pos = n_past + t
     lo = 0
     if window > 0:
         lo = max(0, pos - window + 1)
-    qo = h * hd
-    mx = -np.inf
-    for s in range(lo, pos + 1):
-        acc = np.float32(0.0)
+    qv = q[t, h * hd:(h + 1) * hd]
+    mx = np.float32(-3.0e38)
+    s = lo
+    while s + 3 <= pos:  # 4 keys at a time: 4 independent reductions (latency-bound otherwise)
+        k0 = kc[s, kh]
+        k1 = kc[s + 1, kh]
+        k2 = kc[s + 2, kh]
+        k3 = kc[s + 3, kh]
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
         for d in range(hd):
-            acc += q[t, qo + d] * kc[s, kh, d]
-        acc *= scale
-        sc[s - lo] = acc
-        mx = max(mx, acc)
+            x = qv[d]
+            a0 += x * k0[d]
+            a1 += x * k1[d]
+            a2 += x * k2[d]
+            a3 += x * k3[d]
+        sc[s - lo] = a0 * scale
+        sc[s + 1 - lo] = a1 * scale
+        sc[s + 2 - lo] = a2 * scale
+        sc[s + 3 - lo] = a3 * scale
+        s += 4
+    while s <= pos:
+        kv = kc[s, kh]
+        a = np.float32(0.0)
+        for d in range(hd):
+            a += qv[d] * kv[d]
+        sc[s - lo] = a * scale
+        s += 1
+    for s in range(lo, pos + 1):
+        if sc[s - lo] > mx:
+            mx = sc[s - lo]
     tot = np.float32(0.0)
     for s in range(lo, pos + 1):
         e = np.exp(sc[s - lo] - mx)
@@ -147,11 +172,15 @@ def _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out):
         tot += e
     inv = np.float32(1.0) / tot
     for d in range(hd):
-        out[t, qo + d] = np.float32(0.0)
+        acc[d] = np.float32(0.0)
     for s in range(lo, pos + 1):
         p = sc[s - lo] * inv
+        vv = vc[s, kh]
         for d in range(hd):
-            out[t, qo + d] += p * vc[s, kh, d]
+            acc[d] += p * vv[d]
+    o = out[t, h * hd:(h + 1) * hd]
+    for d in range(hd):
+        o[d] = acc[d]
 
 
 @njit(**_JIT)
@@ -163,7 +192,8 @@ def _attention(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
         h = i // n_tok
         t = i % n_tok
         sc = np.empty(s_max, np.float32)
-        _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out)
+        acc = np.empty(hd, np.float32)
+        _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out)
 
 
 @njit(**_SER)
@@ -171,9 +201,10 @@ def _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
     n_tok = q.shape[0]
     g = n_head // n_kv
     sc = np.empty(n_past + n_tok, np.float32)
+    acc = np.empty(hd, np.float32)
     for t in range(n_tok):
         for h in range(n_head):
-            _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, out)
+            _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out)
 
 
 def _as2d(x):

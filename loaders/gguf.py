@@ -281,6 +281,8 @@ def load_gguf(path: Path) -> LoadedModel:
             data = data.reshape(shape[0] if len(shape) > 1 else 1, -1).view(np.uint8)
         rmap.add(TensorEntry(t.name, layer_of(t.name, cfg.n_layer), shape, qtype, nbytes, data,
                              state=State.MAPPED, source=str(part)))
+    if "rope_freqs.weight" in rmap and not cfg.rope_scaling:  # Llama 3.1+: per-dimension divisors
+        cfg.rope_scaling = {"freq_factors": np.asarray(rmap["rope_freqs.weight"].data, np.float32).reshape(-1)}
     return LoadedModel(path=path, format="gguf", config=cfg, residency=rmap,
                        tokenizer_source=(str(path.parent), path.name),
                        metadata={k: _field(reader, k) for k in reader.fields

@@ -71,19 +71,6 @@ def attention(q: np.ndarray, kv: HostKV, n_past: int, n_head: int, n_kv: int, hd
     return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(t, n_head * hd)
 
 
-def matmul_float_act(w, x: np.ndarray) -> np.ndarray:
-    """x (T, n_cols) float32 @ W.T with float32 activations: W dequantized in tiles of up to 64 MiB
-    (few calls: each dequantize call starts the numba pool) through BLAS. For architectures whose
-    activation outliers the int8 activation path blurs (Gemma 3 prefill: the graph asks for it
-    with the float_act_min_tokens param)."""
-    out = np.empty((x.shape[0], w.n_rows), dtype=np.float32)
-    rows = max(1, (1 << 24) // w.n_cols)
-    for r0 in range(0, w.n_rows, rows):
-        r1 = min(w.n_rows, r0 + rows)
-        out[:, r0:r1] = x @ K.dequantize(w.qtype, w.raw[r0:r1], w.n_cols).T
-    return out
-
-
 class CPUBackend(Backend):
     name = HOST
 
@@ -104,11 +91,14 @@ class CPUBackend(Backend):
         self._run_t0 = None
         self._run_threads = self.n_threads
         self._run_probe = False
+        self._run_limit = None
+        self._probe_every = self._ADAPT_PROBE_MIN
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
         K.set_threads(n)
         self._decode_stats.clear()
+        self._probe_every = self._ADAPT_PROBE_MIN
 
     def supports_op(self, node: Node) -> bool:
         return True
@@ -150,10 +140,14 @@ class CPUBackend(Backend):
     def begin_run(self, plan, ctx) -> None:
         self._pending.clear()
         self._cs = None
-        self._run_t0 = None
+        self._run_t0 = self._run_limit = None
         if len(ctx.tokens) <= self._ADAPT_MAX_TOK and self.n_threads > 1:
             self._run_threads = self._pick_decode_threads()
             K.set_threads(self._run_threads)
+            one = self._decode_stats.get(1)
+            # a multi-thread step slower than 1.5 one-thread steps finishes on one thread (a
+            # contended probe would otherwise cost up to ~1 s)
+            self._run_limit = 1.5 * one if (one is not None and self._run_threads > 1) else None
             self._run_t0 = time.perf_counter()
 
     def end_run(self) -> None:
@@ -164,18 +158,24 @@ class CPUBackend(Backend):
             st = self._decode_stats
             n = self._run_threads
             # a probe (or first try) takes its fresh measurement; the chosen count averages
+            if self._run_probe:
+                won = dt < min(v for c, v in st.items() if c != n)
+                # probes back off while they lose (a 2-thread step on a loaded VM costs ~10x)
+                self._probe_every = self._ADAPT_PROBE_MIN if won else min(2 * self._probe_every,
+                                                                          self._ADAPT_PROBE_MAX)
             st[n] = dt if (n not in st or self._run_probe) else 0.7 * st[n] + 0.3 * dt
             K.set_threads(self.n_threads)
-            self._run_t0 = None
+            self._run_t0 = self._run_limit = None
 
     # Decode steps (few tokens) are ~100 short parallel kernels.  On 2 busy vCPUs a spinning
     # OpenMP barrier waits a whole scheduler tick whenever another process holds one of them
     # (measured: 8 t/s with 2 threads vs 45 t/s with 1 under load 3-4, 134 vs ~100 idle).  So
     # decode runs time themselves and use whichever of n_threads and 1 was faster lately, trying
-    # the other one now and then.  Results are identical either way (rows never split across
+    # the other one now and then (every 8 steps, backing off to 128 while the probes lose).  Results are identical either way (rows never split across
     # threads).  Prefill always uses n_threads.
     _ADAPT_MAX_TOK = 4
-    _ADAPT_PROBE_EVERY = 64
+    _ADAPT_PROBE_MIN = 8  # decode steps between probes of the other thread count: 8, 16, ... 128
+    _ADAPT_PROBE_MAX = 128
 
     def _pick_decode_threads(self) -> int:
         st = self._decode_stats
@@ -186,7 +186,8 @@ class CPUBackend(Backend):
             if c not in st:
                 return c
         best = min(cands, key=lambda c: st[c])
-        if self._decode_runs % self._ADAPT_PROBE_EVERY == 0:
+        if self._decode_runs >= self._probe_every:
+            self._decode_runs = 0
             self._run_probe = True
             return cands[1] if best == cands[0] else cands[0]
         return best
@@ -241,6 +242,9 @@ class CPUBackend(Backend):
     def compute(self, node: Node, inputs, ctx):
         op, p = node.op, node.params
         if op is Op.MATMUL:
+            if self._run_limit is not None and time.perf_counter() - self._run_t0 > self._run_limit:
+                K.set_threads(1)
+                self._run_limit = None
             name = node.weights[0]
             pend = self._pending.pop(name, None)
             if pend is not None and pend[0] is inputs[0]:  # computed by a sibling's stacked matmul
@@ -251,9 +255,7 @@ class CPUBackend(Backend):
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
             w = self._weight(name)
             grp = self._groups.get(name)
-            if x.shape[0] >= p.get("float_act_min_tokens", 1 << 62) and w.layout != "float":
-                y = matmul_float_act(w, x)
-            elif grp is not None:
+            if grp is not None:
                 big, cols, _, names = grp
                 yy = K.matmul(big, x)
                 for n in names:

@@ -119,6 +119,7 @@ class PackedWeight:
         self.raw = raw
         self.layout = layout
         self.qs, self.d, self.m = qs, d, m
+        self._mv = None  # decode fast path (built on first use)
         if layout == "float":
             self.nbytes = int(raw.nbytes)
         else:
@@ -277,7 +278,39 @@ _TILE_ELEMS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
 
 
+def _matvec1(w: PackedWeight, x: np.ndarray) -> np.ndarray:
+    """Decode fast path (one token, x (1, n_cols) float32 C-contiguous): the activation buffers live
+    on the weight and the kernel call is prebuilt (saves ~4 us of Python per call, ~0.5 ms/token).
+    Not reentrant for one weight: the executor calls a backend from one thread."""
+    f = w._mv
+    if f is None:
+        nb = w.n_cols // 32
+        xq = np.empty((1, w.n_cols), dtype=np.int16)
+        xd = np.empty((1, nb), dtype=np.float32)
+        xs = np.empty((1, nb), dtype=np.float32)
+        if w.layout == "nib":
+            k, pre = _mm.mm_nib, (w.qs, w.d, w.m)
+        elif w.layout == "nib5":
+            k, pre = _mm.mm_nib5, (w.qs, w.qh, w.d, w.m)
+        else:
+            has_m = w.m is not None
+            k = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
+            pre = (w.qs, w.d, w.m if has_m else _EMPTY_F32, has_m)
+        n_rows = w.n_rows
+
+        def f(x):
+            out = np.empty((1, n_rows), dtype=np.float32)
+            k(*pre, x, True, xq, xd, xs, nb, out)
+            return out
+
+        w._mv = f
+    return f(x)
+
+
 def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None and x.ndim == 2 and x.shape[0] == 1 and x.dtype == np.float32 and x.flags.c_contiguous \
+            and w.layout != "float" and _BLAS_MIN_TOK > 1 and x.shape[1] == w.n_cols:
+        return _matvec1(w, x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     x2 = x.reshape(-1, w.n_cols)
     n_tok = x2.shape[0]

@@ -16,12 +16,6 @@ _NO_SCALING: dict = {}
 SWA_PATTERN = 6  # every 6th layer is global (llama.cpp's and transformers' default for Gemma 3)
 ROPE_BASE_SWA = 10000.0  # local RoPE base when the file does not say (as llama.cpp and transformers)
 
-# Gemma's activations have large outliers; int8 activations (per 32 values, as ggml's CPU path)
-# move its perplexity by ~1-1.5% against float math (measured on Gemma 3 270M). Block matmuls of
-# batches of this many tokens or more (prefill) use float32 activations on the CPU instead; decode
-# keeps the int8 path. Backends that compute in float anyway may ignore the param.
-FLOAT_ACT_MIN_TOKENS = 16
-
 
 @dataclass(frozen=True)
 class Gemma3Layout:
@@ -87,7 +81,4 @@ def build(cfg: ModelConfig, names: set[str]) -> Graph:
         h = g.add(Op.RMS_NORM, f"{p}post_ffw_norm", (h,), il, (p + "post_ffw_norm.weight",), eps=eps)
         x = g.add(Op.ADD, f"{p}ffn_residual", (x, h), il)
     g.output = output_head(g, cfg, x, names)
-    for n in g.nodes:  # see FLOAT_ACT_MIN_TOKENS; the output head keeps int8 (it moves nothing)
-        if n.op is Op.MATMUL and 0 <= n.layer < cfg.n_layer:
-            n.params["float_act_min_tokens"] = FLOAT_ACT_MIN_TOKENS
     return g

@@ -57,21 +57,9 @@ def test_tiny_50_cycles_rss_flat(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_weights(smollm2_path, tmp_path_factory):
     """SmolLM2-135M's tensors and hyper-parameters, without the tokenizer arrays."""
-    import gguf
+    from lstream.tools.gpu_cycles import strip_vocab
     out = tmp_path_factory.mktemp("leak") / "smollm2-weights.gguf"
-    r = gguf.GGUFReader(smollm2_path)
-    w = gguf.GGUFWriter(str(out), "llama")
-    for k, f in r.fields.items():
-        if k.startswith(("GGUF.", "tokenizer.")) or k == "general.architecture" or f.types[0] == gguf.GGUFValueType.ARRAY:
-            continue
-        w.add_key_value(k, f.contents(), f.types[0])
-    for t in r.tensors:
-        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    del r
+    strip_vocab(smollm2_path, out)
     return out
 
 

@@ -3,6 +3,7 @@
     python -m lstream.tools.gpu_cycles MODEL.gguf [-n 50] [-ngl 4]
 
 Each cycle streams the non-resident layers (Always policy, 64-token prompt), then decodes 4 tokens.
+--strip-vocab first rewrites the model without its tokenizer arrays, whose parse dominates a load.
 """
 from __future__ import annotations
 
@@ -16,6 +17,24 @@ def rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def strip_vocab(src, dst):
+    """The model's tensors and hyper-parameters, without the tokenizer arrays."""
+    import gguf
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for k, f in r.fields.items():
+        if k.startswith(("GGUF.", "tokenizer.")) or k == "general.architecture" or f.types[0] == gguf.GGUFValueType.ARRAY:
+            continue
+        w.add_key_value(k, f.contents(), f.types[0])
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 def main() -> None:
     import numpy as np
     import torch
@@ -25,7 +44,10 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("-n", type=int, default=50)
     ap.add_argument("-ngl", type=int, default=4)
+    ap.add_argument("--strip-vocab", action="store_true")
     a = ap.parse_args()
+    if a.strip_vocab:
+        a.model = str(strip_vocab(a.model, "/tmp/gpu_cycles_model.gguf"))
 
     def snapshot():
         gc.collect()
@@ -44,6 +66,8 @@ def main() -> None:
         del m
         if i in (1, a.n - 1):
             rows.append((i + 1, *snapshot()))
+        if (i + 1) % 10 == 0:
+            print(f"cycle {i + 1}/{a.n}", flush=True)
     mib = 1 << 20
     for n, alloc, reserved, pinned, r in rows:
         print(f"after cycle {n:3d}: VRAM allocated {alloc / mib:8.1f} MiB, reserved {reserved / mib:8.1f} MiB, "

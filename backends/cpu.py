@@ -173,7 +173,9 @@ class CPUBackend(Backend):
     # decode runs time themselves and use whichever of n_threads and 1 was faster lately, trying
     # the other one now and then (every 8 steps, backing off to 128 while the probes lose).  Results are identical either way (rows never split across
     # threads).  Prefill always uses n_threads.
-    _ADAPT_MAX_TOK = 4
+    # Off unless LSTREAM_ADAPTIVE_THREADS=1: on a quiet machine fixed -t decodes faster (SmolLM2
+    # -t 2: 88-95 vs 82 t/s back to back) and on the 16-core H100 host it fell to 4 t/s.
+    _ADAPT_MAX_TOK = 4 if os.environ.get("LSTREAM_ADAPTIVE_THREADS") == "1" else 0
     _ADAPT_PROBE_MIN = 8  # decode steps between probes of the other thread count: 8, 16, ... 128
     _ADAPT_PROBE_MAX = 128
 

@@ -17,14 +17,6 @@ from .main import cli
 from .profile_opts import profile_options
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def model_type(loaded) -> str:
     n = loaded.n_params
     label = f"{n / 1e9:.0f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
@@ -118,7 +110,8 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     def values(opt, name):
         return [v for text in opt for v in parse_values(text, name)]
 
-    gpu = _cuda_available()
+    from ..core.engine import cuda_available
+    gpu = cuda_available()
     ps, ns, ds = values(p, "-p"), values(n, "-n"), values(d, "-d")
     pgs = [pair for text in pg for pair in parse_pairs(text, "-pg")]
     grid = {

@@ -59,6 +59,18 @@ class _Cursor:
         off = self.take(n, what)
         return bytes(self.buf[off:off + n])
 
+    def unique_name(self, what: str, seen: set, bad_utf8: str, duplicate: str) -> str:
+        """A UTF-8 string not seen before (metadata keys, tensor names), else a one-line error."""
+        raw = self.string(what)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelFormatError(self.path, f"{bad_utf8}, found {raw[:40]!r}") from None
+        if name in seen:
+            raise ModelFormatError(self.path, f"{duplicate} {name}")
+        seen.add(name)
+        return name
+
     def claim(self, count: int, min_bytes: int, what: str) -> None:
         """A count read from the file must fit in what is left of it before anything loops over it."""
         if count * min_bytes > self.size - self.off:
@@ -111,14 +123,8 @@ def _check_header(path: Path, size: int) -> None:
         c.claim(n_kv, 13, "metadata entries")
         keys, alignment = set(), GGUF_DEFAULT_ALIGNMENT
         for i in range(n_kv):
-            raw = c.string(f"metadata key {i}")
-            try:
-                key = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ModelFormatError(path, f"metadata key {i}: expected UTF-8, found {raw[:40]!r}") from None
-            if key in keys:
-                raise ModelFormatError(path, f"duplicate metadata key {key}")
-            keys.add(key)
+            key = c.unique_name(f"metadata key {i}", keys, f"metadata key {i}: expected UTF-8",
+                                "duplicate metadata key")
             vtype = c.u32(f"type of {key}")
             v = c.value(vtype, key)
             if key == "general.alignment":
@@ -129,14 +135,8 @@ def _check_header(path: Path, size: int) -> None:
         c.claim(n_tensors, 24, "tensors")
         infos, names = [], set()
         for i in range(n_tensors):
-            raw = c.string(f"name of tensor {i}")
-            try:
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ModelFormatError(path, f"tensor {i}: expected a UTF-8 name, found {raw[:40]!r}") from None
-            if name in names:
-                raise ModelFormatError(path, f"duplicate tensor name {name}")
-            names.add(name)
+            name = c.unique_name(f"name of tensor {i}", names, f"tensor {i}: expected a UTF-8 name",
+                                 "duplicate tensor name")
             n_dims = c.u32(f"dimension count of {name}")
             if not 1 <= n_dims <= GGML_MAX_DIMS:
                 raise ModelFormatError(path, f"tensor {name}: expected 1 to {GGML_MAX_DIMS} dimensions, found {n_dims}")

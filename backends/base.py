@@ -44,6 +44,14 @@ class Backend:
     def end_run(self) -> None:
         """Called once after a plan ran (also when it failed)."""
 
+    def begin_group(self, runs: list) -> None:
+        """Called instead of begin_run when the ubatches of one prompt run layer by layer
+        (core/executor.py run_layer_major); runs: [(plan, ctx)], ctx.ubatch = its index."""
+        self.begin_run(*runs[-1])
+
+    def end_group(self) -> None:
+        self.end_run()
+
     def compute(self, node: Node, inputs: list[Any], ctx) -> Any:
         raise NotImplementedError
 

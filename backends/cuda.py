@@ -28,6 +28,7 @@ from ..core.rope import cos_sin, inv_freq
 from ..core.streaming import LayerStreamer
 from . import cuda_kernels as ck
 from .base import Backend
+from .cuda_graphs import StepRunner
 
 
 class CudaRuntime:
@@ -86,6 +87,14 @@ class DeviceKV:
     v: torch.Tensor
 
 
+@dataclass
+class _RunState:
+    release_at: dict  # (ubatch, node id) -> streamed layers released after that node
+    layer_of: dict  # streamed tensor -> layer
+    views: dict  # streamed tensor -> its device bytes in the ring, for this run
+    ctx: object  # the last ubatch's context (its profile gets the copy statistics)
+
+
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "float32": torch.float32}
 
@@ -97,7 +106,7 @@ class CUDABackend(Backend):
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
-                 speculate: bool = False):
+                 speculate: bool = False, cuda_graphs: bool = True):
         self.policy = policy or BatchThreshold(32)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -112,10 +121,14 @@ class CUDABackend(Backend):
         self.streamer: LayerStreamer | None = None
         self._scratch: torch.Tensor | None = None
         self._freqs: dict[tuple, torch.Tensor] = {}
+        self._inv_freq: dict[tuple, tuple] = {}  # rope frequencies on the device, for static steps
         self._run = None  # per-run state
         self._kv_pending: list = []
+        self._kv_done: dict[int, object] = {}  # id(host K/V store) -> event after its last write-back
         self._plan_cache: dict[int, tuple] = {}
         self._pinned_kv: set[int] = set()
+        # small-batch steps of a fully resident plan: static buffers, CUDA graphs on a real GPU
+        self.steps = StepRunner(self, use_graphs=cuda_graphs and self.device.type == "cuda")
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -163,6 +176,7 @@ class CUDABackend(Backend):
 
     def unload(self) -> None:
         self.rt.synchronize()
+        self.steps.clear()
         self._resident.clear()
         self._small.clear()
         self.streamer = None
@@ -201,18 +215,39 @@ class CUDABackend(Backend):
         return info
 
     def begin_run(self, plan, ctx) -> None:
-        order, release_after, layer_of = self._stream_plan(plan)
-        views: dict[str, torch.Tensor] = {}
+        self.begin_group([(plan, ctx)])
+
+    def begin_group(self, runs) -> None:
+        """One ubatch, or several run layer by layer: a streamed layer is acquired by the first
+        ubatch that reads it and released after the last one has enqueued its last read."""
+        order: list[int] = []
+        layer_of: dict[str, int] = {}
+        last_user: dict[int, tuple[int, int]] = {}  # layer -> (ubatch, node id) of its last read
+        for k, (plan, ctx) in enumerate(runs):
+            o, release_after, lo = self._stream_plan(plan)
+            order += [layer for layer in o if layer not in last_user]
+            layer_of.update(lo)
+            for nid, layers in release_after.items():
+                for layer in layers:
+                    last_user[layer] = (k, nid)
+        if len(runs) > 1:
+            order.sort()  # layer-major: the first ubatch meets the layers in layer order
+        release_at: dict[tuple[int, int], list[int]] = {}
+        for layer, at in last_user.items():
+            release_at.setdefault(at, []).append(layer)
         if order:
             st = self._ensure_streamer()
-            st.speculate = self._speculate_now(ctx)
+            st.speculate = self._speculate_now(runs[-1][1])
             st.begin(order)
-        self._run = (release_after, layer_of, views, ctx)
+        self._run = _RunState(release_at, layer_of, {}, runs[-1][1])
 
     def _speculate_now(self, ctx) -> bool:
         """Prefetch the first layers again at the end of this run? Only when allowed (`speculate`)
         and worth it: another ubatch of the same prompt follows (ctx.more_ubatches; unknown: yes)."""
         return self.speculate and bool(getattr(ctx, "more_ubatches", True))
+
+    def end_group(self) -> None:
+        self.end_run()
 
     def end_run(self) -> None:
         run, self._run = self._run, None
@@ -221,7 +256,7 @@ class CUDABackend(Backend):
         if s is not None and s.order:
             s.end()
         self._flush_kv()
-        ctx = run[3] if run is not None else None
+        ctx = run.ctx if run is not None else None
         prof = getattr(ctx, "profile", None)
         if prof is not None and s is not None and before is not None:
             prof.bytes_uploaded += s.stats.bytes_streamed - before[0]
@@ -232,16 +267,17 @@ class CUDABackend(Backend):
         if self._kv_pending:
             self.rt.kv_stream.synchronize()
             self._kv_pending.clear()
+        self._kv_done.clear()
 
     # -- weights -------------------------------------------------------------------------------
     def _weight_bytes(self, name: str) -> torch.Tensor:
         t = self._resident.get(name)
         if t is not None:
             return t
-        release_after, layer_of, views, _ = self._run
+        views = self._run.views
         v = views.get(name)
         if v is None:
-            layer = layer_of.get(name)
+            layer = self._run.layer_of.get(name)
             if layer is None:
                 raise RuntimeError(f"{name} is neither resident on {self.name} nor streamed in this run")
             v = views[name] = self.streamer.acquire(layer)[name]
@@ -259,9 +295,9 @@ class CUDABackend(Backend):
             out = self._scratch[:n].view(src.n_rows, src.n_cols)
         return ck.dequantize(raw, src.qtype, src.n_cols, dtype=self.dtype, out=out, use_triton=self.use_triton)
 
-    def _after(self, node: Node) -> None:
+    def _after(self, node: Node, ctx) -> None:
         if self._run is not None:
-            for layer in self._run[0].get(node.id, ()):
+            for layer in self._run.release_at.get((getattr(ctx, "ubatch", 0), node.id), ()):
                 self.streamer.release(layer)
 
     # -- ops -----------------------------------------------------------------------------------
@@ -270,7 +306,7 @@ class CUDABackend(Backend):
         if op is Op.MATMUL:
             x = inputs[0].to(self.dtype)
             w = self._dequant(node.weights[0])
-            self._after(node)
+            self._after(node, ctx)
             y = x @ w.t()
             if len(node.weights) > 1:
                 y = y + self._small[node.weights[1]].to(self.dtype)
@@ -299,9 +335,12 @@ class CUDABackend(Backend):
         if op is Op.ATTENTION:
             return self._attention(node, inputs, ctx)
         if op is Op.EMBED:
+            e = self.residency[node.weights[0]]
+            if ctx.graph is not None:  # a static step: rows or ids already in device buffers
+                rows = ctx.graph.rows if ctx.graph.rows is not None else self._resident[node.weights[0]][ctx.graph.tokens]
+                return ck.dequantize(rows, e.qtype, e.n_cols, dtype=torch.float32, use_triton=self.use_triton)
             ids = torch.as_tensor(np.asarray(inputs[0], dtype=np.int64), device=self.device) \
                 if node.weights[0] in self._resident else None
-            e = self.residency[node.weights[0]]
             if node.weights[0] in self._resident:
                 rows = self._resident[node.weights[0]][ids]
             else:  # gather the token rows on the host, upload only them (a few MB, still quantized)
@@ -311,6 +350,15 @@ class CUDABackend(Backend):
         raise NotImplementedError(f"{self.name} backend: op {op}")
 
     def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:
+        if ctx.graph is not None:  # positions on the device: cos/sin computed there (fp64, like core/rope.py)
+            key = (p["base"], p["n_rot"], id(p["scaling"]))
+            f = self._inv_freq.get(key)
+            if f is None:
+                f = self._inv_freq[key] = (torch.from_numpy(inv_freq(p["base"], p["n_rot"], p["scaling"])).to(self.device),
+                                           p["scaling"])
+            ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
+            return ck.rope(x.contiguous(), ang.cos().float(), ang.sin().float(), p["n_head"], p["head_dim"], p["n_rot"],
+                           p["mode"] == "neox", self.dtype, self.use_triton)
         pos = np.asarray(ctx.positions)
         arange = len(pos) > 0 and pos[-1] - pos[0] == len(pos) - 1 and bool(np.all(np.diff(pos) == 1))
         key = (int(pos[0]) if arange else id(ctx.positions), len(pos), p["base"], p["n_rot"], id(p["scaling"]))
@@ -332,12 +380,17 @@ class CUDABackend(Backend):
         k = k.to(self.dtype).reshape(t, n_kv, hd)
         v = v.to(self.dtype).reshape(t, n_kv, hd)
         store = ctx.kv.layers[node.layer]
+        if ctx.graph is not None:
+            return self._attention_static(q, k, v, store, p, ctx.graph)
         if isinstance(store, DeviceKV):  # resident layer: K/V live here
             store.k[n_past:n_past + t] = k
             store.v[n_past:n_past + t] = v
             keys, vals = store.k[:n_past + t], store.v[:n_past + t]
         else:  # a host layer computed here (prefill): read its past, write the new K/V back async
             keys, vals = k, v
+            pending = self._kv_done.get(id(store))
+            if pending is not None:  # an earlier ubatch's write-back of this layer must land first
+                self.rt.compute_stream.wait_event(pending)
             if n_past:
                 pk = torch.from_numpy(store.k[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
                 pv = torch.from_numpy(store.v[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
@@ -363,6 +416,26 @@ class CUDABackend(Backend):
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=p["scale"])
         return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
 
+    def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
+        """Attention of a static step (backends/cuda_graphs.py): K/V written at the device-side
+        positions, then the first `span` cache rows read under a position mask; grouped-query
+        heads share their K/V head by reshaping q, not by repeating K/V."""
+        t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
+        g = n_head // n_kv
+        store.k.index_copy_(0, si.positions, k)
+        store.v.index_copy_(0, si.positions, v)
+        keys, vals = store.k[:si.span].transpose(0, 1), store.v[:si.span].transpose(0, 1)  # (n_kv, S, hd)
+        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(n_kv, g * t, hd)
+        s = torch.matmul(qh, keys.transpose(1, 2)).float() * p["scale"]  # (n_kv, g*t, S)
+        kpos = torch.arange(si.span, device=self.device)[None, :]
+        qpos = si.positions[:, None]
+        mask = kpos <= qpos
+        if p.get("window", 0):
+            mask &= kpos > qpos - p["window"]
+        s = s.masked_fill(~mask.repeat(g, 1)[None], float("-inf"))
+        o = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), vals)  # (n_kv, g*t, hd)
+        return o.reshape(n_kv, g, t, hd).permute(2, 0, 1, 3).reshape(t, n_head * hd)
+
     def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:
         """New K/V of a host layer go back to its host cache on the K/V stream, without blocking."""
         rt, t = self.rt, k.shape[0]
@@ -378,6 +451,7 @@ class CUDABackend(Backend):
         # keep the sources alive until their copies finished; drop the finished ones (VRAM flat)
         self._kv_pending = [x for x in self._kv_pending if not x[0].query()]
         self._kv_pending.append((done, kf, vf))
+        self._kv_done[id(store)] = done
 
     def _pin_host_kv(self, store) -> None:
         """Move a host layer's K/V arrays into pinned memory once (same shape, same contents), so

@@ -88,10 +88,13 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("--progress", is_flag=True, help="print progress to stderr")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--no-warmup", is_flag=True)
+@click.option("--no-cuda-graphs", "no_cuda_graphs", is_flag=True, help="resident decode steps run eagerly")
+@click.option("--no-layer-major", "no_layer_major", is_flag=True,
+              help="stream a prompt's ubatches one after another (each re-streams every layer)")
 @profile_options
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
-          progress, verbose, no_warmup, profile, trace):
+          progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False):
     """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
 
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
@@ -147,7 +150,8 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
                 t_load = time.perf_counter()
                 loaded = load_model(path)
                 model = Model(loaded, n_gpu_layers=n_gpu, n_ctx=n_ctx, overrides=overrides,
-                              n_threads=grid["n_threads"][0], load_tokenizer=False)
+                              n_threads=grid["n_threads"][0], load_tokenizer=False,
+                              cuda_graphs=not no_cuda_graphs, layer_major=not no_layer_major)
                 if verbose:
                     click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
                                f"{' + '.join(b.describe() for b in model.backends)}) in "

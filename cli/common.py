@@ -40,6 +40,8 @@ def model_options(fn=None, *, n_ctx: int = 4096):
         click.option("--no-fit", "no_fit", is_flag=True, help="fail when -ngl does not fit in free VRAM (default: lower it)"),
         click.option("--quantize", type=click.Choice(["q8_0", "q4_0"]), default=None,
                      help="quantize float (safetensors) weights to GGUF blocks at load"),
+        click.option("--no-cuda-graphs", "no_cuda_graphs", is_flag=True,
+                     help="run resident decode steps eagerly instead of replaying CUDA graphs"),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -57,7 +59,7 @@ def parse_overrides(overrides) -> list[tuple[str, str]]:
 
 
 def load_model(model, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="threshold",
-               threshold=32, nopo=0, load_tokenizer=True, quantize=None, no_fit=False, **_):
+               threshold=32, nopo=0, load_tokenizer=True, quantize=None, no_fit=False, no_cuda_graphs=False, **_):
     from ..core.engine import Model
     from ..core.policy import make_policy
     from ..loaders.model_file import load_model as load_file
@@ -65,7 +67,7 @@ def load_model(model, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(
     pol = make_policy(policy, threshold, bool(nopo), calibration=_calibration() if policy == "auto" else None)
     return Model(load_file(resolve(model)), n_gpu_layers=ngl, policy=pol, n_ctx=n_ctx, n_threads=threads,
                  n_ubatch=n_ubatch, overrides=parse_overrides(overrides),
-                 load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit)
+                 load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit, cuda_graphs=not no_cuda_graphs)
 
 
 def _calibration():

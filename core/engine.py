@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from .arch import build_graph
-from .executor import Executor, Profile, RunContext
+from .executor import Executor, Profile, RunContext, run_layer_major
 from .kv_cache import ContextFullError, KVCache
 from .policy import BatchThreshold, UploadPolicy
 from .residency import HOST
@@ -39,17 +39,18 @@ def cuda_available() -> bool:
         return False
 
 
-def make_device_backend(device: str, policy: UploadPolicy):
+def make_device_backend(device: str, policy: UploadPolicy, cuda_graphs: bool = True):
     """The CUDA backend, imported only when asked for (torch.cuda is not needed otherwise)."""
     from ..backends.cuda import CUDABackend
-    return CUDABackend(policy=policy, device=device)
+    return CUDABackend(policy=policy, device=device, cuda_graphs=cuda_graphs)
 
 
 class Model:
     def __init__(self, loaded, n_gpu_layers: int = 0, policy: UploadPolicy | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
                  overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
-                 device_backend=None, load_tokenizer: bool = True, quantize: str | None = None, no_fit: bool = False):
+                 device_backend=None, load_tokenizer: bool = True, quantize: str | None = None, no_fit: bool = False,
+                 layer_major: bool = True, cuda_graphs: bool = True):
         from ..backends.cpu import CPUBackend
         if quantize:  # float weights -> GGUF blocks in host memory, before anything reads them
             from ..loaders.quantize import quantize_model
@@ -59,13 +60,14 @@ class Model:
         self.residency = loaded.residency
         self.policy = policy or BatchThreshold(32)
         self.n_ubatch = n_ubatch
+        self.layer_major = layer_major  # streamed prompts: ubatches layer by layer (one pass over the weights)
         self.graph = build_graph(cfg, set(e.name for e in self.residency))
         self.cpu = CPUBackend(n_threads)
         self.device_backend = device_backend
         if device == "auto":  # a GPU is used whenever there is one: -ngl 0 still streams prefill
             device = "cuda" if cuda_available() else None
         if device_backend is None and (device or n_gpu_layers > 0 or overrides):
-            self.device_backend = make_device_backend(device or "cuda", self.policy)
+            self.device_backend = make_device_backend(device or "cuda", self.policy, cuda_graphs)
         self.backends = ([self.device_backend] if self.device_backend else []) + [self.cpu]
         self.by_name = {b.name: b for b in self.backends}
         fit_notes: list[str] = []
@@ -128,22 +130,49 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), found {tokens.min()}..{tokens.max()}")
         self.kv.check_room(len(tokens))
-        outs = []
-        for start in range(0, len(tokens), self.n_ubatch):
+        starts = list(range(0, len(tokens), self.n_ubatch))
+        mode = "all" if logits == "all" else "last"
+        runs = []
+        for start in starts:
             chunk = tokens[start:start + self.n_ubatch]
             last = start + len(chunk) == len(tokens)
-            mode = "all" if logits == "all" else "last"
             head = logits == "all" or last
-            ctx = RunContext(chunk, np.arange(self.kv.n_past, self.kv.n_past + len(chunk)), self.kv.n_past,
-                             self.kv, self.residency, mode, self.profile, more_ubatches=not last)
-            ex = self.executor if head else self.body_executor
-            out = ex.run(self.plan(len(chunk), with_output=head), ctx)
-            self.kv.n_past += len(chunk)
+            ctx = RunContext(chunk, np.arange(self.kv.n_past + start, self.kv.n_past + start + len(chunk)),
+                             self.kv.n_past + start, self.kv, self.residency, mode, self.profile,
+                             more_ubatches=not last)
+            runs.append((self.executor if head else self.body_executor, self.plan(len(chunk), with_output=head), ctx))
+        if logits != "all" and self._layer_major(runs):
+            out = run_layer_major(runs)
+            self.kv.n_past += len(tokens)
+            return out[-1]
+        steps = getattr(self.device_backend, "steps", None)
+        if len(runs) == 1 and steps is not None and steps.eligible(runs[0][1], runs[0][2]):
+            out = steps.run(*runs[0])  # a resident decode step: static buffers, a CUDA graph replayed
+            self.kv.n_past += len(tokens)
+            return out[-1]
+        outs = []
+        for ex, plan, ctx in runs:
+            last = ctx is runs[-1][2]
+            out = ex.run(plan, ctx, to_host=True if (logits == "all" or last) else None)
+            self.kv.n_past += len(ctx.tokens)
             if logits == "all":
                 outs.append(out)
             elif last:
                 outs.append(out[-1])
         return np.concatenate(outs, axis=0) if logits == "all" else outs[-1]
+
+    def _layer_major(self, runs) -> bool:
+        """Run a prompt's ubatches layer by layer when that saves weight traffic: some layer is
+        streamed to the device, and every ubatch places every block node the same way (so K/V a
+        device wrote back are never read by the CPU within the prompt)."""
+        if not self.layer_major or len(runs) < 2:
+            return False
+        plans = [p for _, p, _ in runs]
+        if not any(a.uploads for a in plans[0].assignments()):
+            return False
+        n_body = len(self.body_graph.nodes)
+        first = plans[0].signature()[:n_body]
+        return all(p.signature()[:n_body] == first for p in plans[1:])
 
     # -- text --------------------------------------------------------------------------------
     def tokenize(self, text: str, bos: bool | None = None) -> list[int]:

@@ -59,6 +59,8 @@ class RunContext:
     logits: str = "last"  # "last": only the last token's logits; "all": every token's
     profile: Profile | None = None
     more_ubatches: bool = False  # another ubatch of the same prompt follows (a streamer may prefetch)
+    ubatch: int = 0  # index of this ubatch in a layer-major group (run_layer_major)
+    graph: object = None  # device-side inputs of a CUDA-graph step (backends/cuda_graphs.py)
 
 
 class Executor:
@@ -67,44 +69,100 @@ class Executor:
         self.backends = backends
         self.last_use = graph.last_use()
 
-    def run(self, plan: Plan, ctx: RunContext) -> np.ndarray:
-        values: dict[int, dict[str, object]] = {}  # node id -> {backend name: value there}
-        prof = ctx.profile
-        used = [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
+    def run(self, plan: Plan, ctx: RunContext, to_host: bool = True):
+        """Run one ubatch; returns the output as float32 numpy (or the backend's value, to_host=False)."""
+        out: list = []
+        used = self._used(plan)
         for b in used:
             b.begin_run(plan, ctx)
         try:
-            for split in plan.splits:
-                backend = self.backends[split.backend]
-                for i in split.copy_inputs:  # the one place activations cross backends
-                    if split.backend not in values[i]:
-                        src, val = next(iter(values[i].items()))
-                        t0 = time.perf_counter()
-                        host = self.backends[src].to_host(val)
-                        values[i][split.backend] = backend.from_host(host)
-                        if prof is not None:
-                            t1 = time.perf_counter()
-                            prof.add("hop", t1 - t0)
-                            prof.bytes_hopped += host.nbytes
-                            prof.add_layer(split.assignments[0].node.layer, "hop", t0, t1, "hop")
-                t0 = time.perf_counter()
-                for a in split.assignments:
-                    node = a.node
-                    args = [ctx.tokens if i == INPUT else values[i][split.backend] for i in node.inputs]
-                    t_op = time.perf_counter() if prof is not None else 0.0
-                    values[node.id] = {split.backend: backend.compute(node, args, ctx)}
-                    if prof is not None:
-                        if prof.sync_device and split.backend != HOST:
-                            backend.synchronize()
-                        prof.add_layer(node.layer, f"{split.backend} compute", t_op, time.perf_counter(),
-                                       split.backend)
-                    for i in node.inputs:
-                        if i != INPUT and self.last_use[i] == node.id:
-                            del values[i]
-                if prof is not None:
-                    prof.add(f"{split.backend} compute", time.perf_counter() - t0)
-            src, out = next(iter(values[self.graph.output].items()))
-            return np.asarray(self.backends[src].to_host(out), dtype=np.float32)
+            for _ in self.steps(plan, ctx, out, to_host):
+                pass
+            return out[0]
         finally:
             for b in used:
                 b.end_run()
+
+    def _used(self, plan: Plan) -> list:
+        return [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
+
+    def steps(self, plan: Plan, ctx: RunContext, out: list, to_host: bool = True):
+        """Generator: runs the plan node by node and yields the layer of the next node whenever the
+        layer changes (before any of its work), so ubatches can be interleaved layer by layer.
+        Appends the output to `out` at the end (None when to_host is None)."""
+        values: dict[int, dict[str, object]] = {}  # node id -> {backend name: value there}
+        prof = ctx.profile
+        layer = None
+        for split in plan.splits:
+            backend = self.backends[split.backend]
+            hopped = False
+            for a in split.assignments:
+                node = a.node
+                if node.layer != layer:
+                    layer = node.layer
+                    yield layer
+                if not hopped:
+                    hopped = True
+                    self._hop(split, backend, values, prof)
+                args = [ctx.tokens if i == INPUT else values[i][split.backend] for i in node.inputs]
+                t_op = time.perf_counter() if prof is not None else 0.0
+                values[node.id] = {split.backend: backend.compute(node, args, ctx)}
+                if prof is not None:
+                    if prof.sync_device and split.backend != HOST:
+                        backend.synchronize()
+                    t1 = time.perf_counter()
+                    prof.add(f"{split.backend} compute", t1 - t_op, 0)
+                    prof.add_layer(node.layer, f"{split.backend} compute", t_op, t1, split.backend)
+                for i in node.inputs:
+                    if i != INPUT and self.last_use[i] == node.id:
+                        del values[i]
+            if prof is not None:
+                prof.counts[f"{split.backend} compute"] = prof.counts.get(f"{split.backend} compute", 0) + 1
+        if to_host is None:
+            out.append(None)
+            return
+        src, val = next(iter(values[self.graph.output].items()))
+        out.append(np.asarray(self.backends[src].to_host(val), dtype=np.float32) if to_host else val)
+
+    def _hop(self, split, backend, values, prof) -> None:
+        """The one place activations cross backends: a split's inputs made elsewhere."""
+        for i in split.copy_inputs:
+            if split.backend not in values[i]:
+                src, val = next(iter(values[i].items()))
+                t0 = time.perf_counter()
+                host = self.backends[src].to_host(val)
+                values[i][split.backend] = backend.from_host(host)
+                if prof is not None:
+                    t1 = time.perf_counter()
+                    prof.add("hop", t1 - t0)
+                    prof.bytes_hopped += host.nbytes
+                    prof.add_layer(split.assignments[0].node.layer, "hop", t0, t1, "hop")
+
+
+def run_layer_major(runs: list[tuple[Executor, Plan, RunContext]]) -> np.ndarray:
+    """Run the ubatches of one prompt layer by layer: every ubatch passes layer L before any passes
+    L+1. Same results as one ubatch after another (ubatch k's attention at layer L reads the K/V
+    that ubatches < k wrote there just before), but a streamed layer crosses PCIe once per prompt
+    instead of once per ubatch. Returns the last run's output (the earlier ones have no head)."""
+    backends: dict[str, object] = {}
+    for k, (ex, plan, ctx) in enumerate(runs):
+        ctx.ubatch = k
+        for b in ex._used(plan):
+            backends[b.name] = b
+    group = [(plan, ctx) for _, plan, ctx in runs]
+    for b in backends.values():
+        b.begin_group(group)
+    try:
+        out: list = []  # only the last run has a head: the others append None first
+        gens = [ex.steps(plan, ctx, out if k == len(runs) - 1 else [], to_host=True if k == len(runs) - 1 else None)
+                for k, (ex, plan, ctx) in enumerate(runs)]
+        nxt = [next(g, None) for g in gens]
+        while any(n is not None for n in nxt):
+            cur = min(n for n in nxt if n is not None)
+            for k, g in enumerate(gens):
+                while nxt[k] is not None and nxt[k] <= cur:
+                    nxt[k] = next(g, None)
+        return out[-1]
+    finally:
+        for b in backends.values():
+            b.end_group()

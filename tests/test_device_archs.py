@@ -45,3 +45,30 @@ def test_gemma3_on_device(gemma_tiny, ngl):
     variant, d, ids, ref = gemma_tiny
     ops = _check(d / "st", ids, ref, ngl)
     assert {Op.RMS_NORM_HEADS, Op.GEGLU, Op.ATTENTION} <= ops
+
+
+def _check_decode(path, ids, ref, n_steps=4):
+    """Resident decode steps take the static path (backends/cuda_graphs.py: device-side positions,
+    masked K/V span; graph capture itself needs a GPU) and agree with transformers token by token."""
+    dev = FakeDeviceBackend(Always())
+    m = Model(load_model(path), n_gpu_layers=99, device_backend=dev, n_ctx=128, n_ubatch=16, load_tokenizer=False)
+    try:
+        m.eval(ids[:-n_steps])
+        for i in range(n_steps, 0, -1):
+            out = m.eval([ids[-i]])
+            r = ref[-i]
+            assert float(((out - r) ** 2).sum() / (r ** 2).sum()) < MAX_NMSE
+        assert dev.steps.replays == 0 and dev.steps.captures == 0  # eager static steps on the fake
+        assert dev.steps.eligible(m.plan(1), _ctx(m))
+    finally:
+        m.close()
+
+
+def _ctx(m):
+    from lstream.core.executor import RunContext
+    return RunContext(np.zeros(1, np.int32), np.zeros(1), 0, m.kv, m.residency)
+
+
+def test_static_decode_steps(qwen_tiny, gemma_tiny):
+    for _, d, ids, ref in (qwen_tiny, gemma_tiny):
+        _check_decode(d / "st", ids, ref)

@@ -25,8 +25,9 @@ def tokens():
     return np.random.default_rng(0).integers(0, 512, 80)
 
 
-def _model(path, ngl, dev, ub=32):
-    return Model(load_model(path), n_gpu_layers=ngl, device_backend=dev, n_ubatch=ub, n_ctx=256, load_tokenizer=False)
+def _model(path, ngl, dev, ub=32, **kw):
+    return Model(load_model(path), n_gpu_layers=ngl, device_backend=dev, n_ubatch=ub, n_ctx=256, load_tokenizer=False,
+                 **kw)
 
 
 def _nmse(a, b):
@@ -147,7 +148,7 @@ def test_policy_decisions(model_path):
 
 def test_speculative_prefetch_between_ubatches(model_path, tokens, cpu_ref):
     dev = FakeDeviceBackend(Always(), n_slots=3, speculate=True)
-    m = _model(model_path, 0, dev, ub=16)
+    m = _model(model_path, 0, dev, ub=16, layer_major=False)  # layer-major streams each layer once
     out = m.eval(tokens)
     assert _nmse(out, cpu_ref[0]) < 1e-4
     kinds = [e[0] for e in dev.streamer.log]
@@ -171,3 +172,25 @@ def test_speculation_follows_the_engine_hint(model_path, tokens):
     assert dev._speculate_now(SimpleNamespace(more_ubatches=True)) is False  # not allowed
     assert FakeDeviceBackend(Always(), speculate=True)._speculate_now(SimpleNamespace(more_ubatches=True)) is True
     assert FakeDeviceBackend(Always(), speculate=True)._speculate_now(SimpleNamespace(more_ubatches=False)) is False
+
+
+@pytest.mark.parametrize("ngl", [0, 2])
+def test_layer_major_ubatches_stream_each_layer_once(model_path, tokens, cpu_ref, ngl):
+    """A prompt of several ubatches runs layer by layer: every streamed layer crosses once per
+    prompt (ubatch by ubatch it crosses once per ubatch), with the same logits, K/V and decode."""
+    n_ub = -(-len(tokens) // 16)
+    outs, fills = {}, {}
+    for layer_major in (True, False):
+        dev = FakeDeviceBackend(Always(), n_slots=2, speculate=False)
+        m = _model(model_path, ngl, dev, ub=16, layer_major=layer_major)
+        outs[layer_major] = (m.eval(tokens), m.eval([7]))
+        fills[layer_major] = [e[1] for e in dev.streamer.log if e[0] == "fill"]
+        assert _nmse(outs[layer_major][0], cpu_ref[0]) < 1e-4 and _nmse(outs[layer_major][1], cpu_ref[1]) < 1e-4
+    streamed = sorted(set(fills[True]))
+    # prompt: each layer once, in order (the head with it); decode (1 token, Always): once more
+    assert fills[True] == streamed + streamed
+    # ubatch by ubatch, a ring smaller than the streamed layers refills every layer per ubatch
+    if len(streamed) - 1 > 2:
+        assert len(fills[False]) >= (n_ub - 1) * (len(streamed) - 1) + 2 * len(streamed)
+    np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(outs[True][1], outs[False][1], rtol=0, atol=1e-5)

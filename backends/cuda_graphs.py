@@ -1,0 +1,110 @@
+"""Decode steps of the device-resident part as CUDA graphs: captured once per (batch, K/V span),
+then replayed, so a token costs one launch instead of a few hundred Python-issued kernels.
+
+A step runs in "static" mode (RunContext.graph is a StepInputs): token rows, positions and the K/V
+span live in fixed device buffers that are refilled before each replay; attention reads the first
+`span` cache rows under a position mask, so one graph serves every n_past inside its span. With
+graphs disabled (`cuda_graphs=False`) the same static step runs eagerly: the two give identical
+outputs, which is what the test compares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SPAN_STEP = 256  # K/V rows per span bucket: a graph per 256 tokens of context, at most
+
+
+@dataclass
+class StepInputs:
+    tokens: torch.Tensor  # (B,) int64 on the device
+    positions: torch.Tensor  # (B,) int64 on the device
+    rows: torch.Tensor | None  # (B, row_bytes) uint8: the token_embd rows when it lives on the host
+    span: int  # cache rows attention reads (a multiple of SPAN_STEP, or n_ctx)
+
+
+class StepRunner:
+    def __init__(self, backend, max_tokens: int = 8, use_graphs: bool = True):
+        self.backend = backend
+        self.max_tokens = max_tokens
+        self.use_graphs = use_graphs
+        self._graphs: dict[tuple, tuple] = {}  # (plan id, B, span) -> (plan, graph, inputs, output)
+        self._eligible: dict[int, tuple] = {}
+        self.replays = self.captures = 0
+
+    def eligible(self, plan, ctx) -> bool:
+        """Every node on this backend, nothing streamed, every layer's K/V in VRAM, few tokens."""
+        if len(ctx.tokens) > self.max_tokens or ctx.logits != "last" or ctx.profile is not None:
+            return False
+        hit = self._eligible.get(id(plan))
+        if hit is None or hit[0] is not plan:
+            from ..core.ops import Op
+            from .cuda import DeviceKV
+            ok = (all(s.backend == self.backend.name for s in plan.splits)  # the embedding's rows: see _fill
+                  and not any(a.uploads for a in plan.assignments() if a.node.op is not Op.EMBED)
+                  and all(isinstance(layer, DeviceKV) for layer in ctx.kv.layers))
+            hit = self._eligible[id(plan)] = (plan, ok)
+        return hit[1]
+
+    def _inputs(self, n: int, span: int, row_bytes: int | None) -> StepInputs:
+        dev = self.backend.device
+        rows = torch.zeros((n, row_bytes), dtype=torch.uint8, device=dev) if row_bytes else None
+        return StepInputs(torch.zeros(n, dtype=torch.int64, device=dev), torch.zeros(n, dtype=torch.int64, device=dev),
+                          rows, span)
+
+    def _fill(self, si: StepInputs, ctx) -> None:
+        toks = np.asarray(ctx.tokens, dtype=np.int64)
+        si.tokens.copy_(torch.from_numpy(toks))
+        si.positions.copy_(torch.from_numpy(np.asarray(ctx.positions, dtype=np.int64)))
+        if si.rows is not None:
+            e = self.backend.residency["token_embd.weight"]
+            host = np.ascontiguousarray(e.data).reshape(e.n_rows, -1).view(np.uint8)
+            si.rows.copy_(torch.from_numpy(host[toks]))
+
+    def run(self, executor, plan, ctx) -> np.ndarray:
+        """The step's logits as float32 numpy, (vocab,) rows like Executor.run returns them."""
+        n = len(ctx.tokens)
+        n_ctx = ctx.kv.n_ctx
+        span = min(n_ctx, -(-(ctx.n_past + n) // SPAN_STEP) * SPAN_STEP)
+        emb = self.backend.residency["token_embd.weight"] if "token_embd.weight" in self.backend.residency else None
+        row_bytes = None
+        if emb is not None and "token_embd.weight" not in self.backend._resident:
+            row_bytes = emb.nbytes // emb.n_rows
+        if not self.use_graphs:
+            si = self._inputs(n, span, row_bytes)
+            self._fill(si, ctx)
+            ctx.graph = si
+            return self.backend.to_host(executor.run(plan, ctx, to_host=False))
+        key = (id(plan), n, span)
+        hit = self._graphs.get(key)
+        if hit is None or hit[0] is not plan:
+            hit = self._graphs[key] = self._capture(executor, plan, ctx, n, span, row_bytes)
+        _, graph, si, out = hit
+        self._fill(si, ctx)
+        graph.replay()
+        self.replays += 1
+        return self.backend.to_host(out)
+
+    def _capture(self, executor, plan, ctx, n, span, row_bytes):
+        """Warm up (Triton compiles, cuBLAS workspaces, scratch buffers) on a side stream with the
+        real inputs, then capture. The warm-up writes the step's own K/V rows, which the replay
+        right after writes again with the same values."""
+        si = self._inputs(n, span, row_bytes)
+        self._fill(si, ctx)
+        ctx.graph = si
+        side = torch.cuda.Stream(self.backend.device)
+        side.wait_stream(torch.cuda.current_stream(self.backend.device))
+        with torch.cuda.stream(side):
+            executor.run(plan, ctx, to_host=False)
+        torch.cuda.current_stream(self.backend.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = executor.run(plan, ctx, to_host=False)
+        self.captures += 1
+        return plan, graph, si, out
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._eligible.clear()

@@ -33,6 +33,9 @@ except Exception:  # pragma: no cover
     HAVE_AVX2 = False
 if HAVE_AVX2:
     from lstream.backends import cpu_quant_mm as _mm
+    from lstream.backends import cpu_blas as _blas
+else:  # pragma: no cover
+    _blas = None
 
 __all__ = ["set_threads", "dequantize", "PackedWeight", "pack", "matmul", "get_rows", "concat_rows", "row_view",
            "rms_norm", "swiglu", "gelu_tanh", "rope_inplace", "attention", "SUPPORTED"]
@@ -321,7 +324,13 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
         return out
     if w.layout == "float":
         if w.qtype == QType.F32:
-            np.matmul(x2, w.raw.T, out=o2)
+            if _blas is not None and _blas.AVAILABLE and o2.flags.c_contiguous and w.raw.flags.c_contiguous \
+                    and w.raw.dtype == np.float32:
+                with _blas.one_blas_thread():
+                    _blas.mm_deq_sgemm(_blas.F32, _EMPTY_U8, _EMPTY_U32, _EMPTY_F32, _EMPTY_F32, w.raw, x2, o2, 0,
+                                       numba.get_num_threads())
+            else:
+                np.matmul(x2, w.raw.T, out=o2)
             return out
         rows = max(1, _TILE_ELEMS // w.n_cols)
         for r0 in range(0, w.n_rows, rows):
@@ -331,7 +340,10 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
         return out
     nb = w.n_cols // 32
     if n_tok >= _BLAS_MIN_TOK:
-        _matmul_tiles(w, x2, o2, nb)
+        if _BLAS_LAYOUT.get(w.layout) is not None and (w.m is None or w.layout in ("nib", "nib5")):
+            _matmul_blas(w, x2, o2)
+        else:
+            _matmul_tiles(w, x2, o2, nb)
         return out
     xq = np.empty((n_tok, w.n_cols), dtype=np.int16)
     xd = np.empty((n_tok, nb), dtype=np.float32)
@@ -354,12 +366,30 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     return out
 
 
-# Tile-dequantize + BLAS sgemm for prefill is DISABLED: alone, OpenBLAS sgemm reaches ~90 G w*tok/s
-# vs ~45 for the int8 kernels, but numba's OpenMP workers and OpenBLAS's threads spin against each
-# other on 2 cores and both paths collapse 10-500x (measured: mm512 4 G w*tok/s, matvec 16 ms).
-# Kept for a future single-pool setup; set to e.g. 16 to enable.
-_BLAS_MIN_TOK = 1 << 62
+# From this many tokens, quantized matmuls dequantize tiles of rows and call float32 sgemm
+# (cpu_blas: numba's threads each call numpy's OpenBLAS single-threaded on their rows; ~80 G
+# weight*tokens/s on 2 threads vs 25-45 for the int16 kernels at 512 tokens; measured crossover
+# 16-32 tokens).  Calling numpy's multi-threaded matmul between numba kernels instead collapses
+# both pools (spinning, tools/kernel_notes.md), hence _matmul_tiles is only the fallback.
+# tools/accuracy_check sets this to 1 for its reference path (dequantize + float32 sgemm everywhere).
+_BLAS_MIN_TOK = 32 if (_blas is not None and _blas.AVAILABLE) else 1 << 62
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
+_EMPTY_U8 = np.zeros(1, dtype=np.uint8)
+_EMPTY_F32_2D = np.zeros((1, 1), dtype=np.float32)
+_BLAS_LAYOUT = {} if _blas is None or not _blas.AVAILABLE else \
+    {"nib": _blas.NIB, "nib5": _blas.NIB5, "i8": _blas.I8, "i8s16": _blas.I8S16}
+_BLAS_TILE_ELEMS = 1 << 17  # float32 weights per thread's dequantized tile (512 KiB, in L2)
+
+
+def _matmul_blas(w: PackedWeight, x2: np.ndarray, o2: np.ndarray) -> None:
+    dst = o2 if o2.flags.c_contiguous else np.empty(o2.shape, dtype=np.float32)
+    tile = max(16, min(256, _BLAS_TILE_ELEMS // w.n_cols))
+    qh = w.qh if w.layout == "nib5" else _EMPTY_U32
+    with _blas.one_blas_thread():
+        _blas.mm_deq_sgemm(_BLAS_LAYOUT[w.layout], w.qs, qh, w.d, w.m if w.m is not None else _EMPTY_F32,
+                           _EMPTY_F32_2D, x2, dst, tile, numba.get_num_threads())
+    if dst is not o2:
+        o2[...] = dst
 
 
 def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> None:

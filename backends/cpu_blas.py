@@ -1,0 +1,258 @@
+"""Prefill matmul: dequantize a tile of weight rows into a per-thread float32 buffer and multiply it
+with OpenBLAS sgemm, called from inside numba's parallel loop (one BLAS thread per numba thread).
+
+Why: a float32 sgemm runs near the FMA peak (~45 G weight*tokens/s per core here) where the int16
+dot kernels reach ~20-25, and the dequantization of a tile is paid once per ubatch, not per token.
+Calling numpy's matmul between numba kernels does not work on a small machine: numba's OpenMP
+workers and OpenBLAS's own threads both spin and collapse each other (tools/kernel_notes.md).  So
+numba owns the threads and each of them calls the single-threaded sgemm of numpy's own OpenBLAS
+(scipy_openblas64_, shipped in numpy's wheels) on its rows; OpenBLAS's pool is set to one thread
+around the call, so its threads never wake.
+
+The sgemm is reached through a named symbol (llvmlite add_symbol) so that numba's on-disk cache
+holds no process-specific address.  If numpy carries no such OpenBLAS, AVAILABLE is False and the
+caller keeps the integer kernels.
+
+Dequantization here is AVX2 LLVM IR (uitofp/sitofp + fma on 8-lane vectors), ~10x the scalar numba
+loops; it is used only for matmul (dequantize() stays the bit-exact path).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_SYM = "lstream_cblas_sgemm_ilp64"
+
+
+def _openblas():
+    """numpy's OpenBLAS (ILP64, scipy_openblas64_ naming) as a ctypes library, or None."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.split()[-1] if len(line.split()) >= 6 else ""
+                if "openblas" in os.path.basename(p).lower() and p not in paths:
+                    paths.append(p)
+    except OSError:
+        pass
+    for p in paths:
+        try:
+            lib = ctypes.CDLL(p)
+            sg = lib.scipy_cblas_sgemm64_
+            gt = lib.scipy_openblas_get_num_threads64_
+            st = lib.scipy_openblas_set_num_threads64_
+        except (OSError, AttributeError):
+            continue
+        return lib, sg, gt, st
+    return None
+
+
+AVAILABLE = False
+_get_threads = _set_threads = None
+if os.environ.get("LSTREAM_NO_BLAS_PREFILL") != "1":
+    _lib = _openblas()
+    if _lib is not None:
+        import llvmlite.binding as _llb
+
+        _, _sg, _gt, _st = _lib
+        _gt.restype = ctypes.c_int
+        _gt.argtypes = []
+        _st.restype = None
+        _st.argtypes = [ctypes.c_int]
+        _get_threads, _set_threads = _gt, _st
+        _llb.add_symbol(_SYM, ctypes.cast(_sg, ctypes.c_void_p).value)
+        AVAILABLE = True
+
+
+class one_blas_thread:
+    """OpenBLAS's own pool at 1 thread for the duration (restored after)."""
+
+    def __enter__(self):
+        self.n = _get_threads()
+        if self.n != 1:
+            _set_threads(1)
+
+    def __exit__(self, *exc):
+        if self.n != 1:
+            _set_threads(self.n)
+
+
+_i8 = ir.IntType(8)
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+_f32p = _f32.as_pointer()
+
+
+@intrinsic
+def sgemm_nt(typingctx, m, n, k, a, lda, b, ldb, c, ldc):
+    """C[m, n] (row-major, ldc) = A[m, k] (lda) @ B[n, k]^T (ldb); pointers as integers."""
+    sig = types.void(m, n, k, a, lda, b, ldb, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args)]
+        m_, n_, k_, a_, lda_, b_, ldb_, c_, ldc_ = vals
+        fnty = ir.FunctionType(ir.VoidType(), [_i32, _i32, _i32, _i64, _i64, _i64, _f32, _f32p, _i64,
+                                               _f32p, _i64, _f32, _f32p, _i64])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _SYM)
+        c32 = lambda v: ir.Constant(_i32, v)
+        builder.call(fn, [c32(101), c32(111), c32(112), m_, n_, k_, ir.Constant(_f32, 1.0),
+                          builder.inttoptr(a_, _f32p), lda_, builder.inttoptr(b_, _f32p), ldb_,
+                          ir.Constant(_f32, 0.0), builder.inttoptr(c_, _f32p), ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _data(context, builder, aty, aval):
+    return context.make_array(aty)(context, builder, aval).data
+
+
+def _splat(builder, val, n):
+    vty = ir.VectorType(val.type, n)
+    undef = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(undef, val, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_i32, n), [0] * n))
+
+
+def _gen_deq_row(kind):
+    """codegen: dequantize blocks [rb, rb+nb) of a packed layout into out[0:32*nb] (float32)."""
+
+    def codegen(context, builder, sig, args):
+        sa = list(sig.args)
+        if kind == "nib5":
+            q_a, qh_a, d_a, m_a, o_a, off = args
+            qh_p = _data(context, builder, sa[1], qh_a)
+            sa = [sa[0]] + sa[2:]
+        elif kind in ("nib",):
+            q_a, d_a, m_a, o_a, off = args
+        else:
+            q_a, d_a, o_a, off = args
+            m_a = None
+            sa = sa[:2] + [None] + sa[2:]
+        q_p = _data(context, builder, sa[0], q_a)
+        d_p = _data(context, builder, sa[1], d_a)
+        m_p = _data(context, builder, sa[2], m_a) if m_a is not None else None
+        o_p = _data(context, builder, sa[3], o_a)
+        rb = builder.extract_value(off, 0)
+        nb = builder.extract_value(off, 1)
+        v16i8 = ir.VectorType(_i8, 16)
+        v32i8 = ir.VectorType(_i8, 32)
+        v16f = ir.VectorType(_f32, 16)
+        fma16 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+        first16 = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
+        last16 = ir.Constant(ir.VectorType(_i32, 16), list(range(16, 32)))
+
+        entry = builder.basic_block
+        loop = builder.append_basic_block("deq.loop")
+        done = builder.append_basic_block("deq.done")
+        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(_i64)
+        wb = builder.add(rb, i)
+        op = builder.gep(o_p, [builder.mul(i, ir.Constant(_i64, 32))])
+        op0 = builder.bitcast(op, v16f.as_pointer())
+        op1 = builder.bitcast(builder.gep(op, [ir.Constant(_i64, 16)]), v16f.as_pointer())
+        if kind in ("nib", "nib5"):
+            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 16))])
+            qv = builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1)
+            lo = builder.and_(qv, ir.Constant(v16i8, [15] * 16))
+            hi = builder.lshr(qv, ir.Constant(v16i8, [4] * 16))
+            if kind == "nib5":
+                hbits = builder.load(builder.gep(qh_p, [wb]))
+                hv = builder.bitcast(hbits, ir.VectorType(ir.IntType(1), 32))
+                h8 = builder.shl(builder.zext(hv, v32i8), ir.Constant(v32i8, [4] * 32))
+                lo = builder.or_(lo, builder.shuffle_vector(h8, h8, first16))
+                hi = builder.or_(hi, builder.shuffle_vector(h8, h8, last16))
+            dv = _splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
+            mv = _splat(builder, builder.load(builder.gep(m_p, [wb])), 16)
+            builder.store(builder.call(fma16, [builder.uitofp(lo, v16f), dv, mv]), op0, align=4)
+            builder.store(builder.call(fma16, [builder.uitofp(hi, v16f), dv, mv]), op1, align=4)
+        else:
+            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 32))])
+            wv = builder.load(builder.bitcast(qp, v32i8.as_pointer()), align=1)
+            w0 = builder.sitofp(builder.shuffle_vector(wv, wv, first16), v16f)
+            w1 = builder.sitofp(builder.shuffle_vector(wv, wv, last16), v16f)
+            if kind == "i8":
+                d0 = d1 = _splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
+            else:  # i8s16: a scale per 16
+                w2 = builder.mul(wb, ir.Constant(_i64, 2))
+                d0 = _splat(builder, builder.load(builder.gep(d_p, [w2])), 16)
+                d1 = _splat(builder, builder.load(builder.gep(d_p, [builder.add(w2, ir.Constant(_i64, 1))])), 16)
+            builder.store(builder.fmul(w0, d0), op0, align=4)
+            builder.store(builder.fmul(w1, d1), op1, align=4)
+        i2 = builder.add(i, ir.Constant(_i64, 1))
+        builder.cbranch(builder.icmp_signed("<", i2, nb), loop, done)
+        i.add_incoming(ir.Constant(_i64, 0), entry)
+        i.add_incoming(i2, loop)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def deq_row_nib(typingctx, q, d, m, out, off):
+    return types.void(q, d, m, out, off), _gen_deq_row("nib")
+
+
+@intrinsic
+def deq_row_nib5(typingctx, q, qh, d, m, out, off):
+    return types.void(q, qh, d, m, out, off), _gen_deq_row("nib5")
+
+
+@intrinsic
+def deq_row_i8(typingctx, q, d, out, off):
+    return types.void(q, d, out, off), _gen_deq_row("i8")
+
+
+@intrinsic
+def deq_row_i8s16(typingctx, q, d, out, off):
+    return types.void(q, d, out, off), _gen_deq_row("i8s16")
+
+
+# layout codes for mm_deq_sgemm
+NIB, NIB5, I8, I8S16, F32 = 0, 1, 2, 3, 4
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+
+
+@njit(**_JIT)
+def mm_deq_sgemm(layout, q, qh, d, m, wf, x, out, tile, n_threads):
+    """out (T, N) = x (T, K) @ W^T.  Rows of W are split evenly over the threads; each thread
+    dequantizes `tile` rows at a time into its own buffer and calls sgemm on them.  F32: wf (N, K)
+    is multiplied directly (no buffer).  n_threads: numba.get_num_threads() (passed in: the jitted
+    get_num_threads embeds an address, which would stop the on-disk cache)."""
+    n_tok, k = x.shape
+    n = out.shape[1]
+    nb = k // 32
+    nch = max(1, min(n_threads, (n + 15) // 16))
+    xp = x.ctypes.data
+    op = out.ctypes.data
+    for c in prange(nch):
+        r0 = c * n // nch
+        r1 = (c + 1) * n // nch
+        if layout == F32:
+            sgemm_nt(n_tok, r1 - r0, k, xp, k, wf.ctypes.data + 4 * r0 * k, k, op + 4 * r0, n)
+            continue
+        buf = np.empty((min(tile, r1 - r0), k), np.float32)
+        bp = buf.ctypes.data
+        for a in range(r0, r1, tile):
+            b = min(r1, a + tile)
+            for r in range(a, b):
+                row = buf[r - a]
+                if layout == NIB:
+                    deq_row_nib(q, d, m, row, (r * nb, nb))
+                elif layout == NIB5:
+                    deq_row_nib5(q, qh, d, m, row, (r * nb, nb))
+                elif layout == I8:
+                    deq_row_i8(q, d, row, (r * nb, nb))
+                else:
+                    deq_row_i8s16(q, d, row, (r * nb, nb))
+            sgemm_nt(n_tok, b - a, k, xp, k, bp, k, op + 4 * a, n)

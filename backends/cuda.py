@@ -142,6 +142,8 @@ class CUDABackend(Backend):
         entry = residency[node.weight] if node.weight is not None else None
         if entry is not None and entry.qtype not in ck.SUPPORTED:
             return False, f"no GPU kernel for {entry.qtype.name}"
+        if node.op is Op.EMBED and residency.layer_home(0) == self.name:  # rows go where layer 0 computes
+            return True, "layer 0 is resident here: only the token rows are uploaded"
         want = self.policy.should_upload(node.op, entry, n_tokens)
         if node.op is Op.EMBED and want:
             return True, f"{self.policy.describe()} at {n_tokens} tokens: only the token rows are uploaded"

@@ -283,7 +283,7 @@ class CPUBackend(Backend):
         if op is Op.SWIGLU:
             return K.swiglu(inputs[0], inputs[1])
         if op is Op.GEGLU:
-            return K.gelu_tanh(inputs[0]) * inputs[1]
+            return K.geglu(inputs[0], inputs[1])
         if op is Op.SCALE:
             return inputs[0] * np.float32(p["value"])
         if op is Op.ROPE:

@@ -27,6 +27,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from lstream.backends.cpu_vmath import vexp
+
 _SYM = "lstream_cblas_sgemm_ilp64"
 
 
@@ -91,23 +93,32 @@ _f32p = _f32.as_pointer()
 
 
 @intrinsic
-def sgemm_nt(typingctx, m, n, k, a, lda, b, ldb, c, ldc):
-    """C[m, n] (row-major, ldc) = A[m, k] (lda) @ B[n, k]^T (ldb); pointers as integers."""
-    sig = types.void(m, n, k, a, lda, b, ldb, c, ldc)
+def sgemm(typingctx, transb, m, n, k, alpha, a, lda, b, ldb, c, ldc):
+    """C[m, n] (row-major, ldc) = alpha * A[m, k] (lda) @ op(B), op(B) = B[n, k]^T (transb=True) or
+    B[k, n] (transb=False); pointers as integers."""
+    sig = types.void(transb, m, n, k, alpha, a, lda, b, ldb, c, ldc)
 
     def codegen(context, builder, sig, args):
+        tb = builder.select(context.cast(builder, args[0], sig.args[0], types.boolean),
+                            ir.Constant(_i32, 112), ir.Constant(_i32, 111))
+        al = context.cast(builder, args[4], sig.args[4], types.float32)
         vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args)]
-        m_, n_, k_, a_, lda_, b_, ldb_, c_, ldc_ = vals
+        _, m_, n_, k_, _, a_, lda_, b_, ldb_, c_, ldc_ = vals
         fnty = ir.FunctionType(ir.VoidType(), [_i32, _i32, _i32, _i64, _i64, _i64, _f32, _f32p, _i64,
                                                _f32p, _i64, _f32, _f32p, _i64])
         fn = cgutils.get_or_insert_function(builder.module, fnty, _SYM)
-        c32 = lambda v: ir.Constant(_i32, v)
-        builder.call(fn, [c32(101), c32(111), c32(112), m_, n_, k_, ir.Constant(_f32, 1.0),
+        builder.call(fn, [ir.Constant(_i32, 101), ir.Constant(_i32, 111), tb, m_, n_, k_, al,
                           builder.inttoptr(a_, _f32p), lda_, builder.inttoptr(b_, _f32p), ldb_,
                           ir.Constant(_f32, 0.0), builder.inttoptr(c_, _f32p), ldc_])
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def sgemm_nt(m, n, k, a, lda, b, ldb, c, ldc):
+    """C[m, n] = A[m, k] @ B[n, k]^T."""
+    sgemm(True, m, n, k, np.float32(1.0), a, lda, b, ldb, c, ldc)
 
 
 def _data(context, builder, aty, aval):
@@ -256,3 +267,69 @@ def mm_deq_sgemm(layout, q, qh, d, m, wf, x, out, tile, n_threads):
                 else:
                     deq_row_i8s16(q, d, row, (r * nb, nb))
             sgemm_nt(n_tok, b - a, k, xp, k, bp, k, op + 4 * a, n)
+
+
+_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+ATT_BQ = 64  # queries per attention work item
+
+
+@njit(**_SER)
+def _softmax_rows(sc, t0, t1, n_past, lo, window):
+    """Row r = t - t0 of sc holds the scores of query t over keys [lo, lo + sc.shape[1]); keep its causal
+    (and windowed) range, softmax it, zero the rest."""
+    L = sc.shape[1]
+    for t in range(t0, t1):
+        row = sc[t - t0]
+        pos = n_past + t
+        a = 0
+        if window > 0:
+            a = max(lo, pos - window + 1) - lo
+        b = pos - lo + 1
+        mx = np.float32(-3.0e38)
+        for j in range(a, b):
+            mx = max(mx, row[j])
+        for j in range(a, b):
+            row[j] -= mx
+        vexp(row, a, b - a)
+        tot = np.float32(0.0)
+        for j in range(a, b):
+            tot += row[j]
+        inv = np.float32(1.0) / tot
+        for j in range(a, b):
+            row[j] *= inv
+        for j in range(0, a):
+            row[j] = np.float32(0.0)
+        for j in range(b, L):
+            row[j] = np.float32(0.0)
+
+
+@njit(**_JIT)
+def attention_sgemm(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
+    """Prefill attention per (head, block of ATT_BQ queries): S = scale * Q K^T over the block's key
+    range (sgemm), masked softmax (vectorized exp), O = P V (sgemm).  q/out (T, n_head*hd), kc/vc
+    (n_ctx, n_kv, hd), all float32 C-contiguous."""
+    n_tok = q.shape[0]
+    g = n_head // n_kv
+    n_qb = (n_tok + ATT_BQ - 1) // ATT_BQ
+    qp = q.ctypes.data
+    kp = kc.ctypes.data
+    vp = vc.ctypes.data
+    op = out.ctypes.data
+    ldq = n_head * hd
+    ldk = n_kv * hd
+    for it in prange(n_head * n_qb):
+        h = it // n_qb
+        qb = it % n_qb
+        kh = h // g
+        t0 = qb * ATT_BQ
+        t1 = min(n_tok, t0 + ATT_BQ)
+        lo = 0
+        if window > 0:
+            lo = max(0, n_past + t0 - window + 1)
+        hi = n_past + t1
+        sc = np.empty((t1 - t0, hi - lo), np.float32)
+        sgemm(True, t1 - t0, hi - lo, hd, scale, qp + 4 * (t0 * ldq + h * hd), ldq,
+              kp + 4 * (lo * ldk + kh * hd), ldk, sc.ctypes.data, hi - lo)
+        _softmax_rows(sc, t0, t1, n_past, lo, window)
+        sgemm(False, t1 - t0, hd, hi - lo, np.float32(1.0), sc.ctypes.data, hi - lo,
+              vp + 4 * (lo * ldk + kh * hd), ldk, op + 4 * (t0 * ldq + h * hd), ldq)

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from lstream.core.qtypes import QTYPE_INFO, QType
 from lstream.backends import cpu_quant_deq as _dq
-from lstream.backends.cpu_ops_kernels import attention, gelu_tanh, rms_norm, rope_inplace, swiglu  # noqa: F401
+from lstream.backends.cpu_ops_kernels import attention, geglu, gelu_tanh, rms_norm, rope_inplace, swiglu  # noqa: F401
 
 try:
     import llvmlite.binding as _llb
@@ -38,7 +38,7 @@ else:  # pragma: no cover
     _blas = None
 
 __all__ = ["set_threads", "dequantize", "PackedWeight", "pack", "matmul", "get_rows", "concat_rows", "row_view",
-           "rms_norm", "swiglu", "gelu_tanh", "rope_inplace", "attention", "SUPPORTED"]
+           "rms_norm", "swiglu", "geglu", "gelu_tanh", "rope_inplace", "attention", "SUPPORTED"]
 
 # qtype -> (dequant kernel, byte offset of fp16 d, byte offset of fp16 m/dmin or -1)
 _DQ = {

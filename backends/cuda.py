@@ -158,6 +158,7 @@ class CUDABackend(Backend):
         """Upload resident weights once; note which host weights may be streamed (2-D, supported;
         a tied output head streams under its own name). 1-D tensors are always copied here."""
         self.residency = residency
+        self.prepare_policy()
         rt = self.rt
         for e in residency:
             if len(e.shape) == 1 or e.n_rows == 1:
@@ -170,6 +171,12 @@ class CUDABackend(Backend):
                 e.state = State.RESIDENT
             elif e.home == HOST and e.qtype in ck.SUPPORTED and e.name != "token_embd.weight":
                 self._streamable.append(e.name)
+
+    def prepare_policy(self) -> None:
+        """A policy that decides per layer (LayerSplit, CostModel) reads the residency once."""
+        prep = getattr(self.policy, "prepare", None)
+        if prep is not None and self.residency is not None:
+            prep(self.residency, self.name)
 
     def _ensure_streamer(self) -> LayerStreamer:
         if self.streamer is None:
@@ -240,6 +247,10 @@ class CUDABackend(Backend):
         if order:
             st = self._ensure_streamer()
             st.speculate = self._speculate_now(runs[-1][1])
+            if len(runs[0][1].tokens) < 32 and len(order) > len(st.slots):
+                # a decode step streams its layers while the CPU computes others: every copy is
+                # issued at once, so the ring grows to hold them all (once, if VRAM allows)
+                st.ensure_slots(len(order), self.rt.free_memory() - (1 << 30))
             st.begin(order)
         self._run = _RunState(release_at, layer_of, {}, runs[-1][1])
 

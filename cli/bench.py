@@ -107,6 +107,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     from ..core.benchmark import run_test
     from ..core.engine import Model
     from ..core.policy import make_policy
+    from .common import _calibration
     from ..loaders.model_file import load_model
     from ..loaders.registry import resolve
 
@@ -126,8 +127,9 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
         "threshold": values(thresholds, "--threshold"),
     }
     for pol in grid["policy"]:
-        if pol not in ("threshold", "never", "always", "auto"):
-            raise click.BadParameter(f"expected threshold, never, always or auto, found {pol!r}", param_hint="--policy")
+        if pol not in ("threshold", "never", "always", "auto") and not (pol.startswith("split:") and pol[6:].isdigit()):
+            raise click.BadParameter(f"expected threshold, never, always, split:N or auto, found {pol!r}",
+                                     param_hint="--policy")
     if not gpu and any(x > 0 for x in grid["n_gpu_layers"]):
         raise click.BadParameter("no CUDA device here: only -ngl 0 runs", param_hint="-ngl")
     varied = [k for k, v in grid.items() if len(v) > 1]
@@ -163,7 +165,8 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
                     for threads, nb, nub, no_off, flash, pol, thr in combos:
                         model.cpu.set_threads(threads)
                         model.n_ubatch = nub
-                        model.set_policy(make_policy(pol, thr, bool(no_off)))
+                        model.set_policy(make_policy(pol, thr, bool(no_off),
+                                                     calibration=_calibration() if pol == "auto" else None))
                         for (pp, tg), depth in itertools.product(tests, ds):
                             done += 1
                             tag = f"lstream-bench: benchmark {done}/{n_total}"

@@ -33,8 +33,9 @@ def model_options(fn=None, *, n_ctx: int = 4096):
         click.option("-c", "--ctx-size", "n_ctx", type=int, default=n_ctx, show_default=True),
         click.option("-ub", "--ubatch-size", "n_ubatch", type=int, default=512, show_default=True),
         click.option("-ot", "--override-tensor", "overrides", multiple=True, help="REGEX=DEVICE (cpu or cuda)"),
-        click.option("--policy", type=click.Choice(["threshold", "never", "always", "auto"]), default="threshold",
-                     show_default=True, help="upload policy for non-resident weights"),
+        click.option("--policy", default="threshold", show_default=True,
+                     help="upload policy for non-resident weights: threshold, never, always, split:N "
+                          "(decode: CPU computes N host layers while the rest stream) or auto (calibrated)"),
         click.option("--threshold", type=int, default=32, show_default=True, help="batch size from which weights are uploaded"),
         click.option("-nopo", "--no-op-offload", "nopo", type=int, default=0, help="1: never upload non-resident weights"),
         click.option("--no-fit", "no_fit", is_flag=True, help="fail when -ngl does not fit in free VRAM (default: lower it)"),

@@ -107,6 +107,8 @@ class Model:
         self.policy = policy
         if self.device_backend is not None and hasattr(self.device_backend, "policy"):
             self.device_backend.policy = policy
+            if hasattr(self.device_backend, "prepare_policy"):
+                self.device_backend.prepare_policy()
         self._plans.clear()
 
     # -- evaluation --------------------------------------------------------------------------

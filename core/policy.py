@@ -72,35 +72,90 @@ class Calibration:
         return entry.nbytes / self.h2d_bytes_per_s + 2.0 * entry.n_rows * entry.n_cols * n_tokens / self.gpu_flops
 
 
-class CostModel(UploadPolicy):
-    """Upload when moving the weight and computing on the GPU is predicted to beat the CPU."""
-    name = "auto"
+class LayerSplit(UploadPolicy):
+    """Small batches (decode): the CPU computes the first `cpu_layers` non-resident layers while
+    the copy engine streams the rest to the GPU, both from the start of the step (the CPU cores and
+    the PCIe link are independent resources). Their attention stays on the CPU, where their K/V
+    live. Batches of `threshold` tokens or more upload everything, like BatchThreshold."""
+    name = "split"
 
-    def __init__(self, calibration: Calibration, margin: float = 1.0):
-        self.cal = calibration
-        self.margin = margin
+    def __init__(self, cpu_layers: int, threshold: int = 32):
+        if cpu_layers < 0:
+            raise ValueError(f"cpu_layers must be >= 0, found {cpu_layers}")
+        self.cpu_layers, self.threshold = cpu_layers, threshold
+        self.first_host_layer = 0  # set by prepare(): cpu_layers counts from the first host layer
+
+    def prepare(self, residency, device: str) -> None:
+        host = sorted({e.layer for e in residency if e.layer >= 0 and e.home != device and len(e.shape) > 1})
+        self.first_host_layer = host[0] if host else 0
 
     def should_upload(self, op, entry, n_tokens):
+        if n_tokens >= self.threshold:
+            return True
+        if entry is None or op is Op.EMBED:
+            return False  # attention reads host K/V: it stays on the CPU
+        return entry.layer >= self.first_host_layer + self.cpu_layers
+
+    def describe(self):
+        return f"split(cpu {self.cpu_layers} layers, threshold {self.threshold})"
+
+
+class CostModel(UploadPolicy):
+    """Upload when moving the weight and computing on the GPU is predicted to beat the CPU.
+
+    Small batches are decided per layer, not per op: copies queue on one link, so streaming every
+    layer costs their sum; the model picks the split (CPU computes the first host layers while the
+    rest stream) that minimizes max(CPU time, copy time), as LayerSplit runs it."""
+    name = "auto"
+
+    def __init__(self, calibration: Calibration, margin: float = 1.0, threshold: int = 32):
+        self.cal = calibration
+        self.margin = margin
+        self.threshold = threshold
+        self.split: LayerSplit | None = None
+
+    def prepare(self, residency, device: str) -> None:
+        layers: dict[int, list] = {}
+        for e in residency:
+            if e.layer >= 0 and e.home != device and len(e.shape) > 1 and e.alias_of is None:
+                layers.setdefault(e.layer, []).append(e)
+        order = sorted(layers)
+        cpu = [sum(self.cal.cpu_seconds(e, 1) for e in layers[k]) for k in order]
+        copy = [sum(e.nbytes for e in layers[k]) / self.cal.h2d_bytes_per_s for k in order]
+        best = min(range(len(order) + 1), key=lambda j: max(sum(cpu[:j]), sum(copy[j:])))
+        self.split = LayerSplit(best, self.threshold)
+        self.split.first_host_layer = order[0] if order else 0
+        self.predicted = (sum(cpu[:best]), sum(copy[best:]), sum(cpu))  # seconds: CPU part, copies, all-CPU
+
+    def should_upload(self, op, entry, n_tokens):
+        if n_tokens < self.threshold and self.split is not None:
+            return self.split.should_upload(op, entry, n_tokens)
         if entry is None or op is not Op.MATMUL:
             # Small ops follow the batch: the activations are already where the matmuls run.
-            return n_tokens >= 32
+            return n_tokens >= self.threshold
         return self.cal.gpu_seconds(entry, n_tokens) * self.margin < self.cal.cpu_seconds(entry, n_tokens)
 
     def describe(self):
-        return f"auto(h2d {self.cal.h2d_bytes_per_s / 1e9:.1f} GB/s)"
+        s = f", decode split cpu {self.split.cpu_layers} layers" if self.split is not None else ""
+        return f"auto(h2d {self.cal.h2d_bytes_per_s / 1e9:.1f} GB/s{s})"
 
 
 def make_policy(name: str = "threshold", threshold: int = 32, no_op_offload: bool = False,
                 calibration: Calibration | None = None) -> UploadPolicy:
-    """The CLI's --policy/--threshold/-nopo flags as one policy object."""
+    """The CLI's --policy/--threshold/-nopo flags as one policy object ("split:N" = LayerSplit(N))."""
     if no_op_offload or name == "never":
         return Never()
     if name == "threshold":
         return BatchThreshold(threshold)
     if name == "always":
         return Always()
+    if name.startswith("split"):
+        _, _, k = name.partition(":")
+        if not k.isdigit():
+            raise ValueError(f"policy split needs the CPU's layer count, as split:N, found {name!r}")
+        return LayerSplit(int(k), threshold)
     if name == "auto":
         if calibration is None:
             raise ValueError("policy 'auto' needs a calibration (run on a machine with a GPU)")
-        return CostModel(calibration)
-    raise ValueError(f"unknown policy {name!r}: expected threshold, never, always or auto")
+        return CostModel(calibration, threshold=threshold)
+    raise ValueError(f"unknown policy {name!r}: expected threshold, never, always, split:N or auto")

@@ -247,9 +247,10 @@ class CUDABackend(Backend):
         if order:
             st = self._ensure_streamer()
             st.speculate = self._speculate_now(runs[-1][1])
-            if len(runs[0][1].tokens) < 32 and len(order) > len(st.slots):
-                # a decode step streams its layers while the CPU computes others: every copy is
-                # issued at once, so the ring grows to hold them all (once, if VRAM allows)
+            prefetch_all = getattr(self.policy, "prefetch_all", None)
+            if prefetch_all is not None and prefetch_all(len(runs[0][1].tokens)) and len(order) > len(st.slots):
+                # a split decode step streams its layers while the CPU computes others: every copy
+                # is issued at once, so the ring grows to hold them all (once, if VRAM allows)
                 st.ensure_slots(len(order), self.rt.free_memory() - (1 << 30))
             st.begin(order)
         self._run = _RunState(release_at, layer_of, {}, runs[-1][1])

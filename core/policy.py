@@ -89,6 +89,10 @@ class LayerSplit(UploadPolicy):
         host = sorted({e.layer for e in residency if e.layer >= 0 and e.home != device and len(e.shape) > 1})
         self.first_host_layer = host[0] if host else 0
 
+    def prefetch_all(self, n_tokens: int) -> bool:
+        """Issue every copy of a step at its start (the device backend asks)."""
+        return n_tokens < self.threshold
+
     def should_upload(self, op, entry, n_tokens):
         if n_tokens >= self.threshold:
             return True
@@ -126,6 +130,9 @@ class CostModel(UploadPolicy):
         self.split = LayerSplit(best, self.threshold)
         self.split.first_host_layer = order[0] if order else 0
         self.predicted = (sum(cpu[:best]), sum(copy[best:]), sum(cpu))  # seconds: CPU part, copies, all-CPU
+
+    def prefetch_all(self, n_tokens: int) -> bool:
+        return n_tokens < self.threshold
 
     def should_upload(self, op, entry, n_tokens):
         if n_tokens < self.threshold and self.split is not None:

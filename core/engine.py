@@ -10,6 +10,7 @@ import numpy as np
 
 from .arch import build_graph
 from .executor import Executor, Profile, RunContext, run_layer_major
+from .errors import OutOfMemory
 from .kv_cache import ContextFullError, KVCache
 from .policy import BatchThreshold, UploadPolicy
 from .residency import HOST
@@ -132,6 +133,34 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), found {tokens.min()}..{tokens.max()}")
         self.kv.check_room(len(tokens))
+        try:
+            return self._eval(tokens, logits)
+        except KeyboardInterrupt:
+            self._abort()  # nothing keeps running in the background: queued copies and kernels drain
+            raise
+        except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(err, MemoryError) and type(err).__name__ != "OutOfMemoryError":
+                raise
+            self._abort()
+            where = "host" if isinstance(err, MemoryError) else "device"
+            raise OutOfMemory(f"out of {where} memory while evaluating {len(tokens)} tokens "
+                              f"(-ub {self.n_ubatch}, -c {self.kv.n_ctx}): lower -ngl, -ub or -c; "
+                              f"the model and its first {self.kv.n_past} cached tokens are kept") from None
+
+    def _abort(self) -> None:
+        """After a failed or interrupted run: wait for the work already queued, give cached device
+        memory back, and keep the cache at the tokens of the runs that finished."""
+        for b in self.backends:
+            try:
+                b.synchronize()
+            except Exception:  # noqa: BLE001 - a broken device must not hide the original error
+                pass
+        if self.device_backend is not None and getattr(self.device_backend, "device", None) is not None \
+                and self.device_backend.device.type == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+
+    def _eval(self, tokens, logits):
         starts = list(range(0, len(tokens), self.n_ubatch))
         mode = "all" if logits == "all" else "last"
         runs = []

@@ -11,3 +11,7 @@ class ModelFormatError(LStreamError):
     def __init__(self, path, message: str):
         self.path = str(path)
         super().__init__(f"{path}: {message}")
+
+
+class OutOfMemory(LStreamError):
+    """Device (or host) memory ran out during a run; the model object stays usable."""

@@ -226,6 +226,9 @@ class LayerStreamer:
         read this run's timings. Never waits for the speculative copies."""
         for layer in list(self.active):
             self.release(layer)
+        for slot in self.slots:  # filled but never read (a run that failed or was interrupted)
+            if not slot.released:
+                slot.released = True
         for t0, t1 in self._copies:
             t1.synchronize()  # done: the compute that read the slot waited for it
             self.stats.copy_ms += t0.elapsed_time(t1)

@@ -26,6 +26,7 @@ from ..core.policy import BatchThreshold, UploadPolicy
 from ..core.residency import HOST, ResidencyMap, State
 from ..core.rope import cos_sin, inv_freq
 from ..core.streaming import LayerStreamer
+from . import cuda_gemv as cg
 from . import cuda_kernels as ck
 from .base import Backend
 from .cuda_graphs import StepRunner
@@ -106,7 +107,7 @@ class CUDABackend(Backend):
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
-                 speculate: bool = False, cuda_graphs: bool = True):
+                 speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None):
         self.policy = policy or BatchThreshold(32)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -127,6 +128,9 @@ class CUDABackend(Backend):
         self._kv_done: dict[int, object] = {}  # id(host K/V store) -> event after its last write-back
         self._plan_cache: dict[int, tuple] = {}
         self._pinned_kv: set[int] = set()
+        # the quantized matrix-vector kernel, where it can run (a CUDA device with Triton's Gluon)
+        self._gemv_ok = cg.HAVE_GLUON and self.device.type == "cuda" and use_triton is not False \
+            and gemv is not False
         # small-batch steps of a fully resident plan: static buffers, CUDA graphs on a real GPU
         self.steps = StepRunner(self, use_graphs=cuda_graphs and self.device.type == "cuda")
 
@@ -297,6 +301,10 @@ class CUDABackend(Backend):
             v = views[name] = self.streamer.acquire(layer)[name]
         return v
 
+    def _matmul_src(self, name: str):
+        e = self.residency[name]
+        return self.residency[e.alias_of] if e.alias_of else e
+
     def _dequant(self, name: str, scratch: bool = True) -> torch.Tensor:
         e = self.residency[name]
         src = self.residency[e.alias_of] if e.alias_of else e
@@ -319,9 +327,15 @@ class CUDABackend(Backend):
         op, p = node.op, node.params
         if op is Op.MATMUL:
             x = inputs[0].to(self.dtype)
-            w = self._dequant(node.weights[0])
-            self._after(node, ctx)
-            y = x @ w.t()
+            src = self._matmul_src(node.weights[0])
+            if x.shape[0] <= cg.MAX_BATCH and self._gemv_ok and src.qtype in cg.GEMV_TYPES:
+                # few tokens: read the quantized blocks once, no fp16 copy of the weight
+                y = cg.gemv(x, self._weight_bytes(node.weights[0]), src.qtype, src.n_rows, src.n_cols)
+                self._after(node, ctx)
+            else:
+                w = self._dequant(node.weights[0])
+                self._after(node, ctx)
+                y = x @ w.t()
             if len(node.weights) > 1:
                 y = y + self._small[node.weights[1]].to(self.dtype)
             return y

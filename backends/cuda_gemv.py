@@ -321,16 +321,16 @@ def _pow2_divisor(n: int, cap: int) -> int:
 def config(qtype: QType, n_rows: int, n_cols: int, batch: int) -> tuple[int, int, int, int]:
     """(BN rows per program, KB blocks per step, TI threads per group, num_warps): shape only.
 
-    KB*(4 for K-quants) groups should cover the 32/TI*num_warps lanes (smaller is correct but
-    replicates work). Picked from tools/bench_gemv.py --sweep on an H100."""
-    if qtype == QType.Q8_0:
-        bn, kb, ti, nw = 4, 16, 8, 4
-    elif QTYPE_INFO[qtype].block_size == 256:
+    From tools/bench_gemv.py --sweep on an H100. KB (x4 for K-quants) should cover the 32/TI*num_warps
+    lanes (smaller is correct but replicates work). Batches favour many rows per program (each x
+    value converted once serves BN rows) over registers; >= 256 programs keep the SMs busy."""
+    if QTYPE_INFO[qtype].block_size == 256:
         bn, kb, ti, nw = 4, 8, 4, 4
-    else:  # 4-bit, 32-weight blocks
+    elif batch == 1 and qtype != QType.Q8_0:  # 4-bit, 32-weight blocks
         bn, kb, ti, nw = (8, 64, 2, 4) if n_rows >= 2048 else (2, 64, 4, 8)
-    bn = min(bn, max(1, 8 >> (batch - 1).bit_length()))  # registers: BN*BP accumulators per group
-    while bn > 1 and n_rows // bn < 256:  # keep >= 256 programs
+    else:
+        bn, kb, ti, nw = 8 if batch <= 4 else 4, 32, 4, 4
+    while bn > 1 and n_rows // bn < 256:
         bn //= 2
     return bn, kb, ti, nw
 

@@ -83,7 +83,7 @@ def _candidates(qt: QType, n_rows: int, batch: int, bn=(1, 2, 4, 8), ti=(16, 8, 
     words = {QType.Q8_0: 16, QType.Q6_K: 8}.get(qt, 16 if QTYPE_INFO[qt].block_size == 256 else 8)
     per_block = 4 if QTYPE_INFO[qt].block_size == 256 else 1
     return [(r, max(1, 32 // t * w * m // per_block), t, w) for t in ti if t <= words for w in nw for m in mult
-            for r in bn if r * batch <= 32 and n_rows >= r * 132]
+            for r in bn if r * batch <= 64 and n_rows >= r * 132]
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from lstream.backends.cpu_quant_blk import deq_blk
 from lstream.backends.cpu_vmath import vexp
 
 _SYM = "lstream_cblas_sgemm_ilp64"
@@ -228,8 +229,8 @@ def deq_row_i8s16(typingctx, q, d, out, off):
     return types.void(q, d, out, off), _gen_deq_row("i8s16")
 
 
-# layout codes for mm_deq_sgemm
-NIB, NIB5, I8, I8S16, F32 = 0, 1, 2, 3, 4
+# layout codes for mm_deq_sgemm; BLK + cpu_quant_blk.FMT_ID: GGUF blocks in place
+NIB, NIB5, I8, I8S16, F32, BLK = 0, 1, 2, 3, 4, 5
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
 
@@ -262,6 +263,8 @@ def mm_deq_sgemm(layout, q, qh, d, m, wf, x, out, tile, n_threads):
                     deq_row_nib(q, d, m, row, (r * nb, nb))
                 elif layout == NIB5:
                     deq_row_nib5(q, qh, d, m, row, (r * nb, nb))
+                elif layout >= BLK:
+                    deq_blk(layout - BLK, q, row, (r * nb, nb))
                 elif layout == I8:
                     deq_row_i8(q, d, row, (r * nb, nb))
                 else:

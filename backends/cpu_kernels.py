@@ -34,6 +34,7 @@ except Exception:  # pragma: no cover
 if HAVE_AVX2:
     from lstream.backends import cpu_quant_mm as _mm
     from lstream.backends import cpu_blas as _blas
+    from lstream.backends import cpu_quant_blk as _blk
 else:  # pragma: no cover
     _blas = None
 
@@ -111,6 +112,8 @@ class PackedWeight:
     layout "nib5":   "nib" plus qh uint32 (n_rows*nb): bit j = 5th bit of value j (Q5_0, Q5_1, Q5_K)
     layout "i8":     qs int8 (n_rows*nb*32), d float32, optional m               (Q8_0)
     layout "i8s16":  qs int8, d per 16 values                                    (Q6_K)
+    layout "blk":    qs = the GGUF blocks themselves, uint8 (n_rows*row_bytes) (Q4_0, Q4_1, Q5_0, Q5_1,
+                     Q8_0: cpu_quant_blk; fewer bytes per weight than the repacked layouts, one stream)
     layout "float":  F32/F16/BF16 rows (and any quant type without AVX2): tile-dequantize + BLAS
     `raw` keeps the zero-copy GGUF view for get_rows (bit-exact) -- it is only read for looked-up rows.
     """
@@ -126,7 +129,7 @@ class PackedWeight:
         if layout == "float":
             self.nbytes = int(raw.nbytes)
         else:
-            self.nbytes = int(qs.nbytes + d.nbytes + (m.nbytes if m is not None else 0))
+            self.nbytes = int(qs.nbytes + (d.nbytes if d is not None else 0) + (m.nbytes if m is not None else 0))
 
     def __repr__(self):
         return f"PackedWeight({self.qtype.name}, {self.n_rows}x{self.n_cols}, {self.layout}, {self.nbytes} B)"
@@ -202,6 +205,8 @@ def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
 
 
 _PACK_CHUNK = 1 << 16  # blocks per repacking chunk (bounds temporary memory)
+# LSTREAM_CPU_REPACK=1: repack Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 too (the layouts before "blk"; for comparisons)
+_REPACK_ALL = os.environ.get("LSTREAM_CPU_REPACK") == "1"
 
 
 def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeight:
@@ -220,6 +225,8 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeigh
     raw = raw.view(np.uint8).reshape(n_rows, n_cols // info.block_size * info.type_size)
     if not HAVE_AVX2:
         return PackedWeight(qtype, raw, n_rows, n_cols)
+    if qtype in _blk.QTYPES and not _REPACK_ALL:
+        return PackedWeight(qtype, raw, n_rows, n_cols, "blk", np.ascontiguousarray(raw).reshape(-1))
     blocks = raw.reshape(-1, info.type_size)
     parts = [_repack(qtype, blocks[i:i + _PACK_CHUNK], n_rows, n_cols)
              for i in range(0, blocks.shape[0], _PACK_CHUNK)]
@@ -291,7 +298,9 @@ def _matvec1(w: PackedWeight, x: np.ndarray) -> np.ndarray:
         xq = np.empty((1, w.n_cols), dtype=np.int16)
         xd = np.empty((1, nb), dtype=np.float32)
         xs = np.empty((1, nb), dtype=np.float32)
-        if w.layout == "nib":
+        if w.layout == "blk":
+            k, pre = _blk.mm_blk, (_blk.FMT_ID[_blk.QTYPES[w.qtype]], w.qs)
+        elif w.layout == "nib":
             k, pre = _mm.mm_nib, (w.qs, w.d, w.m)
         elif w.layout == "nib5":
             k, pre = _mm.mm_nib5, (w.qs, w.qh, w.d, w.m)
@@ -340,7 +349,7 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
         return out
     nb = w.n_cols // 32
     if n_tok >= _BLAS_MIN_TOK:
-        if _BLAS_LAYOUT.get(w.layout) is not None and (w.m is None or w.layout in ("nib", "nib5")):
+        if _BLAS_LAYOUT.get(w.layout) is not None and (w.m is None or w.layout in ("nib", "nib5", "blk")):
             _matmul_blas(w, x2, o2)
         else:
             _matmul_tiles(w, x2, o2, nb)
@@ -352,7 +361,9 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     if not quant:
         _mm.quant_x(x2, xq, xd, xs)
     dst = o2 if o2.flags.c_contiguous else np.empty((n_tok, w.n_rows), dtype=np.float32)
-    if w.layout == "nib":
+    if w.layout == "blk":
+        _blk.mm_blk(_blk.FMT_ID[_blk.QTYPES[w.qtype]], w.qs, x2, quant, xq, xd, xs, nb, dst)
+    elif w.layout == "nib":
         _mm.mm_nib(w.qs, w.d, w.m, x2, quant, xq, xd, xs, nb, dst)
     elif w.layout == "nib5":
         _mm.mm_nib5(w.qs, w.qh, w.d, w.m, x2, quant, xq, xd, xs, nb, dst)
@@ -377,7 +388,7 @@ _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
 _EMPTY_U8 = np.zeros(1, dtype=np.uint8)
 _EMPTY_F32_2D = np.zeros((1, 1), dtype=np.float32)
 _BLAS_LAYOUT = {} if _blas is None or not _blas.AVAILABLE else \
-    {"nib": _blas.NIB, "nib5": _blas.NIB5, "i8": _blas.I8, "i8s16": _blas.I8S16}
+    {"nib": _blas.NIB, "nib5": _blas.NIB5, "i8": _blas.I8, "i8s16": _blas.I8S16, "blk": _blas.BLK}
 _BLAS_TILE_ELEMS = 1 << 17  # float32 weights per thread's dequantized tile (512 KiB, in L2)
 
 
@@ -385,9 +396,13 @@ def _matmul_blas(w: PackedWeight, x2: np.ndarray, o2: np.ndarray) -> None:
     dst = o2 if o2.flags.c_contiguous else np.empty(o2.shape, dtype=np.float32)
     tile = max(16, min(256, _BLAS_TILE_ELEMS // w.n_cols))
     qh = w.qh if w.layout == "nib5" else _EMPTY_U32
+    layout = _BLAS_LAYOUT[w.layout]
+    if w.layout == "blk":
+        layout += _blk.FMT_ID[_blk.QTYPES[w.qtype]]
     with _blas.one_blas_thread():
-        _blas.mm_deq_sgemm(_BLAS_LAYOUT[w.layout], w.qs, qh, w.d, w.m if w.m is not None else _EMPTY_F32,
-                           _EMPTY_F32_2D, x2, dst, tile, numba.get_num_threads())
+        _blas.mm_deq_sgemm(layout, w.qs, qh, w.d if w.d is not None else _EMPTY_F32,
+                           w.m if w.m is not None else _EMPTY_F32, _EMPTY_F32_2D, x2, dst, tile,
+                           numba.get_num_threads())
     if dst is not o2:
         o2[...] = dst
 
@@ -398,7 +413,9 @@ def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> N
     for r0 in range(0, w.n_rows, rows):
         r1 = min(w.n_rows, r0 + rows)
         tile = buf[:r1 - r0]
-        if w.layout in ("nib", "nib5"):
+        if w.layout == "blk":
+            tile[...] = dequantize(w.qtype, w.qs.reshape(w.n_rows, -1)[r0:r1], w.n_cols)
+        elif w.layout in ("nib", "nib5"):
             has_h = w.layout == "nib5"
             _mm.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.d, w.m, r0, r1, nb, tile)
         else:

@@ -380,12 +380,15 @@ class CUDABackend(Backend):
     def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:
         if ctx.graph is not None:  # positions on the device: cos/sin computed there (fp64, like core/rope.py)
             key = (p["base"], p["n_rot"], id(p["scaling"]))
-            f = self._inv_freq.get(key)
-            if f is None:
-                f = self._inv_freq[key] = (torch.from_numpy(inv_freq(p["base"], p["n_rot"], p["scaling"])).to(self.device),
-                                           p["scaling"])
-            ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
-            return ck.rope(x.contiguous(), ang.cos().float(), ang.sin().float(), p["n_head"], p["head_dim"], p["n_rot"],
+            cs = ctx.graph.cache.get(key)  # once per step: every layer's q and k share them
+            if cs is None:
+                f = self._inv_freq.get(key)
+                if f is None:
+                    f = self._inv_freq[key] = (torch.from_numpy(inv_freq(p["base"], p["n_rot"], p["scaling"]))
+                                               .to(self.device), p["scaling"])
+                ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
+                cs = ctx.graph.cache[key] = (ang.cos().float(), ang.sin().float())
+            return ck.rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"],
                            p["mode"] == "neox", self.dtype, self.use_triton)
         pos = np.asarray(ctx.positions)
         arange = len(pos) > 0 and pos[-1] - pos[0] == len(pos) - 1 and bool(np.all(np.diff(pos) == 1))
@@ -446,22 +449,25 @@ class CUDABackend(Backend):
 
     def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
         """Attention of a static step (backends/cuda_graphs.py): K/V written at the device-side
-        positions, then the first `span` cache rows read under a position mask; grouped-query
-        heads share their K/V head by reshaping q, not by repeating K/V."""
+        positions, then the first `span` cache rows read under a position mask (built once per
+        step); grouped-query heads share their K/V head by reshaping q, not by repeating K/V."""
         t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
         g = n_head // n_kv
         store.k.index_copy_(0, si.positions, k)
         store.v.index_copy_(0, si.positions, v)
-        keys, vals = store.k[:si.span].transpose(0, 1), store.v[:si.span].transpose(0, 1)  # (n_kv, S, hd)
-        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(n_kv, g * t, hd)
-        s = torch.matmul(qh, keys.transpose(1, 2)).float() * p["scale"]  # (n_kv, g*t, S)
-        kpos = torch.arange(si.span, device=self.device)[None, :]
-        qpos = si.positions[:, None]
-        mask = kpos <= qpos
-        if p.get("window", 0):
-            mask &= kpos > qpos - p["window"]
-        s = s.masked_fill(~mask.repeat(g, 1)[None], float("-inf"))
-        o = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), vals)  # (n_kv, g*t, hd)
+        window = p.get("window", 0)
+        mask = si.cache.get(("mask", g, window))
+        if mask is None:
+            kpos = torch.arange(si.span, device=self.device)[None, :]
+            qpos = si.positions[:, None]
+            m = kpos <= qpos
+            if window:
+                m &= kpos > qpos - window
+            mask = si.cache[("mask", g, window)] = m.repeat(g, 1)[None, None]  # (1, 1, g*t, S)
+        keys = store.k[:si.span].transpose(0, 1).unsqueeze(0)  # (1, n_kv, S, hd)
+        vals = store.v[:si.span].transpose(0, 1).unsqueeze(0)
+        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(1, n_kv, g * t, hd)
+        o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=p["scale"])  # (1, n_kv, g*t, hd)
         return o.reshape(n_kv, g, t, hd).permute(2, 0, 1, 3).reshape(t, n_head * hd)
 
     def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:

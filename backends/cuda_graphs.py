@@ -9,7 +9,7 @@ outputs, which is what the test compares.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class StepInputs:
     positions: torch.Tensor  # (B,) int64 on the device
     rows: torch.Tensor | None  # (B, row_bytes) uint8: the token_embd rows when it lives on the host
     span: int  # cache rows attention reads (a multiple of SPAN_STEP, or n_ctx)
+    cache: dict = field(default_factory=dict)  # per-step values shared by the layers (rope cos/sin, mask)
 
 
 class StepRunner:
@@ -99,6 +100,7 @@ class StepRunner:
         with torch.cuda.stream(side):
             executor.run(plan, ctx, to_host=False)
         torch.cuda.current_stream(self.backend.device).wait_stream(side)
+        si.cache.clear()  # the capture must record how the shared per-step values are made
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = executor.run(plan, ctx, to_host=False)

@@ -1,0 +1,53 @@
+"""Where the host time of a decode step goes: cProfile of N eager steps (graphs off), then the
+step time with CUDA graphs, for one model and -ngl/policy.
+
+    python -m lstream.tools.profile_decode MODEL.gguf -ngl 33 [--policy split:14] [-n 16]
+"""
+from __future__ import annotations
+
+import cProfile
+import pstats
+import time
+
+import click
+
+
+@click.command()
+@click.argument("model")
+@click.option("-ngl", "ngl", type=int, default=99)
+@click.option("--policy", default="threshold")
+@click.option("-n", "n", type=int, default=16)
+@click.option("--top", type=int, default=18)
+def main(model, ngl, policy, n, top):
+    from ..core.engine import Model
+    from ..core.policy import make_policy
+    from ..loaders.model_file import load_model
+    cal = None
+    if policy == "auto":
+        from ..backends.calibrate import load_or_measure
+        cal = load_or_measure()
+    for graphs in (False, True):
+        m = Model(load_model(model), n_gpu_layers=ngl, policy=make_policy(policy, calibration=cal), n_ctx=512,
+                  load_tokenizer=False, cuda_graphs=graphs)
+        m.eval([1, 2, 3, 4])
+        for t in range(3):  # warm up (and capture)
+            m.eval([5 + t])
+        m.synchronize()
+        prof = cProfile.Profile() if not graphs else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        for t in range(n):
+            m.eval([10 + t])
+        m.synchronize()
+        if prof:
+            prof.disable()
+        dt = (time.perf_counter() - t0) / n
+        print(f"graphs={graphs}: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} t/s), policy {m.policy.describe()}")
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+        m.close()
+
+
+if __name__ == "__main__":
+    main()

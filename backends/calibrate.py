@@ -45,17 +45,19 @@ def _random_blocks(qt: QType, n_rows: int, n_cols: int, rng) -> np.ndarray:
     return raw.reshape(n_rows, -1)
 
 
-def measure_cpu(n_rows: int = 4096, n_cols: int = 4096) -> tuple[dict[str, float], float]:
+def measure_cpu(n_rows: int = 14336, n_cols: int = 4096) -> tuple[dict[str, float], float]:
+    """A big model's FFN shape: small weights (L2-resident, thread wake-up dominated) would mislead
+    the split of a model whose layers stream from DRAM."""
     from . import cpu_kernels as K
     rng = np.random.default_rng(0)
     per_s = {}
     for qt in CPU_TYPES:
         w = K.pack(qt, _random_blocks(qt, n_rows, n_cols, rng), n_rows, n_cols)
         x = rng.standard_normal((1, n_cols)).astype(np.float32)
-        per_s[qt.name] = n_rows * n_cols / _best(lambda: K.matmul(w, x))
-    w = K.pack(QType.Q4_0, _random_blocks(QType.Q4_0, n_rows, n_cols, rng), n_rows, n_cols)
+        per_s[qt.name] = n_rows * n_cols / _best(lambda: K.matmul(w, x), reps=10)
+    w = K.pack(QType.Q4_0, _random_blocks(QType.Q4_0, 4096, n_cols, rng), 4096, n_cols)
     x = rng.standard_normal((512, n_cols)).astype(np.float32)
-    flops = 2.0 * n_rows * n_cols * 512 / _best(lambda: K.matmul(w, x), reps=2)
+    flops = 2.0 * 4096 * n_cols * 512 / _best(lambda: K.matmul(w, x), reps=2)
     return per_s, flops
 
 

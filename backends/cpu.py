@@ -13,6 +13,7 @@ from ..core.ops import Op
 from ..core.residency import HOST, ResidencyMap, TensorEntry
 from ..core.rope import cos_sin, inv_freq
 from . import cpu_kernels as K
+from . import cpu_ops_kernels as _O
 from .base import Backend
 
 
@@ -224,6 +225,14 @@ class CPUBackend(Backend):
             v = self._vectors[name] = np.ascontiguousarray(v, dtype=np.float32)
         return v
 
+    _F32: dict = {}
+
+    def _f32(self, v: float) -> np.float32:
+        f = self._F32.get(v)
+        if f is None:
+            f = self._F32[v] = np.float32(v)
+        return f
+
     def _cos_sin(self, ctx, p: dict):
         """cos/sin of the run's positions, computed once per run (every layer's q and k share them)."""
         key = (p["base"], p["n_rot"], id(p["scaling"]))
@@ -273,28 +282,49 @@ class CPUBackend(Backend):
             x = inputs[0]
             if p.get("select_output") and ctx.logits == "last":
                 x = x[-1:]
+            w = self._vector(node.weights[0])
+            if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:  # the usual case: no wrapper
+                out = np.empty_like(x)
+                (_O._rms_norm if x.shape[0] >= _O._PAR_MIN else _O._rms_norm_1)(x, w, self._f32(p["eps"]), out)
+                return out
             x = np.ascontiguousarray(x, dtype=np.float32)
-            return K.rms_norm(x, self._vector(node.weights[0]), p["eps"])
+            return K.rms_norm(x, w, p["eps"])
         if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
             return K.rms_norm(x.reshape(-1, p["head_dim"]), self._vector(node.weights[0]), p["eps"]).reshape(x.shape)
         if op is Op.ADD:
             return inputs[0] + inputs[1]
-        if op is Op.SWIGLU:
-            return K.swiglu(inputs[0], inputs[1])
-        if op is Op.GEGLU:
-            return K.geglu(inputs[0], inputs[1])
+        if op is Op.SWIGLU or op is Op.GEGLU:
+            g, u = inputs
+            kind = _O.ACT_SILU if op is Op.SWIGLU else _O.ACT_GELU
+            if g.ndim == 2 and u.ndim == 2 and g.dtype == u.dtype == np.float32 and g.strides[1] == u.strides[1] == 4:
+                out = np.empty(g.shape, np.float32)
+                (_O._act if g.shape[0] >= _O._PAR_MIN else _O._act_1)(kind, g, u, True, out)
+                return out
+            return K.swiglu(g, u) if op is Op.SWIGLU else K.geglu(g, u)
         if op is Op.SCALE:
             return inputs[0] * np.float32(p["value"])
         if op is Op.ROPE:
-            x = np.array(inputs[0], dtype=np.float32, copy=True).reshape(len(ctx.positions), p["n_head"], p["head_dim"])
+            x = inputs[0]
+            n = len(ctx.positions)
+            if x.ndim != 2 or x.shape[0] != n:
+                x = x.reshape(n, -1)
             cos, sin = self._cos_sin(ctx, p)
-            K.rope_inplace(x, cos, sin, p["n_rot"], p["mode"] == "neox")
-            return x.reshape(len(ctx.positions), -1)
+            # out of place: reads the (row-strided) q/k slice directly, no copy first
+            return K.rope(x, cos, sin, p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox").reshape(n, -1)
         if op is Op.ATTENTION:
             q, k, v = inputs
             kv: HostKV = ctx.kv.layers[node.layer]
             n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
+            n_head = p["n_head"]
+            if t * n_head < _O._ATT_PAR_MIN and q.ndim == k.ndim == v.ndim == 2 \
+                    and q.dtype == k.dtype == v.dtype == np.float32 and q.strides[1] == k.strides[1] == v.strides[1] == 4 \
+                    and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous and kv.k.dtype == np.float32:
+                # decode: cache write + serial attention in one numba call
+                out = np.empty((t, n_head * hd), np.float32)
+                _O._attention_dec(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
+                                  int(p.get("window", 0) or 0), out)
+                return out
             kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
             kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)
             # numba, not numpy: a BLAS call between the numba kernels makes both thread pools spin

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from lstream.core.qtypes import QTYPE_INFO, QType
 from lstream.backends import cpu_quant_deq as _dq
-from lstream.backends.cpu_ops_kernels import attention, geglu, gelu_tanh, rms_norm, rope_inplace, swiglu  # noqa: F401
+from lstream.backends.cpu_ops_kernels import attention, geglu, gelu_tanh, rms_norm, rope, rope_inplace, swiglu  # noqa: F401
 
 try:
     import llvmlite.binding as _llb
@@ -39,7 +39,7 @@ else:  # pragma: no cover
     _blas = None
 
 __all__ = ["set_threads", "dequantize", "PackedWeight", "pack", "matmul", "get_rows", "concat_rows", "row_view",
-           "rms_norm", "swiglu", "geglu", "gelu_tanh", "rope_inplace", "attention", "SUPPORTED"]
+           "rms_norm", "swiglu", "geglu", "gelu_tanh", "rope", "rope_inplace", "attention", "SUPPORTED"]
 
 # qtype -> (dequant kernel, byte offset of fp16 d, byte offset of fp16 m/dmin or -1)
 _DQ = {
@@ -54,6 +54,9 @@ _DQ = {
 }
 _FLOAT = (QType.F32, QType.F16, QType.BF16)
 SUPPORTED = frozenset(_FLOAT) | frozenset(_DQ)
+
+
+_EMPTY_U8 = np.zeros(0, dtype=np.uint8)
 
 
 def set_threads(n: int) -> None:
@@ -385,7 +388,6 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
 # tools/accuracy_check sets this to 1 for its reference path (dequantize + float32 sgemm everywhere).
 _BLAS_MIN_TOK = 32 if (_blas is not None and _blas.AVAILABLE) else 1 << 62
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
-_EMPTY_U8 = np.zeros(1, dtype=np.uint8)
 _EMPTY_F32_2D = np.zeros((1, 1), dtype=np.float32)
 _BLAS_LAYOUT = {} if _blas is None or not _blas.AVAILABLE else \
     {"nib": _blas.NIB, "nib5": _blas.NIB5, "i8": _blas.I8, "i8s16": _blas.I8S16, "blk": _blas.BLK}

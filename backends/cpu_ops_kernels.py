@@ -32,6 +32,7 @@ def _rms_norm(x, w, eps, out):
 
 _SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
 _PAR_MIN = 8  # rows (tokens) from which the row-wise kernels use the thread pool
+_ATT_PAR_MIN = 4 * _PAR_MIN  # query rows x heads from which attention uses the thread pool
 
 
 @njit(**_SER)
@@ -168,11 +169,13 @@ def _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out):
     for s in range(lo, pos + 1):
         if sc[s - lo] > mx:
             mx = sc[s - lo]
+    n = pos + 1 - lo
+    for s in range(n):
+        sc[s] -= mx
+    vexp(sc, 0, n)  # vectorized (np.exp here is a scalar libm call per key)
     tot = np.float32(0.0)
-    for s in range(lo, pos + 1):
-        e = np.exp(sc[s - lo] - mx)
-        sc[s - lo] = e
-        tot += e
+    for s in range(n):
+        tot += sc[s]
     inv = np.float32(1.0) / tot
     for d in range(hd):
         acc[d] = np.float32(0.0)
@@ -208,6 +211,70 @@ def _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
     for t in range(n_tok):
         for h in range(n_head):
             _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out)
+
+
+@njit(**_SER)
+def _attention_dec(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
+    """Decode: write k_new/v_new (n_tok, n_kv*hd; row-strided views allowed) into the caches at
+    n_past, then the serial per-row attention (one call instead of two cache writes + attention)."""
+    n_tok = q.shape[0]
+    for t in range(n_tok):
+        for kh in range(n_kv):
+            for d in range(hd):
+                kc[n_past + t, kh, d] = k_new[t, kh * hd + d]
+                vc[n_past + t, kh, d] = v_new[t, kh * hd + d]
+    _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
+
+
+@njit(**_SER)
+def _rope_out_rows(x, out, cos, sin, n_rot, neox, t0, t1):
+    """out[t] = rope(x[t]) for t in [t0, t1); x (n_tok, n_head*hd) may be row-strided, out (n_tok, n_head, hd)."""
+    n_head, hd = out.shape[1], out.shape[2]
+    half = n_rot // 2
+    for t in range(t0, t1):
+        for h in range(n_head):
+            b = h * hd
+            if neox:
+                for i in range(half):
+                    a_ = x[t, b + i]
+                    b_ = x[t, b + i + half]
+                    c = cos[t, i]
+                    s = sin[t, i]
+                    out[t, h, i] = a_ * c - b_ * s
+                    out[t, h, i + half] = a_ * s + b_ * c
+            else:
+                for i in range(half):
+                    a_ = x[t, b + 2 * i]
+                    b_ = x[t, b + 2 * i + 1]
+                    c = cos[t, i]
+                    s = sin[t, i]
+                    out[t, h, 2 * i] = a_ * c - b_ * s
+                    out[t, h, 2 * i + 1] = a_ * s + b_ * c
+            for i in range(n_rot, hd):
+                out[t, h, i] = x[t, b + i]
+
+
+@njit(**_SER)
+def _rope_out_1(x, out, cos, sin, n_rot, neox):
+    _rope_out_rows(x, out, cos, sin, n_rot, neox, 0, x.shape[0])
+
+
+@njit(**_JIT)
+def _rope_out(x, out, cos, sin, n_rot, neox):
+    n_tok = x.shape[0]
+    n_ch = (n_tok + 7) // 8
+    for c in prange(n_ch):
+        _rope_out_rows(x, out, cos, sin, n_rot, neox, c * 8, min(n_tok, c * 8 + 8))
+
+
+def rope(x, cos, sin, n_head, head_dim, n_rot, neox):
+    """Out-of-place rope: x (n_tok, n_head*head_dim) float32 with unit inner stride (a column slice of
+    a stacked q|k|v output passes without a copy) -> (n_tok, n_head, head_dim); cos/sin (n_tok, n_rot/2)
+    float32 C-contiguous."""
+    x = _rows(x)
+    out = np.empty((x.shape[0], n_head, head_dim), np.float32)
+    (_rope_out if x.shape[0] >= _PAR_MIN else _rope_out_1)(x, out, cos, sin, n_rot, neox)
+    return out
 
 
 def _as2d(x):
@@ -276,7 +343,7 @@ def attention(q, k_cache, v_cache, n_past, n_head, n_kv, head_dim, scale, window
         with _blas.one_blas_thread():
             _blas.attention_sgemm(*args)
     else:
-        (_attention if q.shape[0] * n_head >= 4 * _PAR_MIN else _attention_1)(*args)
+        (_attention if q.shape[0] * n_head >= _ATT_PAR_MIN else _attention_1)(*args)
     return out
 
 

@@ -5,6 +5,9 @@
 Times matvec (n_tok=1) and matmul (n_tok=512) per type on realistic shapes (n_rows x n_cols):
 576x1536, 1536x576, 49152x576, 4096x4096, 14336x4096.  Prints G weights/s (n_rows*n_cols*n_tok / s)
 and GB/s of packed weights read per call.  Warm-up calls are discarded; the median of repeats is reported.
+The layout column is the packed layout (blk = GGUF blocks in place); the mm path is "sgemm" (dequantized
+tiles + OpenBLAS from numba's threads, cpu_blas) from cpu_kernels._BLAS_MIN_TOK tokens, else "int16".
+--int16 forces the int16 kernels for the matmul column too.
 """
 from __future__ import annotations
 
@@ -58,13 +61,17 @@ def main() -> None:
     ap.add_argument("--mm-max-weights", type=float, default=2e7,
                     help="skip the n_tok matmul on shapes with more weights than this (time)")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--int16", action="store_true", help="matmul column through the int16 kernels")
     args = ap.parse_args()
     ck.set_threads(args.threads)
+    if args.int16:
+        ck._BLAS_MIN_TOK = 1 << 62
+    path = "int16" if args.ntok < ck._BLAS_MIN_TOK else "sgemm"
     rng = np.random.default_rng(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"threads={args.threads}  (G w/s = 1e9 weights*tokens per second; GB/s = packed bytes read per call)")
-    print(f"{'type':6} {'shape':>11} {'bytes/w':>7} | {'matvec G w/s':>12} {'GB/s':>6} {'us':>8} | "
-          f"{'mm' + str(args.ntok) + ' G w/s':>12} {'ms':>8}")
+    print(f"{'type':6} {'shape':>11} {'layout':>6} {'bytes/w':>7} | {'matvec G w/s':>12} {'GB/s':>6} {'us':>8} | "
+          f"{'mm' + str(args.ntok) + ' G w/s':>12} {'ms':>8}  ({path})")
     for tname in args.types.split(","):
         qtype = QType[tname]
         for n_rows, n_cols in shapes:
@@ -77,7 +84,7 @@ def main() -> None:
             o1 = np.empty((1, n_rows), dtype=np.float32)
             t1 = bench(lambda: ck.matmul(w, x1, o1), args.repeats)
             nw = n_rows * n_cols
-            line = (f"{tname:6} {n_rows:>5}x{n_cols:<5} {w.nbytes / nw:7.3f} | {nw / t1 / 1e9:12.2f} "
+            line = (f"{tname:6} {n_rows:>5}x{n_cols:<5} {w.layout:>6} {w.nbytes / nw:7.3f} | {nw / t1 / 1e9:12.2f} "
                     f"{w.nbytes / t1 / 1e9:6.1f} {t1 * 1e6:8.0f} | ")
             if nw <= args.mm_max_weights:
                 xn = rng.standard_normal((args.ntok, n_cols), dtype=np.float32)

@@ -23,6 +23,7 @@ import torch
 
 from ..core.qtypes import QTYPE_INFO, QType
 from . import cuda_kernels as ck
+from .fast_launch import FastLaunch
 from .cuda_kernels import HAVE_TRITON
 
 try:  # Gluon (Triton's explicit-layout dialect, triton >= 3.5) runs the kernels; optional like Triton
@@ -335,6 +336,9 @@ def config(qtype: QType, n_rows: int, n_cols: int, batch: int) -> tuple[int, int
     return bn, kb, ti, nw
 
 
+_fast = [FastLaunch(k) for k in (_k_q32, _k_q45k, _k_q6k)] if HAVE_GLUON else []
+
+
 def _launch(x: torch.Tensor, flat: torch.Tensor, qtype: QType, n_rows: int, n_cols: int, out: torch.Tensor,
             cfg: tuple[int, int, int, int] | None = None) -> None:
     b = x.shape[0]
@@ -348,11 +352,11 @@ def _launch(x: torch.Tensor, flat: torch.Tensor, qtype: QType, n_rows: int, n_co
     grid = (triton.cdiv(n_rows, bn),)
     if qtype in _Q32:
         magic = _ONE ^ (0x80 << 15) if qtype == QType.Q8_0 else _ONE  # Q8_0: int8 -> q + 128
-        _k_q32[grid](*args, magic, **_Q32[qtype], **kw)
+        _fast[0](grid, *args, magic, **_Q32[qtype], **kw)
     elif qtype in (QType.Q4_K, QType.Q5_K):
-        _k_q45k[grid](*args, _ONE, TS=info.type_size, HAS_QH=int(qtype == QType.Q5_K), **kw)
+        _fast[1](grid, *args, _ONE, TS=info.type_size, HAS_QH=int(qtype == QType.Q5_K), **kw)
     else:
-        _k_q6k[grid](*args, _ONE, **kw)
+        _fast[2](grid, *args, _ONE, **kw)
 
 
 def gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: QType, n_rows: int, n_cols: int,

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..core.qtypes import QTYPE_INFO, QType
+from .fast_launch import FastLaunch
 
 try:  # Triton is optional: the CPU build of torch has none
     import triton
@@ -294,6 +295,10 @@ if HAVE_TRITON:
         tl.store(out_ptr + base + ib, (a * s + b * c).to(out_ptr.dtype.element_ty), mask=m)
 
 
+_fast_rms = FastLaunch(_k_rms_norm) if HAVE_TRITON else None
+_fast_rope = FastLaunch(_k_rope) if HAVE_TRITON else None
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, use_triton: bool | None = None):
     """x (T, N) -> x * rsqrt(mean(x^2) + eps) * w in `dtype`, computed in fp32 (w: fp32)."""
     if use_triton is None:
@@ -301,8 +306,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype, u
     if use_triton and x.is_contiguous():
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
         n = x.shape[-1]
-        _k_rms_norm[(x.numel() // n,)](x, w, out, n, eps, BLOCK=triton.next_power_of_2(n),
-                                       num_warps=8 if n >= 4096 else 4)
+        _fast_rms((x.numel() // n,), x, w, out, n, eps, BLOCK=triton.next_power_of_2(n),
+                  num_warps=8 if n >= 4096 else 4)
         return out
     xf = x.float()
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w).to(dtype)
@@ -319,8 +324,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, hea
         out = torch.empty((t, n_head * head_dim), dtype=dtype, device=x.device)
         half = n_rot // 2
         hb = 8
-        _k_rope[(t, triton.cdiv(n_head, hb))](x, cos, sin, out, n_head, HD=head_dim, HALF=half, NEOX=bool(neox),
-                                              HB=hb, PB=triton.next_power_of_2(half), num_warps=4)
+        _fast_rope((t, triton.cdiv(n_head, hb)), x, cos, sin, out, n_head, HD=head_dim, HALF=half, NEOX=bool(neox),
+                   HB=hb, PB=triton.next_power_of_2(half), num_warps=4)
         return out
     xf = x.float().reshape(t, n_head, head_dim)
     out = xf.clone()

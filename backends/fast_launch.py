@@ -1,0 +1,47 @@
+"""Relaunch compiled Triton/Gluon kernels without Triton's per-call argument binding.
+
+`kernel[grid](...)` re-binds and re-specializes every argument on each call: about 100 us of
+Python, the bulk of an eager decode step (hundreds of launches per token). The first launch per
+key goes through Triton (compiling if needed) and keeps the compiled kernel; later launches with
+the same key call it directly. The key holds everything Triton specializes on: dtypes, 16-byte
+pointer alignment, int values, constexprs and the grid. Any failure of the direct call turns it
+off for good (Triton's own path is always correct).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    return a
+
+
+class FastLaunch:
+    enabled = True
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.cache: dict = {}
+
+    def __call__(self, grid: tuple, *args, **kw):
+        key = (grid, tuple(_spec(a) for a in args), tuple(kw.items()))
+        ent = self.cache.get(key) if FastLaunch.enabled else None
+        if ent is not None:
+            k, consts = ent
+            g = tuple(grid) + (1, 1)
+            try:
+                k.run(g[0], g[1], g[2], torch.cuda.current_stream().cuda_stream, k.function, k.packed_metadata,
+                      None, None, None, *args, *consts)
+                return
+            except Exception:  # noqa: BLE001 - an internal API changed: use Triton's path from now on
+                FastLaunch.enabled = False
+        k = self.fn[grid](*args, **kw)
+        if FastLaunch.enabled and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+            try:
+                sig = self.fn.signature.parameters
+                consts = [kw[n] if n in kw else sig[n].default for n in self.fn.arg_names[len(args):]]
+                self.cache[key] = (k, consts)
+            except Exception:  # noqa: BLE001
+                FastLaunch.enabled = False

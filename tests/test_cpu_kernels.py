@@ -110,3 +110,22 @@ def test_swiglu_gelu():
     np.testing.assert_allclose(ck.swiglu(g, u), g64 / (1 + np.exp(-g64)) * u, rtol=1e-4, atol=1e-5)
     ref = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
     np.testing.assert_allclose(ck.gelu_tanh(g), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not ck.HAVE_AVX2, reason="blk layout needs AVX2")
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("n_tok", [1, 3, 64])
+def test_matmul_blk_layout(qtype, n_tok, monkeypatch):
+    """The GGUF-blocks-in-place layout (default for Q8_0 only; LSTREAM_CPU_BLK=all for the others)."""
+    monkeypatch.setattr(ck, "_BLK_TYPES", frozenset(ck._blk.QTYPES))
+    n_rows, n_cols = 37, 512
+    raw = make_raw(qtype, n_rows, n_cols, seed=200 + int(qtype))
+    w = ck.pack(qtype, raw, n_rows, n_cols)
+    assert w.layout == "blk" and w.nbytes == raw.nbytes
+    wf = gq.dequantize(raw, G(int(qtype))).reshape(n_rows, n_cols).astype(np.float64)
+    x = np.random.default_rng(n_tok).standard_normal((n_tok, n_cols)).astype(np.float32)
+    ref = x.astype(np.float64) @ wf.T
+    assert _nmse(ck.matmul(w, x), ref) <= 5e-4
+    big, (a, b) = ck.concat_rows([w, ck.pack(qtype, raw[:5], 5, n_cols)])
+    assert _nmse(ck.matmul(big, x)[:, :n_rows], ref) <= 5e-4
+    assert _nmse(ck.matmul(b, x), ref[:, :5]) <= 5e-4

@@ -33,7 +33,109 @@ class StepRunner:
         self.use_graphs = use_graphs
         self._graphs: dict[tuple, tuple] = {}  # (plan id, B, span) -> (plan, graph, inputs, output)
         self._eligible: dict[int, tuple] = {}
-        self.replays = self.captures = 0
+        self.replays = self.captures = self.segment_runs = 0
+
+    def segment(self, plan, ctx) -> tuple[int, int] | None:
+        """[start, stop) in plan order: the longest run of whole layers that could be replayed on
+        their own (mixed decode: the resident layers between the CPU or streamed ones and a
+        streamed output head), or None."""
+        if len(ctx.tokens) > self.max_tokens or ctx.logits != "last" or ctx.profile is not None:
+            return None
+        key = ("segment", id(plan))
+        hit = self._eligible.get(key)
+        if hit is None or hit[0] is not plan:
+            from ..core.ops import Op
+            from .cuda import DeviceKV
+            flat = list(plan.assignments())
+            bad_layers = {a.node.layer for a in flat if not (
+                a.backend == self.backend.name and not a.uploads and not (
+                    a.node.op is Op.ATTENTION and not isinstance(ctx.kv.layers[a.node.layer], DeviceKV)))}
+            best, run = None, None  # runs of consecutive good layers, as [first index, end index)
+            for k, a in enumerate(flat):
+                good = a.node.layer not in bad_layers and 0 <= a.node.layer < len(ctx.kv.layers)
+                if good and (run is None or run[1] != k):
+                    run = [k, k]
+                if good:
+                    run[1] = k + 1
+                    if best is None or run[1] - run[0] > best[1] - best[0]:
+                        best = tuple(run)
+                elif run is not None:
+                    run = None
+            hit = self._eligible[key] = (plan, best if best and best[1] - best[0] > 0 else None)
+        return hit[1]
+
+    def run_segment(self, executor, plan, ctx, seg: tuple[int, int]) -> np.ndarray:
+        """The plan before the segment eagerly, the segment replayed from a graph whose static
+        inputs are the values that cross into it (the residual stream), the rest eagerly."""
+        start, stop = seg
+        name, be = self.backend.name, self.backend
+        self.segment_runs += 1
+        used = executor._used(plan)
+        for b in used:
+            b.begin_run(plan, ctx)
+        try:
+            vals: dict = {}
+            for _ in executor.steps(plan, ctx, [], values=vals, stop=start):
+                pass
+            live = {}
+            for i, where in vals.items():  # what the segment reads, on the device
+                if name in where:
+                    live[i] = where[name]
+                else:
+                    src, v = next(iter(where.items()))
+                    live[i] = be.from_host(executor.backends[src].to_host(v))
+            n = len(ctx.tokens)
+            span = min(ctx.kv.n_ctx, -(-(ctx.n_past + n) // SPAN_STEP) * SPAN_STEP)
+            if not self.use_graphs:
+                ctx.graph = self._inputs(n, span, None)
+                self._fill(ctx.graph, ctx)
+                after = {i: {name: v} for i, v in live.items()}
+                for _ in executor.steps(plan, ctx, [], values=after, start=start, stop=stop):
+                    pass
+            else:
+                key = ("segment", id(plan), n, span)
+                hit = self._graphs.get(key)
+                if hit is None or hit[0] is not plan:
+                    hit = self._graphs[key] = self._capture_segment(executor, plan, ctx, n, span, seg, live)
+                _, graph, si, static, outs = hit
+                for i, v in live.items():
+                    static[i].copy_(v)
+                self._fill(si, ctx)
+                graph.replay()
+                self.replays += 1
+                after = {i: {name: v} for i, v in outs.items()}
+            ctx.graph = None
+            out: list = []
+            for _ in executor.steps(plan, ctx, out, values=after, start=stop):
+                pass
+            return out[0]
+        finally:
+            for b in used:
+                b.end_run()
+
+    def _capture_segment(self, executor, plan, ctx, n, span, seg, live):
+        static = {i: v.clone() for i, v in live.items()}
+        si = self._inputs(n, span, None)
+        self._fill(si, ctx)
+        ctx.graph = si
+
+        def segment():
+            vals = {i: {self.backend.name: v} for i, v in static.items()}
+            for _ in executor.steps(plan, ctx, [], values=vals, start=seg[0], stop=seg[1]):
+                pass
+            return {i: where[self.backend.name] for i, where in vals.items()}
+        dev = self.backend.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            segment()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        si.cache.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = segment()
+        self.captures += 1
+        return plan, graph, si, static, outs
 
     def eligible(self, plan, ctx) -> bool:
         """Every node on this backend, nothing streamed, every layer's K/V in VRAM, few tokens."""

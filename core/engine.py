@@ -177,10 +177,15 @@ class Model:
             self.kv.n_past += len(tokens)
             return out[-1]
         steps = getattr(self.device_backend, "steps", None)
-        if len(runs) == 1 and steps is not None and steps.eligible(runs[0][1], runs[0][2]):
-            out = steps.run(*runs[0])  # a resident decode step: static buffers, a CUDA graph replayed
-            self.kv.n_past += len(tokens)
-            return out[-1]
+        if len(runs) == 1 and steps is not None:
+            out = None
+            if steps.eligible(runs[0][1], runs[0][2]):
+                out = steps.run(*runs[0])  # a resident decode step: static buffers, a CUDA graph replayed
+            elif (seg := steps.segment(runs[0][1], runs[0][2])) is not None:
+                out = steps.run_segment(*runs[0], seg)  # mixed decode: its resident layers from a graph
+            if out is not None:
+                self.kv.n_past += len(tokens)
+                return out[-1]
         outs = []
         for ex, plan, ctx in runs:
             last = ctx is runs[-1][2]

@@ -86,17 +86,26 @@ class Executor:
     def _used(self, plan: Plan) -> list:
         return [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
 
-    def steps(self, plan: Plan, ctx: RunContext, out: list, to_host: bool = True):
+    def steps(self, plan: Plan, ctx: RunContext, out: list, to_host: bool = True, values: dict | None = None,
+              start: int = 0, stop: int | None = None):
         """Generator: runs the plan node by node and yields the layer of the next node whenever the
         layer changes (before any of its work), so ubatches can be interleaved layer by layer.
-        Appends the output to `out` at the end (None when to_host is None)."""
-        values: dict[int, dict[str, object]] = {}  # node id -> {backend name: value there}
+        Appends the output to `out` at the end (None when to_host is None). Part of a plan:
+        assignments [start, stop) in plan order, `values` holding what earlier ones made (a run that
+        stops early leaves there the values later assignments need)."""
+        values = {} if values is None else values  # node id -> {backend name: value there}
         prof = ctx.profile
         layer = None
+        k = -1
         for split in plan.splits:
             backend = self.backends[split.backend]
             hopped = False
             for a in split.assignments:
+                k += 1
+                if k < start:
+                    continue
+                if stop is not None and k >= stop:
+                    return
                 node = a.node
                 if node.layer != layer:
                     layer = node.layer
@@ -127,7 +136,7 @@ class Executor:
     def _hop(self, split, backend, values, prof) -> None:
         """The one place activations cross backends: a split's inputs made elsewhere."""
         for i in split.copy_inputs:
-            if split.backend not in values[i]:
+            if i in values and split.backend not in values[i]:  # (a part of a plan: may be used up)
                 src, val = next(iter(values[i].items()))
                 t0 = time.perf_counter()
                 host = self.backends[src].to_host(val)

@@ -54,6 +54,8 @@ def test_layer_split_decode(model_path, reference, ngl, k):
         assert q == expect, (layer, q)
         if layer < n_host:  # host K/V: attention stays on the CPU
             assert where[f"blk.{layer}.attn"] == "cpu"
+    if 0 < ngl <= N_LAYER:  # resident layers between streamed ones and the streamed head: a static segment
+        assert dev.steps.segment_runs == 3
     # every streamed layer of a step is copied from the step's start: the ring holds them all
     streamed = n_host - k + (1 if ngl <= N_LAYER else 0)  # + the output head (host below -ngl N+1)
     assert len(dev.streamer.slots) >= streamed

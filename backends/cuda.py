@@ -29,6 +29,7 @@ from ..core.streaming import LayerStreamer
 from . import cuda_gemv as cg
 from . import cuda_kernels as ck
 from .base import Backend
+from .cuda_attention import AttentionMixin, DeviceKV
 from .cuda_graphs import StepRunner
 
 
@@ -83,12 +84,6 @@ class CudaRuntime:
 
 
 @dataclass
-class DeviceKV:
-    k: torch.Tensor  # (n_ctx, n_kv_head, head_dim) compute dtype, on the device
-    v: torch.Tensor
-
-
-@dataclass
 class _RunState:
     release_at: dict  # (ubatch, node id) -> streamed layers released after that node
     layer_of: dict  # streamed tensor -> layer
@@ -100,7 +95,7 @@ _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat
            "fp32": torch.float32, "float32": torch.float32}
 
 
-class CUDABackend(Backend):
+class CUDABackend(AttentionMixin, Backend):
     name = "cuda"
     OPS = frozenset({Op.EMBED, Op.MATMUL, Op.RMS_NORM, Op.RMS_NORM_HEADS, Op.ADD, Op.SWIGLU, Op.GEGLU,
                       Op.SCALE, Op.ROPE, Op.ATTENTION})
@@ -125,6 +120,8 @@ class CUDABackend(Backend):
         self._inv_freq: dict[tuple, tuple] = {}  # rope frequencies on the device, for static steps
         self._run = None  # per-run state
         self._kv_pending: list = []
+        self._stacks: dict[str, tuple] = {}  # resident q/k/v, gate/up: name -> (stack, its rows, names)
+        self._pend: dict[str, tuple] = {}  # sibling outputs of a stacked GEMV: name -> (input, y)
         self._kv_done: dict[int, object] = {}  # id(host K/V store) -> event after its last write-back
         self._plan_cache: dict[int, tuple] = {}
         self._pinned_kv: set[int] = set()
@@ -175,6 +172,30 @@ class CUDABackend(Backend):
                 e.state = State.RESIDENT
             elif e.home == HOST and e.qtype in ck.SUPPORTED and e.name != "token_embd.weight":
                 self._streamable.append(e.name)
+        self._stack_resident()
+
+    _STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+    def _stack_resident(self) -> None:
+        """Resident projections that read one input (q, k, v; gate, up) share one buffer, rows
+        back to back; the single weights become row views (no extra VRAM). A decode step then reads
+        them with one GEMV launch (small k/v shapes alone use the GPU poorly)."""
+        self._stacks.clear()
+        for il in sorted({e.layer for e in self.residency if e.layer >= 0}):
+            for kinds in self._STACKS:
+                names = [f"blk.{il}.{k}.weight" for k in kinds]
+                if not all(n in self._resident for n in names):
+                    continue
+                es = [self.residency[n] for n in names]
+                if any(e.alias_of for e in es) or len({(e.qtype, e.n_cols) for e in es}) != 1 \
+                        or es[0].qtype not in cg.GEMV_TYPES:
+                    continue
+                big = torch.cat([self._resident[n] for n in names])
+                r0 = 0
+                for n, e in zip(names, es):
+                    self._resident[n] = big[r0:r0 + e.n_rows]
+                    self._stacks[n] = (big, slice(r0, r0 + e.n_rows), names)
+                    r0 += e.n_rows
 
     def prepare_policy(self) -> None:
         """A policy that decides per layer (LayerSplit, CostModel) reads the residency once."""
@@ -191,6 +212,8 @@ class CUDABackend(Backend):
         self.rt.synchronize()
         self.steps.clear()
         self._resident.clear()
+        self._stacks.clear()
+        self._pend.clear()
         self._small.clear()
         self.streamer = None
         self._scratch = None
@@ -258,6 +281,7 @@ class CUDABackend(Backend):
                 st.ensure_slots(len(order), self.rt.free_memory() - (1 << 30))
             st.begin(order)
         self._run = _RunState(release_at, layer_of, {}, runs[-1][1])
+        self._pend.clear()
 
     def _speculate_now(self, ctx) -> bool:
         """Prefetch the first layers again at the end of this run? Only when allowed (`speculate`)
@@ -330,7 +354,20 @@ class CUDABackend(Backend):
             src = self._matmul_src(node.weights[0])
             if x.shape[0] <= cg.MAX_BATCH and self._gemv_ok and src.qtype in cg.GEMV_TYPES:
                 # few tokens: read the quantized blocks once, no fp16 copy of the weight
-                y = cg.gemv(x, self._weight_bytes(node.weights[0]), src.qtype, src.n_rows, src.n_cols)
+                name = node.weights[0]
+                pend = self._pend.pop(name, None)
+                stack = self._stacks.get(name)
+                if pend is not None and pend[0] is inputs[0]:  # computed with a sibling's stack
+                    y = pend[1]
+                elif stack is not None:
+                    big, rows, names = stack
+                    yy = cg.gemv(x, big, src.qtype, big.shape[0], src.n_cols)
+                    for n in names:
+                        if n != name:
+                            self._pend[n] = (inputs[0], yy[:, self._stacks[n][1]])
+                    y = yy[:, rows]
+                else:
+                    y = cg.gemv(x, self._weight_bytes(name), src.qtype, src.n_rows, src.n_cols)
                 self._after(node, ctx)
             else:
                 w = self._dequant(node.weights[0])
@@ -402,107 +439,6 @@ class CUDABackend(Backend):
                                      ctx.positions, p["scaling"])  # keep what the ids name alive
         return ck.rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox",
                        self.dtype, self.use_triton)
-
-    def _attention(self, node: Node, inputs, ctx) -> torch.Tensor:
-        q, k, v = inputs
-        p = node.params
-        t, n_past = q.shape[0], ctx.n_past
-        n_head, n_kv, hd = p["n_head"], p["n_head_kv"], p["head_dim"]
-        k = k.to(self.dtype).reshape(t, n_kv, hd)
-        v = v.to(self.dtype).reshape(t, n_kv, hd)
-        store = ctx.kv.layers[node.layer]
-        if ctx.graph is not None:
-            return self._attention_static(q, k, v, store, p, ctx.graph)
-        if isinstance(store, DeviceKV):  # resident layer: K/V live here
-            store.k[n_past:n_past + t] = k
-            store.v[n_past:n_past + t] = v
-            keys, vals = store.k[:n_past + t], store.v[:n_past + t]
-        else:  # a host layer computed here (prefill): read its past, write the new K/V back async
-            keys, vals = k, v
-            pending = self._kv_done.get(id(store))
-            if pending is not None:  # an earlier ubatch's write-back of this layer must land first
-                self.rt.compute_stream.wait_event(pending)
-            if n_past:
-                pk = torch.from_numpy(store.k[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
-                pv = torch.from_numpy(store.v[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
-                keys, vals = torch.cat([pk, k]), torch.cat([pv, v])
-            self._write_back(store, k, v, n_past)
-        s = n_past + t
-        qh = q.to(self.dtype).reshape(t, n_head, hd).transpose(0, 1).unsqueeze(0)
-        g = n_head // n_kv
-        kh = keys.transpose(0, 1).unsqueeze(0)
-        vh = vals.transpose(0, 1).unsqueeze(0)
-        if g > 1:
-            kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
-        window = p.get("window", 0)
-        mask, causal = None, False
-        if window or (n_past and t > 1):
-            qpos = torch.arange(n_past, s, device=self.device)[:, None]
-            kpos = torch.arange(s, device=self.device)[None, :]
-            mask = kpos <= qpos
-            if window:
-                mask &= kpos > qpos - window
-        elif t > 1:
-            causal = True
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=p["scale"])
-        return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
-
-    def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
-        """Attention of a static step (backends/cuda_graphs.py): K/V written at the device-side
-        positions, then the first `span` cache rows read under a position mask (built once per
-        step); grouped-query heads share their K/V head by reshaping q, not by repeating K/V."""
-        t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
-        g = n_head // n_kv
-        store.k.index_copy_(0, si.positions, k)
-        store.v.index_copy_(0, si.positions, v)
-        window = p.get("window", 0)
-        mask = si.cache.get(("mask", g, window))
-        if mask is None:
-            kpos = torch.arange(si.span, device=self.device)[None, :]
-            qpos = si.positions[:, None]
-            m = kpos <= qpos
-            if window:
-                m &= kpos > qpos - window
-            mask = si.cache[("mask", g, window)] = m.repeat(g, 1)[None, None]  # (1, 1, g*t, S)
-        keys = store.k[:si.span].transpose(0, 1).unsqueeze(0)  # (1, n_kv, S, hd)
-        vals = store.v[:si.span].transpose(0, 1).unsqueeze(0)
-        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(1, n_kv, g * t, hd)
-        o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=p["scale"])  # (1, n_kv, g*t, hd)
-        return o.reshape(n_kv, g, t, hd).permute(2, 0, 1, 3).reshape(t, n_head * hd)
-
-    def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:
-        """New K/V of a host layer go back to its host cache on the K/V stream, without blocking."""
-        rt, t = self.rt, k.shape[0]
-        kf, vf = k.float(), v.float()
-        ev = rt.new_event()
-        ev.record(rt.compute_stream)
-        rt.kv_stream.wait_event(ev)
-        self._pin_host_kv(store)
-        for arr, src in ((store.k, kf), (store.v, vf)):
-            rt.copy(torch.from_numpy(arr)[n_past:n_past + t], src, rt.kv_stream)
-        done = rt.new_event()
-        done.record(rt.kv_stream)
-        # keep the sources alive until their copies finished; drop the finished ones (VRAM flat)
-        self._kv_pending = [x for x in self._kv_pending if not x[0].query()]
-        self._kv_pending.append((done, kf, vf))
-        self._kv_done[id(store)] = done
-
-    def _pin_host_kv(self, store) -> None:
-        """Move a host layer's K/V arrays into pinned memory once (same shape, same contents), so
-        the device writes into them asynchronously; the CPU backend keeps reading store.k/.v."""
-        if id(store) in self._pinned_kv:
-            return
-        self._pinned_kv.add(id(store))
-        for attr in ("k", "v"):
-            a = getattr(store, attr)
-            buf, pinned = self.rt.alloc_host(a.nbytes)
-            if not pinned:
-                warnings.warn("host K/V could not be pinned: its write-back is synchronous", RuntimeWarning,
-                              stacklevel=3)
-                return
-            arr = self.rt.as_array(buf, like=a)
-            arr[...] = a
-            setattr(store, attr, arr)
 
     # -- activations ---------------------------------------------------------------------------
     def to_host(self, value) -> np.ndarray:

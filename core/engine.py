@@ -3,7 +3,7 @@ chat and score. Everything runs through the graph, the scheduler and the executo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .ops import Op
-from .qtypes import QType
 from .residency import TensorEntry
 
 

@@ -1,0 +1,122 @@
+"""Attention on the CUDA backend: K/V in VRAM for resident layers; for a host layer computed here
+(prefill), its past read from host memory and its new K/V written back asynchronously; and the
+static form of a decode step (backends/cuda_graphs.py). A mixin of CUDABackend."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.graph import Node
+
+
+@dataclass
+class DeviceKV:
+    k: torch.Tensor  # (n_ctx, n_kv_head, head_dim) compute dtype, on the device
+    v: torch.Tensor
+
+
+class AttentionMixin:
+    def _attention(self, node: Node, inputs, ctx) -> torch.Tensor:
+        q, k, v = inputs
+        p = node.params
+        t, n_past = q.shape[0], ctx.n_past
+        n_head, n_kv, hd = p["n_head"], p["n_head_kv"], p["head_dim"]
+        k = k.to(self.dtype).reshape(t, n_kv, hd)
+        v = v.to(self.dtype).reshape(t, n_kv, hd)
+        store = ctx.kv.layers[node.layer]
+        if ctx.graph is not None:
+            return self._attention_static(q, k, v, store, p, ctx.graph)
+        if isinstance(store, DeviceKV):  # resident layer: K/V live here
+            store.k[n_past:n_past + t] = k
+            store.v[n_past:n_past + t] = v
+            keys, vals = store.k[:n_past + t], store.v[:n_past + t]
+        else:  # a host layer computed here (prefill): read its past, write the new K/V back async
+            keys, vals = k, v
+            pending = self._kv_done.get(id(store))
+            if pending is not None:  # an earlier ubatch's write-back of this layer must land first
+                self.rt.compute_stream.wait_event(pending)
+            if n_past:
+                pk = torch.from_numpy(store.k[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
+                pv = torch.from_numpy(store.v[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
+                keys, vals = torch.cat([pk, k]), torch.cat([pv, v])
+            self._write_back(store, k, v, n_past)
+        s = n_past + t
+        qh = q.to(self.dtype).reshape(t, n_head, hd).transpose(0, 1).unsqueeze(0)
+        g = n_head // n_kv
+        kh = keys.transpose(0, 1).unsqueeze(0)
+        vh = vals.transpose(0, 1).unsqueeze(0)
+        if g > 1:
+            kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+        window = p.get("window", 0)
+        mask, causal = None, False
+        if window or (n_past and t > 1):
+            qpos = torch.arange(n_past, s, device=self.device)[:, None]
+            kpos = torch.arange(s, device=self.device)[None, :]
+            mask = kpos <= qpos
+            if window:
+                mask &= kpos > qpos - window
+        elif t > 1:
+            causal = True
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=p["scale"])
+        return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
+
+    def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
+        """Attention of a static step (backends/cuda_graphs.py): K/V written at the device-side
+        positions, then the first `span` cache rows read under a position mask (built once per
+        step); grouped-query heads share their K/V head by reshaping q, not by repeating K/V."""
+        t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
+        g = n_head // n_kv
+        store.k.index_copy_(0, si.positions, k)
+        store.v.index_copy_(0, si.positions, v)
+        window = p.get("window", 0)
+        mask = si.cache.get(("mask", g, window))
+        if mask is None:
+            kpos = torch.arange(si.span, device=self.device)[None, :]
+            qpos = si.positions[:, None]
+            m = kpos <= qpos
+            if window:
+                m &= kpos > qpos - window
+            mask = si.cache[("mask", g, window)] = m.repeat(g, 1)[None, None]  # (1, 1, g*t, S)
+        keys = store.k[:si.span].transpose(0, 1).unsqueeze(0)  # (1, n_kv, S, hd)
+        vals = store.v[:si.span].transpose(0, 1).unsqueeze(0)
+        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(1, n_kv, g * t, hd)
+        o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=p["scale"])  # (1, n_kv, g*t, hd)
+        return o.reshape(n_kv, g, t, hd).permute(2, 0, 1, 3).reshape(t, n_head * hd)
+
+    def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:
+        """New K/V of a host layer go back to its host cache on the K/V stream, without blocking."""
+        rt, t = self.rt, k.shape[0]
+        kf, vf = k.float(), v.float()
+        ev = rt.new_event()
+        ev.record(rt.compute_stream)
+        rt.kv_stream.wait_event(ev)
+        self._pin_host_kv(store)
+        for arr, src in ((store.k, kf), (store.v, vf)):
+            rt.copy(torch.from_numpy(arr)[n_past:n_past + t], src, rt.kv_stream)
+        done = rt.new_event()
+        done.record(rt.kv_stream)
+        # keep the sources alive until their copies finished; drop the finished ones (VRAM flat)
+        self._kv_pending = [x for x in self._kv_pending if not x[0].query()]
+        self._kv_pending.append((done, kf, vf))
+        self._kv_done[id(store)] = done
+
+    def _pin_host_kv(self, store) -> None:
+        """Move a host layer's K/V arrays into pinned memory once (same shape, same contents), so
+        the device writes into them asynchronously; the CPU backend keeps reading store.k/.v."""
+        if id(store) in self._pinned_kv:
+            return
+        self._pinned_kv.add(id(store))
+        for attr in ("k", "v"):
+            a = getattr(store, attr)
+            buf, pinned = self.rt.alloc_host(a.nbytes)
+            if not pinned:
+                warnings.warn("host K/V could not be pinned: its write-back is synchronous", RuntimeWarning,
+                              stacklevel=3)
+                return
+            arr = self.rt.as_array(buf, like=a)
+            arr[...] = a
+            setattr(store, attr, arr)
+

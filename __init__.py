@@ -7,7 +7,7 @@
 from .core.benchmark import bench  # noqa: F401
 from .core.engine import Model, load  # noqa: F401
 from .core.errors import LStreamError, ModelFormatError  # noqa: F401
-from .core.policy import Always, BatchThreshold, Calibration, CostModel, Never, UploadPolicy  # noqa: F401
+from .core.policy import Always, BatchThreshold, Calibration, CostModel, LayerSplit, Never, UploadPolicy  # noqa: F401
 from .core.sampling import Sampler, SamplerConfig  # noqa: F401
 
 __version__ = "0.1.0"

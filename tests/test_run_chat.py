@@ -107,6 +107,7 @@ def test_interactive_through_a_terminal(tmp_path):
         child.expect(r"Generation: \d+ tokens")  # answer finished, timings printed
         child.expect_exact("> ")
         child.sendline("Now tell me a very long story about a dragon.")
+        child.expect_exact("dragon.")  # the terminal's echo of the line: not the answer yet
         child.expect(r"\w+ \w+ \w+")  # tokens are streaming
         child.sendintr()  # Ctrl-C mid-answer
         child.expect_exact("[interrupted]")

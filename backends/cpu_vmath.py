@@ -4,7 +4,7 @@ numba has no SVML here, so np.exp in a loop is a scalar libm call per element (~
 softmax of prefill attention and silu/gelu of the FFN were bound by it.  vexp(a, start, n) computes
 a[start:start+n] = exp(a[start:start+n]) in place, 8 lanes at a time (AVX2 + FMA):
     x clamped to [-80, 80] (result and 1/result stay normal floats: denormals cost a microcode assist
-    each, measured 9x slower on gelu), k = rint(x*log2(e)),
+    each, measured 9x slower on gelu) and exp(x) = 0 below -64 (softmax: see vexp8), k = rint(x*log2(e)),
     f = x - k*ln2 (Cody-Waite, two constants), exp(f) by its Taylor polynomial of degree 7
     (|f| <= ln2/2: truncation error < 1e-8 relative), times 2^k built in the exponent bits.
 Relative error ~1-2 ulp vs libm.  The tail (n % 8) is left to the caller (vexp_tail below).
@@ -38,6 +38,7 @@ def vexp8(builder, x):
     vmin = cgutils.get_or_insert_function(mod, fty, "llvm.minnum.v8f32")
     rint = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f]), "llvm.rint.v8f32")
     fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f, _v8f, _v8f]), "llvm.fma.v8f32")
+    x0 = x
     x = builder.call(vmin, [builder.call(vmax, [x, _c(-80.0)]), _c(80.0)])
     k = builder.call(rint, [builder.fmul(x, _c(1.4426950408889634))])
     f = builder.call(fma, [k, _c(-0.693145751953125), x])  # ln2 hi (exact in 16 bits)
@@ -47,7 +48,10 @@ def vexp8(builder, x):
         p = builder.call(fma, [p, f, _c(c)])
     ki = builder.fptosi(k, _v8i)
     bits = builder.shl(builder.add(ki, ir.Constant(_v8i, [127] * 8)), ir.Constant(_v8i, [23] * 8))
-    return builder.fmul(p, builder.bitcast(bits, _v8f))
+    r = builder.fmul(p, builder.bitcast(bits, _v8f))
+    # below -64 the result is exactly 0: a softmax over a long context would otherwise give every
+    # far key a tiny probability whose products with V are denormals (30x slower decode at 3k tokens)
+    return builder.select(builder.fcmp_ordered("<", x0, _c(-64.0)), _c(0.0), r)
 
 
 @intrinsic
@@ -88,7 +92,7 @@ def vexp(a, start, n):
     _vexp_body(a, start, n)
     for i in range(start + (n // 8) * 8, start + n):
         x = min(max(a[i], np.float32(-80.0)), np.float32(80.0))
-        a[i] = np.exp(x)
+        a[i] = np.exp(x) if x >= np.float32(-64.0) else np.float32(0.0)
 
 
 GELU_K0 = np.float32(math.sqrt(2.0 / math.pi))

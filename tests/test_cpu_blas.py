@@ -17,7 +17,9 @@ def test_vexp_accuracy():
     a = x.copy()
     vexp(a, 0, a.size)
     ref = np.exp(np.clip(x.astype(np.float64), -80, 80))
-    assert np.max(np.abs(a - ref) / ref) < 4e-7  # ~3 ulp
+    keep = x >= -64  # below, exp is exactly 0 (no denormal softmax weights)
+    assert np.max(np.abs(a[keep] - ref[keep]) / ref[keep]) < 4e-7  # ~3 ulp
+    assert (a[~keep] == 0).all()
     b = x.copy()
     vexp(b, 5, 11)  # a window: the rest untouched
     np.testing.assert_array_equal(b[:5], x[:5])

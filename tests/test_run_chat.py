@@ -50,9 +50,7 @@ def test_second_turn_reuses_the_cached_prefix(model):
 
 
 def test_reused_prefix_gives_the_logits_of_a_fresh_evaluation(model):
-    import signal
-
-import numpy as np
+    import numpy as np
     from lstream.cli.chat import common_prefix
     s = ChatSession(model, greedy(), n_predict=6)
     s.answer("Say hello.")

@@ -19,12 +19,12 @@ cpu_quant_simd (xq, xd, xs = xd*sum(xq)).
 """
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from lstream.backends.cpu_quant_mm import _quant_row  # the activation quantizer, shared
 from lstream.core.qtypes import QType
 
 _i1 = ir.IntType(1)
@@ -273,24 +273,6 @@ def deq_blk(fmt, blk, out, off):
 _JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
 _ROWS = 16
 _TT = 64
-
-
-@njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
-def _quant_row(x, xq, xd, xs, t):
-    nb = x.shape[1] // 32
-    for b in range(nb):
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(x[t, b * 32 + j]))
-        dd = amax / np.float32(32767.0)
-        idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
-        s = np.int32(0)
-        for j in range(32):
-            v = np.int32(np.rint(x[t, b * 32 + j] * idd))
-            xq[t, b * 32 + j] = v
-            s += v
-        xd[t, b] = dd
-        xs[t, b] = dd * np.float32(s)
 
 
 @njit(**_JIT)

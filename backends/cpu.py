@@ -195,6 +195,17 @@ class CPUBackend(Backend):
             return cands[1] if best == cands[0] else cands[0]
         return best
 
+    # Decode runs of nodes as one numba call each (backends/cpu_program.py); LSTREAM_CPU_PROGRAM=0: op by op
+    _PROGRAMS = os.environ.get("LSTREAM_CPU_PROGRAM", "1") != "0" and K.HAVE_AVX2
+
+    def compile_split(self, assignments, last_use: dict, ctx):
+        """Runs of this split's nodes compiled into single calls, or None (run op by op)."""
+        from . import cpu_program
+        if not self._PROGRAMS or len(ctx.tokens) > cpu_program.MAX_TOKENS:
+            return None
+        units = cpu_program.compile_split(self, assignments, last_use, ctx)
+        return units if any(isinstance(u, cpu_program.Program) for u in units) else None
+
     def unload(self) -> None:
         self._packed.clear()
         self._vectors.clear()

@@ -217,13 +217,17 @@ def _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
 def _attention_dec(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
     """Decode: write k_new/v_new (n_tok, n_kv*hd; row-strided views allowed) into the caches at
     n_past, then the serial per-row attention (one call instead of two cache writes + attention)."""
-    n_tok = q.shape[0]
-    for t in range(n_tok):
+    _kv_write(k_new, v_new, kc, vc, n_past, n_kv, hd)
+    _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
+
+
+@njit(**_SER)
+def _kv_write(k_new, v_new, kc, vc, n_past, n_kv, hd):
+    for t in range(k_new.shape[0]):
         for kh in range(n_kv):
             for d in range(hd):
                 kc[n_past + t, kh, d] = k_new[t, kh * hd + d]
                 vc[n_past + t, kh, d] = v_new[t, kh * hd + d]
-    _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
 
 
 @njit(**_SER)

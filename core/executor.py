@@ -63,11 +63,26 @@ class RunContext:
     graph: object = None  # device-side inputs of a CUDA-graph step (backends/cuda_graphs.py)
 
 
+class Fused:
+    """A run of one split's nodes that its backend computes in one call (backends/cpu_program.py):
+    nodes [k0, k1) of the split, reading `inputs` and making `outputs` (node ids); ids: its nodes."""
+    nodes: list
+    k0: int
+    k1: int
+    inputs: list[int]
+    outputs: list[int]
+    ids: frozenset
+
+    def run(self, args: list, ctx: "RunContext") -> list:
+        raise NotImplementedError
+
+
 class Executor:
     def __init__(self, graph: Graph, backends: dict):
         self.graph = graph
         self.backends = backends
         self.last_use = graph.last_use()
+        self._compiled: dict = {}  # (plan id, split, n_tokens, logits, profiled) -> (plan, units or None)
 
     def run(self, plan: Plan, ctx: RunContext, to_host: bool = True):
         """Run one ubatch; returns the output as float32 numpy (or the backend's value, to_host=False)."""
@@ -87,44 +102,53 @@ class Executor:
         return [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
 
     def steps(self, plan: Plan, ctx: RunContext, out: list, to_host: bool = True, values: dict | None = None,
-              start: int = 0, stop: int | None = None):
+              start: int = 0, stop: int | None = None, fuse: bool = True):
         """Generator: runs the plan node by node and yields the layer of the next node whenever the
         layer changes (before any of its work), so ubatches can be interleaved layer by layer.
         Appends the output to `out` at the end (None when to_host is None). Part of a plan:
         assignments [start, stop) in plan order, `values` holding what earlier ones made (a run that
-        stops early leaves there the values later assignments need)."""
+        stops early leaves there the values later assignments need). fuse: let a backend run a
+        compiled run of nodes in one call (it then yields only before the run's first node)."""
         values = {} if values is None else values  # node id -> {backend name: value there}
         prof = ctx.profile
         layer = None
-        k = -1
-        for split in plan.splits:
+        k = 0  # plan-order index of the next node
+        for si, split in enumerate(plan.splits):
             backend = self.backends[split.backend]
             hopped = False
-            for a in split.assignments:
-                k += 1
-                if k < start:
+            for unit in self._units(plan, si, split, backend, ctx, k, start, stop, fuse):
+                nodes = unit.nodes if isinstance(unit, Fused) else (unit,)
+                k0, k = k, k + len(nodes)
+                if k0 < start:
                     continue
-                if stop is not None and k >= stop:
+                if stop is not None and k0 >= stop:
                     return
-                node = a.node
-                if node.layer != layer:
-                    layer = node.layer
+                if nodes[0].layer != layer:
+                    layer = nodes[0].layer
                     yield layer
                 if not hopped:
                     hopped = True
                     self._hop(split, backend, values, prof)
-                args = [ctx.tokens if i == INPUT else values[i][split.backend] for i in node.inputs]
                 t_op = time.perf_counter() if prof is not None else 0.0
-                values[node.id] = {split.backend: backend.compute(node, args, ctx)}
+                if not isinstance(unit, Fused):
+                    node = unit
+                    args = [ctx.tokens if i == INPUT else values[i][split.backend] for i in node.inputs]
+                    values[node.id] = {split.backend: backend.compute(node, args, ctx)}
+                    dead = [i for i in node.inputs if i != INPUT and self.last_use[i] == node.id]
+                else:
+                    outs = unit.run([values[i][split.backend] for i in unit.inputs], ctx)
+                    for i, v in zip(unit.outputs, outs):
+                        values[i] = {split.backend: v}
+                    dead = [i for i in unit.inputs if self.last_use[i] in unit.ids]
+                    layer = nodes[-1].layer
                 if prof is not None:
                     if prof.sync_device and split.backend != HOST:
                         backend.synchronize()
                     t1 = time.perf_counter()
                     prof.add(f"{split.backend} compute", t1 - t_op, 0)
-                    prof.add_layer(node.layer, f"{split.backend} compute", t_op, t1, split.backend)
-                for i in node.inputs:
-                    if i != INPUT and self.last_use[i] == node.id:
-                        del values[i]
+                    prof.add_layer(nodes[0].layer, f"{split.backend} compute", t_op, t1, split.backend)
+                for i in dead:
+                    values.pop(i, None)
             if prof is not None:
                 prof.counts[f"{split.backend} compute"] = prof.counts.get(f"{split.backend} compute", 0) + 1
         if to_host is None:
@@ -132,6 +156,27 @@ class Executor:
             return
         src, val = next(iter(values[self.graph.output].items()))
         out.append(np.asarray(self.backends[src].to_host(val), dtype=np.float32) if to_host else val)
+
+    def _units(self, plan, si, split, backend, ctx, k, start, stop, fuse):
+        """A split's nodes, with the runs its backend compiled (compile_split) as single units where
+        they lie wholly inside [start, stop)."""
+        compiled = None
+        if fuse and hasattr(backend, "compile_split"):
+            key = (id(plan), si, len(ctx.tokens), ctx.logits, ctx.profile is not None)
+            hit = self._compiled.get(key)
+            if hit is None or hit[0] is not plan:
+                hit = self._compiled[key] = (plan, backend.compile_split(split.assignments, self.last_use, ctx))
+            compiled = hit[1]
+        if compiled is None:
+            yield from (a.node for a in split.assignments)
+            return
+        for unit in compiled:
+            if not isinstance(unit, Fused):
+                yield unit
+            elif start <= k + unit.k0 and (stop is None or k + unit.k1 <= stop):
+                yield unit
+            else:
+                yield from unit.nodes
 
     def _hop(self, split, backend, values, prof) -> None:
         """The one place activations cross backends: a split's inputs made elsewhere."""
@@ -163,7 +208,9 @@ def run_layer_major(runs: list[tuple[Executor, Plan, RunContext]]) -> np.ndarray
         b.begin_group(group)
     try:
         out: list = []  # only the last run has a head: the others append None first
-        gens = [ex.steps(plan, ctx, out if k == len(runs) - 1 else [], to_host=True if k == len(runs) - 1 else None)
+        # fuse=False: a compiled run spans layers, and ubatch k must not pass layer L before k-1 has
+        gens = [ex.steps(plan, ctx, out if k == len(runs) - 1 else [], to_host=True if k == len(runs) - 1 else None,
+                         fuse=False)
                 for k, (ex, plan, ctx) in enumerate(runs)]
         nxt = [next(g, None) for g in gens]
         while any(n is not None for n in nxt):

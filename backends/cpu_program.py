@@ -97,6 +97,16 @@ class Program(Fused):
             code.append(row + [0] * (P.N_COLS - len(row)))
             fpar.append(f)
 
+        def whole(nid):
+            """nid's value as a whole buffer (NORM's input, attention's q): copied out of a stack."""
+            b, c0, c1 = val[nid]
+            if c0 == 0 and c1 == shapes[b][1]:
+                return val[nid]
+            w = alloc(rows_of[nid], c1 - c0)
+            emit(P.OP_COPY, (w, 0, c1 - c0), val[nid])
+            bind(-2 - len(code), w, 0, c1 - c0, rows_of[nid])  # a temporary: never released
+            return (w, 0, c1 - c0)
+
         def width(nid):
             b, c0, c1 = val[nid]
             return c1 - c0
@@ -132,7 +142,7 @@ class Program(Fused):
                 b = alloc(rows, n)
                 out = (b, 0, n)
                 if op is Op.RMS_NORM:
-                    emit(P.OP_NORM, out, val[x[0]], ps=(vec(node.weights[0]), int(rows != rows_of[x[0]])),
+                    emit(P.OP_NORM, out, whole(x[0]), ps=(vec(node.weights[0]), int(rows != rows_of[x[0]])),
                          f=p["eps"])
                 elif op is Op.RMS_NORM_HEADS:
                     emit(P.OP_NORM_HEADS, out, val[x[0]], ps=(vec(node.weights[0]), p["head_dim"]), f=p["eps"])
@@ -151,7 +161,7 @@ class Program(Fused):
                 elif op is Op.ATTENTION:
                     kv = ctx.kv.layers[node.layer]
                     kvs.append(kv)
-                    emit(P.OP_ATTN, out, val[x[0]], val[x[1]], val[x[2]],
+                    emit(P.OP_ATTN, out, whole(x[0]), val[x[1]], val[x[2]],
                          ps=(len(kvs) - 1, p["n_head"], p["n_head_kv"], p["head_dim"], int(p.get("window", 0) or 0)),
                          f=p["scale"])
                 else:  # pragma: no cover - supports() admits only the ops above

@@ -10,13 +10,14 @@ the op-by-op path calls, so both paths compute the same numbers.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from lstream.backends import cpu_ops_kernels as _O
 from lstream.backends import cpu_quant_blk as _blk
-from lstream.backends import cpu_quant_mm as _mm
+from lstream.backends.cpu_quant_mm import _ROWS, _quant_row
+from lstream.backends.cpu_quant_simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
-OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN = range(9)
+OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
 # Weight table columns: layout, blk format id, blocks per row, has m (i8 layouts)
 L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK = range(5)
 N_COLS = 20
@@ -40,24 +41,38 @@ def _norm_heads(x, w, hd, eps, out):
                 out[t, h0 + i] = x[t, h0 + i] * inv * w[i]
 
 
-@njit(**_SER)
-def _matmul(wk, qs, qh, d, m, x, xq, xd, xs, out):
-    layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0
+@njit(cache=True, nogil=True, inline="always")
+def _dot(layout, fmt, has_m, qs, qi, qh, d, m, xq, xd, xs, r, nb):
+    """One row's dot product for any layout: the same intrinsics (and the same m term) as the
+    per-layout drivers of cpu_quant_mm / cpu_quant_blk, so results are identical."""
+    off = (r * nb, nb)
     if layout == L_NIB:
-        _mm.mm_nib(qs, d, m, x, True, xq, xd, xs, nb, out)
-    elif layout == L_NIB5:
-        _mm.mm_nib5(qs, qh, d, m, x, True, xq, xd, xs, nb, out)
-    elif layout == L_I8:
-        _mm.mm_i8(qs.view(np.int8), d, m, has_m, x, True, xq, xd, xs, nb, out)
-    elif layout == L_I8S16:
-        _mm.mm_i8s16(qs.view(np.int8), d, m, has_m, x, True, xq, xd, xs, nb, out)
-    else:
-        _blk.mm_blk(fmt, qs, x, True, xq, xd, xs, nb, out)
+        return dot_nib_row(qs, d, m, xq, xd, xs, off)
+    if layout == L_NIB5:
+        return dot_nib5_row(qs, qh, d, m, xq, xd, xs, off)
+    if layout == L_BLK:
+        return _blk.dot_blk(fmt, qs, xq, xd, xs, off)
+    v = dot_i8_row(qi, d, xq, xd, off) if layout == L_I8 else dot_i8s16_row(qi, d, xq, xd, off)
+    if has_m:
+        for b in range(nb):
+            v += m[r * nb + b] * xs[b]
+    return v
 
 
-@njit(**_SER)
-def _whole(bufs, c, j):
-    return c[j + 1] == 0 and c[j + 2] == bufs[c[j]].shape[1]
+@njit(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+def _matmul(wk, qs, qh, d, m, x, xq, xd, xs, out):
+    """out = x @ W^T for every layout in one parallel function (one compilation, not five drivers)."""
+    layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0
+    n_tok = xq.shape[0]
+    for t in range(n_tok):
+        _quant_row(x, xq, xd, xs, t)
+    qi = qs.view(np.int8)
+    n_rows = out.shape[1]
+    n_groups = (n_rows + _ROWS - 1) // _ROWS
+    for g in prange(n_groups):
+        for r in range(g * _ROWS, min(n_rows, (g + 1) * _ROWS)):
+            for t in range(n_tok):
+                out[t, r] = _dot(layout, fmt, has_m, qs, qi, qh, d, m, xq[t], xd[t], xs[t], r, nb)
 
 
 @njit(**_SER)
@@ -72,13 +87,11 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             j = p[1]  # activation quantization buffers for this (rows, n_cols)
             w = p[0]
             _matmul(wk[w], wq[w], wh[w], wd[w], wm[w], a, xq[j], xd[j], xs[j], bufs[c[1]])
-        elif op == OP_NORM:
+        elif op == OP_NORM:  # its input is a whole buffer (C layout: the sum vectorizes as op by op)
+            x = bufs[c[4]]
             if p[1] != 0:  # only the last row (the logits of the last token)
-                a = a[a.shape[0] - 1:]
-            if _whole(bufs, c, 4) and p[1] == 0:  # C layout: the reduction vectorizes as op by op
-                _O._rms_norm_1(bufs[c[4]], vec[p[0]], fpar[i, 0], out)
-            else:
-                _O._rms_norm_1(a, vec[p[0]], fpar[i, 0], out)
+                x = x[x.shape[0] - 1:]
+            _O._rms_norm_1(x, vec[p[0]], fpar[i, 0], out)
         elif op == OP_NORM_HEADS:
             _norm_heads(a, vec[p[0]], p[1], fpar[i, 0], out)
         elif op == OP_BIAS:
@@ -107,8 +120,9 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             b = bufs[c[7]][:, c[8]:c[9]]
             v = bufs[c[10]][:, c[11]:c[12]]
             _O._kv_write(b, v, kc[p[0]], vc[p[0]], n_past, p[2], p[3])
-            # heads over the threads (the op-by-op path runs decode attention on one thread)
-            if _whole(bufs, c, 4):  # q: a rope output, C layout as op by op
-                _O._attention(bufs[c[4]], kc[p[0]], vc[p[0]], n_past, p[1], p[2], p[3], fpar[i, 0], p[4], bufs[c[1]])
-            else:
-                _O._attention(a, kc[p[0]], vc[p[0]], n_past, p[1], p[2], p[3], fpar[i, 0], p[4], bufs[c[1]])
+            # q: a whole buffer (C layout, as op by op); heads over the threads (op by op: one thread)
+            _O._attention(bufs[c[4]], kc[p[0]], vc[p[0]], n_past, p[1], p[2], p[3], fpar[i, 0], p[4], bufs[c[1]])
+        elif op == OP_COPY:
+            for t in range(out.shape[0]):
+                for k in range(out.shape[1]):
+                    out[t, k] = a[t, k]

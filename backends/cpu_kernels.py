@@ -35,6 +35,7 @@ if HAVE_AVX2:
     from lstream.backends import cpu_quant_mm as _mm
     from lstream.backends import cpu_blas as _blas
     from lstream.backends import cpu_quant_blk as _blk
+    from lstream.backends import cpu_quant_dec as _dec
 else:  # pragma: no cover
     _blas = None
 
@@ -132,13 +133,32 @@ class PackedWeight:
         self.layout = layout
         self.qs, self.d, self.m = qs, d, m
         self._mv = None  # decode fast path (built on first use)
+        self._dec = None  # dec_args()
         if layout == "float":
             self.nbytes = int(raw.nbytes)
         else:
             self.nbytes = int(qs.nbytes + (d.nbytes if d is not None else 0) + (m.nbytes if m is not None else 0))
 
+    def dec_args(self) -> tuple:
+        """(wk, qs, qh, d, m) for cpu_quant_dec.mm_dec: read-only arrays (never written after
+        packing), the same types for every layout, so one compilation serves all of them."""
+        a = self._dec
+        if a is None:
+            fmt = _blk.FMT_ID[_blk.QTYPES[self.qtype]] if self.layout == "blk" else 0
+            wk = np.array([_dec.LAYOUT_ID[self.layout], fmt, self.n_cols // 32, int(self.m is not None)], np.int64)
+            qh = getattr(self, "qh", None)
+            a = self._dec = (wk, _ro(self.qs.view(np.uint8)), _ro(qh if qh is not None else _EMPTY_U32),
+                             _ro(self.d if self.d is not None else _EMPTY_F32), _ro(self.m if self.m is not None else _EMPTY_F32))
+        return a
+
     def __repr__(self):
         return f"PackedWeight({self.qtype.name}, {self.n_rows}x{self.n_cols}, {self.layout}, {self.nbytes} B)"
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.setflags(write=False)
+    return v
 
 
 def _nib_pack(lo4: np.ndarray) -> np.ndarray:
@@ -295,7 +315,7 @@ def row_view(w: PackedWeight, r0: int, r1: int) -> PackedWeight:
     return v
 
 
-_SERIAL_QUANT_TOK = 8  # up to this many tokens, activations are quantized inside the matmul driver
+_SERIAL_QUANT_TOK = 8  # up to this many tokens: cpu_quant_dec.mm_dec (activations quantized inside)
 _TILE_ELEMS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
 
@@ -310,21 +330,11 @@ def _matvec1(w: PackedWeight, x: np.ndarray) -> np.ndarray:
         xq = np.empty((1, w.n_cols), dtype=np.int16)
         xd = np.empty((1, nb), dtype=np.float32)
         xs = np.empty((1, nb), dtype=np.float32)
-        if w.layout == "blk":
-            k, pre = _blk.mm_blk, (_blk.FMT_ID[_blk.QTYPES[w.qtype]], w.qs)
-        elif w.layout == "nib":
-            k, pre = _mm.mm_nib, (w.qs, w.d, w.m)
-        elif w.layout == "nib5":
-            k, pre = _mm.mm_nib5, (w.qs, w.qh, w.d, w.m)
-        else:
-            has_m = w.m is not None
-            k = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
-            pre = (w.qs, w.d, w.m if has_m else _EMPTY_F32, has_m)
-        n_rows = w.n_rows
+        pre, n_rows = w.dec_args(), w.n_rows
 
         def f(x):
             out = np.empty((1, n_rows), dtype=np.float32)
-            k(*pre, x, True, xq, xd, xs, nb, out)
+            _dec.mm_dec(*pre, x, xq, xd, xs, out)
             return out
 
         w._mv = f
@@ -369,21 +379,21 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     xq = np.empty((n_tok, w.n_cols), dtype=np.int16)
     xd = np.empty((n_tok, nb), dtype=np.float32)
     xs = np.empty((n_tok, nb), dtype=np.float32)
-    quant = n_tok <= _SERIAL_QUANT_TOK  # decode: the driver quantizes x itself (one launch per matmul)
-    if not quant:
-        _mm.quant_x(x2, xq, xd, xs)
     dst = o2 if o2.flags.c_contiguous else np.empty((n_tok, w.n_rows), dtype=np.float32)
-    if w.layout == "blk":
-        _blk.mm_blk(_blk.FMT_ID[_blk.QTYPES[w.qtype]], w.qs, x2, quant, xq, xd, xs, nb, dst)
-    elif w.layout == "nib":
-        _mm.mm_nib(w.qs, w.d, w.m, x2, quant, xq, xd, xs, nb, dst)
-    elif w.layout == "nib5":
-        _mm.mm_nib5(w.qs, w.qh, w.d, w.m, x2, quant, xq, xd, xs, nb, dst)
+    if n_tok <= _SERIAL_QUANT_TOK:  # decode: one driver for every layout, x quantized inside
+        _dec.mm_dec(*w.dec_args(), x2, xq, xd, xs, dst)
     else:
-        has_m = w.m is not None
-        m = w.m if has_m else _EMPTY_F32
-        kern = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
-        kern(w.qs, w.d, m, has_m, x2, quant, xq, xd, xs, nb, dst)
+        _mm.quant_x(x2, xq, xd, xs)
+        if w.layout == "blk":
+            _blk.mm_blk(_blk.FMT_ID[_blk.QTYPES[w.qtype]], w.qs, x2, False, xq, xd, xs, nb, dst)
+        elif w.layout == "nib":
+            _mm.mm_nib(w.qs, w.d, w.m, x2, False, xq, xd, xs, nb, dst)
+        elif w.layout == "nib5":
+            _mm.mm_nib5(w.qs, w.qh, w.d, w.m, x2, False, xq, xd, xs, nb, dst)
+        else:
+            has_m = w.m is not None
+            kern = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
+            kern(w.qs, w.d, w.m if has_m else _EMPTY_F32, has_m, x2, False, xq, xd, xs, nb, dst)
     if dst is not o2:
         o2[...] = dst
     return out

@@ -217,17 +217,13 @@ def _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
 def _attention_dec(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
     """Decode: write k_new/v_new (n_tok, n_kv*hd; row-strided views allowed) into the caches at
     n_past, then the serial per-row attention (one call instead of two cache writes + attention)."""
-    _kv_write(k_new, v_new, kc, vc, n_past, n_kv, hd)
-    _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
-
-
-@njit(**_SER)
-def _kv_write(k_new, v_new, kc, vc, n_past, n_kv, hd):
-    for t in range(k_new.shape[0]):
+    n_tok = q.shape[0]
+    for t in range(n_tok):
         for kh in range(n_kv):
             for d in range(hd):
                 kc[n_past + t, kh, d] = k_new[t, kh * hd + d]
                 vc[n_past + t, kh, d] = v_new[t, kh * hd + d]
+    _attention_1(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
 
 
 @njit(**_SER)
@@ -263,21 +259,15 @@ def _rope_out_1(x, out, cos, sin, n_rot, neox):
     _rope_out_rows(x, out, cos, sin, n_rot, neox, 0, x.shape[0])
 
 
-@njit(**_JIT)
-def _rope_out(x, out, cos, sin, n_rot, neox):
-    n_tok = x.shape[0]
-    n_ch = (n_tok + 7) // 8
-    for c in prange(n_ch):
-        _rope_out_rows(x, out, cos, sin, n_rot, neox, c * 8, min(n_tok, c * 8 + 8))
-
-
 def rope(x, cos, sin, n_head, head_dim, n_rot, neox):
     """Out-of-place rope: x (n_tok, n_head*head_dim) float32 with unit inner stride (a column slice of
     a stacked q|k|v output passes without a copy) -> (n_tok, n_head, head_dim); cos/sin (n_tok, n_rot/2)
     float32 C-contiguous."""
     x = _rows(x)
     out = np.empty((x.shape[0], n_head, head_dim), np.float32)
-    (_rope_out if x.shape[0] >= _PAR_MIN else _rope_out_1)(x, out, cos, sin, n_rot, neox)
+    # one thread even for prefill: ~0.1 ms per layer at 512 tokens, and one kernel fewer to compile
+    # (a parallel variant cost ~2 s on a cold start); decode programs call the same one
+    _rope_out_1(x, out, cos, sin, n_rot, neox)
     return out
 
 

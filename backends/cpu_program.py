@@ -15,12 +15,11 @@ from numba.typed import List
 from ..core.executor import Fused
 from ..core.ops import Op
 from . import cpu_ops_kernels as _O
-from . import cpu_quant_blk as _blk
 from . import cpu_program_kernels as P
+from .cpu_quant_dec import LAYOUT_ID
 
 MAX_TOKENS = 8  # the matmul kernels quantize activations themselves up to here (decode drivers)
-_LAYOUT = {"nib": P.L_NIB, "nib5": P.L_NIB5, "i8": P.L_I8, "i8s16": P.L_I8S16, "blk": P.L_BLK}
-_EMPTY = {np.uint8: np.zeros(1, np.uint8), np.uint32: np.zeros(1, np.uint32), np.float32: np.zeros(1, np.float32)}
+_EMPTY_F32 = np.zeros(1, np.float32)
 
 
 def _RO(dtype):
@@ -123,13 +122,13 @@ class Program(Fused):
                         w = grp[0]
                         b = alloc(rows, w.n_rows)
                         refs[b] = len(grp[3])  # held until every sibling's value is dead
-                        self._emit_mm(emit, weights, wk, quant, w, val[x[0]], b, rows)
+                        self._emit_mm(emit, weights, wk, quant, w, whole(x[0]), b, rows)
                         stacked[key] = b
                     bind(node.id, stacked[key], grp[1].start, grp[1].stop, rows, count=False)
                 else:
                     w = be._weight(name)
                     b = alloc(rows, w.n_rows)
-                    self._emit_mm(emit, weights, wk, quant, w, val[x[0]], b, rows)
+                    self._emit_mm(emit, weights, wk, quant, w, whole(x[0]), b, rows)
                     bind(node.id, b, 0, w.n_rows, rows)
                 if len(node.weights) > 1:
                     emit(P.OP_BIAS, val[node.id], val[node.id], ps=(vec(node.weights[1]),))
@@ -183,11 +182,11 @@ class Program(Fused):
         self._built = dict(
             code=np.array(code, np.int64).reshape(-1, P.N_COLS), fpar=np.array(fpar, np.float32).reshape(-1, 1),
             bufs=_typed(bufs, f32_2),
-            wk=np.array(wk, np.int64).reshape(-1, 4),
+            wk=np.array(wk, np.int64).reshape(-1, 4) if wk else np.zeros((1, 4), np.int64),
             # read-only types: a weight may be the file's memory map itself (Q8_0 blocks in place)
             wq=_typed([w[0] for w in weights], _RO(types.uint8)), wh=_typed([w[1] for w in weights], _RO(types.uint32)),
             wd=_typed([w[2] for w in weights], _RO(types.float32)), wm=_typed([w[3] for w in weights], _RO(types.float32)),
-            vec=_typed(vecs or [_EMPTY[np.float32]], _RO(types.float32)),
+            vec=_typed(vecs or [_EMPTY_F32], _RO(types.float32)),
             kc=_typed([kv.k for kv in kvs] or [np.zeros((1, 1, 1), np.float32)], f32_3),
             vc=_typed([kv.v for kv in kvs] or [np.zeros((1, 1, 1), np.float32)], f32_3),
             cos=cos, sin=sin, ropes=[p for _, p in sorted(ropes.values(), key=lambda r: r[0])],
@@ -200,12 +199,9 @@ class Program(Fused):
 
     @staticmethod
     def _emit_mm(emit, weights, wk, quant, w, x, b, rows) -> None:
-        qs = w.qs.view(np.uint8)
-        qh = w.qh if w.layout == "nib5" else _EMPTY[np.uint32]
-        weights.append((qs, qh, w.d if w.d is not None else _EMPTY[np.float32],
-                        w.m if w.m is not None else _EMPTY[np.float32]))
-        fmt = _blk.FMT_ID[_blk.QTYPES[w.qtype]] if w.layout == "blk" else 0
-        wk.append((_LAYOUT[w.layout], fmt, w.n_cols // 32, int(w.m is not None)))
+        a = w.dec_args()
+        wk.append(a[0])
+        weights.append(a[1:])
         qk = quant.setdefault((rows, w.n_cols), len(quant))
         emit(P.OP_MM, (b, 0, w.n_rows), x, ps=(len(weights) - 1, qk))
 
@@ -237,7 +233,7 @@ def supports(backend, node, ctx) -> bool:
     op = node.op
     if op is Op.MATMUL:
         w = backend._weight(node.weights[0])
-        return w.layout in _LAYOUT
+        return w.layout in LAYOUT_ID
     if op is Op.ATTENTION:
         kv = ctx.kv.layers[node.layer]
         k = getattr(kv, "k", None)

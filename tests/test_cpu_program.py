@@ -1,7 +1,13 @@
 """Compiled CPU decode (backends/cpu_program.py): a run of a split's nodes in one numba call must
-compute exactly what the same nodes compute op by op (same kernels, same order), for every op the
+compute what the same nodes compute op by op (the same kernels in the same order), for every op the
 architectures use: SmolLM2 (the real model), and tiny Qwen2 (biases), Qwen3 (q/k norms) and Gemma 3
-(post norms, GEGLU, sliding window, embedding scale) checkpoints quantized to Q8_0 at load."""
+(post norms, GEGLU, sliding window, embedding scale) checkpoints quantized to Q8_0 at load.
+
+Bit-identical when run alone.  After the rest of the suite, one run saw the 20-token prompts
+(op by op in both runs) differ by up to 3e-5 relative between two evaluations, before any program
+ran: summation order in the prefill kernels (numba may reuse a kernel compiled for another array
+layout; BLAS).  So the check is the same greedy token at every step and logits within NMSE 1e-7,
+far below what a wrong op gives (~1e-2 and up)."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,6 +40,14 @@ def _decode(model, prompt, n: int, on: bool, n_tok: int = 1):
     return outs
 
 
+def _same(ref, got):
+    for a, b in zip(ref, got):
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        np.testing.assert_array_equal(a.argmax(-1), b.argmax(-1))
+        nmse = float(((a - b) ** 2).sum() / (a ** 2).sum())
+        assert nmse <= 1e-7, nmse
+
+
 def _fused_nodes(model) -> int:
     n = 0
     for _, units in model.executor._compiled.values():
@@ -55,8 +69,7 @@ def test_smollm2_decode_equals_op_by_op(smol, n_tok):
     got = _decode(smol, prompt, 12, True, n_tok)
     # every node after the embedding lookup ran inside one program per step
     assert _fused_nodes(smol) == len(smol.graph.nodes) - 1
-    for a, b in zip(ref, got):
-        np.testing.assert_array_equal(a, b)
+    _same(ref, got)
 
 
 def test_partial_runs_fall_back_where_a_program_straddles(smol):
@@ -82,8 +95,7 @@ def test_partial_runs_fall_back_where_a_program_straddles(smol):
                 pass
         smol.cpu.end_run()
         outs.append(out[0])
-    for o in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0])
+    _same(outs[:1] * 3, outs[1:])
 
 
 def _tiny(arch: str):
@@ -109,7 +121,6 @@ def test_tiny_architectures_equal_op_by_op(arch, tmp_path):
         ref = _decode(m, prompt, 16, False)
         got = _decode(m, prompt, 16, True)
         assert _fused_nodes(m) == len(m.graph.nodes) - 1  # all but the embedding lookup
-        for a, b in zip(ref, got):
-            np.testing.assert_array_equal(a, b)
+        _same(ref, got)
     finally:
         m.close()

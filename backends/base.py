@@ -55,6 +55,12 @@ class Backend:
     def compute(self, node: Node, inputs: list[Any], ctx) -> Any:
         raise NotImplementedError
 
+    def compile_split(self, assignments: list, last_use: dict, ctx) -> list | None:
+        """Optionally, a split's nodes as units: a Node runs through compute(), a core.executor.Fused
+        runs a whole run of nodes in one call (the CPU's decode programs). None: op by op.
+        The executor caches the answer per plan, split, token count, logits mode and profiling."""
+        return None
+
     def to_host(self, value: Any) -> np.ndarray:
         return value
 

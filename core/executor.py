@@ -161,7 +161,7 @@ class Executor:
         """A split's nodes, with the runs its backend compiled (compile_split) as single units where
         they lie wholly inside [start, stop)."""
         compiled = None
-        if fuse and hasattr(backend, "compile_split"):
+        if fuse:
             key = (id(plan), si, len(ctx.tokens), ctx.logits, ctx.profile is not None)
             hit = self._compiled.get(key)
             if hit is None or hit[0] is not plan:

@@ -69,22 +69,28 @@ def test_matches_cpu(cpu_ref, ngl, policy):
         assert stats is not None and stats.bytes_streamed > 0
 
 
-def test_cuda_graph_decode_identical():
-    """All resident: decode steps replayed from CUDA graphs give the tokens and logits of the same
-    static steps run eagerly (--no-cuda-graphs); 64 steps cross a K/V span bucket (2 graphs)."""
+def _greedy_with_and_without_graphs(prompt, n: int, model_kw: dict, backend_kw: dict, counters) -> dict:
+    """{cuda_graphs: (greedy tokens, logits of one more step, *counters(backend.steps))}."""
     from lstream.backends.cuda import CUDABackend
     from lstream.core.engine import Model
     from lstream.core.sampling import Sampler, SamplerConfig
     from lstream.loaders.model_file import load_model
-
-    prompt = np.random.default_rng(2).integers(100, 40000, 220).tolist()
     outs = {}
     for graphs in (True, False):
-        dev = CUDABackend(cuda_graphs=graphs)
-        m = Model(load_model(_model_path()), n_gpu_layers=999, device_backend=dev, n_ctx=1024, load_tokenizer=False)
-        gen = list(m.generate_tokens(prompt, 64, Sampler(SamplerConfig(temp=0.0)), stop_at_eos=False))
-        outs[graphs] = (gen, m.eval([gen[-1]]), dev.steps.replays, dev.steps.captures)
+        dev = CUDABackend(cuda_graphs=graphs, **backend_kw)
+        m = Model(load_model(_model_path()), device_backend=dev, load_tokenizer=False, **model_kw)
+        gen = list(m.generate_tokens(prompt, n, Sampler(SamplerConfig(temp=0.0)), stop_at_eos=False))
+        outs[graphs] = (gen, m.eval([gen[-1]]), *counters(dev.steps))
         m.close()
+    return outs
+
+
+def test_cuda_graph_decode_identical():
+    """All resident: decode steps replayed from CUDA graphs give the tokens and logits of the same
+    static steps run eagerly (--no-cuda-graphs); 64 steps cross a K/V span bucket (2 graphs)."""
+    prompt = np.random.default_rng(2).integers(100, 40000, 220).tolist()
+    outs = _greedy_with_and_without_graphs(prompt, 64, dict(n_gpu_layers=999, n_ctx=1024), {},
+                                           lambda st: (st.replays, st.captures))
     (g1, l1, replays, captures), (g0, l0, r0, c0) = outs[True], outs[False]
     print(f"graphs: {replays} replays, {captures} captures; max |logit diff| {np.abs(l1 - l0).max():.3g}")
     assert replays >= 60 and captures == 2 and r0 == c0 == 0
@@ -96,20 +102,11 @@ def test_mixed_decode_segment_graph_identical():
     """-ngl 6 with LayerSplit(2): the CPU computes 2 host layers, the copy engine streams the rest,
     the resident layers replay from a graph between them and the streamed head; same tokens and
     logits as the same static segment run eagerly."""
-    from lstream.backends.cuda import CUDABackend
-    from lstream.core.engine import Model
     from lstream.core.policy import LayerSplit
-    from lstream.core.sampling import Sampler, SamplerConfig
-    from lstream.loaders.model_file import load_model
 
     prompt = np.random.default_rng(3).integers(100, 40000, 100).tolist()
-    outs = {}
-    for graphs in (True, False):
-        dev = CUDABackend(policy=LayerSplit(2), cuda_graphs=graphs)
-        m = Model(load_model(_model_path()), n_gpu_layers=6, device_backend=dev, n_ctx=512, load_tokenizer=False)
-        gen = list(m.generate_tokens(prompt, 32, Sampler(SamplerConfig(temp=0.0)), stop_at_eos=False))
-        outs[graphs] = (gen, m.eval([gen[-1]]), dev.steps.replays, dev.steps.segment_runs)
-        m.close()
+    outs = _greedy_with_and_without_graphs(prompt, 32, dict(n_gpu_layers=6, n_ctx=512), dict(policy=LayerSplit(2)),
+                                           lambda st: (st.replays, st.segment_runs))
     (g1, l1, replays, seg1), (g0, l0, _, seg0) = outs[True], outs[False]
     print(f"segment graphs: {replays} replays of {seg1} segment steps; max |logit diff| {np.abs(l1 - l0).max():.3g}")
     assert seg1 == seg0 == 32 and replays == 32

@@ -1,0 +1,62 @@
+"""Run options: what used to be environment switches, as one object passed down from the API and
+the CLI to the backends. The environment variables remain as documented overrides, read here only
+(`Options.from_env`), never at import time."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+
+BLK_CHOICES = ("default", "all", "none")
+
+# variable -> (field, parser); docs/architecture.md and the README list them
+ENV_OVERRIDES = {
+    "LSTREAM_CPU_PROGRAM": ("cpu_programs", lambda s: s != "0"),
+    "LSTREAM_CPU_BLK": ("cpu_blk", lambda s: s if s in BLK_CHOICES else "default"),
+    "LSTREAM_NO_BLAS_PREFILL": ("blas_prefill", lambda s: s != "1"),
+    "LSTREAM_ADAPTIVE_THREADS": ("adaptive_threads", lambda s: s == "1"),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """n_threads: CPU threads (None: the physical cores this process may use).
+    cpu_programs: run a decode step's CPU nodes as one compiled numba call (else op by op).
+    cpu_blk: which quant types the CPU computes on their GGUF blocks in place: "default" (Q8_0),
+      "all" (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) or "none" (every type repacked).
+    blas_prefill: CPU prefill through dequantized tiles + OpenBLAS sgemm (else int16 kernels).
+    adaptive_threads: decode steps time themselves and use n_threads or 1, whichever was faster
+      lately (helps on a loaded 2-vCPU machine, hurts on a many-core host).
+    cuda_graphs: replay resident decode steps from CUDA graphs (else run them eagerly).
+    layer_major: a streamed prompt's ubatches pass each layer together (one weight pass)."""
+    n_threads: int | None = None
+    cpu_programs: bool = True
+    cpu_blk: str = "default"
+    blas_prefill: bool = True
+    adaptive_threads: bool = False
+    cuda_graphs: bool = True
+    layer_major: bool = True
+
+    def __post_init__(self):
+        if self.cpu_blk not in BLK_CHOICES:
+            raise ValueError(f"cpu_blk must be one of {', '.join(BLK_CHOICES)}, found {self.cpu_blk!r}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ValueError(f"n_threads must be at least 1, found {self.n_threads}")
+
+    @classmethod
+    def from_env(cls, environ=None, **given) -> "Options":
+        """Defaults, then the LSTREAM_* overrides found in the environment, then `given` (None: not given)."""
+        env = os.environ if environ is None else environ
+        kw = {}
+        for var, (name, parse) in ENV_OVERRIDES.items():
+            if var in env:
+                kw[name] = parse(env[var])
+        names = {f.name for f in fields(cls)}
+        for k, v in given.items():
+            if k not in names:
+                raise TypeError(f"unknown option {k!r}")
+            if v is not None:
+                kw[k] = v
+        return cls(**kw)
+
+    def with_(self, **kw) -> "Options":
+        return replace(self, **kw)

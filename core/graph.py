@@ -8,6 +8,10 @@ from .ops import Op
 
 INPUT = -1  # node id standing for the batch's token ids
 
+# Projections of one layer that read the same input: a backend may stack them into one weight and
+# compute them with one matmul (q|k|v; gate|up). Tensor kinds, as in blk.N.<kind>.weight.
+STACKED_PROJECTIONS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
 
 @dataclass
 class Node:

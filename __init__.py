@@ -5,7 +5,7 @@
     print(model.generate("The capital of France is", n_predict=16, temp=0))
 """
 from .core.benchmark import bench  # noqa: F401
-from .core.engine import Model, load  # noqa: F401
+from .api import Model, load  # noqa: F401
 from .core.errors import LStreamError, ModelFormatError  # noqa: F401
 from .core.policy import Always, BatchThreshold, Calibration, CostModel, LayerSplit, Never, UploadPolicy  # noqa: F401
 from .core.sampling import Sampler, SamplerConfig  # noqa: F401

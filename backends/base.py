@@ -1,11 +1,13 @@
-"""The backend contract. The scheduler reaches a backend only through these queries.
+"""The backend contract: everything the scheduler, the executor and the API ask of a backend.
 
-A backend owns its activation values (numpy arrays for the CPU, tensors for a device), its
-copy of the weights it holds, and the K/V storage of the layers that live on it.
+A backend owns its activation values (numpy arrays for the CPU, tensors for a device), its copy of
+the weights it holds, and the K/V storage of the layers that live on it. The scheduler reaches it
+only through the routing queries; the executor through the run hooks; capabilities a backend may
+lack are declared here with their defaults, so nothing outside this file probes a backend.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,6 +39,27 @@ class Backend:
         """K/V storage for one layer living on this backend."""
         raise NotImplementedError
 
+    def owns_kv(self, store: Any) -> bool:
+        """Is this K/V storage (from some backend's alloc_kv) in this backend's memory?"""
+        return False
+
+    # -- device memory and policy (optional: a host backend keeps the defaults) -----------------
+    ring_slots: int = 0  # streaming ring slots fit-before-load must leave room for
+
+    def free_memory(self) -> int | None:
+        """Bytes free for weights, K/V and buffers; None: no memory of its own to fit into."""
+        return None
+
+    def set_policy(self, policy) -> None:
+        """Take a new upload policy (a backend that never uploads ignores it)."""
+
+    def release_memory(self) -> None:
+        """Give cached memory back after a failed or interrupted run."""
+
+    def stream_stats(self) -> dict:
+        """For `lstream bench`: bytes streamed per run, GB/s, share of copy hidden (empty: none)."""
+        return {}
+
     # -- running a plan (used by the executor) ---------------------------------------------------
     def begin_run(self, plan, ctx) -> None:
         """Called once before a plan runs; a streaming backend schedules its uploads here."""
@@ -46,7 +69,7 @@ class Backend:
 
     def begin_group(self, runs: list) -> None:
         """Called instead of begin_run when the ubatches of one prompt run layer by layer
-        (core/executor.py run_layer_major); runs: [(plan, ctx)], ctx.ubatch = its index."""
+        (core/runner.py); runs: [(plan, ctx)], ctx.ubatch = its index."""
         self.begin_run(*runs[-1])
 
     def end_group(self) -> None:
@@ -72,6 +95,34 @@ class Backend:
 
     def describe(self) -> str:
         return self.name
+
+    # -- static decode steps and their graphs (optional; core/replay.py drives them) ------------
+    static_steps: bool = False  # can run a small step from static inputs (step_inputs)
+    graphs: bool = False  # and capture such a step once, then replay it
+
+    def step_inputs(self, n_tokens: int, span: int) -> Any:
+        """Static inputs of a step of n_tokens whose attention reads `span` cache rows; set as
+        RunContext.graph while the step's nodes run."""
+        raise NotImplementedError
+
+    def fill_step_inputs(self, inputs: Any, ctx) -> None:
+        """Write this step's tokens and positions into the static inputs."""
+        raise NotImplementedError
+
+    def capture(self, fn: Callable[[], Any], inputs: Any) -> tuple[Any, Any]:
+        """Run fn once to warm up, then record it (`inputs`: the step's static inputs, set as
+        RunContext.graph): (graph, fn's outputs, which each replay refills)."""
+        raise NotImplementedError
+
+    def replay(self, graph: Any) -> None:
+        raise NotImplementedError
+
+    def clone(self, value: Any) -> Any:
+        """A static copy of an activation (a captured segment's input)."""
+        raise NotImplementedError
+
+    def copy_into(self, static: Any, value: Any) -> None:
+        raise NotImplementedError
 
 
 ALL_OPS = frozenset(Op)

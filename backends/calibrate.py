@@ -16,7 +16,11 @@ import numpy as np
 from ..core.policy import Calibration
 from ..core.qtypes import QTYPE_INFO, QType
 
-CACHE = Path(os.environ.get("LSTREAM_CALIBRATION", Path.home() / ".cache/lstream/calibration.json"))
+
+
+def cache_path() -> Path:
+    """Where the measurement is kept: $LSTREAM_CALIBRATION, else ~/.cache/lstream/calibration.json."""
+    return Path(os.environ.get("LSTREAM_CALIBRATION", Path.home() / ".cache/lstream/calibration.json"))
 CPU_TYPES = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.F16)
 
 
@@ -82,7 +86,8 @@ def measure_gpu() -> tuple[float, float]:
     return h2d, flops
 
 
-def load_or_measure(path: Path = CACHE, remeasure: bool = False) -> Calibration:
+def load_or_measure(path: Path | None = None, remeasure: bool = False) -> Calibration:
+    path = path or cache_path()
     if path.exists() and not remeasure:
         d = json.loads(path.read_text())
         return Calibration(d["h2d_bytes_per_s"], d["gpu_flops"], d["cpu_weights_per_s"], d["cpu_flops"])

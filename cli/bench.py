@@ -12,8 +12,7 @@ import click
 from .bench_output import (csv_text, json_text, jsonl_line, markdown_header, markdown_row, sql_create,
                            sql_insert)
 from .bench_params import parse_pairs, parse_values
-from .common import one_line_errors, parse_overrides
-from .main import cli
+from .common import build_model, calibration, one_line_errors, parse_overrides
 from .profile_opts import profile_options
 
 
@@ -66,7 +65,7 @@ class Printer:
 FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 
 
-@cli.command()
+@click.command()
 @click.option("-m", "--model", "models", multiple=True, help="model (repeatable); default smollm2-135m")
 @click.option("-p", "--n-prompt", "p", multiple=True, default=["512"], show_default=True)
 @click.option("-n", "--n-gen", "n", multiple=True, default=["128"], show_default=True)
@@ -103,18 +102,16 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     import time
 
     from ..backends.cpu import physical_cores
+    from ..backends.devices import cuda_available
     from ..core import profile as prof_mod
     from ..core.benchmark import run_test
-    from ..core.engine import Model
     from ..core.policy import make_policy
-    from .common import _calibration
     from ..loaders.model_file import load_model
     from ..loaders.registry import resolve
 
     def values(opt, name):
         return [v for text in opt for v in parse_values(text, name)]
 
-    from ..core.engine import cuda_available
     gpu = cuda_available()
     ps, ns, ds = values(p, "-p"), values(n, "-n"), values(d, "-d")
     pgs = [pair for text in pg for pair in parse_pairs(text, "-pg")]
@@ -134,7 +131,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
         raise click.BadParameter("no CUDA device here: only -ngl 0 runs", param_hint="-ngl")
     varied = [k for k, v in grid.items() if len(v) > 1]
     tests = [(x, 0) for x in ps if x > 0] + [(0, x) for x in ns if x > 0] + pgs
-    overrides = parse_overrides(ot.split(";")) if ot else []
+    parse_overrides(ot.split(";")) if ot else None  # a bad -ot fails here, before any model loads
     printers = [Printer(fmt, sys.stdout, varied, gpu)] + ([Printer(fmt_err, sys.stderr, varied, gpu)]
                                                          if fmt_err != "none" else [])
     for pr in printers:
@@ -151,9 +148,9 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
             for n_gpu in grid["n_gpu_layers"]:
                 t_load = time.perf_counter()
                 loaded = load_model(path)
-                model = Model(loaded, n_gpu_layers=n_gpu, n_ctx=n_ctx, overrides=overrides,
-                              n_threads=grid["n_threads"][0], load_tokenizer=False,
-                              cuda_graphs=not no_cuda_graphs, layer_major=not no_layer_major)
+                model = build_model(loaded, n_gpu, grid["n_threads"][0], n_ctx, overrides=ot.split(";") if ot else (),
+                                    load_tokenizer=False, no_cuda_graphs=no_cuda_graphs,
+                                    no_layer_major=no_layer_major)
                 if verbose:
                     click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
                                f"{' + '.join(b.describe() for b in model.backends)}) in "
@@ -166,7 +163,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
                         model.cpu.set_threads(threads)
                         model.n_ubatch = nub
                         model.set_policy(make_policy(pol, thr, bool(no_off),
-                                                     calibration=_calibration() if pol == "auto" else None))
+                                                     calibration=calibration() if pol == "auto" else None))
                         for (pp, tg), depth in itertools.product(tests, ds):
                             done += 1
                             tag = f"lstream-bench: benchmark {done}/{n_total}"
@@ -217,7 +214,6 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
 
 def stream_fields(model) -> dict:
     """Bytes streamed to the device, achieved GB/s and share of copy hidden, when a device backend streams."""
-    stats = getattr(model.device_backend, "stream_stats", None)
-    s = stats() if callable(stats) else {}
+    s = model.device_backend.stream_stats() if model.device_backend is not None else {}
     return {"bytes_streamed": s.get("bytes", 0), "stream_gbps": s.get("gbps", 0.0),
             "copy_hidden": s.get("hidden", 0.0)}

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..core.engine import Timings
+from ..core.timings import Timings
 from ..core.kv_cache import ContextFullError
 from ..loaders.tokenizer import StreamDecoder
 

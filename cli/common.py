@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..core.batch import UPLOAD_THRESHOLD
 from ..core.errors import LStreamError
 
 
@@ -59,19 +60,29 @@ def parse_overrides(overrides) -> list[tuple[str, str]]:
     return out
 
 
-def load_model(model, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="threshold",
-               threshold=32, nopo=0, load_tokenizer=True, quantize=None, no_fit=False, no_cuda_graphs=False, **_):
-    from ..core.engine import Model
+def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="threshold",
+                threshold=UPLOAD_THRESHOLD, nopo=0, load_tokenizer=True, quantize=None, no_fit=False,
+                no_cuda_graphs=False, no_layer_major=False, **_):
+    """The one place the CLI turns its flags into a Model (run, plan, perplexity, bench)."""
+    from ..api import Model
+    from ..core.options import Options
     from ..core.policy import make_policy
+    pol = policy if not isinstance(policy, str) else make_policy(
+        policy, threshold, bool(nopo), calibration=calibration() if policy == "auto" else None)
+    opts = Options.from_env(n_threads=threads, cuda_graphs=False if no_cuda_graphs else None,
+                            layer_major=False if no_layer_major else None)
+    return Model(loaded, n_gpu_layers=ngl, policy=pol, n_ctx=n_ctx, n_ubatch=n_ubatch,
+                 overrides=parse_overrides(overrides), load_tokenizer=load_tokenizer, quantize=quantize,
+                 no_fit=no_fit, options=opts)
+
+
+def load_model(model, **flags):
     from ..loaders.model_file import load_model as load_file
     from ..loaders.registry import resolve
-    pol = make_policy(policy, threshold, bool(nopo), calibration=_calibration() if policy == "auto" else None)
-    return Model(load_file(resolve(model)), n_gpu_layers=ngl, policy=pol, n_ctx=n_ctx, n_threads=threads,
-                 n_ubatch=n_ubatch, overrides=parse_overrides(overrides),
-                 load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit, cuda_graphs=not no_cuda_graphs)
+    return build_model(load_file(resolve(model)), **flags)
 
 
-def _calibration():
+def calibration():
     try:
         from ..backends.calibrate import load_or_measure
     except ImportError:

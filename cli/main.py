@@ -1,9 +1,15 @@
-"""The `lstream` command: pull, info, plan, run, bench, perplexity."""
+"""The `lstream` command: pull, info, plan, run, bench, perplexity. Each command lives in its own
+module; this one only gathers them (nothing imports back into it)."""
 from __future__ import annotations
 
 import click
 
-from .common import load_model, model_options, one_line_errors
+from .bench import bench
+from .info import info
+from .perplexity import perplexity
+from .plan import plan
+from .pull import pull
+from .run import run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -11,76 +17,9 @@ def cli():
     """LLM inference that streams quantized weights to the GPU and computes the rest on the CPU."""
 
 
-@cli.command()
-@click.argument("name", default="smollm2-135m")
-@one_line_errors
-def pull(name):
-    """Download a known model into the cache (smollm2-135m)."""
-    from ..loaders.registry import pull as do_pull
-    click.echo(do_pull(name))
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
-
-@cli.command()
-@click.option("-m", "--model", default=None)
-@click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=0)
-@click.option("--tensors", is_flag=True, help="list every tensor, not only per layer")
-@one_line_errors
-def info(model, ngl, tensors):
-    """Model metadata and the residency map per layer."""
-    from ..loaders.model_file import load_model as load_file
-    from ..loaders.registry import resolve
-    m = load_file(resolve(model))
-    cfg, rmap = m.config, m.residency
-    rmap.assign(ngl, "cuda")
-    click.echo(f"file: {m.path} ({m.format})")
-    click.echo(f"architecture: {cfg.arch}  name: {cfg.name}")
-    click.echo(f"layers {cfg.n_layer}, embd {cfg.n_embd}, ffn {cfg.n_ff}, heads {cfg.n_head}/{cfg.n_head_kv} kv, "
-               f"head_dim {cfg.head_dim}, vocab {cfg.vocab_size}, ctx_train {cfg.n_ctx_train}")
-    click.echo(f"rope: base {cfg.rope_base:g}, dims {cfg.rope_dim}, mode {cfg.rope_mode}; rms eps {cfg.rms_eps:g}")
-    click.echo(f"params {m.n_params / 1e6:.1f} M, size {_fmt_bytes(rmap.total_bytes())}, chat template: "
-               f"{'yes' if m.chat_template else 'no'}")
-    click.echo("")
-    click.echo(f"{'layer':>6} {'tensors':>7} {'bytes':>12} {'types':<18} home")
-    for layer in range(-1, cfg.n_layer + 1):
-        es = rmap.layer(layer)
-        if not es:
-            continue
-        types = ",".join(sorted({e.qtype.name for e in es}))
-        homes = ",".join(sorted({e.home for e in es}))
-        nbytes = sum(e.nbytes for e in es if e.alias_of is None or e.home != rmap[e.alias_of].home)
-        click.echo(f"{rmap.layer_name(layer):>6} {len(es):>7} {_fmt_bytes(nbytes):>12} {types:<18} {homes}")
-        if tensors:
-            for e in es:
-                alias = f" (shares {e.alias_of})" if e.alias_of else ""
-                click.echo(f"{'':>8}{e.name:<32} {e.qtype.name:<5} {str(e.shape):<16} {e.nbytes:>10} "
-                           f"{e.home} {e.state.value}{alias}")
-
-
-@cli.command()
-@model_options
-@click.option("-v", "--verbose", is_flag=True, help="every node, not only per layer")
-@one_line_errors
-def plan(verbose, **kw):
-    """Where each op runs at a given ubatch size (-ub), and why."""
-    from .plan_view import print_plan
-    m = load_model(load_tokenizer=False, **kw)
-    print_plan(m, m.plan(kw["n_ubatch"]), verbose)
-
-
-def _register():
-    from . import bench, perplexity, run  # noqa: F401  (they add themselves to the group)
-
-
-_register()
+for _command in (pull, info, plan, run, bench, perplexity):
+    cli.add_command(_command)
 
 
 def main():
     cli(prog_name="lstream")
-

@@ -12,11 +12,10 @@ import time
 import click
 
 from .common import load_model, model_options, one_line_errors
-from .main import cli
 from .profile_opts import echo_err, profile_options
 
 
-@cli.command()
+@click.command()
 @model_options(n_ctx=512)
 @click.option("-f", "--file", "text_file", type=click.Path(dir_okay=False, exists=True), required=True)
 @click.option("--chunks", "n_chunks", type=int, default=-1, show_default=True, help="max chunks to score (-1: all)")

@@ -8,7 +8,6 @@ import click
 
 from ..core.sampling import Sampler, SamplerConfig
 from .common import load_model, model_options, one_line_errors
-from .main import cli
 from .profile_opts import echo_err, profile_options
 
 HELP = """commands:
@@ -32,7 +31,7 @@ def sampling_options(fn):
     return fn
 
 
-@cli.command()
+@click.command()
 @model_options
 @sampling_options
 @click.option("-p", "--prompt", default=None, help="prompt: one-shot completion, then exit")
@@ -71,7 +70,7 @@ def _now() -> float:
 
 
 def one_shot(model, sampler, prompt, n_predict, chat, system_prompt, verbose, load_s):
-    from ..core.engine import Timings
+    from ..core.timings import Timings
     timings = Timings()
     bos = None
     if chat:

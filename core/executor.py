@@ -4,6 +4,7 @@ calls the backends op by op and frees values after their last use. It never deci
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,8 +60,8 @@ class RunContext:
     logits: str = "last"  # "last": only the last token's logits; "all": every token's
     profile: Profile | None = None
     more_ubatches: bool = False  # another ubatch of the same prompt follows (a streamer may prefetch)
-    ubatch: int = 0  # index of this ubatch in a layer-major group (run_layer_major)
-    graph: object = None  # device-side inputs of a CUDA-graph step (backends/cuda_graphs.py)
+    ubatch: int = 0  # index of this ubatch in a layer-major group (core/runner.py)
+    graph: object = None  # static inputs of a replayable step (core/replay.py, Backend.step_inputs)
 
 
 class Fused:
@@ -86,20 +87,39 @@ class Executor:
 
     def run(self, plan: Plan, ctx: RunContext, to_host: bool = True):
         """Run one ubatch; returns the output as float32 numpy (or the backend's value, to_host=False)."""
-        out: list = []
-        used = self._used(plan)
+        with self.session(plan, ctx):
+            return self.run_part(plan, ctx, {}, to_host=to_host)
+
+    def used_backends(self, plan: Plan) -> list:
+        return [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
+
+    @contextmanager
+    def session(self, plan: Plan, ctx: RunContext):
+        """begin_run/end_run around one plan's run (end_run also when it fails)."""
+        used = self.used_backends(plan)
         for b in used:
             b.begin_run(plan, ctx)
         try:
-            for _ in self.steps(plan, ctx, out, to_host):
-                pass
-            return out[0]
+            yield
         finally:
             for b in used:
                 b.end_run()
 
-    def _used(self, plan: Plan) -> list:
-        return [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
+    def run_part(self, plan: Plan, ctx: RunContext, values: dict, start: int = 0, stop: int | None = None,
+                 to_host: bool | None = None):
+        """Assignments [start, stop) of a plan inside a session; returns the output when the part
+        reaches the end and to_host is not None (see steps)."""
+        out: list = []
+        for _ in self.steps(plan, ctx, out, to_host, values=values, start=start, stop=stop):
+            pass
+        return out[0] if out else None
+
+    def value_on(self, where: dict, backend):
+        """A value ({backend name: value}) on `backend`, copied there through the host if needed."""
+        if backend.name in where:
+            return where[backend.name]
+        src, v = next(iter(where.items()))
+        return backend.from_host(self.backends[src].to_host(v))
 
     def steps(self, plan: Plan, ctx: RunContext, out: list, to_host: bool = True, values: dict | None = None,
               start: int = 0, stop: int | None = None, fuse: bool = True):
@@ -191,34 +211,3 @@ class Executor:
                     prof.add("hop", t1 - t0)
                     prof.bytes_hopped += host.nbytes
                     prof.add_layer(split.assignments[0].node.layer, "hop", t0, t1, "hop")
-
-
-def run_layer_major(runs: list[tuple[Executor, Plan, RunContext]]) -> np.ndarray:
-    """Run the ubatches of one prompt layer by layer: every ubatch passes layer L before any passes
-    L+1. Same results as one ubatch after another (ubatch k's attention at layer L reads the K/V
-    that ubatches < k wrote there just before), but a streamed layer crosses PCIe once per prompt
-    instead of once per ubatch. Returns the last run's output (the earlier ones have no head)."""
-    backends: dict[str, object] = {}
-    for k, (ex, plan, ctx) in enumerate(runs):
-        ctx.ubatch = k
-        for b in ex._used(plan):
-            backends[b.name] = b
-    group = [(plan, ctx) for _, plan, ctx in runs]
-    for b in backends.values():
-        b.begin_group(group)
-    try:
-        out: list = []  # only the last run has a head: the others append None first
-        # fuse=False: a compiled run spans layers, and ubatch k must not pass layer L before k-1 has
-        gens = [ex.steps(plan, ctx, out if k == len(runs) - 1 else [], to_host=True if k == len(runs) - 1 else None,
-                         fuse=False)
-                for k, (ex, plan, ctx) in enumerate(runs)]
-        nxt = [next(g, None) for g in gens]
-        while any(n is not None for n in nxt):
-            cur = min(n for n in nxt if n is not None)
-            for k, g in enumerate(gens):
-                while nxt[k] is not None and nxt[k] <= cur:
-                    nxt[k] = next(g, None)
-        return out[-1]
-    finally:
-        for b in backends.values():
-            b.end_group()

@@ -1,12 +1,14 @@
 """Upload policies: for a weight that is not resident on a device, upload it or compute on the CPU?
 
-A policy is any object with `should_upload(op, entry, n_tokens) -> bool` (and a `name`).
-The device backend asks it from its `offload_op`; the scheduler records the answer as a cause.
+A policy is an UploadPolicy: `should_upload(op, entry, n_tokens) -> bool` (and a `name`), plus two
+optional hooks declared with their defaults below. The device backend asks it from its `offload_op`;
+the scheduler records the answer as a cause.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .batch import UPLOAD_THRESHOLD
 from .ops import Op
 from .residency import TensorEntry
 
@@ -17,24 +19,33 @@ class UploadPolicy:
     def should_upload(self, op: Op, entry: TensorEntry | None, n_tokens: int) -> bool:
         raise NotImplementedError
 
+    def prepare(self, residency, device: str) -> None:
+        """Called when the policy is given to a device backend (and after the residency changes):
+        a policy that decides per layer reads the residency here, once."""
+
+    def prefetch_all(self, n_tokens: int) -> bool:
+        """Should a step of n_tokens issue every one of its copies at its start (so the ring grows
+        to hold them all)? A decode split streams while the CPU computes other layers."""
+        return False
+
     def describe(self) -> str:
         return self.name
 
 
 class BatchThreshold(UploadPolicy):
-    """llama.cpp's rule: upload when the batch has at least `n` tokens (default 32)."""
+    """llama.cpp's rule: upload when the batch has at least `threshold` tokens (default 32)."""
     name = "threshold"
 
-    def __init__(self, n: int = 32):
-        if n < 1:
-            raise ValueError(f"threshold must be a positive token count, found {n}")
-        self.n = n
+    def __init__(self, threshold: int = UPLOAD_THRESHOLD):
+        if threshold < 1:
+            raise ValueError(f"threshold must be a positive token count, found {threshold}")
+        self.threshold = threshold
 
     def should_upload(self, op, entry, n_tokens):
-        return n_tokens >= self.n
+        return n_tokens >= self.threshold
 
     def describe(self):
-        return f"threshold({self.n})"
+        return f"threshold({self.threshold})"
 
 
 class Never(UploadPolicy):
@@ -78,7 +89,7 @@ class LayerSplit(UploadPolicy):
     live. Batches of `threshold` tokens or more upload everything, like BatchThreshold."""
     name = "split"
 
-    def __init__(self, cpu_layers: int, threshold: int = 32):
+    def __init__(self, cpu_layers: int, threshold: int = UPLOAD_THRESHOLD):
         if cpu_layers < 0:
             raise ValueError(f"cpu_layers must be >= 0, found {cpu_layers}")
         self.cpu_layers, self.threshold = cpu_layers, threshold
@@ -111,7 +122,7 @@ class CostModel(UploadPolicy):
     rest stream) that minimizes max(CPU time, copy time), as LayerSplit runs it."""
     name = "auto"
 
-    def __init__(self, calibration: Calibration, margin: float = 1.0, threshold: int = 32):
+    def __init__(self, calibration: Calibration, margin: float = 1.0, threshold: int = UPLOAD_THRESHOLD):
         self.cal = calibration
         self.margin = margin
         self.threshold = threshold
@@ -146,7 +157,7 @@ class CostModel(UploadPolicy):
         return f"auto(h2d {self.cal.h2d_bytes_per_s / 1e9:.1f} GB/s{s})"
 
 
-def make_policy(name: str = "threshold", threshold: int = 32, no_op_offload: bool = False,
+def make_policy(name: str = "threshold", threshold: int = UPLOAD_THRESHOLD, no_op_offload: bool = False,
                 calibration: Calibration | None = None) -> UploadPolicy:
     """The CLI's --policy/--threshold/-nopo flags as one policy object ("split:N" = LayerSplit(N))."""
     if no_op_offload or name == "never":

@@ -52,8 +52,8 @@ class OnlyFFN(UploadPolicy):
 
 
 def test_policies_decide_uploads_through_the_device_backend():
-    from lstream.backends.fake_device import FakeDeviceBackend
-    from lstream.core.engine import Model
+    from fake_device import FakeDeviceBackend
+    from lstream.api import Model
     from lstream.loaders.model_file import load_model
     from lstream.loaders.registry import resolve
     m = Model(load_model(resolve("smollm2-135m")), n_gpu_layers=0, device_backend=FakeDeviceBackend(),

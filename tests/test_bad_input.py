@@ -39,7 +39,7 @@ def test_bad_file_cli(case, tmp_path):
 
 def test_valid_tiny_files_load(tmp_path):
     """The bases the cases and the fuzzer change are themselves valid, and run."""
-    from lstream.core.engine import Model
+    from lstream.api import Model
     for path in (write_gguf(tmp_path / "tiny.gguf"), write_st_dir(tmp_path / "tiny_st")):
         loaded = load_model(path)
         assert loaded.config.n_layer == 2

@@ -25,7 +25,7 @@ TINY = ["bench", "-p", "8", "-n", "4", "-r", "2", "-t", "1"]
 def one_model_for_the_module():
     """Every `lstream bench` below gets the same loaded model (loading dominates these tests);
     bench re-applies threads, ubatch and policy per combination, and its close() is a no-op here."""
-    import lstream.core.engine as engine
+    import lstream.api as engine
     import lstream.loaders.model_file as model_file
     from lstream.loaders.registry import resolve
     loaded = model_file.load_model(resolve(None))

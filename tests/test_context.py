@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from lstream.core.engine import Model
+from lstream.api import Model
 from lstream.core.errors import LStreamError
 from lstream.core.kv_cache import ContextFullError
 from lstream.loaders.model_file import load_model
-from lstream.tools.errors_table import write_gguf
+from lstream.tools.tiny_models import write_gguf
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def _model_path() -> str:
 
 def _run(ngl, policy, prompt, n_gen=64, ub=512, device=True, ref_gen=None):
     from lstream.backends.cuda import CUDABackend
-    from lstream.core.engine import Model
+    from lstream.api import Model
     from lstream.core.sampling import Sampler, SamplerConfig
     from lstream.loaders.model_file import load_model
 
@@ -70,9 +70,9 @@ def test_matches_cpu(cpu_ref, ngl, policy):
 
 
 def _greedy_with_and_without_graphs(prompt, n: int, model_kw: dict, backend_kw: dict, counters) -> dict:
-    """{cuda_graphs: (greedy tokens, logits of one more step, *counters(backend.steps))}."""
+    """{cuda_graphs: (greedy tokens, logits of one more step, *counters(model.runner.replay))}."""
     from lstream.backends.cuda import CUDABackend
-    from lstream.core.engine import Model
+    from lstream.api import Model
     from lstream.core.sampling import Sampler, SamplerConfig
     from lstream.loaders.model_file import load_model
     outs = {}
@@ -80,7 +80,7 @@ def _greedy_with_and_without_graphs(prompt, n: int, model_kw: dict, backend_kw: 
         dev = CUDABackend(cuda_graphs=graphs, **backend_kw)
         m = Model(load_model(_model_path()), device_backend=dev, load_tokenizer=False, **model_kw)
         gen = list(m.generate_tokens(prompt, n, Sampler(SamplerConfig(temp=0.0)), stop_at_eos=False))
-        outs[graphs] = (gen, m.eval([gen[-1]]), *counters(dev.steps))
+        outs[graphs] = (gen, m.eval([gen[-1]]), *counters(m.runner.replay))
         m.close()
     return outs
 

@@ -1,6 +1,6 @@
-"""Quantized GEMV (backends/cuda_gemv.py) against dequantize-then-matmul.
+"""Quantized GEMV (backends/cuda/gemv.py) against dequantize-then-matmul.
 
-Reference: cuda_kernels.dequantize(..., fp32) (itself checked against gguf.quants in
+Reference: cuda.dequant.dequantize(..., fp32) (itself checked against gguf.quants in
 test_cuda_kernels.py), then x.float() @ w.T in fp32. Tolerance: normalized MSE
 sum((y - ref)^2) / sum(ref^2) <= 1e-5 (NMSE_TOL). The kernels accumulate in fp32 in another order
 and recover sum(v*x) from sum((1 + v/2^b) * x) (see the module docstring), which costs at most 8 of
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from lstream.backends import cuda_gemv as cg
-from lstream.backends import cuda_kernels as ck
+from lstream.backends.cuda import gemv as cg
+from lstream.backends.cuda import dequant as ck
 from lstream.core.qtypes import QTYPE_INFO, QType
 from test_cuda_kernels import _data  # random GGUF blocks with random finite fp16 scales
 

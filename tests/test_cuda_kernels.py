@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from lstream.backends import cuda_kernels as ck
+from lstream.backends.cuda import dequant as ck
+from lstream.backends.cuda import norm_rope
 from lstream.core.qtypes import QTYPE_INFO, QType
 from lstream.tools.synth_model import random_tensor
 
@@ -129,8 +130,8 @@ def _small_ops_check(dev, use_triton, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 6 * 64, generator=g) * 3
     w = torch.rand(6 * 64, generator=g) + 0.5
-    ref = ck.rms_norm(x, w, 1e-5, torch.float32, use_triton=False)
-    got = ck.rms_norm(x.to(dev), w.to(dev), 1e-5, dtype, use_triton=use_triton).float().cpu()
+    ref = norm_rope.rms_norm(x, w, 1e-5, torch.float32, use_triton=False)
+    got = norm_rope.rms_norm(x.to(dev), w.to(dev), 1e-5, dtype, use_triton=use_triton).float().cpu()
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(got, ref, rtol=tol, atol=tol)
     pos = torch.arange(5, 42, dtype=torch.float64)
@@ -138,8 +139,8 @@ def _small_ops_check(dev, use_triton, dtype):
     ang = pos[:, None] * freqs[None, :]
     cos, sin = ang.cos().float(), ang.sin().float()
     for neox in (False, True):
-        ref = ck.rope(x, cos, sin, 6, 64, 64, neox, torch.float32, use_triton=False)
-        got = ck.rope(x.to(dev), cos.to(dev), sin.to(dev), 6, 64, 64, neox, dtype, use_triton=use_triton)
+        ref = norm_rope.rope(x, cos, sin, 6, 64, 64, neox, torch.float32, use_triton=False)
+        got = norm_rope.rope(x.to(dev), cos.to(dev), sin.to(dev), 6, 64, 64, neox, dtype, use_triton=use_triton)
         assert torch.allclose(got.float().cpu(), ref, rtol=tol, atol=tol * 3)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstream.backends.fake_device import FakeDeviceBackend
-from lstream.core.engine import Model
+from fake_device import FakeDeviceBackend
+from lstream.api import Model
 from lstream.core.ops import Op
 from lstream.core.policy import Always
 from lstream.loaders.model_file import load_model
@@ -48,7 +48,7 @@ def test_gemma3_on_device(gemma_tiny, ngl):
 
 
 def _check_decode(path, ids, ref, n_steps=4):
-    """Resident decode steps take the static path (backends/cuda_graphs.py: device-side positions,
+    """Resident decode steps take the static path (core/replay.py: device-side positions,
     masked K/V span; graph capture itself needs a GPU) and agree with transformers token by token."""
     dev = FakeDeviceBackend(Always())
     m = Model(load_model(path), n_gpu_layers=99, device_backend=dev, n_ctx=128, n_ubatch=16, load_tokenizer=False)
@@ -58,8 +58,8 @@ def _check_decode(path, ids, ref, n_steps=4):
             out = m.eval([ids[-i]])
             r = ref[-i]
             assert float(((out - r) ** 2).sum() / (r ** 2).sum()) < MAX_NMSE
-        assert dev.steps.replays == 0 and dev.steps.captures == 0  # eager static steps on the fake
-        assert dev.steps.eligible(m.plan(1), _ctx(m))
+        assert m.runner.replay.replays == 0 and m.runner.replay.captures == 0  # eager static steps on the fake
+        assert m.runner.replay.eligible(m.plan(1), _ctx(m))
     finally:
         m.close()
 

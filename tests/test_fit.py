@@ -78,7 +78,7 @@ def test_pinned_shortfall_warns():
 def test_fit_model_on_a_real_residency(tmp_path):
     """The K/V and compute estimates of a real (tiny) model, and -ngl lowered by a tight budget."""
     from lstream.loaders.model_file import load_model
-    from lstream.tools.errors_table import write_gguf
+    from lstream.tools.tiny_models import write_gguf
     loaded = load_model(write_gguf(tmp_path / "tiny.gguf"))
     big = fit_model(loaded.residency, loaded.config, 3, n_ctx=64, n_ubatch=8, free_device=1 << 40)
     assert big.ngl == 3
@@ -89,11 +89,11 @@ def test_fit_model_on_a_real_residency(tmp_path):
 
 def test_model_uses_device_free_memory(tmp_path):
     """Model asks a device backend with free_memory() and lowers -ngl before placing anything."""
-    from lstream.core.engine import Model
+    from lstream.api import Model
     from lstream.loaders.model_file import load_model
-    from lstream.tools.errors_table import write_gguf
+    from lstream.tools.tiny_models import write_gguf
     pytest.importorskip("torch")
-    from lstream.backends.fake_device import FakeDeviceBackend
+    from fake_device import FakeDeviceBackend
 
     loaded = load_model(write_gguf(tmp_path / "tiny8.gguf", n_layer=8))
     need = [fit_model(loaded.residency, loaded.config, k, n_ctx=16, n_ubatch=8, free_device=1 << 40).needs.device

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from lstream.core.errors import LStreamError
 from lstream.loaders.model_file import load_model
-from lstream.tools.errors_table import gguf_header_fields, st_bytes, st_config, st_tensors, write_gguf, write_st_dir
+from lstream.tools.tiny_models import gguf_header_fields, st_bytes, st_config, st_tensors, write_gguf, write_st_dir
 
 CASE_SECONDS = 10.0  # generous: the machine running CI may be loaded; a hang is what this catches
 SCALE = int(os.environ.get("LSTREAM_FUZZ_SCALE", "1"))

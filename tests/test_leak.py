@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import lstream
-from lstream.tools.errors_table import write_gguf
+from lstream.tools.tiny_models import write_gguf
 
 MiB = 1 << 20
 

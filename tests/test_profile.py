@@ -19,7 +19,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def cpu_model(path):
-    from lstream.core.engine import Model
+    from lstream.api import Model
     from lstream.loaders.model_file import load_model
     m = Model(load_model(path), n_ctx=64, n_threads=1, load_tokenizer=False)
     yield m
@@ -55,8 +55,8 @@ def test_cpu_table_per_layer_and_total(cpu_model, tmp_path):
 
 
 def test_device_and_hops_land_on_their_own_tracks(path, tmp_path):
-    from lstream.backends.fake_device import FakeDeviceBackend
-    from lstream.core.engine import Model
+    from fake_device import FakeDeviceBackend
+    from lstream.api import Model
     from lstream.core.policy import Never
     from lstream.loaders.model_file import load_model
     dev = FakeDeviceBackend(policy=Never())

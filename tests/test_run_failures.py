@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lstream.backends.fake_device import FakeDeviceBackend
-from lstream.core.engine import Model
+from fake_device import FakeDeviceBackend
+from lstream.api import Model
 from lstream.core.errors import OutOfMemory
 from lstream.core.ops import Op
 from lstream.core.policy import Always

@@ -1,12 +1,12 @@
 """Decode split between the CPU and the copy engine (issue 5): LayerSplit and the CostModel's
-choice of split, run on the fake device (backends/fake_device.py) so it is tested without a GPU."""
+choice of split, run on the fake device (tests/fake_device.py) so it is tested without a GPU."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lstream.backends.fake_device import FakeDeviceBackend
-from lstream.core.engine import Model
+from fake_device import FakeDeviceBackend
+from lstream.api import Model
 from lstream.core.policy import Calibration, CostModel, LayerSplit, make_policy
 from lstream.loaders.model_file import load_model
 from lstream.tools.synth_model import write_model
@@ -55,7 +55,7 @@ def test_layer_split_decode(model_path, reference, ngl, k):
         if layer < n_host:  # host K/V: attention stays on the CPU
             assert where[f"blk.{layer}.attn"] == "cpu"
     if 0 < ngl <= N_LAYER:  # resident layers between streamed ones and the streamed head: a static segment
-        assert dev.steps.segment_runs == 3
+        assert m.runner.replay.segment_runs == 3
     # every streamed layer of a step is copied from the step's start: the ring holds them all
     streamed = n_host - k + (1 if ngl <= N_LAYER else 0)  # + the output head (host below -ngl N+1)
     assert len(dev.streamer.slots) >= streamed

@@ -1,4 +1,4 @@
-"""Streaming and the device backend's logic, in CI without a GPU: backends/fake_device.py runs
+"""Streaming and the device backend's logic, in CI without a GPU: tests/fake_device.py runs
 backends/cuda.py's code on CPU tensors with simulated streams whose copies run late (only when
 someone waits for them), so a missing wait reads poisoned slot bytes and the numbers go wrong."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstream.backends.fake_device import FakeDeviceBackend
-from lstream.core.engine import Model
+from fake_device import FakeDeviceBackend
+from lstream.api import Model
 from lstream.core.policy import Always, BatchThreshold, Never
 from lstream.loaders.model_file import load_model
 from lstream.tools.synth_model import write_model

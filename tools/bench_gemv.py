@@ -1,10 +1,10 @@
-"""Benchmark the quantized GEMV kernels (backends/cuda_gemv.py) against dequantize + cuBLAS.
+"""Benchmark the quantized GEMV kernels (backends/cuda/gemv.py) against dequantize + cuBLAS.
 
     python -m lstream.tools.bench_gemv [--types Q4_0,Q8_0] [--shapes 4096x4096] [--batch 1,8]
                                        [--dtype fp16] [--sweep] [--json out.json]
 
 Per type, shape (N rows x K cols) and batch: the kernel's time, its effective bandwidth (quantized
-bytes of W / time: x and y are tiny) and the time of the path it replaces (cuda_kernels.dequantize
+bytes of W / time: x and y are tiny) and the time of the path it replaces (cuda.dequant.dequantize
 to fp16 into a scratch buffer, then x @ W^T in cuBLAS).
 
 Honest timing: each measurement is a CUDA graph of back-to-back calls (no Python launch cost in
@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 try:
-    from lstream.backends import cuda_gemv as cg
-    from lstream.backends import cuda_kernels as ck
+    from lstream.backends.cuda import gemv as cg
+    from lstream.backends.cuda import dequant as ck
     from lstream.core.qtypes import QTYPE_INFO, QType
     from lstream.tools.synth_model import _SCALES
 except ImportError:  # pragma: no cover - run as a plain script from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from lstream.backends import cuda_gemv as cg
-    from lstream.backends import cuda_kernels as ck
+    from lstream.backends.cuda import gemv as cg
+    from lstream.backends.cuda import dequant as ck
     from lstream.core.qtypes import QTYPE_INFO, QType
     from lstream.tools.synth_model import _SCALES
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 try:
-    from lstream.backends import cuda_kernels as ck
+    from lstream.backends.cuda import dequant as ck
     from lstream.core.qtypes import QType
 except ImportError:  # pragma: no cover - run as a plain script from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from lstream.backends import cuda_kernels as ck
+    from lstream.backends.cuda import dequant as ck
     from lstream.core.qtypes import QType
 
 
@@ -123,7 +123,7 @@ CONFIGS = [  # (label, -ngl, -ub, policy)
 def table(model: str, reps: int, n_prompt: int, configs, out: dict, dtype: str = "fp16", n_slots: int = 3,
           speculate: bool = False, warm_ring: bool = False, trace: str | None = None) -> None:
     from lstream.backends.cuda import CUDABackend
-    from lstream.core.engine import Model
+    from lstream.api import Model
     from lstream.core.policy import make_policy
     from lstream.loaders.model_file import load_model
 

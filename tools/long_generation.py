@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import lstream
-    from lstream.core.engine import Timings
+    from lstream.core.timings import Timings
     from lstream.loaders.registry import resolve
     prompt_n = 64
     m = lstream.load(str(resolve(a.model)), n_ctx=a.n_predict + prompt_n + 8, n_gpu_layers=a.n_gpu_layers,

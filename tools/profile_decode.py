@@ -19,7 +19,7 @@ import click
 @click.option("-n", "n", type=int, default=16)
 @click.option("--top", type=int, default=18)
 def main(model, ngl, policy, n, top):
-    from ..core.engine import Model
+    from ..api import Model
     from ..core.policy import make_policy
     from ..loaders.model_file import load_model
     cal = None

@@ -1,4 +1,4 @@
-"""Quantized matrix-vector products for decode: y = x @ W^T straight from GGUF blocks (issue 5).
+"""Quantized matrix-vector products for decode: y = x @ W^T straight from GGUF blocks.
 
 Decode reads every weight once per token, so its speed is bytes read / bandwidth. Dequantize to
 fp16 + cuBLAS reads the blocks, writes 2 bytes per weight and reads them back (3.5x+ the bytes of
@@ -14,29 +14,29 @@ the float f = 1 + v/2^b, no int->float convert (I2F issues at 1/8 of the FMA rat
 sum(f*x) = sum(x) + sum(v*x)/2^b, sum((v - OFF)*x) = 2^b*sum(f*x) - (2^b + OFF)*sum(x), with sum(x)
 per group shared by the BN rows. The cancellation costs at most 8 of the 24 bits.
 
-Without Triton/Gluon (CPU, CI) the module imports and `gemv` falls back to dequantize + matmul.
-CUDA-graph safe: no host sync, configs depend on shapes only.
+Without Triton/Gluon (CPU, CI) `gemv` falls back to dequantize + matmul. CUDA-graph safe: no host
+sync, configs depend on shapes only.
 """
 from __future__ import annotations
 
 import torch
 
-from ..core.qtypes import QTYPE_INFO, QType
-from . import cuda_kernels as ck
+from ...core.batch import SMALL_BATCH
+from ...core.qtypes import QTYPE_INFO, QType
+from . import dequant as ck
 from .fast_launch import FastLaunch
-from .cuda_kernels import HAVE_TRITON
 
 try:  # Gluon (Triton's explicit-layout dialect, triton >= 3.5) runs the kernels; optional like Triton
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    HAVE_GLUON = HAVE_TRITON
+    HAVE_GLUON = ck.HAVE_TRITON
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_GLUON = False
 
-MAX_BATCH = 8
-GEMV_TYPES = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K})
+MAX_BATCH = SMALL_BATCH  # rows of x per launch: a decode-sized batch (core/batch.py)
+GEMV_TYPES = frozenset(ck.QUANT_TYPES)
 _ONE = 0x3F800000  # 1.0f: the exponent the quants are OR'ed into (passed at run time, see _f)
 
 if HAVE_GLUON:
@@ -364,9 +364,8 @@ def gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: QType, n_rows: int, n_col
     """y = x @ W^T, (B, n_cols) x (n_rows, n_cols) -> (B, n_rows) in x's dtype, fp32 accumulation.
 
     blocks: uint8 GGUF blocks of W, (n_rows, row_bytes) or flat, contiguous, start 2-byte aligned
-    (16 for the fastest code), under 2 GiB (int32 offsets). B <= MAX_BATCH per
-    launch; a larger B is split into launches. use_kernel: None = the Gluon kernel on CUDA tensors;
-    False (or no Gluon) = dequantize to fp32 + matmul, the slow reference."""
+    (16 for the fastest code), under 2 GiB (int32 offsets). B <= MAX_BATCH per launch; a larger B
+    is split. use_kernel: None = Gluon on CUDA tensors; False (or no Gluon) = dequantize + matmul."""
     qtype = QType(qtype)
     if qtype not in GEMV_TYPES:
         raise ValueError(f"gemv supports {sorted(t.name for t in GEMV_TYPES)}, found {qtype.name}")
@@ -394,10 +393,8 @@ def gemv(x: torch.Tensor, blocks: torch.Tensor, qtype: QType, n_rows: int, n_col
         w = ck.dequantize(flat, qtype, n_cols, dtype=torch.float32, use_triton=False)
         out.copy_(x.float() @ w.t())
         return out
-    if flat.data_ptr() % 2 or x.dtype not in _XD:
-        raise ValueError("blocks must start 2-byte aligned; x must be fp16, bf16 or fp32")
-    if flat.numel() >= 2 ** 31:
-        raise ValueError("gemv uses int32 offsets: weights must be under 2 GiB")
+    if flat.data_ptr() % 2 or x.dtype not in _XD or flat.numel() >= 2 ** 31:
+        raise ValueError("blocks must start 2-byte aligned and be under 2 GiB; x must be fp16, bf16 or fp32")
     for s in range(0, bsz, MAX_BATCH):  # shapes only: the same launches every call (graph safe)
         _launch(x[s:s + MAX_BATCH], flat, qtype, n_rows, n_cols, out[s:s + MAX_BATCH])
     return out

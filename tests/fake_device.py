@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 
-from .cuda import CUDABackend
+from lstream.backends.cuda import CUDABackend
 
 _ids = itertools.count()
 

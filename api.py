@@ -2,53 +2,24 @@
 chat and score. Everything runs through the graph, the scheduler and the executor."""
 from __future__ import annotations
 
-import glob
-import sys
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-from .arch import build_graph
-from .executor import Executor, Profile, RunContext, run_layer_major
-from .errors import OutOfMemory
-from .kv_cache import ContextFullError, KVCache
-from .policy import BatchThreshold, UploadPolicy
-from .residency import HOST
-from .sampling import Sampler, SamplerConfig
-from .scheduler import Plan, schedule
-
-
-@dataclass
-class Timings:
-    prompt_tokens: int = 0
-    prompt_s: float = 0.0
-    gen_tokens: int = 0
-    gen_s: float = 0.0
-
-    def line(self) -> str:
-        pp = self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
-        tg = self.gen_tokens / self.gen_s if self.gen_s else 0.0
-        return (f"prompt: {self.prompt_tokens} tokens, {pp:.1f} t/s | "
-                f"generation: {self.gen_tokens} tokens, {tg:.1f} t/s")
-
-
-def cuda_available() -> bool:
-    # no GPU device node on Linux (NVIDIA, ROCm, WSL): no CUDA, and no need to import torch (~1.2 s)
-    if sys.platform == "linux" and not (glob.glob("/dev/nvidia*") or glob.glob("/dev/kfd") or glob.glob("/dev/dxg")):
-        return False
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
-def make_device_backend(device: str, policy: UploadPolicy, cuda_graphs: bool = True):
-    """The CUDA backend, imported only when asked for (torch.cuda is not needed otherwise)."""
-    from ..backends.cuda import CUDABackend
-    return CUDABackend(policy=policy, device=device, cuda_graphs=cuda_graphs)
+from .backends.devices import cuda_available, make_cpu_backend, make_device_backend
+from .core.arch import build_graph
+from .core.batch import UPLOAD_THRESHOLD
+from .core.errors import OutOfMemory
+from .core.executor import Executor, Profile, RunContext
+from .core.kv_cache import ContextFullError, KVCache
+from .core.options import Options
+from .core.policy import BatchThreshold, UploadPolicy
+from .core.residency import HOST
+from .core.runner import Runner
+from .core.sampling import Sampler, SamplerConfig
+from .core.timings import Timings
+from .core.scheduler import Plan, schedule
 
 
 class Model:
@@ -56,31 +27,35 @@ class Model:
                  n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
                  overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
                  device_backend=None, load_tokenizer: bool = True, quantize: str | None = None, no_fit: bool = False,
-                 layer_major: bool = True, cuda_graphs: bool = True):
-        from ..backends.cpu import CPUBackend
+                 layer_major: bool | None = None, cuda_graphs: bool | None = None, options: Options | None = None):
+        """options: the run options (core/options.py); n_threads, layer_major and cuda_graphs, when
+        given, override them. Without options, the defaults with the LSTREAM_* overrides."""
         if quantize:  # float weights -> GGUF blocks in host memory, before anything reads them
-            from ..loaders.quantize import quantize_model
+            from .loaders.quantize import quantize_model
             self.quantize_report = quantize_model(loaded, quantize)
+        opts = options if options is not None else Options.from_env()
+        self.options = opts = opts.with_(**{k: v for k, v in dict(
+            n_threads=n_threads, layer_major=layer_major, cuda_graphs=cuda_graphs).items() if v is not None})
         self.loaded = loaded
         self.config = cfg = loaded.config
         self.residency = loaded.residency
-        self.policy = policy or BatchThreshold(32)
+        self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.n_ubatch = n_ubatch
-        self.layer_major = layer_major  # streamed prompts: ubatches layer by layer (one pass over the weights)
         self.graph = build_graph(cfg, set(e.name for e in self.residency))
-        self.cpu = CPUBackend(n_threads)
+        self.cpu = make_cpu_backend(opts)
         self.device_backend = device_backend
         if device == "auto":  # a GPU is used whenever there is one: -ngl 0 still streams prefill
             device = "cuda" if cuda_available() else None
         if device_backend is None and (device or n_gpu_layers > 0 or overrides):
-            self.device_backend = make_device_backend(device or "cuda", self.policy, cuda_graphs)
+            self.device_backend = make_device_backend(device or "cuda", self.policy, opts)
         self.backends = ([self.device_backend] if self.device_backend else []) + [self.cpu]
         self.by_name = {b.name: b for b in self.backends}
         fit_notes: list[str] = []
-        if self.device_backend is not None and hasattr(self.device_backend, "free_memory"):
-            from .fit import fit_model  # fit before load: lower -ngl to what the free VRAM holds
-            r = fit_model(self.residency, cfg, n_gpu_layers, n_ctx, n_ubatch, self.device_backend.free_memory(),
-                          n_slots=getattr(self.device_backend, "n_slots", 3), no_fit=no_fit)
+        free = self.device_backend.free_memory() if self.device_backend is not None else None
+        if free is not None:
+            from .core.fit import fit_model  # fit before load: lower -ngl to what the free VRAM holds
+            r = fit_model(self.residency, cfg, n_gpu_layers, n_ctx, n_ubatch, free,
+                          n_slots=self.device_backend.ring_slots, no_fit=no_fit)
             n_gpu_layers, fit_notes = r.ngl, [r.note] * bool(r.note) + r.warnings
         self.notes = fit_notes + self.residency.assign(n_gpu_layers if self.device_backend else 0,
                                            self.device_backend.name if self.device_backend else HOST,
@@ -92,11 +67,12 @@ class Model:
         # Ubatches before the last need no logits: they run the graph without its output head.
         self.body_graph = self.graph.without_output()
         self.body_executor = Executor(self.body_graph, self.by_name)
+        self.runner = Runner(self.executor, self.body_executor, self.backends, opts.layer_major, opts.cuda_graphs)
         self._plans: dict[tuple[int, bool], Plan] = {}
         self.profile: Profile | None = None
         self.tokenizer = None
         if load_tokenizer:
-            from ..loaders.tokenizer import Tokenizer
+            from .loaders.tokenizer import Tokenizer
             self.tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template, cfg.bos_id,
                                        cfg.eos_ids, cfg.add_bos)
 
@@ -111,10 +87,8 @@ class Model:
 
     def set_policy(self, policy: UploadPolicy) -> None:
         self.policy = policy
-        if self.device_backend is not None and hasattr(self.device_backend, "policy"):
-            self.device_backend.policy = policy
-            if hasattr(self.device_backend, "prepare_policy"):
-                self.device_backend.prepare_policy()
+        for b in self.backends:
+            b.set_policy(policy)
         self._plans.clear()
 
     # -- evaluation --------------------------------------------------------------------------
@@ -158,18 +132,14 @@ class Model:
         for b in self.backends:
             try:
                 b.synchronize()
+                b.release_memory()
             except Exception:  # noqa: BLE001 - a broken device must not hide the original error
                 pass
-        if self.device_backend is not None and getattr(self.device_backend, "device", None) is not None \
-                and self.device_backend.device.type == "cuda":
-            import torch
-            torch.cuda.empty_cache()
 
     def _eval(self, tokens, logits):
-        starts = list(range(0, len(tokens), self.n_ubatch))
         mode = "all" if logits == "all" else "last"
         runs = []
-        for start in starts:
+        for start in range(0, len(tokens), self.n_ubatch):
             chunk = tokens[start:start + self.n_ubatch]
             last = start + len(chunk) == len(tokens)
             head = logits == "all" or last
@@ -177,43 +147,7 @@ class Model:
                              self.kv.n_past + start, self.kv, self.residency, mode, self.profile,
                              more_ubatches=not last)
             runs.append((self.executor if head else self.body_executor, self.plan(len(chunk), with_output=head), ctx))
-        if logits != "all" and self._layer_major(runs):
-            out = run_layer_major(runs)
-            self.kv.n_past += len(tokens)
-            return out[-1]
-        steps = getattr(self.device_backend, "steps", None)
-        if len(runs) == 1 and steps is not None:
-            out = None
-            if steps.eligible(runs[0][1], runs[0][2]):
-                out = steps.run(*runs[0])  # a resident decode step: static buffers, a CUDA graph replayed
-            elif (seg := steps.segment(runs[0][1], runs[0][2])) is not None:
-                out = steps.run_segment(*runs[0], seg)  # mixed decode: its resident layers from a graph
-            if out is not None:
-                self.kv.n_past += len(tokens)
-                return out[-1]
-        outs = []
-        for ex, plan, ctx in runs:
-            last = ctx is runs[-1][2]
-            out = ex.run(plan, ctx, to_host=True if (logits == "all" or last) else None)
-            self.kv.n_past += len(ctx.tokens)
-            if logits == "all":
-                outs.append(out)
-            elif last:
-                outs.append(out[-1])
-        return np.concatenate(outs, axis=0) if logits == "all" else outs[-1]
-
-    def _layer_major(self, runs) -> bool:
-        """Run a prompt's ubatches layer by layer when that saves weight traffic: some layer is
-        streamed to the device, and every ubatch places every block node the same way (so K/V a
-        device wrote back are never read by the CPU within the prompt)."""
-        if not self.layer_major or len(runs) < 2:
-            return False
-        plans = [p for _, p, _ in runs]
-        if not any(a.uploads for a in plans[0].assignments()):
-            return False
-        n_body = len(self.body_graph.nodes)
-        first = plans[0].signature()[:n_body]
-        return all(p.signature()[:n_body] == first for p in plans[1:])
+        return self.runner.run(runs, all_logits=logits == "all")
 
     # -- text --------------------------------------------------------------------------------
     def tokenize(self, text: str, bos: bool | None = None) -> list[int]:
@@ -244,7 +178,7 @@ class Model:
 
     def stream(self, prompt: str, n_predict: int = 128, sampler: Sampler | None = None,
                timings: Timings | None = None, bos: bool | None = None) -> Iterator[str]:
-        from ..loaders.tokenizer import StreamDecoder
+        from .loaders.tokenizer import StreamDecoder
         dec = StreamDecoder(self.tokenizer)
         for tok in self.generate_tokens(self.tokenize(prompt, bos), n_predict, sampler, timings):
             piece = dec.push(tok)
@@ -261,13 +195,14 @@ class Model:
         return "".join(self.stream(text, n_predict, sampler, bos=False))
 
     def perplexity(self, text: str, n_ctx: int = 512):
-        from .perplexity import perplexity
+        from .core.perplexity import perplexity
         return perplexity(self, self.tokenize(text, bos=False), n_ctx)
 
     def close(self) -> None:
         for b in self.backends:
             b.unload()
         self._plans.clear()
+        self.runner.clear()
         self.kv = None
         if self.loaded is not None:
             self.loaded.handle = None
@@ -285,8 +220,8 @@ class Model:
 
 def load(path, **kw) -> Model:
     """lstream.load(path_or_short_name, n_gpu_layers=0, policy=BatchThreshold(32), n_ctx=4096, ...)"""
-    from ..loaders.model_file import load_model
-    from ..loaders.registry import resolve
+    from .loaders.model_file import load_model
+    from .loaders.registry import resolve
     return Model(load_model(resolve(path)), **kw)
 
 

@@ -5,7 +5,7 @@ Python, the bulk of an eager decode step (hundreds of launches per token). The f
 key goes through Triton (compiling if needed) and keeps the compiled kernel; later launches with
 the same key call it directly. The key holds everything Triton specializes on: dtypes, 16-byte
 pointer alignment, int values, constexprs and the grid. Any failure of the direct call turns it
-off for good (Triton's own path is always correct).
+off for good, for that kernel (Triton's own path is always correct).
 """
 from __future__ import annotations
 
@@ -19,15 +19,14 @@ def _spec(a):
 
 
 class FastLaunch:
-    enabled = True
-
     def __init__(self, fn):
         self.fn = fn
         self.cache: dict = {}
+        self.enabled = True
 
     def __call__(self, grid: tuple, *args, **kw):
         key = (grid, tuple(_spec(a) for a in args), tuple(kw.items()))
-        ent = self.cache.get(key) if FastLaunch.enabled else None
+        ent = self.cache.get(key) if self.enabled else None
         if ent is not None:
             k, consts = ent
             g = tuple(grid) + (1, 1)
@@ -36,12 +35,12 @@ class FastLaunch:
                       None, None, None, *args, *consts)
                 return
             except Exception:  # noqa: BLE001 - an internal API changed: use Triton's path from now on
-                FastLaunch.enabled = False
+                self.enabled = False
         k = self.fn[grid](*args, **kw)
-        if FastLaunch.enabled and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+        if self.enabled and args and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
             try:
                 sig = self.fn.signature.parameters
                 consts = [kw[n] if n in kw else sig[n].default for n in self.fn.arg_names[len(args):]]
                 self.cache[key] = (k, consts)
             except Exception:  # noqa: BLE001
-                FastLaunch.enabled = False
+                self.enabled = False

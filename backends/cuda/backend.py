@@ -7,95 +7,38 @@ compute dtype (fp16 by default like llama.cpp's cuBLAS path, or bf16). A matmul 
 weight (resident: quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer,
 then calls cuBLAS.
 
-Everything device-specific goes through `self.rt`, so backends/fake_device.py runs this exact code
-on CPU tensors in CI.
+Everything device-specific goes through `self.rt` (runtime.py), so tests/fake_device.py runs this
+exact code on CPU tensors in CI.
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import Node
-from ..core.ops import Op
-from ..core.policy import BatchThreshold, UploadPolicy
-from ..core.residency import HOST, ResidencyMap, State
-from ..core.rope import cos_sin, inv_freq
-from ..core.streaming import LayerStreamer
-from . import cuda_gemv as cg
-from . import cuda_kernels as ck
-from .base import Backend
-from .cuda_attention import AttentionMixin, DeviceKV
-from .cuda_graphs import StepRunner
-
-
-class CudaRuntime:
-    """Streams, events, pinned host memory and async copies on a real CUDA device."""
-
-    def __init__(self, device: str = "cuda"):
-        self.device = torch.device(device)
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(self.device)
-        self.compute_stream = torch.cuda.current_stream(self.device)
-        self.copy_stream = torch.cuda.Stream(self.device)
-        self.kv_stream = torch.cuda.Stream(self.device)
-
-    def new_event(self, timing: bool = False):
-        return torch.cuda.Event(enable_timing=timing)
-
-    def alloc_host(self, nbytes: int):
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
-        except RuntimeError:
-            return torch.empty(nbytes, dtype=torch.uint8), False
-
-    def alloc_device(self, nbytes: int):
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    @staticmethod
-    def host_view(a) -> torch.Tensor:
-        with warnings.catch_warnings():  # read-only memory maps: we only ever read through the view
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-    @staticmethod
-    def as_array(buf: torch.Tensor, like) -> np.ndarray:
-        return buf.numpy().view(np.asarray(like).dtype).reshape(np.shape(like))
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream) -> None:
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
-
-    def memory_allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device)
-
-    def free_memory(self) -> int:
-        """Free device bytes now, plus what torch's allocator holds cached (reusable by us)."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-
-
-@dataclass
-class _RunState:
-    release_at: dict  # (ubatch, node id) -> streamed layers released after that node
-    layer_of: dict  # streamed tensor -> layer
-    views: dict  # streamed tensor -> its device bytes in the ring, for this run
-    ctx: object  # the last ubatch's context (its profile gets the copy statistics)
+from ...core.batch import UPLOAD_THRESHOLD, is_small_batch
+from ...core.graph import STACKED_PROJECTIONS, Node
+from ...core.ops import Op
+from ...core.policy import BatchThreshold, UploadPolicy
+from ...core.residency import HOST, ResidencyMap, State
+from ...core.rope import cos_sin, inv_freq
+from ...core.streaming import LayerStreamer
+from ..base import Backend
+from . import dequant as ck
+from . import gemv as cg
+from .attention import AttentionMixin, DeviceKV
+from .graphs import GraphsMixin
+from .norm_rope import rms_norm, rope
+from .runtime import CudaRuntime
+from .stream_run import StreamRunMixin
 
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "float32": torch.float32}
 
 
-class CUDABackend(AttentionMixin, Backend):
+class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
     name = "cuda"
     OPS = frozenset({Op.EMBED, Op.MATMUL, Op.RMS_NORM, Op.RMS_NORM_HEADS, Op.ADD, Op.SWIGLU, Op.GEGLU,
                       Op.SCALE, Op.ROPE, Op.ATTENTION})
@@ -103,11 +46,11 @@ class CUDABackend(AttentionMixin, Backend):
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
                  speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None):
-        self.policy = policy or BatchThreshold(32)
+        self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.n_slots = n_slots
+        self.ring_slots = n_slots
         self.use_triton = use_triton
         self.speculate = speculate
         self.residency: ResidencyMap | None = None
@@ -128,8 +71,8 @@ class CUDABackend(AttentionMixin, Backend):
         # the quantized matrix-vector kernel, where it can run (a CUDA device with Triton's Gluon)
         self._gemv_ok = cg.HAVE_GLUON and self.device.type == "cuda" and use_triton is not False \
             and gemv is not False
-        # small-batch steps of a fully resident plan: static buffers, CUDA graphs on a real GPU
-        self.steps = StepRunner(self, use_graphs=cuda_graphs and self.device.type == "cuda")
+        # small steps from static buffers (core/replay.py), captured as CUDA graphs on a real GPU
+        self.graphs = cuda_graphs and self.device.type == "cuda"
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -155,6 +98,17 @@ class CUDABackend(AttentionMixin, Backend):
         """Device bytes available for weights, K/V and buffers: what fit-before-load plans with."""
         return self.rt.free_memory()
 
+    def set_policy(self, policy: UploadPolicy) -> None:
+        self.policy = policy
+        self.prepare_policy()
+
+    def release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def owns_kv(self, store) -> bool:
+        return isinstance(store, DeviceKV)
+
     def load(self, residency: ResidencyMap) -> None:
         """Upload resident weights once; note which host weights may be streamed (2-D, supported;
         a tied output head streams under its own name). 1-D tensors are always copied here."""
@@ -174,15 +128,13 @@ class CUDABackend(AttentionMixin, Backend):
                 self._streamable.append(e.name)
         self._stack_resident()
 
-    _STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
-
     def _stack_resident(self) -> None:
         """Resident projections that read one input (q, k, v; gate, up) share one buffer, rows
         back to back; the single weights become row views (no extra VRAM). A decode step then reads
         them with one GEMV launch (small k/v shapes alone use the GPU poorly)."""
         self._stacks.clear()
         for il in sorted({e.layer for e in self.residency if e.layer >= 0}):
-            for kinds in self._STACKS:
+            for kinds in STACKED_PROJECTIONS:
                 names = [f"blk.{il}.{k}.weight" for k in kinds]
                 if not all(n in self._resident for n in names):
                     continue
@@ -199,18 +151,11 @@ class CUDABackend(AttentionMixin, Backend):
 
     def prepare_policy(self) -> None:
         """A policy that decides per layer (LayerSplit, CostModel) reads the residency once."""
-        prep = getattr(self.policy, "prepare", None)
-        if prep is not None and self.residency is not None:
-            prep(self.residency, self.name)
-
-    def _ensure_streamer(self) -> LayerStreamer:
-        if self.streamer is None:
-            self.streamer = LayerStreamer(self.rt, self.residency, self._streamable, self.n_slots)
-        return self.streamer
+        if self.residency is not None:
+            self.policy.prepare(self.residency, self.name)
 
     def unload(self) -> None:
         self.rt.synchronize()
-        self.steps.clear()
         self._resident.clear()
         self._stacks.clear()
         self._pend.clear()
@@ -223,107 +168,6 @@ class CUDABackend(AttentionMixin, Backend):
     def alloc_kv(self, layer, n_ctx, n_kv_head, head_dim):
         z = lambda: torch.zeros((n_ctx, n_kv_head, head_dim), dtype=self.dtype, device=self.device)  # noqa: E731
         return DeviceKV(z(), z())
-
-    # -- a run ---------------------------------------------------------------------------------
-    def _stream_plan(self, plan):
-        """(layer order, {node id: layers released after it}, {tensor: layer}) for this plan."""
-        key = id(plan)
-        cached = self._plan_cache.get(key)
-        if cached is not None and cached[0] is plan:
-            return cached[1]
-        streamed = set(self._streamable)
-        order, last, layer_of = [], {}, {}
-        for a in plan.assignments():
-            if a.backend != self.name:
-                continue
-            for w in a.uploads:
-                if w in streamed:
-                    layer = self.residency[w].layer
-                    layer_of[w] = layer
-                    if layer not in order:
-                        order.append(layer)
-                    last[layer] = a.node.id
-        release_after: dict[int, list[int]] = {}
-        for layer, nid in last.items():
-            release_after.setdefault(nid, []).append(layer)
-        info = (order, release_after, layer_of)
-        self._plan_cache[key] = (plan, info)
-        return info
-
-    def begin_run(self, plan, ctx) -> None:
-        self.begin_group([(plan, ctx)])
-
-    def begin_group(self, runs) -> None:
-        """One ubatch, or several run layer by layer: a streamed layer is acquired by the first
-        ubatch that reads it and released after the last one has enqueued its last read."""
-        order: list[int] = []
-        layer_of: dict[str, int] = {}
-        last_user: dict[int, tuple[int, int]] = {}  # layer -> (ubatch, node id) of its last read
-        for k, (plan, ctx) in enumerate(runs):
-            o, release_after, lo = self._stream_plan(plan)
-            order += [layer for layer in o if layer not in last_user]
-            layer_of.update(lo)
-            for nid, layers in release_after.items():
-                for layer in layers:
-                    last_user[layer] = (k, nid)
-        if len(runs) > 1:
-            order.sort()  # layer-major: the first ubatch meets the layers in layer order
-        release_at: dict[tuple[int, int], list[int]] = {}
-        for layer, at in last_user.items():
-            release_at.setdefault(at, []).append(layer)
-        if order:
-            st = self._ensure_streamer()
-            st.speculate = self._speculate_now(runs[-1][1])
-            prefetch_all = getattr(self.policy, "prefetch_all", None)
-            if prefetch_all is not None and prefetch_all(len(runs[0][1].tokens)) and len(order) > len(st.slots):
-                # a split decode step streams its layers while the CPU computes others: every copy
-                # is issued at once, so the ring grows to hold them all (once, if VRAM allows)
-                st.ensure_slots(len(order), self.rt.free_memory() - (1 << 30))
-            st.begin(order)
-        self._run = _RunState(release_at, layer_of, {}, runs[-1][1])
-        self._pend.clear()
-
-    def _speculate_now(self, ctx) -> bool:
-        """Prefetch the first layers again at the end of this run? Only when allowed (`speculate`)
-        and worth it: another ubatch of the same prompt follows (ctx.more_ubatches; unknown: yes)."""
-        return self.speculate and bool(getattr(ctx, "more_ubatches", True))
-
-    def end_group(self) -> None:
-        self.end_run()
-
-    def end_run(self) -> None:
-        run, self._run = self._run, None
-        s = self.streamer
-        before = (s.stats.bytes_streamed, s.stats.copy_ms, s.stats.stall_ms) if s is not None else None
-        if s is not None and s.order:
-            s.end()
-        self._flush_kv()
-        ctx = run.ctx if run is not None else None
-        prof = getattr(ctx, "profile", None)
-        if prof is not None and s is not None and before is not None:
-            prof.bytes_uploaded += s.stats.bytes_streamed - before[0]
-            prof.add("cuda copy (device)", (s.stats.copy_ms - before[1]) / 1e3)
-            prof.add("cuda copy stall (device)", (s.stats.stall_ms - before[2]) / 1e3)
-
-    def _flush_kv(self) -> None:
-        if self._kv_pending:
-            self.rt.kv_stream.synchronize()
-            self._kv_pending.clear()
-        self._kv_done.clear()
-
-    # -- weights -------------------------------------------------------------------------------
-    def _weight_bytes(self, name: str) -> torch.Tensor:
-        t = self._resident.get(name)
-        if t is not None:
-            return t
-        views = self._run.views
-        v = views.get(name)
-        if v is None:
-            layer = self._run.layer_of.get(name)
-            if layer is None:
-                raise RuntimeError(f"{name} is neither resident on {self.name} nor streamed in this run")
-            v = views[name] = self.streamer.acquire(layer)[name]
-        return v
 
     def _matmul_src(self, name: str):
         e = self.residency[name]
@@ -341,18 +185,13 @@ class CUDABackend(AttentionMixin, Backend):
             out = self._scratch[:n].view(src.n_rows, src.n_cols)
         return ck.dequantize(raw, src.qtype, src.n_cols, dtype=self.dtype, out=out, use_triton=self.use_triton)
 
-    def _after(self, node: Node, ctx) -> None:
-        if self._run is not None:
-            for layer in self._run.release_at.get((getattr(ctx, "ubatch", 0), node.id), ()):
-                self.streamer.release(layer)
-
     # -- ops -----------------------------------------------------------------------------------
     def compute(self, node: Node, inputs, ctx):
         op, p = node.op, node.params
         if op is Op.MATMUL:
             x = inputs[0].to(self.dtype)
             src = self._matmul_src(node.weights[0])
-            if x.shape[0] <= cg.MAX_BATCH and self._gemv_ok and src.qtype in cg.GEMV_TYPES:
+            if is_small_batch(x.shape[0]) and self._gemv_ok and src.qtype in cg.GEMV_TYPES:
                 # few tokens: read the quantized blocks once, no fp16 copy of the weight
                 name = node.weights[0]
                 pend = self._pend.pop(name, None)
@@ -380,10 +219,10 @@ class CUDABackend(AttentionMixin, Backend):
             x = inputs[0]
             if p.get("select_output") and ctx.logits == "last":
                 x = x[-1:]
-            return ck.rms_norm(x.contiguous(), self._small[node.weights[0]], p["eps"], self.dtype, self.use_triton)
+            return rms_norm(x.contiguous(), self._small[node.weights[0]], p["eps"], self.dtype, self.use_triton)
         if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
             x = inputs[0].contiguous()
-            y = ck.rms_norm(x.reshape(-1, p["head_dim"]), self._small[node.weights[0]], p["eps"], self.dtype,
+            y = rms_norm(x.reshape(-1, p["head_dim"]), self._small[node.weights[0]], p["eps"], self.dtype,
                             self.use_triton)
             return y.reshape(x.shape)
         if op is Op.ADD:
@@ -425,7 +264,7 @@ class CUDABackend(AttentionMixin, Backend):
                                                .to(self.device), p["scaling"])
                 ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
                 cs = ctx.graph.cache[key] = (ang.cos().float(), ang.sin().float())
-            return ck.rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"],
+            return rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"],
                            p["mode"] == "neox", self.dtype, self.use_triton)
         pos = np.asarray(ctx.positions)
         arange = len(pos) > 0 and pos[-1] - pos[0] == len(pos) - 1 and bool(np.all(np.diff(pos) == 1))
@@ -437,7 +276,7 @@ class CUDABackend(AttentionMixin, Backend):
             cos, sin = cos_sin(pos, inv_freq(p["base"], p["n_rot"], p["scaling"]))
             cs = self._freqs[key] = (torch.from_numpy(cos).to(self.device), torch.from_numpy(sin).to(self.device),
                                      ctx.positions, p["scaling"])  # keep what the ids name alive
-        return ck.rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox",
+        return rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox",
                        self.dtype, self.use_triton)
 
     # -- activations ---------------------------------------------------------------------------
@@ -450,22 +289,9 @@ class CUDABackend(AttentionMixin, Backend):
     def synchronize(self) -> None:
         self.rt.synchronize()
 
-    def stream_counters(self):
-        """The streamer's cumulative StreamStats (None when nothing was ever streamed)."""
-        return self.streamer.stats if self.streamer is not None else None
-
-    def stream_stats(self) -> dict:
-        """For `lstream bench`: bytes streamed per run, achieved GB/s of the copies, share of copy
-        time the compute stream did not wait for, cumulative copy/stall ms and run count."""
-        st = self.stream_counters()
-        if st is None or st.runs == 0:
-            return {}
-        return {"bytes": st.bytes_streamed / st.runs, "gbps": st.bytes_streamed / (st.copy_ms * 1e6) if st.copy_ms else 0.0,
-                "hidden": st.hidden_fraction, "copy_ms": st.copy_ms, "stall_ms": st.stall_ms, "runs": st.runs}
-
     def describe(self) -> str:
         dev = self.device if self.device.type != "cuda" else torch.cuda.get_device_name(self.device)
         return f"{self.name} ({dev}, {str(self.dtype).replace('torch.', '')}, policy {self.policy.describe()})"
 
 
-__all__ = ["CUDABackend", "CudaRuntime", "DeviceKV", "nullcontext"]
+__all__ = ["CUDABackend", "CudaRuntime", "DeviceKV"]

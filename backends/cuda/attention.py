@@ -1,6 +1,6 @@
 """Attention on the CUDA backend: K/V in VRAM for resident layers; for a host layer computed here
 (prefill), its past read from host memory and its new K/V written back asynchronously; and the
-static form of a decode step (backends/cuda_graphs.py). A mixin of CUDABackend."""
+static form of a decode step (core/replay.py, graphs.py). A mixin of CUDABackend."""
 from __future__ import annotations
 
 import warnings
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.graph import Node
+from ...core.graph import Node
 
 
 @dataclass
@@ -64,7 +64,7 @@ class AttentionMixin:
         return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
 
     def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
-        """Attention of a static step (backends/cuda_graphs.py): K/V written at the device-side
+        """Attention of a static step (core/replay.py, graphs.py): K/V written at the device-side
         positions, then the first `span` cache rows read under a position mask (built once per
         step); grouped-query heads share their K/V head by reshaping q, not by repeating K/V."""
         t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]

@@ -1,0 +1,70 @@
+"""The CUDA backend's side of replayed decode steps (core/replay.py drives them): static step
+inputs in device buffers, capture of a step into a CUDA graph, and its replay. A mixin of
+CUDABackend.
+
+A step runs in "static" mode (RunContext.graph is a StepInputs): token ids, positions and the K/V
+span live in fixed device buffers that are refilled before each replay; attention reads the first
+`span` cache rows under a position mask, so one graph serves every n_past inside its span.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepInputs:
+    tokens: torch.Tensor  # (B,) int64 on the device
+    positions: torch.Tensor  # (B,) int64 on the device
+    rows: torch.Tensor | None  # (B, row_bytes) uint8: the token_embd rows when it lives on the host
+    span: int  # cache rows attention reads (a multiple of core.replay.SPAN_STEP, or n_ctx)
+    cache: dict = field(default_factory=dict)  # per-step values shared by the layers (rope cos/sin, mask)
+
+
+class GraphsMixin:
+    static_steps = True
+
+    def step_inputs(self, n_tokens: int, span: int) -> StepInputs:
+        dev = self.device
+        emb = self.residency["token_embd.weight"] if "token_embd.weight" in self.residency else None
+        rows = None
+        if emb is not None and "token_embd.weight" not in self._resident:  # rows copied in per step
+            rows = torch.zeros((n_tokens, emb.nbytes // emb.n_rows), dtype=torch.uint8, device=dev)
+        return StepInputs(torch.zeros(n_tokens, dtype=torch.int64, device=dev),
+                          torch.zeros(n_tokens, dtype=torch.int64, device=dev), rows, span)
+
+    def fill_step_inputs(self, si: StepInputs, ctx) -> None:
+        toks = np.asarray(ctx.tokens, dtype=np.int64)
+        si.tokens.copy_(torch.from_numpy(toks))
+        si.positions.copy_(torch.from_numpy(np.asarray(ctx.positions, dtype=np.int64)))
+        if si.rows is not None:
+            e = self.residency["token_embd.weight"]
+            host = np.ascontiguousarray(e.data).reshape(e.n_rows, -1).view(np.uint8)
+            si.rows.copy_(torch.from_numpy(host[toks]))
+
+    def capture(self, fn, inputs: StepInputs):
+        """Warm up (Triton compiles, cuBLAS workspaces, scratch buffers) on a side stream with the
+        real inputs, then capture. A warm-up writes the step's own K/V rows, which the replay right
+        after writes again with the same values."""
+        dev = self.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        inputs.cache.clear()  # the capture must record how the shared per-step values are made
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph, out
+
+    def replay(self, graph) -> None:
+        graph.replay()
+
+    def clone(self, value):
+        return value.clone()
+
+    def copy_into(self, static, value) -> None:
+        static.copy_(value)

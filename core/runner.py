@@ -1,0 +1,104 @@
+"""Runs one evaluation's ubatches, choosing the strategy from what the backends declare:
+
+  layer-major   a prompt of several ubatches whose layers stream: every ubatch passes layer L before
+                any passes L+1, so a streamed layer crosses PCIe once per prompt, not per ubatch;
+  graph step    a decode-sized step that a `static_steps` backend holds whole: static inputs,
+                replayed from a captured graph where the backend declares `graphs` (core/replay.py);
+  graph segment a decode-sized step with a run of whole layers on such a backend (mixed decode);
+  plain         one ubatch after another, node by node (core/executor.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .executor import Executor, RunContext
+from .replay import StepReplay
+from .scheduler import Plan
+
+
+class Runner:
+    def __init__(self, executor: Executor, body: Executor, backends: list, layer_major: bool = True,
+                 graphs: bool = True):
+        self.executor, self.body = executor, body
+        self.layer_major = layer_major
+        self.replay = next((StepReplay(executor, b, graphs) for b in backends if b.static_steps), None)
+
+    def run(self, runs: list[tuple[Executor, Plan, RunContext]], all_logits: bool) -> np.ndarray:
+        """runs: (executor, plan, context) per ubatch, in order; returns the last token's logits
+        (vocab,), or every token's (n_tokens, vocab) with all_logits."""
+        if not all_logits and self._use_layer_major(runs):
+            out = run_layer_major(runs)[-1]
+            _advance(runs[-1][2])
+            return out
+        if len(runs) == 1 and self.replay is not None:
+            _, plan, ctx = runs[0]
+            out = None
+            if self.replay.eligible(plan, ctx):
+                out = self.replay.run(plan, ctx)[-1]
+            elif (seg := self.replay.segment(plan, ctx)) is not None:
+                out = self.replay.run_segment(plan, ctx, seg)[-1]
+            if out is not None:
+                _advance(ctx)
+                return out
+        outs = []
+        for k, (ex, plan, ctx) in enumerate(runs):
+            last = k == len(runs) - 1
+            out = ex.run(plan, ctx, to_host=True if (all_logits or last) else None)
+            _advance(ctx)  # a later failure keeps the ubatches that finished
+            if all_logits:
+                outs.append(out)
+            elif last:
+                outs.append(out[-1])
+        return np.concatenate(outs, axis=0) if all_logits else outs[-1]
+
+    def _use_layer_major(self, runs) -> bool:
+        """Layer by layer when that saves weight traffic: some layer is streamed to the device, and
+        every ubatch places every block node the same way (so K/V a device wrote back are never
+        read by the CPU within the prompt)."""
+        if not self.layer_major or len(runs) < 2:
+            return False
+        plans = [p for _, p, _ in runs]
+        if not any(a.uploads for a in plans[0].assignments()):
+            return False
+        n_body = len(self.body.graph.nodes)
+        first = plans[0].signature()[:n_body]
+        return all(p.signature()[:n_body] == first for p in plans[1:])
+
+    def clear(self) -> None:
+        if self.replay is not None:
+            self.replay.clear()
+
+
+def _advance(ctx: RunContext) -> None:
+    ctx.kv.n_past = ctx.n_past + len(ctx.tokens)
+
+
+def run_layer_major(runs: list[tuple[Executor, Plan, RunContext]]) -> np.ndarray:
+    """Run the ubatches of one prompt layer by layer: every ubatch passes layer L before any passes
+    L+1. Same results as one ubatch after another (ubatch k's attention at layer L reads the K/V
+    that ubatches < k wrote there just before). Returns the last run's output (the earlier ones
+    have no head)."""
+    backends: dict[str, object] = {}
+    for k, (ex, plan, ctx) in enumerate(runs):
+        ctx.ubatch = k
+        for b in ex.used_backends(plan):
+            backends[b.name] = b
+    group = [(plan, ctx) for _, plan, ctx in runs]
+    for b in backends.values():
+        b.begin_group(group)
+    try:
+        out: list = []  # only the last run has a head: the others append None first
+        # fuse=False: a compiled run spans layers, and ubatch k must not pass layer L before k-1 has
+        gens = [ex.steps(plan, ctx, out if k == len(runs) - 1 else [], to_host=True if k == len(runs) - 1 else None,
+                         fuse=False)
+                for k, (ex, plan, ctx) in enumerate(runs)]
+        nxt = [next(g, None) for g in gens]
+        while any(n is not None for n in nxt):
+            cur = min(n for n in nxt if n is not None)
+            for k, g in enumerate(gens):
+                while nxt[k] is not None and nxt[k] <= cur:
+                    nxt[k] = next(g, None)
+        return out[-1]
+    finally:
+        for b in backends.values():
+            b.end_group()

@@ -10,7 +10,7 @@ import numpy as np
 from .backends.devices import cuda_available, make_cpu_backend, make_device_backend
 from .core.arch import build_graph
 from .core.batch import UPLOAD_THRESHOLD
-from .core.errors import OutOfMemory
+from .core.errors import NonFiniteError, OutOfMemory
 from .core.executor import Executor, Profile, RunContext
 from .core.kv_cache import ContextFullError, KVCache
 from .core.options import Options
@@ -112,8 +112,12 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), found {tokens.min()}..{tokens.max()}")
         self.kv.check_room(len(tokens))
+        n_past = self.kv.n_past
         try:
             return self._eval(tokens, logits)
+        except NonFiniteError as err:
+            self._abort()
+            raise self._locate_nonfinite(tokens, n_past, err) from None
         except KeyboardInterrupt:
             self._abort()  # nothing keeps running in the background: queued copies and kernels drain
             raise
@@ -136,7 +140,23 @@ class Model:
             except Exception:  # noqa: BLE001 - a broken device must not hide the original error
                 pass
 
+    def _locate_nonfinite(self, tokens, n_past: int, err: NonFiniteError) -> NonFiniteError:
+        """A NaN/inf was seen where values cross backends or in the logits: evaluate the same tokens
+        again op by op to name the node where it first appears. The cache keeps the tokens before."""
+        self.kv.n_past = n_past
+        try:
+            self.runner.locate_nonfinite(self._runs(tokens, "last"))
+        except NonFiniteError as precise:
+            err = precise
+        finally:
+            self._abort()
+            self.kv.n_past = n_past
+        return err
+
     def _eval(self, tokens, logits):
+        return self.runner.run(self._runs(tokens, logits), all_logits=logits == "all")
+
+    def _runs(self, tokens, logits):
         mode = "all" if logits == "all" else "last"
         runs = []
         for start in range(0, len(tokens), self.n_ubatch):
@@ -147,7 +167,7 @@ class Model:
                              self.kv.n_past + start, self.kv, self.residency, mode, self.profile,
                              more_ubatches=not last)
             runs.append((self.executor if head else self.body_executor, self.plan(len(chunk), with_output=head), ctx))
-        return self.runner.run(runs, all_logits=logits == "all")
+        return runs
 
     # -- text --------------------------------------------------------------------------------
     def tokenize(self, text: str, bos: bool | None = None) -> list[int]:

@@ -15,3 +15,7 @@ class ModelFormatError(LStreamError):
 
 class OutOfMemory(LStreamError):
     """Device (or host) memory ran out during a run; the model object stays usable."""
+
+
+class NonFiniteError(LStreamError, FloatingPointError):
+    """A NaN or an infinity appeared in the activations; names where it was first seen."""

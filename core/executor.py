@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import NonFiniteError
 from .graph import INPUT, Graph
 from .kv_cache import KVCache
 from .residency import HOST, ResidencyMap
@@ -85,10 +86,14 @@ class Executor:
         self.last_use = graph.last_use()
         self._compiled: dict = {}  # (plan id, split, n_tokens, logits, profiled) -> (plan, units or None)
 
-    def run(self, plan: Plan, ctx: RunContext, to_host: bool = True):
-        """Run one ubatch; returns the output as float32 numpy (or the backend's value, to_host=False)."""
+    def run(self, plan: Plan, ctx: RunContext, to_host: bool = True, check: bool = False):
+        """Run one ubatch; returns the output as float32 numpy (or the backend's value, to_host=False).
+        check: every node's value checked for NaN/inf, op by op (see steps)."""
         with self.session(plan, ctx):
-            return self.run_part(plan, ctx, {}, to_host=to_host)
+            out: list = []
+            for _ in self.steps(plan, ctx, out, to_host, values={}, fuse=not check, check=check):
+                pass
+            return out[0] if out else None
 
     def used_backends(self, plan: Plan) -> list:
         return [self.backends[name] for name in dict.fromkeys(s.backend for s in plan.splits)]
@@ -122,13 +127,15 @@ class Executor:
         return backend.from_host(self.backends[src].to_host(v))
 
     def steps(self, plan: Plan, ctx: RunContext, out: list, to_host: bool = True, values: dict | None = None,
-              start: int = 0, stop: int | None = None, fuse: bool = True):
+              start: int = 0, stop: int | None = None, fuse: bool = True, check: bool = False):
         """Generator: runs the plan node by node and yields the layer of the next node whenever the
         layer changes (before any of its work), so ubatches can be interleaved layer by layer.
         Appends the output to `out` at the end (None when to_host is None). Part of a plan:
         assignments [start, stop) in plan order, `values` holding what earlier ones made (a run that
         stops early leaves there the values later assignments need). fuse: let a backend run a
-        compiled run of nodes in one call (it then yields only before the run's first node)."""
+        compiled run of nodes in one call (it then yields only before the run's first node).
+        check: every node's value checked for NaN/inf (slow: finds where a non-finite value first
+        appeared, after a run's checks at backend boundaries saw one)."""
         values = {} if values is None else values  # node id -> {backend name: value there}
         prof = ctx.profile
         layer = None
@@ -154,6 +161,9 @@ class Executor:
                     node = unit
                     args = [ctx.tokens if i == INPUT else values[i][split.backend] for i in node.inputs]
                     values[node.id] = {split.backend: backend.compute(node, args, ctx)}
+                    if check:
+                        self.check_finite(np.asarray(backend.to_host(values[node.id][split.backend])), node.id,
+                                          split.backend)
                     dead = [i for i in node.inputs if i != INPUT and self.last_use[i] == node.id]
                 else:
                     outs = unit.run([values[i][split.backend] for i in unit.inputs], ctx)
@@ -175,7 +185,12 @@ class Executor:
             out.append(None)
             return
         src, val = next(iter(values[self.graph.output].items()))
-        out.append(np.asarray(self.backends[src].to_host(val), dtype=np.float32) if to_host else val)
+        if not to_host:
+            out.append(val)
+            return
+        logits = np.asarray(self.backends[src].to_host(val), dtype=np.float32)
+        self.check_finite(logits, self.graph.output, src)
+        out.append(logits)
 
     def _units(self, plan, si, split, backend, ctx, k, start, stop, fuse):
         """A split's nodes, with the runs its backend compiled (compile_split) as single units where
@@ -205,9 +220,19 @@ class Executor:
                 src, val = next(iter(values[i].items()))
                 t0 = time.perf_counter()
                 host = self.backends[src].to_host(val)
+                self.check_finite(host, i, src)
                 values[i][split.backend] = backend.from_host(host)
                 if prof is not None:
                     t1 = time.perf_counter()
                     prof.add("hop", t1 - t0)
                     prof.bytes_hopped += host.nbytes
                     prof.add_layer(split.assignments[0].node.layer, "hop", t0, t1, "hop")
+
+    def check_finite(self, host: np.ndarray, node_id: int, backend: str) -> None:
+        """Values crossing backends and the logits are checked (a few us for a decode step): a
+        NaN or an infinity is reported with the node that made it, not carried into a kernel."""
+        if host.dtype.kind == "f" and not np.isfinite(host).all():
+            node = self.graph.nodes[node_id]
+            raise NonFiniteError(
+                f"non-finite values (NaN or inf) after {node.name} ({node.op.value}, layer {node.layer}, "
+                f"computed on {backend}): the activations overflowed or the weights hold NaN/inf")

@@ -80,7 +80,7 @@ class StepReplay:
         if not self.use_graphs:
             ctx.graph = self.be.step_inputs(n, span)
             self.be.fill_step_inputs(ctx.graph, ctx)
-            return self.be.to_host(self.ex.run(plan, ctx, to_host=False))
+            return self._logits(self.ex.run(plan, ctx, to_host=False))
         key = ("whole", id(plan), n, span)
         hit = self._graphs.get(key)
         if hit is None or hit[0] is not plan:
@@ -94,7 +94,12 @@ class StepReplay:
         self.be.fill_step_inputs(si, ctx)
         self.be.replay(graph)
         self.replays += 1
-        return self.be.to_host(out)
+        return self._logits(out)
+
+    def _logits(self, value):
+        logits = self.be.to_host(value)
+        self.ex.check_finite(logits, self.ex.graph.output, self.be.name)
+        return logits
 
     def run_segment(self, plan, ctx, seg: tuple[int, int]):
         """The plan before the segment eagerly, the segment replayed from a graph whose static

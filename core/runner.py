@@ -51,6 +51,14 @@ class Runner:
                 outs.append(out[-1])
         return np.concatenate(outs, axis=0) if all_logits else outs[-1]
 
+    def locate_nonfinite(self, runs) -> None:
+        """Run the ubatches again op by op, each node's value checked: raises NonFiniteError naming
+        the node where a NaN or inf first appears (the caller rewinds the cache first; the same
+        positions are written again)."""
+        for ex, plan, ctx in runs:
+            ctx.graph = None
+            ex.run(plan, ctx, to_host=None, check=True)
+
     def _use_layer_major(self, runs) -> bool:
         """Layer by layer when that saves weight traffic: some layer is streamed to the device, and
         every ubatch places every block node the same way (so K/V a device wrote back are never

@@ -2,10 +2,14 @@
 
 For GPU benchmarks where real weights cannot be fetched. Each tensor's bytes are drawn with numpy
 and streamed to disk one tensor at a time (the whole model is never held in memory); every block's
-fp16 scales are overwritten with small finite values so activations stay in range.
+fp16 scales are overwritten with small finite values so activations stay in range, or, with
+--scale S, every block's scale d is S: weights of typical size ~4.5 S with a bias (Q4_0: mean
+-S/2), whose activations grow over the layers as real models' outliers do (S = 0.02 on the 8B
+shape passes float16's 65504; llama.cpp runs such a file at every -ngl).
 
     python -m lstream.tools.synth_model llama3-8b Q4_0 out/llama3-8b-q4_0.gguf
     python -m lstream.tools.synth_model llama-70b Q4_K out/70b-4l.gguf --layers 4
+    python -m lstream.tools.synth_model llama3-8b Q4_0 out/l8b-large.gguf --scale 0.02
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ PRESETS: dict[str, Preset] = {
     "llama3-8b": Preset("llama", 32, 4096, 14336, 32, 8, 128256, 500000.0, 1e-5, 8192),
     "qwen2.5-14b": Preset("qwen2", 48, 5120, 13824, 40, 8, 152064, 1000000.0, 1e-6, 32768, qkv_bias=True),
     "llama-70b": Preset("llama", 80, 8192, 28672, 64, 8, 128256, 500000.0, 1e-5, 8192),
+    # the 8B layers with a 4096-token vocabulary: a small file for tests of the layers' numerics
+    "llama3-8b-v4k": Preset("llama", 32, 4096, 14336, 32, 8, 4096, 500000.0, 1e-5, 8192),
     # small shapes for tests (not real models)
     "tiny": Preset("llama", 2, 256, 512, 4, 2, 512, 10000.0, 1e-5, 512),
     "tiny-qwen": Preset("qwen2", 2, 256, 512, 4, 2, 512, 10000.0, 1e-6, 512, qkv_bias=True),
@@ -96,8 +102,10 @@ def tensor_plan(p: Preset, wtype: QType, embd_type: QType, out_type: QType) -> l
     return plan
 
 
-def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], qt: QType) -> np.ndarray:
-    """Random valid data: float arrays for F32/F16/BF16, (rows, row_bytes) uint8 blocks otherwise."""
+def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], qt: QType,
+                  scale: float | None = None) -> np.ndarray:
+    """Random valid data: float arrays for F32/F16/BF16, (rows, row_bytes) uint8 blocks otherwise;
+    scale: every block's first scale field (d) set to it (the others keep their small sizes)."""
     if qt == QType.F32:
         if name.endswith("norm.weight"):
             return (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
@@ -111,16 +119,19 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], q
     nbytes = tensor_bytes(qt, shape)
     data = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
     blocks = data.reshape(-1, info.type_size)
-    for off, mag in _SCALES[qt]:
-        # |scale| in [0.5, 1.5] * mag, random sign for d of symmetric types (m / dmin keep sign too)
-        s = (mag * (0.5 + rng.random(blocks.shape[0], dtype=np.float32))).astype(np.float16)
+    for k, (off, mag) in enumerate(_SCALES[qt]):
+        if k == 0 and scale is not None:
+            s = np.full(blocks.shape[0], scale, np.float16)
+        else:  # |scale| in [0.5, 1.5] * mag
+            s = (mag * (0.5 + rng.random(blocks.shape[0], dtype=np.float32))).astype(np.float16)
         blocks[:, off:off + 2] = s.view(np.uint8).reshape(-1, 2)
     return data.reshape(shape[0] if len(shape) > 1 else 1, -1)
 
 
 def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QType.Q4_0, *,
                 layers: int | None = None, embd_type: QType | str | None = None,
-                out_type: QType | str | None = None, seed: int = 0, verbose: bool = False) -> Path:
+                out_type: QType | str | None = None, seed: int = 0, verbose: bool = False,
+                scale: float | None = None) -> Path:
     import gguf
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
@@ -166,7 +177,7 @@ def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QTy
     rng = np.random.default_rng(seed)
     t0, total = time.time(), 0
     for tname, shape, qt in plan:
-        arr = random_tensor(rng, tname, shape, qt)
+        arr = random_tensor(rng, tname, shape, qt, scale)
         w.write_tensor_data(arr)
         total += arr.nbytes
         if verbose and arr.nbytes > (64 << 20):
@@ -251,9 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embd-type", default=None, help="token_embd type (default: same as the weights)")
     ap.add_argument("--output-type", default=None, help="output.weight type (default: same; llama.cpp uses Q6_K)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", type=float, default=None,
+                    help="every block's scale d (0.02: activations past float16's range on the 8B shape)")
     a = ap.parse_args(argv)
     write_model(a.out, a.preset, a.qtype, layers=a.layers, embd_type=a.embd_type, out_type=a.output_type,
-                seed=a.seed, verbose=True)
+                seed=a.seed, verbose=True, scale=a.scale)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Streams: compute runs on torch's current stream (so `.cpu()` and friends order themselves), weight
 uploads on a copy stream (core/streaming.py), K/V write-backs to host on a third stream.
-Activations: the residual stream stays fp32; matmul inputs/outputs, attention and K/V use the
-compute dtype (fp16 by default like llama.cpp's cuBLAS path, or bf16). A matmul dequantizes its
+Activations: the residual stream stays fp32; matmul inputs, attention and K/V use the compute dtype,
+bf16 by default: real models' activations reach thousands and some families pass float16's 65504,
+so fp16 (llama.cpp's cuBLAS path) would overflow where the CPU's fp32 does not. Decode matmuls
+(GEMV) accumulate and return fp32. A matmul dequantizes its
 weight (resident: quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer,
 then calls cuBLAS.
 
@@ -44,7 +46,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
                       Op.SCALE, Op.ROPE, Op.ATTENTION})
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
-                 dtype: str | torch.dtype = "fp16", n_slots: int = 3, use_triton: bool | None = None,
+                 dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
                  speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
@@ -200,20 +202,21 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
                     y = pend[1]
                 elif stack is not None:
                     big, rows, names = stack
-                    yy = cg.gemv(x, big, src.qtype, big.shape[0], src.n_cols)
+                    yy = cg.gemv(x, big, src.qtype, big.shape[0], src.n_cols, out=self._f32_out(x, big.shape[0]))
                     for n in names:
                         if n != name:
                             self._pend[n] = (inputs[0], yy[:, self._stacks[n][1]])
                     y = yy[:, rows]
                 else:
-                    y = cg.gemv(x, self._weight_bytes(name), src.qtype, src.n_rows, src.n_cols)
+                    y = cg.gemv(x, self._weight_bytes(name), src.qtype, src.n_rows, src.n_cols,
+                                out=self._f32_out(x, src.n_rows))
                 self._after(node, ctx)
             else:
                 w = self._dequant(node.weights[0])
                 self._after(node, ctx)
                 y = x @ w.t()
             if len(node.weights) > 1:
-                y = y + self._small[node.weights[1]].to(self.dtype)
+                y = y + self._small[node.weights[1]].to(y.dtype)
             return y
         if op is Op.RMS_NORM:
             x = inputs[0]
@@ -252,6 +255,9 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
                 rows = torch.from_numpy(host[np.asarray(inputs[0], dtype=np.int64)]).to(self.device)
             return ck.dequantize(rows, e.qtype, e.n_cols, dtype=torch.float32, use_triton=self.use_triton)
         raise NotImplementedError(f"{self.name} backend: op {op}")
+
+    def _f32_out(self, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+        return torch.empty((x.shape[0], n_rows), dtype=torch.float32, device=self.device)
 
     def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:
         if ctx.graph is not None:  # positions on the device: cos/sin computed there (fp64, like core/rope.py)

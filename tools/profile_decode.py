@@ -18,7 +18,8 @@ import click
 @click.option("--policy", default="threshold")
 @click.option("-n", "n", type=int, default=16)
 @click.option("--top", type=int, default=18)
-def main(model, ngl, policy, n, top):
+@click.option("--kernels", is_flag=True, help="also the GPU time per kernel of eager steps (torch.profiler)")
+def main(model, ngl, policy, n, top, kernels):
     from ..api import Model
     from ..core.policy import make_policy
     from ..loaders.model_file import load_model
@@ -46,7 +47,24 @@ def main(model, ngl, policy, n, top):
         print(f"graphs={graphs}: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} t/s), policy {m.policy.describe()}")
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+        if kernels and not graphs:
+            _kernel_table(m, n, top)
         m.close()
+
+
+def _kernel_table(m, n: int, top: int) -> None:
+    """GPU time per kernel name over n eager steps: what a graph replay of the step spends."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for t in range(n):
+            m.eval([30 + t])
+        m.synchronize()
+    ev = [e for e in p.key_averages() if e.device_time_total > 0]
+    ev.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in ev)
+    print(f"GPU kernel time per step: {total / n / 1e3:.3f} ms in {sum(e.count for e in ev) / n:.0f} kernels")
+    for e in ev[:top]:
+        print(f"  {e.device_time_total / n:9.1f} us/step  {e.count / n:6.1f}x  {e.key[:90]}")
 
 
 if __name__ == "__main__":

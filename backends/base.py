@@ -100,9 +100,9 @@ class Backend:
     static_steps: bool = False  # can run a small step from static inputs (step_inputs)
     graphs: bool = False  # and capture such a step once, then replay it
 
-    def step_inputs(self, n_tokens: int, span: int) -> Any:
-        """Static inputs of a step of n_tokens whose attention reads `span` cache rows; set as
-        RunContext.graph while the step's nodes run."""
+    def step_inputs(self, n_tokens: int) -> Any:
+        """Static inputs of a step of n_tokens (its token ids and positions in fixed buffers); set
+        as RunContext.graph while the step's nodes run."""
         raise NotImplementedError
 
     def fill_step_inputs(self, inputs: Any, ctx) -> None:

@@ -1,4 +1,4 @@
-"""python -m lstream.cli"""
+"""python -m lstream.cli: the lstream command."""
 from .main import main
 
 main()

@@ -23,3 +23,7 @@ for _command in (pull, info, plan, run, bench, perplexity):
 
 def main():
     cli(prog_name="lstream")
+
+
+if __name__ == "__main__":  # python -m lstream.cli.main
+    main()

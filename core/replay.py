@@ -2,7 +2,7 @@
 
 A backend that declares `static_steps` runs a small step from static inputs (token ids, positions
 and the K/V span in fixed device buffers, refilled before each step); one that also declares
-`graphs` captures such a step once per (plan, tokens, span) and replays it, so a token costs one
+`graphs` captures such a step once per (plan, tokens) and replays it, so a token costs one
 launch instead of a few hundred. This module decides when that applies (the whole plan on that
 backend, or the longest run of whole layers there: mixed decode) and drives the executor inside
 the capture; the backend only provides the inputs, the capture and the replay. With graphs off the
@@ -12,12 +12,6 @@ from __future__ import annotations
 
 from .batch import is_small_batch
 from .ops import Op
-
-SPAN_STEP = 256  # K/V rows per span bucket: a graph per 256 tokens of context, at most
-
-
-def span_of(ctx, n: int) -> int:
-    return min(ctx.kv.n_ctx, -(-(ctx.n_past + n) // SPAN_STEP) * SPAN_STEP)
 
 
 class StepReplay:
@@ -76,15 +70,15 @@ class StepReplay:
     # -- running them ----------------------------------------------------------------------------
     def run(self, plan, ctx):
         """The whole step: logits as float32 numpy, (vocab,) rows like Executor.run returns them."""
-        n, span = len(ctx.tokens), span_of(ctx, len(ctx.tokens))
+        n = len(ctx.tokens)
         if not self.use_graphs:
-            ctx.graph = self.be.step_inputs(n, span)
+            ctx.graph = self.be.step_inputs(n)
             self.be.fill_step_inputs(ctx.graph, ctx)
             return self._logits(self.ex.run(plan, ctx, to_host=False))
-        key = ("whole", id(plan), n, span)
+        key = ("whole", id(plan), n)
         hit = self._graphs.get(key)
         if hit is None or hit[0] is not plan:
-            si = self.be.step_inputs(n, span)
+            si = self.be.step_inputs(n)
             self.be.fill_step_inputs(si, ctx)
             ctx.graph = si
             graph, out = self.be.capture(lambda: self.ex.run(plan, ctx, to_host=False), si)
@@ -111,17 +105,17 @@ class StepReplay:
             vals: dict = {}
             ex.run_part(plan, ctx, vals, stop=start)
             live = {i: ex.value_on(where, be) for i, where in vals.items()}  # what the segment reads
-            n, span = len(ctx.tokens), span_of(ctx, len(ctx.tokens))
+            n = len(ctx.tokens)
             if not self.use_graphs:
-                ctx.graph = be.step_inputs(n, span)
+                ctx.graph = be.step_inputs(n)
                 be.fill_step_inputs(ctx.graph, ctx)
                 after = {i: {name: v} for i, v in live.items()}
                 ex.run_part(plan, ctx, after, start=start, stop=stop)
             else:
-                key = ("segment", id(plan), n, span)
+                key = ("segment", id(plan), n)
                 hit = self._graphs.get(key)
                 if hit is None or hit[0] is not plan:
-                    hit = self._graphs[key] = self._capture_segment(plan, ctx, n, span, seg, live)
+                    hit = self._graphs[key] = self._capture_segment(plan, ctx, n, seg, live)
                 _, graph, si, static, outs = hit
                 for i, v in live.items():
                     be.copy_into(static[i], v)
@@ -132,10 +126,10 @@ class StepReplay:
             ctx.graph = None
             return ex.run_part(plan, ctx, after, start=stop, to_host=True)
 
-    def _capture_segment(self, plan, ctx, n, span, seg, live):
+    def _capture_segment(self, plan, ctx, n, seg, live):
         be = self.be
         static = {i: be.clone(v) for i, v in live.items()}
-        si = be.step_inputs(n, span)
+        si = be.step_inputs(n)
         be.fill_step_inputs(si, ctx)
         ctx.graph = si
 

@@ -87,13 +87,14 @@ def _greedy_with_and_without_graphs(prompt, n: int, model_kw: dict, backend_kw: 
 
 def test_cuda_graph_decode_identical():
     """All resident: decode steps replayed from CUDA graphs give the tokens and logits of the same
-    static steps run eagerly (--no-cuda-graphs); 64 steps cross a K/V span bucket (2 graphs)."""
+    static steps run eagerly (--no-cuda-graphs); 64 steps from position 220 pass 256 with one graph
+    (attention reads each position on the device: no span buckets)."""
     prompt = np.random.default_rng(2).integers(100, 40000, 220).tolist()
     outs = _greedy_with_and_without_graphs(prompt, 64, dict(n_gpu_layers=999, n_ctx=1024), {},
                                            lambda st: (st.replays, st.captures))
     (g1, l1, replays, captures), (g0, l0, r0, c0) = outs[True], outs[False]
     print(f"graphs: {replays} replays, {captures} captures; max |logit diff| {np.abs(l1 - l0).max():.3g}")
-    assert replays >= 60 and captures == 2 and r0 == c0 == 0
+    assert replays >= 60 and captures == 1 and r0 == c0 == 0
     assert g1 == g0
     assert _nmse(l1, l0) <= 1e-10
 

@@ -49,7 +49,7 @@ def test_gemma3_on_device(gemma_tiny, ngl):
 
 def _check_decode(path, ids, ref, n_steps=4):
     """Resident decode steps take the static path (core/replay.py: device-side positions,
-    masked K/V span; graph capture itself needs a GPU) and agree with transformers token by token."""
+    split-K decode attention up to each position; graph capture itself needs a GPU) and agree with transformers token by token."""
     dev = FakeDeviceBackend(Always())
     m = Model(load_model(path), n_gpu_layers=99, device_backend=dev, n_ctx=128, n_ubatch=16, load_tokenizer=False)
     try:

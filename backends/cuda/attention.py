@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.graph import Node
+from . import decode_kernels as dk
 
 
 @dataclass
@@ -65,26 +66,14 @@ class AttentionMixin:
 
     def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
         """Attention of a static step (core/replay.py, graphs.py): K/V written at the device-side
-        positions, then the first `span` cache rows read under a position mask (built once per
-        step); grouped-query heads share their K/V head by reshaping q, not by repeating K/V."""
+        positions, then split-K decode attention up to each token's position, read on the device
+        (decode_kernels.attention): one captured graph serves every position."""
         t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
-        g = n_head // n_kv
         store.k.index_copy_(0, si.positions, k)
         store.v.index_copy_(0, si.positions, v)
-        window = p.get("window", 0)
-        mask = si.cache.get(("mask", g, window))
-        if mask is None:
-            kpos = torch.arange(si.span, device=self.device)[None, :]
-            qpos = si.positions[:, None]
-            m = kpos <= qpos
-            if window:
-                m &= kpos > qpos - window
-            mask = si.cache[("mask", g, window)] = m.repeat(g, 1)[None, None]  # (1, 1, g*t, S)
-        keys = store.k[:si.span].transpose(0, 1).unsqueeze(0)  # (1, n_kv, S, hd)
-        vals = store.v[:si.span].transpose(0, 1).unsqueeze(0)
-        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(1, n_kv, g * t, hd)
-        o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=mask, scale=p["scale"])  # (1, n_kv, g*t, hd)
-        return o.reshape(n_kv, g, t, hd).permute(2, 0, 1, 3).reshape(t, n_head * hd)
+        qo = q.float().reshape(t, n_head, hd)
+        return dk.attention(qo, store.k, store.v, si.positions, p["scale"], p.get("window", 0) or 0, n_head, n_kv,
+                            self.dtype, use_triton=self.use_triton)
 
     def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:
         """New K/V of a host layer go back to its host cache on the K/V stream, without blocking."""

@@ -27,7 +27,9 @@ from ...core.residency import HOST, ResidencyMap, State
 from ...core.rope import cos_sin, inv_freq
 from ...core.streaming import LayerStreamer
 from ..base import Backend
+from . import decode_kernels as dk
 from . import dequant as ck
+from . import fused
 from . import gemv as cg
 from .attention import AttentionMixin, DeviceKV
 from .graphs import GraphsMixin
@@ -47,7 +49,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
-                 speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None):
+                 speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -75,6 +77,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
             and gemv is not False
         # small steps from static buffers (core/replay.py), captured as CUDA graphs on a real GPU
         self.graphs = cuda_graphs and self.device.type == "cuda"
+        self.fuse = fuse  # decode steps: fused kernels (fused.py) where a pattern of nodes allows
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -187,6 +190,9 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
             out = self._scratch[:n].view(src.n_rows, src.n_cols)
         return ck.dequantize(raw, src.qtype, src.n_cols, dtype=self.dtype, out=out, use_triton=self.use_triton)
 
+    def compile_split(self, assignments, last_use: dict, ctx):
+        return fused.compile_split(self, assignments, last_use, ctx) if self.fuse else None
+
     # -- ops -----------------------------------------------------------------------------------
     def compute(self, node: Node, inputs, ctx):
         op, p = node.op, node.params
@@ -231,10 +237,12 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
         if op is Op.ADD:
             y = inputs[0] + inputs[1]  # the residual is fp32: promotion keeps the sum fp32
             return y if y.dtype == torch.float32 else y.float()
-        if op is Op.SWIGLU:
-            return F.silu(inputs[0]) * inputs[1]
-        if op is Op.GEGLU:
-            return F.gelu(inputs[0], approximate="tanh") * inputs[1]
+        if op is Op.SWIGLU or op is Op.GEGLU:
+            g, u = inputs
+            if g.dim() == 2 and g.stride(1) == 1 and u.stride(1) == 1:
+                return dk.act(g, u, op is Op.GEGLU, self.dtype, self.use_triton)
+            a = F.silu(g.float()) if op is Op.SWIGLU else F.gelu(g.float(), approximate="tanh")
+            return (a * u.float()).to(self.dtype)
         if op is Op.SCALE:
             return inputs[0] * p["value"]
         if op is Op.ROPE:
@@ -259,19 +267,25 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
     def _f32_out(self, x: torch.Tensor, n_rows: int) -> torch.Tensor:
         return torch.empty((x.shape[0], n_rows), dtype=torch.float32, device=self.device)
 
+    def static_cos_sin(self, p: dict, ctx):
+        """cos/sin (T, n_rot/2) fp32 of a static step's device-side positions, computed there in
+        fp64 (like core/rope.py) once per step: every layer's q and k share them."""
+        key = (p["base"], p["n_rot"], id(p["scaling"]))
+        cs = ctx.graph.cache.get(key)
+        if cs is None:
+            f = self._inv_freq.get(key)
+            if f is None:
+                f = self._inv_freq[key] = (torch.from_numpy(inv_freq(p["base"], p["n_rot"], p["scaling"]))
+                                           .to(self.device), p["scaling"])
+            ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
+            cs = ctx.graph.cache[key] = (ang.cos().float(), ang.sin().float())
+        return cs
+
     def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:
-        if ctx.graph is not None:  # positions on the device: cos/sin computed there (fp64, like core/rope.py)
-            key = (p["base"], p["n_rot"], id(p["scaling"]))
-            cs = ctx.graph.cache.get(key)  # once per step: every layer's q and k share them
-            if cs is None:
-                f = self._inv_freq.get(key)
-                if f is None:
-                    f = self._inv_freq[key] = (torch.from_numpy(inv_freq(p["base"], p["n_rot"], p["scaling"]))
-                                               .to(self.device), p["scaling"])
-                ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
-                cs = ctx.graph.cache[key] = (ang.cos().float(), ang.sin().float())
-            return rope(x.contiguous(), cs[0], cs[1], p["n_head"], p["head_dim"], p["n_rot"],
-                           p["mode"] == "neox", self.dtype, self.use_triton)
+        if ctx.graph is not None:
+            cos, sin = self.static_cos_sin(p, ctx)
+            return rope(x.contiguous(), cos, sin, p["n_head"], p["head_dim"], p["n_rot"],
+                        p["mode"] == "neox", self.dtype, self.use_triton)
         pos = np.asarray(ctx.positions)
         arange = len(pos) > 0 and pos[-1] - pos[0] == len(pos) - 1 and bool(np.all(np.diff(pos) == 1))
         key = (int(pos[0]) if arange else id(ctx.positions), len(pos), p["base"], p["n_rot"], id(p["scaling"]))

@@ -2,9 +2,9 @@
 inputs in device buffers, capture of a step into a CUDA graph, and its replay. A mixin of
 CUDABackend.
 
-A step runs in "static" mode (RunContext.graph is a StepInputs): token ids, positions and the K/V
-span live in fixed device buffers that are refilled before each replay; attention reads the first
-`span` cache rows under a position mask, so one graph serves every n_past inside its span.
+A step runs in "static" mode (RunContext.graph is a StepInputs): token ids and positions live in
+fixed device buffers that are refilled before each replay; attention reads each token's position
+there and attends up to it, so one graph serves every position.
 """
 from __future__ import annotations
 
@@ -19,21 +19,20 @@ class StepInputs:
     tokens: torch.Tensor  # (B,) int64 on the device
     positions: torch.Tensor  # (B,) int64 on the device
     rows: torch.Tensor | None  # (B, row_bytes) uint8: the token_embd rows when it lives on the host
-    span: int  # cache rows attention reads (a multiple of core.replay.SPAN_STEP, or n_ctx)
     cache: dict = field(default_factory=dict)  # per-step values shared by the layers (rope cos/sin, mask)
 
 
 class GraphsMixin:
     static_steps = True
 
-    def step_inputs(self, n_tokens: int, span: int) -> StepInputs:
+    def step_inputs(self, n_tokens: int) -> StepInputs:
         dev = self.device
         emb = self.residency["token_embd.weight"] if "token_embd.weight" in self.residency else None
         rows = None
         if emb is not None and "token_embd.weight" not in self._resident:  # rows copied in per step
             rows = torch.zeros((n_tokens, emb.nbytes // emb.n_rows), dtype=torch.uint8, device=dev)
         return StepInputs(torch.zeros(n_tokens, dtype=torch.int64, device=dev),
-                          torch.zeros(n_tokens, dtype=torch.int64, device=dev), rows, span)
+                          torch.zeros(n_tokens, dtype=torch.int64, device=dev), rows)
 
     def fill_step_inputs(self, si: StepInputs, ctx) -> None:
         toks = np.asarray(ctx.tokens, dtype=np.int64)

@@ -1,0 +1,89 @@
+"""The fused decode kernels (backends/cuda/decode_kernels.py) against plain torch in fp32/fp64.
+
+On a GPU (marker gpu) and, with triton installed and TRITON_INTERPRET=1, on the CPU through the
+Triton interpreter. Tolerances: normalized MSE 1e-10 for fp32 outputs, 5e-5 for outputs rounded
+to bf16 (8-bit mantissa: ~1e-5 from rounding alone), 1e-4 for attention (q.k and p.v in bf16 on tensor cores, as flash attention)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lstream.backends.cuda import decode_kernels as dk
+from lstream.backends.cuda.norm_rope import rope
+
+INTERPRET = dk.HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] + [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="Triton interpreter not enabled"))]
+
+
+def _nmse(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_add_rms_norm(dev):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 640, generator=g) * 300).to(dev)
+    big = (torch.randn(3, 900, generator=g) * 50).to(dev)
+    h = big[:, 100:740]  # a column slice: rows strided like a stacked matmul's output
+    w = torch.rand(640, generator=g).to(dev)
+    s, y = dk.add_rms_norm(x, h, w, 1e-6, torch.bfloat16)
+    rs = x.double() + h.double()
+    ry = rs * torch.rsqrt(rs.square().mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert _nmse(s, rs) < 1e-10 and _nmse(y, ry) < 5e-5
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("gelu", [False, True])
+def test_act(dev, gelu):
+    gen = torch.Generator().manual_seed(2)
+    gu = (torch.randn(2, 2 * 1500, generator=gen) * 4).to(dev)
+    g, u = gu[:, :1500], gu[:, 1500:]
+    y = dk.act(g, u, gelu, torch.float32)
+    gd = g.double()
+    ref = (torch.nn.functional.gelu(gd, approximate="tanh") if gelu else torch.nn.functional.silu(gd)) * u.double()
+    assert _nmse(y, ref) < 1e-10
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("neox,n_rot", [(False, 64), (True, 64), (True, 32), (False, 48)])
+def test_rope_store(dev, neox, n_rot):
+    gen = torch.Generator().manual_seed(3)
+    t, n_head, n_kv, hd, n_ctx = 2, 4, 2, 64, 32
+    qkv = torch.randn(t, (n_head + 2 * n_kv) * hd, generator=gen).to(dev)
+    q, k, v = qkv[:, :n_head * hd], qkv[:, n_head * hd:(n_head + n_kv) * hd], qkv[:, (n_head + n_kv) * hd:]
+    pos = torch.tensor([7, 20], device=dev)
+    ang = pos.double()[:, None] * (10000.0 ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)).to(dev)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    kc = torch.zeros(n_ctx, n_kv, hd, dtype=torch.bfloat16, device=dev)
+    vc = torch.zeros_like(kc)
+    qo = dk.rope_store(q, k, v, cos, sin, pos, kc, vc, n_head, n_kv, hd, n_rot, neox)
+    rq = rope(q.contiguous().cpu(), cos.cpu(), sin.cpu(), n_head, hd, n_rot, neox, torch.float32, False)
+    rk = rope(k.contiguous().cpu(), cos.cpu(), sin.cpu(), n_kv, hd, n_rot, neox, torch.float32, False)
+    assert _nmse(qo.reshape(t, -1), rq) < 1e-10
+    assert _nmse(kc[pos].reshape(t, -1).float(), rk) < 5e-5
+    assert _nmse(vc[pos].reshape(t, -1).float(), v) < 5e-5
+    others = torch.ones(n_ctx, dtype=torch.bool)
+    others[pos.cpu()] = False
+    assert not kc.cpu()[others].any() and not vc.cpu()[others].any()  # nothing else written
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("g,window,positions", [(4, 0, [150, 151]), (1, 0, [0]), (2, 40, [97]), (8, 0, [300])])
+def test_attention(dev, g, window, positions):
+    gen = torch.Generator().manual_seed(4)
+    n_kv, hd, n_ctx = 2, 64, 320
+    n_head = n_kv * g
+    kc = (torch.randn(n_ctx, n_kv, hd, generator=gen)).to(torch.bfloat16).to(dev)
+    vc = (torch.randn(n_ctx, n_kv, hd, generator=gen)).to(torch.bfloat16).to(dev)
+    pos = torch.tensor(positions, device=dev)
+    qo = (torch.randn(len(positions), n_head, hd, generator=gen) * 2).to(dev)
+    out = dk.attention(qo, kc, vc, pos, hd ** -0.5, window, n_head, n_kv, torch.float32)
+    ref = dk.attention_reference(qo.cpu().double(), kc.cpu().double(), vc.cpu().double(), pos.cpu(), hd ** -0.5,
+                                 window, n_kv)
+    assert out.shape == (len(positions), n_head * hd)
+    assert _nmse(out, ref) < 1e-4

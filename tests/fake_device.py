@@ -123,7 +123,7 @@ class FakeDeviceBackend(CUDABackend):
     def __init__(self, policy=None, deferred_copies: bool = True, dtype="fp32", n_slots: int = 3,
                  speculate: bool = False, pin_ok: bool = True):
         super().__init__(policy=policy, runtime=FakeRuntime(deferred_copies, pin_ok), dtype=dtype,
-                         n_slots=n_slots, use_triton=False, speculate=speculate)
+                         n_slots=n_slots, use_triton=False, speculate=speculate, repack_resident=True)
 
     def describe(self) -> str:
         return f"fake device (CPU tensors, {self.dtype})"

@@ -8,6 +8,7 @@ import pytest
 
 from fake_device import FakeDeviceBackend
 from lstream.api import Model
+from lstream.core.errors import NonFiniteError
 from lstream.core.policy import Always, BatchThreshold, Never
 from lstream.loaders.model_file import load_model
 from lstream.tools.synth_model import write_model
@@ -93,8 +94,11 @@ def test_missing_wait_reads_stale_bytes(model_path, tokens, cpu_ref, monkeypatch
     dev = FakeDeviceBackend(Always())
     m = _model(model_path, 0, dev)
     monkeypatch.setattr(dev.rt.compute_stream, "wait_event", lambda ev: None)
-    out = m.eval(tokens)
-    assert not np.isfinite(out).all() or _nmse(out, cpu_ref[0]) > 1e-2
+    try:
+        out = m.eval(tokens)
+    except NonFiniteError:  # the poisoned slot bytes (0xFF: NaN scales) were read and reported
+        return
+    assert _nmse(out, cpu_ref[0]) > 1e-2
 
 
 def test_kv_write_back_then_cpu_decode(model_path, tokens, cpu_ref):

@@ -31,6 +31,7 @@ from . import decode_kernels as dk
 from . import dequant as ck
 from . import fused
 from . import gemv as cg
+from . import gemv_q8, repack
 from .attention import AttentionMixin, DeviceKV
 from .graphs import GraphsMixin
 from .norm_rope import rms_norm, rope
@@ -49,7 +50,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
-                 speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True):
+                 speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True,
+                 repack_resident: bool | None = None):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -78,6 +80,9 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
         # small steps from static buffers (core/replay.py), captured as CUDA graphs on a real GPU
         self.graphs = cuda_graphs and self.device.type == "cuda"
         self.fuse = fuse  # decode steps: fused kernels (fused.py) where a pattern of nodes allows
+        # resident 32-weight-block matmul weights in an aligned layout for the int8 GEMV (repack.py);
+        # None: where that GEMV runs (a GPU with Triton)
+        self._repack = self._gemv_ok if repack_resident is None else repack_resident
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -132,6 +137,27 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
             elif e.home == HOST and e.qtype in ck.SUPPORTED and e.name != "token_embd.weight":
                 self._streamable.append(e.name)
         self._stack_resident()
+        if self._repack:
+            self._repack_resident()
+
+    def _repack_resident(self) -> None:
+        """Resident matmul weights of the 32-block types into the aligned layout, stacks as one
+        (the embedding, and a head tied to it, keep GGUF blocks: their rows are gathered)."""
+        done: dict[int, repack.Packed] = {}
+        for name, t in list(self._resident.items()):
+            e = self.residency[name]
+            if e.qtype not in repack.TYPES or e.alias_of or name == "token_embd.weight":
+                continue
+            stack = self._stacks.get(name)
+            if stack is None:
+                self._resident[name] = repack.repack(t, e.qtype, e.n_rows, e.n_cols)
+                continue
+            big, rows, names = stack
+            p = done.get(id(big))
+            if p is None:
+                p = done[id(big)] = repack.repack(big, e.qtype, big.shape[0], e.n_cols)
+            self._resident[name] = p.rows(rows.start, rows.stop)
+            self._stacks[name] = (p, rows, names)
 
     def _stack_resident(self) -> None:
         """Resident projections that read one input (q, k, v; gate, up) share one buffer, rows
@@ -188,7 +214,15 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
             if self._scratch is None or self._scratch.numel() < n:
                 self._scratch = torch.empty(n, dtype=self.dtype, device=self.device)
             out = self._scratch[:n].view(src.n_rows, src.n_cols)
+        if isinstance(raw, repack.Packed):
+            return gemv_q8.dequantize(raw, self.dtype, out)
         return ck.dequantize(raw, src.qtype, src.n_cols, dtype=self.dtype, out=out, use_triton=self.use_triton)
+
+    def _gemv(self, x: torch.Tensor, w, src) -> torch.Tensor:
+        """Decode matmul in fp32: repacked weights by the int8 GEMV, GGUF blocks by the Gluon one."""
+        if isinstance(w, repack.Packed):
+            return gemv_q8.gemv(x, w, out=self._f32_out(x, w.n_rows))
+        return cg.gemv(x.to(self.dtype), w, src.qtype, w.shape[0], src.n_cols, out=self._f32_out(x, w.shape[0]))
 
     def compile_split(self, assignments, last_use: dict, ctx):
         return fused.compile_split(self, assignments, last_use, ctx) if self.fuse else None
@@ -197,7 +231,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
     def compute(self, node: Node, inputs, ctx):
         op, p = node.op, node.params
         if op is Op.MATMUL:
-            x = inputs[0].to(self.dtype)
+            x = inputs[0]
             src = self._matmul_src(node.weights[0])
             if is_small_batch(x.shape[0]) and self._gemv_ok and src.qtype in cg.GEMV_TYPES:
                 # few tokens: read the quantized blocks once, no fp16 copy of the weight
@@ -208,19 +242,18 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
                     y = pend[1]
                 elif stack is not None:
                     big, rows, names = stack
-                    yy = cg.gemv(x, big, src.qtype, big.shape[0], src.n_cols, out=self._f32_out(x, big.shape[0]))
+                    yy = self._gemv(x, big, src)
                     for n in names:
                         if n != name:
                             self._pend[n] = (inputs[0], yy[:, self._stacks[n][1]])
                     y = yy[:, rows]
                 else:
-                    y = cg.gemv(x, self._weight_bytes(name), src.qtype, src.n_rows, src.n_cols,
-                                out=self._f32_out(x, src.n_rows))
+                    y = self._gemv(x, self._weight_bytes(name), src)
                 self._after(node, ctx)
             else:
                 w = self._dequant(node.weights[0])
                 self._after(node, ctx)
-                y = x @ w.t()
+                y = x.to(self.dtype) @ w.t()
             if len(node.weights) > 1:
                 y = y + self._small[node.weights[1]].to(y.dtype)
             return y

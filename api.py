@@ -14,7 +14,7 @@ from .core.errors import NonFiniteError, OutOfMemory
 from .core.executor import Executor, Profile, RunContext
 from .core.kv_cache import ContextFullError, KVCache
 from .core.options import Options
-from .core.policy import BatchThreshold, UploadPolicy
+from .core.policy import AutoSplit, UploadPolicy
 from .core.residency import HOST
 from .core.runner import Runner
 from .core.sampling import Sampler, SamplerConfig
@@ -39,7 +39,7 @@ class Model:
         self.loaded = loaded
         self.config = cfg = loaded.config
         self.residency = loaded.residency
-        self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
+        self.policy = policy or AutoSplit(UPLOAD_THRESHOLD)
         self.n_ubatch = n_ubatch
         self.graph = build_graph(cfg, set(e.name for e in self.residency))
         self.cpu = make_cpu_backend(opts)
@@ -75,6 +75,7 @@ class Model:
             from .loaders.tokenizer import Tokenizer
             self.tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template, cfg.bos_id,
                                        cfg.eos_ids, cfg.add_bos)
+        self._tune_policy()
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, n_tokens: int, with_output: bool = True) -> Plan:
@@ -90,6 +91,37 @@ class Model:
         for b in self.backends:
             b.set_policy(policy)
         self._plans.clear()
+        self._tune_policy()
+
+    def _tune_policy(self) -> None:
+        """A policy that sets itself by measurement (AutoSplit) times decode steps of each split it
+        tries (core/tuning.py), on positions after the cached ones, which are kept."""
+        pol, dev = self.policy, self.device_backend
+        if not pol.needs_tuning or dev is None or not dev.real_time or self.kv.n_ctx - self.kv.n_past < 4:
+            return
+        pol.prepare(self.residency, dev.name)
+        if pol.n_host == 0:
+            return
+        start, tok = self.kv.n_past, int(self.config.bos_id or 0)
+
+        def step_seconds(j: int) -> float:
+            pol.cpu_layers = j
+            self._plans.clear()
+            times = []
+            for _ in range(3):  # the first builds plans, programs, ring slots and graphs: not counted
+                self.kv.n_past = start
+                t0 = time.perf_counter()
+                self.eval([tok])
+                self.synchronize()
+                times.append(time.perf_counter() - t0)
+            return min(times[1:])
+        from .core.tuning import tune_split
+        try:
+            pol.cpu_layers, pol.measured = tune_split(pol.n_host, step_seconds)
+        finally:
+            self.kv.n_past = start
+            self._plans.clear()
+            self.runner.clear()
 
     # -- evaluation --------------------------------------------------------------------------
     @property

@@ -45,6 +45,7 @@ class Backend:
 
     # -- device memory and policy (optional: a host backend keeps the defaults) -----------------
     ring_slots: int = 0  # streaming ring slots fit-before-load must leave room for
+    real_time: bool = True  # its timings mean something: a policy may tune itself on them
 
     def free_memory(self) -> int | None:
         """Bytes free for weights, K/V and buffers; None: no memory of its own to fit into."""

@@ -78,8 +78,8 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("-nopo", "--no-op-offload", "nopo", multiple=True, default=["0"], show_default=True)
 @click.option("-fa", "--flash-attn", "fa", multiple=True, default=["0"], show_default=True)
 @click.option("-ot", "--override-tensor", "ot", default=None, help="REGEX=DEVICE[;REGEX=DEVICE...]")
-@click.option("--policy", "policies", multiple=True, default=["threshold"], show_default=True,
-              help="threshold|never|always|auto (comma list)")
+@click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True,
+              help="auto|threshold|never|always|split:N|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True)
 @click.option("-r", "--repetitions", "reps", type=int, default=5, show_default=True)
 @click.option("-o", "--output", "fmt", type=FORMATS, default="md", show_default=True)
@@ -124,8 +124,8 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
         "threshold": values(thresholds, "--threshold"),
     }
     for pol in grid["policy"]:
-        if pol not in ("threshold", "never", "always", "auto") and not (pol.startswith("split:") and pol[6:].isdigit()):
-            raise click.BadParameter(f"expected threshold, never, always, split:N or auto, found {pol!r}",
+        if pol not in ("threshold", "never", "always", "auto", "cost") and not (pol.startswith("split:") and pol[6:].isdigit()):
+            raise click.BadParameter(f"expected auto, threshold, never, always, split:N or cost, found {pol!r}",
                                      param_hint="--policy")
     if not gpu and any(x > 0 for x in grid["n_gpu_layers"]):
         raise click.BadParameter("no CUDA device here: only -ngl 0 runs", param_hint="-ngl")
@@ -163,7 +163,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
                         model.cpu.set_threads(threads)
                         model.n_ubatch = nub
                         model.set_policy(make_policy(pol, thr, bool(no_off),
-                                                     calibration=calibration() if pol == "auto" else None))
+                                                     calibration=calibration() if pol == "cost" else None))
                         for (pp, tg), depth in itertools.product(tests, ds):
                             done += 1
                             tag = f"lstream-bench: benchmark {done}/{n_total}"

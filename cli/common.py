@@ -34,9 +34,11 @@ def model_options(fn=None, *, n_ctx: int = 4096):
         click.option("-c", "--ctx-size", "n_ctx", type=int, default=n_ctx, show_default=True),
         click.option("-ub", "--ubatch-size", "n_ubatch", type=int, default=512, show_default=True),
         click.option("-ot", "--override-tensor", "overrides", multiple=True, help="REGEX=DEVICE (cpu or cuda)"),
-        click.option("--policy", default="threshold", show_default=True,
-                     help="upload policy for non-resident weights: threshold, never, always, split:N "
-                          "(decode: CPU computes N host layers while the rest stream) or auto (calibrated)"),
+        click.option("--policy", default="auto", show_default=True,
+                     help="upload policy for non-resident weights: auto (prefill streams from --threshold "
+                          "tokens; decode splits the host layers between the CPU and streaming as measured "
+                          "here), threshold, never, always, split:N (decode: CPU computes N host layers while "
+                          "the rest stream) or cost (a cost model on a stored calibration)"),
         click.option("--threshold", type=int, default=32, show_default=True, help="batch size from which weights are uploaded"),
         click.option("-nopo", "--no-op-offload", "nopo", type=int, default=0, help="1: never upload non-resident weights"),
         click.option("--no-fit", "no_fit", is_flag=True, help="fail when -ngl does not fit in free VRAM (default: lower it)"),
@@ -60,7 +62,7 @@ def parse_overrides(overrides) -> list[tuple[str, str]]:
     return out
 
 
-def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="threshold",
+def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="auto",
                 threshold=UPLOAD_THRESHOLD, nopo=0, load_tokenizer=True, quantize=None, no_fit=False,
                 no_cuda_graphs=False, no_layer_major=False, **_):
     """The one place the CLI turns its flags into a Model (run, plan, perplexity, bench)."""
@@ -68,7 +70,7 @@ def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides
     from ..core.options import Options
     from ..core.policy import make_policy
     pol = policy if not isinstance(policy, str) else make_policy(
-        policy, threshold, bool(nopo), calibration=calibration() if policy == "auto" else None)
+        policy, threshold, bool(nopo), calibration=calibration() if policy == "cost" else None)
     opts = Options.from_env(n_threads=threads, cuda_graphs=False if no_cuda_graphs else None,
                             layer_major=False if no_layer_major else None)
     return Model(loaded, n_gpu_layers=ngl, policy=pol, n_ctx=n_ctx, n_ubatch=n_ubatch,
@@ -86,5 +88,5 @@ def calibration():
     try:
         from ..backends.calibrate import load_or_measure
     except ImportError:
-        raise LStreamError("policy 'auto' needs the CUDA backend's calibration, which is not available here") from None
+        raise LStreamError("policy 'cost' needs the CUDA backend's calibration, which is not available here") from None
     return load_or_measure()

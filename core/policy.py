@@ -28,6 +28,10 @@ class UploadPolicy:
         to hold them all)? A decode split streams while the CPU computes other layers."""
         return False
 
+    # A policy that sets itself by measurement (AutoSplit): the model times decode steps with
+    # each setting it proposes (core/tuning.py) and keeps the fastest.
+    needs_tuning = False
+
     def describe(self) -> str:
         return self.name
 
@@ -94,10 +98,12 @@ class LayerSplit(UploadPolicy):
             raise ValueError(f"cpu_layers must be >= 0, found {cpu_layers}")
         self.cpu_layers, self.threshold = cpu_layers, threshold
         self.first_host_layer = 0  # set by prepare(): cpu_layers counts from the first host layer
+        self.n_host = 0  # layers with weights in host memory (the output layer included)
 
     def prepare(self, residency, device: str) -> None:
         host = sorted({e.layer for e in residency if e.layer >= 0 and e.home != device and len(e.shape) > 1})
         self.first_host_layer = host[0] if host else 0
+        self.n_host = len(host)
 
     def prefetch_all(self, n_tokens: int) -> bool:
         """Issue every copy of a step at its start (the device backend asks)."""
@@ -112,6 +118,28 @@ class LayerSplit(UploadPolicy):
 
     def describe(self):
         return f"split(cpu {self.cpu_layers} layers, threshold {self.threshold})"
+
+
+class AutoSplit(LayerSplit):
+    """The default. Prefill as BatchThreshold (from `threshold` tokens the weights stream to the
+    GPU); decode as LayerSplit, with the CPU's share of the host layers measured on this machine
+    when the policy is given to a model: a few decode steps per candidate split, the fastest kept
+    (core/tuning.py). Until measured (or with no GPU to measure), half of the host layers."""
+    name = "auto"
+    needs_tuning = True
+
+    def __init__(self, threshold: int = UPLOAD_THRESHOLD):
+        super().__init__(0, threshold)
+        self.measured: dict[int, float] | None = None  # CPU layers -> seconds per decode step
+
+    def prepare(self, residency, device: str) -> None:
+        super().prepare(residency, device)
+        if self.measured is None:
+            self.cpu_layers = self.n_host // 2
+
+    def describe(self):
+        how = "measured" if self.measured else "unmeasured"
+        return f"auto(decode: cpu {self.cpu_layers} of {self.n_host} host layers, {how}; threshold {self.threshold})"
 
 
 class CostModel(UploadPolicy):
@@ -157,9 +185,10 @@ class CostModel(UploadPolicy):
         return f"auto(h2d {self.cal.h2d_bytes_per_s / 1e9:.1f} GB/s{s})"
 
 
-def make_policy(name: str = "threshold", threshold: int = UPLOAD_THRESHOLD, no_op_offload: bool = False,
+def make_policy(name: str = "auto", threshold: int = UPLOAD_THRESHOLD, no_op_offload: bool = False,
                 calibration: Calibration | None = None) -> UploadPolicy:
-    """The CLI's --policy/--threshold/-nopo flags as one policy object ("split:N" = LayerSplit(N))."""
+    """The CLI's --policy/--threshold/-nopo flags as one policy object ("split:N" = LayerSplit(N),
+    "auto" = AutoSplit, "cost" = CostModel on a calibration)."""
     if no_op_offload or name == "never":
         return Never()
     if name == "threshold":
@@ -172,7 +201,9 @@ def make_policy(name: str = "threshold", threshold: int = UPLOAD_THRESHOLD, no_o
             raise ValueError(f"policy split needs the CPU's layer count, as split:N, found {name!r}")
         return LayerSplit(int(k), threshold)
     if name == "auto":
+        return AutoSplit(threshold)
+    if name == "cost":
         if calibration is None:
-            raise ValueError("policy 'auto' needs a calibration (run on a machine with a GPU)")
+            raise ValueError("policy 'cost' needs a calibration (run on a machine with a GPU)")
         return CostModel(calibration, threshold=threshold)
-    raise ValueError(f"unknown policy {name!r}: expected threshold, never, always, split:N or auto")
+    raise ValueError(f"unknown policy {name!r}: expected auto, threshold, never, always, split:N or cost")

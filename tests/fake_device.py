@@ -119,6 +119,7 @@ class FakeRuntime:
 class FakeDeviceBackend(CUDABackend):
     """CUDABackend on the fake runtime; float32 compute so it matches the CPU backend closely."""
     name = "fake"
+    real_time = False  # simulated streams: nothing to tune a policy on
 
     def __init__(self, policy=None, deferred_copies: bool = True, dtype="fp32", n_slots: int = 3,
                  speculate: bool = False, pin_ok: bool = True):

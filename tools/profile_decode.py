@@ -15,7 +15,7 @@ import click
 @click.command()
 @click.argument("model")
 @click.option("-ngl", "ngl", type=int, default=99)
-@click.option("--policy", default="threshold")
+@click.option("--policy", default="auto")
 @click.option("-n", "n", type=int, default=16)
 @click.option("--top", type=int, default=18)
 @click.option("--kernels", is_flag=True, help="also the GPU time per kernel of eager steps (torch.profiler)")
@@ -24,7 +24,7 @@ def main(model, ngl, policy, n, top, kernels):
     from ..core.policy import make_policy
     from ..loaders.model_file import load_model
     cal = None
-    if policy == "auto":
+    if policy == "cost":
         from ..backends.calibrate import load_or_measure
         cal = load_or_measure()
     for graphs in (False, True):

@@ -1,0 +1,30 @@
+"""Choosing a decode split by measurement (the default policy, core/policy.py AutoSplit).
+
+A split decode step costs about max(time of the CPU's j layers, time of the other layers' copies)
+plus what runs on the GPU; both terms depend on this machine (its cores, memory and PCIe), so the
+split is measured, not predicted: both ends first (every host layer streamed, every one on the
+CPU), the balance point their per-layer costs predict, then neighbours while they are faster.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def tune_split(n_host: int, step_seconds: Callable[[int], float]) -> tuple[int, dict[int, float]]:
+    """The CPU layer count in [0, n_host] whose decode step was fastest, and every one measured."""
+    t: dict[int, float] = {}
+
+    def f(j: int) -> float:
+        if j not in t:
+            t[j] = step_seconds(j)
+        return t[j]
+
+    stream, cpu = f(0), f(n_host)
+    guess = round(n_host * stream / (stream + cpu)) if stream + cpu > 0 else n_host // 2
+    best = min((guess, 0, n_host), key=f)
+    for step in (1, -1):  # walk from the best towards faster neighbours
+        j = best
+        while 0 <= j + step <= n_host and f(j + step) < f(best):
+            j += step
+            best = j
+    return min(t, key=t.get), t

@@ -1,0 +1,51 @@
+"""The default policy's decode split, chosen by measurement (core/tuning.py, core/policy.AutoSplit)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fake_device import FakeDeviceBackend
+from lstream.api import Model
+from lstream.core.policy import AutoSplit, make_policy
+from lstream.core.tuning import tune_split
+from lstream.loaders.model_file import load_model
+from lstream.tools.synth_model import write_model
+
+
+@pytest.mark.parametrize("n,cpu,copy,base", [(33, 2.2, 2.4, 1.0), (17, 1.0, 5.0, 0.5), (17, 5.0, 1.0, 0.5),
+                                             (8, 1.0, 1.0, 0.0), (1, 3.0, 1.0, 0.2)])
+def test_tune_split_finds_the_fastest(n, cpu, copy, base):
+    """A step costs max(CPU part, copies) plus a fixed part: the search finds its minimum and
+    measures a handful of splits, not all of them."""
+    calls = []
+
+    def step(j):
+        calls.append(j)
+        return base + max(cpu * j, copy * (n - j))
+    best, seen = tune_split(n, step)
+    assert step(best) == min(step(j) for j in range(n + 1))
+    assert len(set(calls[:len(seen)])) == len(seen) <= 7
+
+
+class TimedFake(FakeDeviceBackend):
+    real_time = True  # let the policy measure (the fake's times are the CPU's: only the logic is tested)
+
+
+def test_auto_split_measures_and_keeps_the_cache(tmp_path):
+    path = write_model(tmp_path / "tiny.gguf", "tiny", "Q4_0", layers=4, seed=2)
+    ref = Model(load_model(path), n_ctx=64, load_tokenizer=False)
+    toks = np.arange(5, 25)
+    want = [ref.eval(toks), ref.eval([3])]
+    m = Model(load_model(path), n_gpu_layers=1, device_backend=TimedFake(AutoSplit()), n_ctx=64, load_tokenizer=False)
+    try:
+        pol = m.policy
+        assert pol.measured and 0 <= pol.cpu_layers <= pol.n_host == 4 and m.kv.n_past == 0
+        assert "measured" in pol.describe()
+        got = [m.eval(toks), m.eval([3])]
+        m.set_policy(make_policy("auto"))  # measured again with context cached: the context stays
+        assert m.kv.n_past == len(toks) + 1 and m.policy.measured
+        for a, b in zip(got, want):
+            assert float(((a - b) ** 2).sum() / (b ** 2).sum()) < 1e-4
+    finally:
+        m.close()
+        ref.close()

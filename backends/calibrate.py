@@ -48,7 +48,7 @@ def _random_blocks(qt: QType, n_rows: int, n_cols: int, rng) -> np.ndarray:
 def measure_cpu(n_rows: int = 14336, n_cols: int = 4096) -> tuple[dict[str, float], float]:
     """A big model's FFN shape: small weights (L2-resident, thread wake-up dominated) would mislead
     the split of a model whose layers stream from DRAM."""
-    from . import cpu_kernels as K
+    from .cpu import weights as K
     rng = np.random.default_rng(0)
     per_s = {}
     x = rng.standard_normal((1, n_cols)).astype(np.float32)

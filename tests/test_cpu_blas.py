@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstream.backends import cpu_kernels as ck
-from lstream.backends import cpu_ops_kernels as ops
-from lstream.backends.cpu_vmath import vexp
+from lstream.backends.cpu import weights as ck
+from lstream.backends.cpu import ops
+from lstream.backends.cpu.vmath import vexp
 
-blas = pytest.importorskip("lstream.backends.cpu_blas")
+blas = pytest.importorskip("lstream.backends.cpu.matmul_blas")
 need_blas = pytest.mark.skipif(not blas.AVAILABLE, reason="numpy carries no ILP64 OpenBLAS")
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstream.backends import cpu_kernels as ck
-from lstream.backends import cpu_ops_kernels as ops
+from lstream.backends.cpu import weights as ck
+from lstream.backends.cpu import ops
 
 
 @pytest.mark.parametrize("neox", [True, False])

@@ -6,7 +6,7 @@ import pytest
 from gguf import GGMLQuantizationType as G
 from gguf import quants as gq
 
-from lstream.backends import cpu_kernels as ck
+from lstream.backends.cpu import weights as ck
 from lstream.core.qtypes import QTYPE_INFO, QType
 
 QUANT = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]

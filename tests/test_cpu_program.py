@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lstream
-from lstream.backends.cpu_program import Program
+from lstream.backends.cpu.program import Program
 from lstream.core.executor import RunContext
 
 torch = pytest.importorskip("torch")

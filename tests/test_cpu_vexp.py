@@ -2,7 +2,7 @@
 float, and exactly 0 far below (a long softmax must not hand every far key a denormal weight)."""
 import numpy as np
 
-from lstream.backends.cpu_vmath import vexp
+from lstream.backends.cpu.vmath import vexp
 
 
 def test_vexp_matches_numpy_and_flushes_far_negatives():

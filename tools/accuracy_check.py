@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 
 from lstream.backends import cpu as C
-from lstream.backends import cpu_kernels as K
+from lstream.backends.cpu import weights as K
 from lstream.core.ops import Op
 
 DEFAULT_MODEL = os.path.expanduser("~/.cache/lstream/models/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lstream.backends import cpu_kernels as ck
+from lstream.backends.cpu import weights as ck
 from lstream.core.qtypes import QTYPE_INFO, QType
 
 SHAPES = [(576, 1536), (1536, 576), (49152, 576), (4096, 4096), (14336, 4096)]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from lstream.backends import cpu_quant_blk as _blk
-from lstream.backends.cpu_quant_mm import _ROWS, _quant_row
-from lstream.backends.cpu_quant_simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
+from . import blocks as _blk
+from .matmul_int import _ROWS, _quant_row
+from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK = range(5)
 LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK}

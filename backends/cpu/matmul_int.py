@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from lstream.backends.cpu_quant_simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
+from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
 _ROWS = 16  # rows per parallel work item

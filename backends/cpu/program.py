@@ -12,11 +12,11 @@ import numpy as np
 from numba import types
 from numba.typed import List
 
-from ..core.executor import Fused
-from ..core.ops import Op
-from . import cpu_ops_kernels as _O
-from . import cpu_program_kernels as P
-from .cpu_quant_dec import LAYOUT_ID
+from ...core.executor import Fused
+from ...core.ops import Op
+from . import ops as _O
+from . import program_kernels as P
+from .matvec import LAYOUT_ID
 
 MAX_TOKENS = 8  # the matmul kernels quantize activations themselves up to here (decode drivers)
 _EMPTY_F32 = np.zeros(1, np.float32)

@@ -24,8 +24,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from lstream.backends.cpu_quant_mm import _quant_row  # the activation quantizer, shared
-from lstream.core.qtypes import QType
+from .matmul_int import _quant_row  # the activation quantizer, shared
+from ...core.qtypes import QType
 
 _i1 = ir.IntType(1)
 _i8 = ir.IntType(8)

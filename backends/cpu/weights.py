@@ -21,9 +21,9 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lstream.core.qtypes import QTYPE_INFO, QType
-from lstream.backends import cpu_quant_deq as _dq
-from lstream.backends.cpu_ops_kernels import attention, geglu, gelu_tanh, rms_norm, rope, rope_inplace, swiglu  # noqa: F401
+from ...core.qtypes import QTYPE_INFO, QType
+from . import dequant as _dq
+from .ops import attention, geglu, gelu_tanh, rms_norm, rope, rope_inplace, swiglu  # noqa: F401
 
 try:
     import llvmlite.binding as _llb
@@ -32,10 +32,10 @@ try:
 except Exception:  # pragma: no cover
     HAVE_AVX2 = False
 if HAVE_AVX2:
-    from lstream.backends import cpu_quant_mm as _mm
-    from lstream.backends import cpu_blas as _blas
-    from lstream.backends import cpu_quant_blk as _blk
-    from lstream.backends import cpu_quant_dec as _dec
+    from . import matmul_int as _mm
+    from . import matmul_blas as _blas
+    from . import blocks as _blk
+    from . import matvec as _dec
 else:  # pragma: no cover
     _blas = None
 

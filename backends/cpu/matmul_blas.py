@@ -27,8 +27,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from lstream.backends.cpu_quant_blk import deq_blk
-from lstream.backends.cpu_vmath import vexp
+from .blocks import deq_blk
+from .vmath import vexp
 
 _SYM = "lstream_cblas_sgemm_ilp64"
 

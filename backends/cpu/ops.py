@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from lstream.backends.cpu_vmath import GELU_K0, GELU_K1, vexp
+from .vmath import GELU_K0, GELU_K1, vexp
 
 try:
-    from lstream.backends import cpu_blas as _blas
+    from . import matmul_blas as _blas
 except Exception:  # pragma: no cover (no AVX2 / no OpenBLAS: the per-row kernels do all of it)
     _blas = None
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from lstream.backends import cpu_ops_kernels as _O
-from lstream.backends.cpu_quant_dec import mm_dec
+from . import ops as _O
+from .matvec import mm_dec
 
 OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
 N_COLS = 20

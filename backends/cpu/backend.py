@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.graph import Node
-from ..core.ops import Op
-from ..core.residency import HOST, ResidencyMap, TensorEntry
-from ..core.rope import cos_sin, inv_freq
-from . import cpu_kernels as K
-from . import cpu_ops_kernels as _O
-from .base import Backend
+from ...core.graph import Node
+from ...core.ops import Op
+from ...core.residency import HOST, ResidencyMap, TensorEntry
+from ...core.rope import cos_sin, inv_freq
+from . import weights as K
+from . import ops as _O
+from ..base import Backend
 
 
 def physical_cores() -> int:
@@ -200,7 +200,7 @@ class CPUBackend(Backend):
 
     def compile_split(self, assignments, last_use: dict, ctx):
         """Runs of this split's nodes compiled into single calls, or None (run op by op)."""
-        from . import cpu_program
+        from . import program as cpu_program
         if not self._PROGRAMS or len(ctx.tokens) > cpu_program.MAX_TOKENS:
             return None
         units = cpu_program.compile_split(self, assignments, last_use, ctx)

@@ -24,10 +24,12 @@ import os
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import llvm_ir as L
 from .blocks import deq_blk
+from .llvm_ir import (V16F, array_data, counted_loop, declare, i64, load_i8x32, nibbles, splat,
+                      with_high_bits)
 from .vmath import vexp
 
 _SYM = "lstream_cblas_sgemm_ilp64"
@@ -86,11 +88,7 @@ class one_blas_thread:
             _set_threads(self.n)
 
 
-_i8 = ir.IntType(8)
-_i32 = ir.IntType(32)
-_i64 = ir.IntType(64)
-_f32 = ir.FloatType()
-_f32p = _f32.as_pointer()
+_F32P = L.F32.as_pointer()
 
 
 @intrinsic
@@ -101,16 +99,15 @@ def sgemm(typingctx, transb, m, n, k, alpha, a, lda, b, ldb, c, ldc):
 
     def codegen(context, builder, sig, args):
         tb = builder.select(context.cast(builder, args[0], sig.args[0], types.boolean),
-                            ir.Constant(_i32, 112), ir.Constant(_i32, 111))
+                            ir.Constant(L.I32, 112), ir.Constant(L.I32, 111))
         al = context.cast(builder, args[4], sig.args[4], types.float32)
         vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args, sig.args)]
         _, m_, n_, k_, _, a_, lda_, b_, ldb_, c_, ldc_ = vals
-        fnty = ir.FunctionType(ir.VoidType(), [_i32, _i32, _i32, _i64, _i64, _i64, _f32, _f32p, _i64,
-                                               _f32p, _i64, _f32, _f32p, _i64])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, _SYM)
-        builder.call(fn, [ir.Constant(_i32, 101), ir.Constant(_i32, 111), tb, m_, n_, k_, al,
-                          builder.inttoptr(a_, _f32p), lda_, builder.inttoptr(b_, _f32p), ldb_,
-                          ir.Constant(_f32, 0.0), builder.inttoptr(c_, _f32p), ldc_])
+        fn = declare(builder, _SYM, ir.VoidType(), [L.I32, L.I32, L.I32, L.I64, L.I64, L.I64, L.F32, _F32P, L.I64,
+                                                    _F32P, L.I64, L.F32, _F32P, L.I64])
+        builder.call(fn, [ir.Constant(L.I32, 101), ir.Constant(L.I32, 111), tb, m_, n_, k_, al,
+                          builder.inttoptr(a_, _F32P), lda_, builder.inttoptr(b_, _F32P), ldb_,
+                          ir.Constant(L.F32, 0.0), builder.inttoptr(c_, _F32P), ldc_])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -122,17 +119,6 @@ def sgemm_nt(m, n, k, a, lda, b, ldb, c, ldc):
     sgemm(True, m, n, k, np.float32(1.0), a, lda, b, ldb, c, ldc)
 
 
-def _data(context, builder, aty, aval):
-    return context.make_array(aty)(context, builder, aval).data
-
-
-def _splat(builder, val, n):
-    vty = ir.VectorType(val.type, n)
-    undef = ir.Constant(vty, ir.Undefined)
-    v = builder.insert_element(undef, val, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(_i32, n), [0] * n))
-
-
 def _gen_deq_row(kind):
     """codegen: dequantize blocks [rb, rb+nb) of a packed layout into out[0:32*nb] (float32)."""
 
@@ -140,7 +126,7 @@ def _gen_deq_row(kind):
         sa = list(sig.args)
         if kind == "nib5":
             q_a, qh_a, d_a, m_a, o_a, off = args
-            qh_p = _data(context, builder, sa[1], qh_a)
+            qh_p = array_data(context, builder, sa[1], qh_a)
             sa = [sa[0]] + sa[2:]
         elif kind in ("nib",):
             q_a, d_a, m_a, o_a, off = args
@@ -148,62 +134,42 @@ def _gen_deq_row(kind):
             q_a, d_a, o_a, off = args
             m_a = None
             sa = sa[:2] + [None] + sa[2:]
-        q_p = _data(context, builder, sa[0], q_a)
-        d_p = _data(context, builder, sa[1], d_a)
-        m_p = _data(context, builder, sa[2], m_a) if m_a is not None else None
-        o_p = _data(context, builder, sa[3], o_a)
+        q_p = array_data(context, builder, sa[0], q_a)
+        d_p = array_data(context, builder, sa[1], d_a)
+        m_p = array_data(context, builder, sa[2], m_a) if m_a is not None else None
+        o_p = array_data(context, builder, sa[3], o_a)
         rb = builder.extract_value(off, 0)
         nb = builder.extract_value(off, 1)
-        v16i8 = ir.VectorType(_i8, 16)
-        v32i8 = ir.VectorType(_i8, 32)
-        v16f = ir.VectorType(_f32, 16)
-        fma16 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
-        first16 = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
-        last16 = ir.Constant(ir.VectorType(_i32, 16), list(range(16, 32)))
+        fma16 = declare(builder, "llvm.fma.v16f32", V16F, [V16F] * 3)
 
-        entry = builder.basic_block
-        loop = builder.append_basic_block("deq.loop")
-        done = builder.append_basic_block("deq.done")
-        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(_i64)
-        wb = builder.add(rb, i)
-        op = builder.gep(o_p, [builder.mul(i, ir.Constant(_i64, 32))])
-        op0 = builder.bitcast(op, v16f.as_pointer())
-        op1 = builder.bitcast(builder.gep(op, [ir.Constant(_i64, 16)]), v16f.as_pointer())
-        if kind in ("nib", "nib5"):
-            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 16))])
-            qv = builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1)
-            lo = builder.and_(qv, ir.Constant(v16i8, [15] * 16))
-            hi = builder.lshr(qv, ir.Constant(v16i8, [4] * 16))
-            if kind == "nib5":
-                hbits = builder.load(builder.gep(qh_p, [wb]))
-                hv = builder.bitcast(hbits, ir.VectorType(ir.IntType(1), 32))
-                h8 = builder.shl(builder.zext(hv, v32i8), ir.Constant(v32i8, [4] * 32))
-                lo = builder.or_(lo, builder.shuffle_vector(h8, h8, first16))
-                hi = builder.or_(hi, builder.shuffle_vector(h8, h8, last16))
-            dv = _splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
-            mv = _splat(builder, builder.load(builder.gep(m_p, [wb])), 16)
-            builder.store(builder.call(fma16, [builder.uitofp(lo, v16f), dv, mv]), op0, align=4)
-            builder.store(builder.call(fma16, [builder.uitofp(hi, v16f), dv, mv]), op1, align=4)
-        else:
-            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 32))])
-            wv = builder.load(builder.bitcast(qp, v32i8.as_pointer()), align=1)
-            w0 = builder.sitofp(builder.shuffle_vector(wv, wv, first16), v16f)
-            w1 = builder.sitofp(builder.shuffle_vector(wv, wv, last16), v16f)
-            if kind == "i8":
-                d0 = d1 = _splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
-            else:  # i8s16: a scale per 16
-                w2 = builder.mul(wb, ir.Constant(_i64, 2))
-                d0 = _splat(builder, builder.load(builder.gep(d_p, [w2])), 16)
-                d1 = _splat(builder, builder.load(builder.gep(d_p, [builder.add(w2, ir.Constant(_i64, 1))])), 16)
-            builder.store(builder.fmul(w0, d0), op0, align=4)
-            builder.store(builder.fmul(w1, d1), op1, align=4)
-        i2 = builder.add(i, ir.Constant(_i64, 1))
-        builder.cbranch(builder.icmp_signed("<", i2, nb), loop, done)
-        i.add_incoming(ir.Constant(_i64, 0), entry)
-        i.add_incoming(i2, loop)
-        builder.position_at_end(done)
+        def block(i):
+            wb = builder.add(rb, i)
+            op = builder.gep(o_p, [builder.mul(i, i64(32))])
+            op0 = builder.bitcast(op, V16F.as_pointer())
+            op1 = builder.bitcast(builder.gep(op, [i64(16)]), V16F.as_pointer())
+            if kind in ("nib", "nib5"):
+                lo, hi = nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
+                if kind == "nib5":
+                    lo, hi = with_high_bits(builder, lo, hi, builder.load(builder.gep(qh_p, [wb])))
+                dv = splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
+                mv = splat(builder, builder.load(builder.gep(m_p, [wb])), 16)
+                builder.store(builder.call(fma16, [builder.uitofp(lo, V16F), dv, mv]), op0, align=4)
+                builder.store(builder.call(fma16, [builder.uitofp(hi, V16F), dv, mv]), op1, align=4)
+            else:
+                v0, v1 = load_i8x32(builder, builder.gep(q_p, [builder.mul(wb, i64(32))]))
+                w0 = builder.sitofp(v0, V16F)
+                w1 = builder.sitofp(v1, V16F)
+                if kind == "i8":
+                    d0 = d1 = splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
+                else:  # i8s16: a scale per 16
+                    w2 = builder.mul(wb, i64(2))
+                    d0 = splat(builder, builder.load(builder.gep(d_p, [w2])), 16)
+                    d1 = splat(builder, builder.load(builder.gep(d_p, [builder.add(w2, i64(1))])), 16)
+                builder.store(builder.fmul(w0, d0), op0, align=4)
+                builder.store(builder.fmul(w1, d1), op1, align=4)
+            return ()
+
+        counted_loop(builder, nb, [], block, "deq")
         return context.get_dummy_value()
 
     return codegen

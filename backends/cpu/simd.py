@@ -21,46 +21,10 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-_i8 = ir.IntType(8)
-_i16 = ir.IntType(16)
-_i32 = ir.IntType(32)
-_i64 = ir.IntType(64)
-_f32 = ir.FloatType()
-_v16i8 = ir.VectorType(_i8, 16)
-_v32i8 = ir.VectorType(_i8, 32)
-_v16i16 = ir.VectorType(_i16, 16)
-_v8i32 = ir.VectorType(_i32, 8)
-_v8f = ir.VectorType(_f32, 8)
-
-
-def _fn(builder, name, ret, argtys):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
-
-
-def _splat(builder, val, vty):
-    undef = ir.Constant(vty, ir.Undefined)
-    v = builder.insert_element(undef, val, ir.Constant(_i32, 0))
-    mask = ir.Constant(ir.VectorType(_i32, vty.count), [0] * vty.count)
-    return builder.shuffle_vector(v, undef, mask)
-
-
-def _hsum8(builder, v):
-    # (a0+a4, a1+a5, a2+a6, a3+a7) then pairwise
-    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 4), [0, 1, 2, 3]))
-    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 4), [4, 5, 6, 7]))
-    s = builder.fadd(lo, hi)
-    a = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(_i32, 2), [0, 1]))
-    b = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(_i32, 2), [2, 3]))
-    s2 = builder.fadd(a, b)
-    return builder.fadd(builder.extract_element(s2, ir.Constant(_i32, 0)),
-                        builder.extract_element(s2, ir.Constant(_i32, 1)))
-
-
-def _data(context, builder, aty, aval):
-    return context.make_array(aty)(context, builder, aval).data
+from .llvm_ir import (F32, V8F, V8I32, V16I16, array_data, counted_loop, declare, hsum8, i64, load_i8x32,
+                      nibbles, splat, with_high_bits)
 
 
 def _gen_row_dot(kind):
@@ -70,103 +34,66 @@ def _gen_row_dot(kind):
         sa = list(sig.args)
         qh_p = m_p = xs_p = None
         if kind == "nib5":  # drop the high-bit plane so the rest matches "nib"
-            qh_p = _data(context, builder, sa[1], args[1])
+            qh_p = array_data(context, builder, sa[1], args[1])
             args = [args[0]] + list(args[2:])
             sa = [sa[0]] + sa[2:]
         if kind in ("nib", "nib5"):
             qa, da, ma, xqa, xda, xsa, offa = args
-            m_p = _data(context, builder, sa[2], ma)
-            xs_p = _data(context, builder, sa[5], xsa)
-            xq_p = _data(context, builder, sa[3], xqa)
-            xd_p = _data(context, builder, sa[4], xda)
+            m_p = array_data(context, builder, sa[2], ma)
+            xs_p = array_data(context, builder, sa[5], xsa)
+            xq_p = array_data(context, builder, sa[3], xqa)
+            xd_p = array_data(context, builder, sa[4], xda)
         else:
             qa, da, xqa, xda, offa = args
-            xq_p = _data(context, builder, sa[2], xqa)
-            xd_p = _data(context, builder, sa[3], xda)
-        q_p = _data(context, builder, sa[0], qa)
-        d_p = _data(context, builder, sa[1], da)
+            xq_p = array_data(context, builder, sa[2], xqa)
+            xd_p = array_data(context, builder, sa[3], xda)
+        q_p = array_data(context, builder, sa[0], qa)
+        d_p = array_data(context, builder, sa[1], da)
         # offa: (row offset in blocks, n_blocks) packed as two int64 in a UniTuple
         row_b = builder.extract_value(offa, 0)
         nb = builder.extract_value(offa, 1)
+        pmaddwd = declare(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16])
+        fma = declare(builder, "llvm.fma.v8f32", V8F, [V8F, V8F, V8F])
 
-        pmaddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8i32, [_v16i16, _v16i16])
-        fma = _fn(builder, "llvm.fma.v8f32", _v8f, [_v8f, _v8f, _v8f])
-        zero8 = ir.Constant(_v8f, [0.0] * 8)
-        fzero = ir.Constant(_f32, 0.0)
-        first16 = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
-        last16 = ir.Constant(ir.VectorType(_i32, 16), list(range(16, 32)))
+        def block(i, acc, macc):
+            wb = builder.add(row_b, i)
+            if kind in ("nib", "nib5"):
+                lo, hi = nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
+                if kind == "nib5":  # 5th bit of value j is bit j of the block's uint32 -> +16
+                    lo, hi = with_high_bits(builder, lo, hi, builder.load(builder.gep(qh_p, [wb])))
+                w0 = builder.zext(lo, V16I16)  # weights 0..15 (vpmovzxbw)
+                w1 = builder.zext(hi, V16I16)  # weights 16..31
+            else:
+                lo, hi = load_i8x32(builder, builder.gep(q_p, [builder.mul(wb, i64(32))]))
+                w0 = builder.sext(lo, V16I16)  # vpmovsxbw
+                w1 = builder.sext(hi, V16I16)
+            # int16 activations: 32 per block, two ymm loads
+            xp = builder.bitcast(builder.gep(xq_p, [builder.mul(i, i64(32))]), V16I16.as_pointer())
+            x0 = builder.load(xp, align=2)
+            x1 = builder.load(builder.gep(xp, [i64(1)]), align=2)
+            p0 = builder.call(pmaddwd, [w0, x0])  # 8 x i32, |.| <= 2*128*32767
+            p1 = builder.call(pmaddwd, [w1, x1])
+            dx = builder.load(builder.gep(xd_p, [i]))
+            if kind == "i8s16":
+                # weights 0-15 (p0) and 16-31 (p1) have their own scales
+                w2 = builder.mul(wb, i64(2))
+                d0 = builder.fmul(builder.load(builder.gep(d_p, [w2])), dx)
+                d1 = builder.fmul(builder.load(builder.gep(d_p, [builder.add(w2, i64(1))])), dx)
+                acc1 = builder.call(fma, [builder.sitofp(p0, V8F), splat(builder, d0, 8), acc])
+                acc2 = builder.call(fma, [builder.sitofp(p1, V8F), splat(builder, d1, 8), acc1])
+            else:
+                dw = builder.load(builder.gep(d_p, [wb]))
+                sc = splat(builder, builder.fmul(dw, dx), 8)
+                pf = builder.sitofp(builder.add(p0, p1), V8F)  # |.| <= 4*128*32767 < 2^24: exact
+                acc2 = builder.call(fma, [pf, sc, acc])
+            if kind in ("nib", "nib5"):
+                mw = builder.load(builder.gep(m_p, [wb]))
+                sx = builder.load(builder.gep(xs_p, [i]))
+                return acc2, builder.fadd(macc, builder.fmul(mw, sx))
+            return acc2, macc
 
-        entry = builder.basic_block
-        loop = builder.append_basic_block("qdot.loop")
-        done = builder.append_basic_block("qdot.done")
-        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(_i64, 0)), loop, done)
-
-        builder.position_at_end(loop)
-        i = builder.phi(_i64)
-        acc = builder.phi(_v8f)
-        macc = builder.phi(_f32)
-        wb = builder.add(row_b, i)
-        if kind in ("nib", "nib5"):
-            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 16))])
-            qv = builder.load(builder.bitcast(qp, _v16i8.as_pointer()), align=1)
-            lo = builder.and_(qv, ir.Constant(_v16i8, [15] * 16))
-            hi = builder.lshr(qv, ir.Constant(_v16i8, [4] * 16))
-            if kind == "nib5":
-                # 5th bit of value j is bit j of the block's uint32 -> +16
-                hbits = builder.load(builder.gep(qh_p, [wb]))
-                hv = builder.bitcast(hbits, ir.VectorType(ir.IntType(1), 32))
-                h8 = builder.shl(builder.zext(hv, _v32i8), ir.Constant(_v32i8, [4] * 32))
-                lo = builder.or_(lo, builder.shuffle_vector(h8, h8, first16))
-                hi = builder.or_(hi, builder.shuffle_vector(h8, h8, last16))
-            w0 = builder.zext(lo, _v16i16)  # weights 0..15 (vpmovzxbw)
-            w1 = builder.zext(hi, _v16i16)  # weights 16..31
-        else:
-            qp = builder.gep(q_p, [builder.mul(wb, ir.Constant(_i64, 32))])
-            wv = builder.load(builder.bitcast(qp, _v32i8.as_pointer()), align=1)
-            w0 = builder.sext(builder.shuffle_vector(wv, wv, first16), _v16i16)  # vpmovsxbw
-            w1 = builder.sext(builder.shuffle_vector(wv, wv, last16), _v16i16)
-        # int16 activations: 32 per block, two ymm loads
-        xp = builder.bitcast(builder.gep(xq_p, [builder.mul(i, ir.Constant(_i64, 32))]), _v16i16.as_pointer())
-        x0 = builder.load(xp, align=2)
-        x1 = builder.load(builder.gep(xp, [ir.Constant(_i64, 1)]), align=2)
-        p0 = builder.call(pmaddwd, [w0, x0])  # 8 x i32, |.| <= 2*128*32767
-        p1 = builder.call(pmaddwd, [w1, x1])
-        dx = builder.load(builder.gep(xd_p, [i]))
-        if kind == "i8s16":
-            # weights 0-15 (p0) and 16-31 (p1) have their own scales
-            w2 = builder.mul(wb, ir.Constant(_i64, 2))
-            d0 = builder.fmul(builder.load(builder.gep(d_p, [w2])), dx)
-            d1 = builder.fmul(builder.load(builder.gep(d_p, [builder.add(w2, ir.Constant(_i64, 1))])), dx)
-            acc1 = builder.call(fma, [builder.sitofp(p0, _v8f), _splat(builder, d0, _v8f), acc])
-            acc2 = builder.call(fma, [builder.sitofp(p1, _v8f), _splat(builder, d1, _v8f), acc1])
-        else:
-            dw = builder.load(builder.gep(d_p, [wb]))
-            sc = _splat(builder, builder.fmul(dw, dx), _v8f)
-            pf = builder.sitofp(builder.add(p0, p1), _v8f)  # |.| <= 4*128*32767 < 2^24: exact
-            acc2 = builder.call(fma, [pf, sc, acc])
-        if kind in ("nib", "nib5"):
-            mw = builder.load(builder.gep(m_p, [wb]))
-            sx = builder.load(builder.gep(xs_p, [i]))
-            macc2 = builder.fadd(macc, builder.fmul(mw, sx))
-        else:
-            macc2 = macc
-        i2 = builder.add(i, ir.Constant(_i64, 1))
-        builder.cbranch(builder.icmp_signed("<", i2, nb), loop, done)
-        i.add_incoming(ir.Constant(_i64, 0), entry)
-        i.add_incoming(i2, loop)
-        acc.add_incoming(zero8, entry)
-        acc.add_incoming(acc2, loop)
-        macc.add_incoming(fzero, entry)
-        macc.add_incoming(macc2, loop)
-
-        builder.position_at_end(done)
-        accf = builder.phi(_v8f)
-        accf.add_incoming(zero8, entry)
-        accf.add_incoming(acc2, loop)
-        maccf = builder.phi(_f32)
-        maccf.add_incoming(fzero, entry)
-        maccf.add_incoming(macc2, loop)
-        return builder.fadd(_hsum8(builder, accf), maccf)
+        acc, macc = counted_loop(builder, nb, [ir.Constant(V8F, [0.0] * 8), ir.Constant(F32, 0.0)], block, "qdot")
+        return builder.fadd(hsum8(builder, acc), macc)
 
     return codegen
 

@@ -16,28 +16,21 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-_i32 = ir.IntType(32)
-_i64 = ir.IntType(64)
-_f32 = ir.FloatType()
-_v8f = ir.VectorType(_f32, 8)
-_v8i = ir.VectorType(_i32, 8)
+from .llvm_ir import V8F, V8I32, array_data, counted_loop, declare, i64
 
 
 def _c(v):
-    return ir.Constant(_v8f, [float(np.float32(v))] * 8)
+    return ir.Constant(V8F, [float(np.float32(v))] * 8)
 
 
 def vexp8(builder, x):
     """<8 x float> -> exp(x), IR."""
-    mod = builder.module
-    fty = ir.FunctionType(_v8f, [_v8f, _v8f])
-    vmax = cgutils.get_or_insert_function(mod, fty, "llvm.maxnum.v8f32")
-    vmin = cgutils.get_or_insert_function(mod, fty, "llvm.minnum.v8f32")
-    rint = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f]), "llvm.rint.v8f32")
-    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(_v8f, [_v8f, _v8f, _v8f]), "llvm.fma.v8f32")
+    vmax = declare(builder, "llvm.maxnum.v8f32", V8F, [V8F, V8F])
+    vmin = declare(builder, "llvm.minnum.v8f32", V8F, [V8F, V8F])
+    rint = declare(builder, "llvm.rint.v8f32", V8F, [V8F])
+    fma = declare(builder, "llvm.fma.v8f32", V8F, [V8F, V8F, V8F])
     x0 = x
     x = builder.call(vmin, [builder.call(vmax, [x, _c(-80.0)]), _c(80.0)])
     k = builder.call(rint, [builder.fmul(x, _c(1.4426950408889634))])
@@ -46,9 +39,9 @@ def vexp8(builder, x):
     p = _c(1.0 / 5040)
     for c in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
         p = builder.call(fma, [p, f, _c(c)])
-    ki = builder.fptosi(k, _v8i)
-    bits = builder.shl(builder.add(ki, ir.Constant(_v8i, [127] * 8)), ir.Constant(_v8i, [23] * 8))
-    r = builder.fmul(p, builder.bitcast(bits, _v8f))
+    ki = builder.fptosi(k, V8I32)
+    bits = builder.shl(builder.add(ki, ir.Constant(V8I32, [127] * 8)), ir.Constant(V8I32, [23] * 8))
+    r = builder.fmul(p, builder.bitcast(bits, V8F))
     # below -64 the result is exactly 0: a softmax over a long context would otherwise give every
     # far key a tiny probability whose products with V are denormals (30x slower decode at 3k tokens)
     return builder.select(builder.fcmp_ordered("<", x0, _c(-64.0)), _c(0.0), r)
@@ -63,21 +56,14 @@ def _vexp_body(typingctx, a, start, n):
         aa, st, nn = args
         st = context.cast(builder, st, sig.args[1], types.int64)
         nn = context.cast(builder, nn, sig.args[2], types.int64)
-        base = builder.gep(context.make_array(sig.args[0])(context, builder, aa).data, [st])
-        n8 = builder.ashr(nn, ir.Constant(_i64, 3))
-        entry = builder.basic_block
-        loop = builder.append_basic_block("vexp.loop")
-        done = builder.append_basic_block("vexp.done")
-        builder.cbranch(builder.icmp_signed(">", n8, ir.Constant(_i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(_i64)
-        p = builder.bitcast(builder.gep(base, [builder.mul(i, ir.Constant(_i64, 8))]), _v8f.as_pointer())
-        builder.store(vexp8(builder, builder.load(p, align=4)), p, align=4)
-        i2 = builder.add(i, ir.Constant(_i64, 1))
-        builder.cbranch(builder.icmp_signed("<", i2, n8), loop, done)
-        i.add_incoming(ir.Constant(_i64, 0), entry)
-        i.add_incoming(i2, loop)
-        builder.position_at_end(done)
+        base = builder.gep(array_data(context, builder, sig.args[0], aa), [st])
+
+        def block(i):
+            p = builder.bitcast(builder.gep(base, [builder.mul(i, i64(8))]), V8F.as_pointer())
+            builder.store(vexp8(builder, builder.load(p, align=4)), p, align=4)
+            return ()
+
+        counted_loop(builder, builder.ashr(nn, i64(3)), [], block, "vexp")
         return context.get_dummy_value()
 
     return sig, codegen

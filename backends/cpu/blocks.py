@@ -20,13 +20,12 @@ cpu_quant_simd (xq, xd, xs = xd*sum(xq)).
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from ...core.qtypes import QType
 from .llvm_ir import (F16, F32, I32, V8F, V8I32, V16F, V16I16, array_data, counted_loop, declare, f16_at, hsum8,
                       i64, load_i8x32, nibbles, splat, with_high_bits)
-from .matmul_int import _quant_row  # the activation quantizer, shared
 
 # name -> (bytes per block, m offset (-1: m = mmul*d), mmul, qh offset (-1: none), qs offset, int8)
 FMT = {
@@ -185,27 +184,3 @@ def deq_blk(fmt, blk, out, off):
         deq_q5_1(blk, out, off)
     else:
         deq_q8_0(blk, out, off)
-
-
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
-_ROWS = 16
-_TT = 64
-
-
-@njit(**_JIT)
-def mm_blk(fmt, blk, x, quant, xq, xd, xs, nb, out):
-    """out (n_tok, n_rows) = x @ W^T on GGUF blocks (fmt: FMT_ID); quant: quantize x here (decode)."""
-    n_tok = xq.shape[0]
-    if quant:
-        for t in range(n_tok):
-            _quant_row(x, xq, xd, xs, t)
-    n_rows = out.shape[1]
-    n_groups = (n_rows + _ROWS - 1) // _ROWS
-    for g in prange(n_groups):
-        r1 = min(n_rows, (g + 1) * _ROWS)
-        for t0 in range(0, n_tok, _TT):
-            t1 = min(n_tok, t0 + _TT)
-            for r in range(g * _ROWS, r1):
-                off = (r * nb, nb)
-                for t in range(t0, t1):
-                    out[t, r] = dot_blk(fmt, blk, xq[t], xd[t], xs[t], off)

@@ -139,3 +139,38 @@ def dq_q6_k(blk, d, m, out):
                 if sv >= 128:
                     sv -= 256
                 out[b, c * 32 + i] = (d[b] * np.float32(sv)) * np.float32(q)
+
+
+_TILE = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+
+
+# ---- a tile of rows [r0, r1) of a packed layout, float32 (prefill through numpy's matmul, when
+# numpy carries no OpenBLAS that numba's threads can call: matmul_blas does it otherwise) ----
+
+@njit(**_TILE)
+def deq_nib(q, qh, has_h, d, m, r0, r1, nb, out):
+    for r in prange(r0, r1):
+        rr = r - r0
+        for b in range(nb):
+            k = r * nb + b
+            db = d[k]
+            mb = m[k]
+            h = np.uint32(qh[k]) if has_h else np.uint32(0)
+            for j in range(16):
+                v = np.int32(q[k * 16 + j])
+                lo = (v & 15) | (np.int32((h >> j) & 1) << 4)
+                hi = (v >> 4) | (np.int32((h >> (j + 16)) & 1) << 4)
+                out[rr, b * 32 + j] = db * np.float32(lo) + mb
+                out[rr, b * 32 + 16 + j] = db * np.float32(hi) + mb
+
+
+@njit(**_TILE)
+def deq_i8(q, d, per16, m, has_m, r0, r1, nb, out):
+    for r in prange(r0, r1):
+        rr = r - r0
+        for b in range(nb):
+            k = r * nb + b
+            mb = m[k] if has_m else np.float32(0.0)
+            for j in range(32):
+                db = d[2 * k + j // 16] if per16 else d[k]
+                out[rr, b * 32 + j] = db * np.float32(q[k * 32 + j]) + mb

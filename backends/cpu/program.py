@@ -16,7 +16,7 @@ from ...core.executor import Fused
 from ...core.ops import Op
 from . import ops as _O
 from . import program_kernels as P
-from .matvec import LAYOUT_ID
+from .matmul_int import LAYOUT_ID
 
 MAX_TOKENS = 8  # the matmul kernels quantize activations themselves up to here (decode drivers)
 _EMPTY_F32 = np.zeros(1, np.float32)
@@ -199,7 +199,7 @@ class Program(Fused):
 
     @staticmethod
     def _emit_mm(emit, weights, wk, quant, w, x, b, rows) -> None:
-        a = w.dec_args()
+        a = w.kernel_args()
         wk.append(a[0])
         weights.append(a[1:])
         qk = quant.setdefault((rows, w.n_cols), len(quant))

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from . import ops as _O
-from .matvec import mm_dec
+from .matmul_int import mm_dec
 
 OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
 N_COLS = 20

@@ -35,7 +35,6 @@ if HAVE_AVX2:
     from . import matmul_int as _mm
     from . import matmul_blas as _blas
     from . import blocks as _blk
-    from . import matvec as _dec
 else:  # pragma: no cover
     _blas = None
 
@@ -133,19 +132,19 @@ class PackedWeight:
         self.layout = layout
         self.qs, self.d, self.m = qs, d, m
         self._mv = None  # decode fast path (built on first use)
-        self._dec = None  # dec_args()
+        self._dec = None  # kernel_args()
         if layout == "float":
             self.nbytes = int(raw.nbytes)
         else:
             self.nbytes = int(qs.nbytes + (d.nbytes if d is not None else 0) + (m.nbytes if m is not None else 0))
 
-    def dec_args(self) -> tuple:
-        """(wk, qs, qh, d, m) for cpu_quant_dec.mm_dec: read-only arrays (never written after
+    def kernel_args(self) -> tuple:
+        """(wk, qs, qh, d, m) for matmul_int's mm_int / mm_dec: read-only arrays (never written after
         packing), the same types for every layout, so one compilation serves all of them."""
         a = self._dec
         if a is None:
             fmt = _blk.FMT_ID[_blk.QTYPES[self.qtype]] if self.layout == "blk" else 0
-            wk = np.array([_dec.LAYOUT_ID[self.layout], fmt, self.n_cols // 32, int(self.m is not None)], np.int64)
+            wk = np.array([_mm.LAYOUT_ID[self.layout], fmt, self.n_cols // 32, int(self.m is not None)], np.int64)
             qh = getattr(self, "qh", None)
             a = self._dec = (wk, _ro(self.qs.view(np.uint8)), _ro(qh if qh is not None else _EMPTY_U32),
                              _ro(self.d if self.d is not None else _EMPTY_F32), _ro(self.m if self.m is not None else _EMPTY_F32))
@@ -330,11 +329,11 @@ def _matvec1(w: PackedWeight, x: np.ndarray) -> np.ndarray:
         xq = np.empty((1, w.n_cols), dtype=np.int16)
         xd = np.empty((1, nb), dtype=np.float32)
         xs = np.empty((1, nb), dtype=np.float32)
-        pre, n_rows = w.dec_args(), w.n_rows
+        pre, n_rows = w.kernel_args(), w.n_rows
 
         def f(x):
             out = np.empty((1, n_rows), dtype=np.float32)
-            _dec.mm_dec(*pre, x, xq, xd, xs, out)
+            _mm.mm_dec(*pre, x, xq, xd, xs, out)
             return out
 
         w._mv = f
@@ -380,20 +379,11 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None) -> np.
     xd = np.empty((n_tok, nb), dtype=np.float32)
     xs = np.empty((n_tok, nb), dtype=np.float32)
     dst = o2 if o2.flags.c_contiguous else np.empty((n_tok, w.n_rows), dtype=np.float32)
-    if n_tok <= _SERIAL_QUANT_TOK:  # decode: one driver for every layout, x quantized inside
-        _dec.mm_dec(*w.dec_args(), x2, xq, xd, xs, dst)
+    if n_tok <= _SERIAL_QUANT_TOK:  # decode: x quantized inside the call
+        _mm.mm_dec(*w.kernel_args(), x2, xq, xd, xs, dst)
     else:
         _mm.quant_x(x2, xq, xd, xs)
-        if w.layout == "blk":
-            _blk.mm_blk(_blk.FMT_ID[_blk.QTYPES[w.qtype]], w.qs, x2, False, xq, xd, xs, nb, dst)
-        elif w.layout == "nib":
-            _mm.mm_nib(w.qs, w.d, w.m, x2, False, xq, xd, xs, nb, dst)
-        elif w.layout == "nib5":
-            _mm.mm_nib5(w.qs, w.qh, w.d, w.m, x2, False, xq, xd, xs, nb, dst)
-        else:
-            has_m = w.m is not None
-            kern = _mm.mm_i8 if w.layout == "i8" else _mm.mm_i8s16
-            kern(w.qs, w.d, w.m if has_m else _EMPTY_F32, has_m, x2, False, xq, xd, xs, nb, dst)
+        _mm.mm_int(*w.kernel_args(), xq, xd, xs, dst)
     if dst is not o2:
         o2[...] = dst
     return out
@@ -438,10 +428,10 @@ def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> N
             tile[...] = dequantize(w.qtype, w.qs.reshape(w.n_rows, -1)[r0:r1], w.n_cols)
         elif w.layout in ("nib", "nib5"):
             has_h = w.layout == "nib5"
-            _mm.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.d, w.m, r0, r1, nb, tile)
+            _dq.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.d, w.m, r0, r1, nb, tile)
         else:
             has_m = w.m is not None
-            _mm.deq_i8(w.qs, w.d, w.layout == "i8s16", w.m if has_m else _EMPTY_F32, has_m, r0, r1, nb, tile)
+            _dq.deq_i8(w.qs, w.d, w.layout == "i8s16", w.m if has_m else _EMPTY_F32, has_m, r0, r1, nb, tile)
         np.matmul(x2, tile.T, out=o2[:, r0:r1])
 
 

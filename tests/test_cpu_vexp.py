@@ -1,4 +1,4 @@
-"""The vectorized exp (backends/cpu_vmath.py) against numpy: ~2 ulp where the result is a normal
+"""The vectorized exp (backends/cpu/vmath.py) against numpy: ~2 ulp where the result is a normal
 float, and exactly 0 far below (a long softmax must not hand every far key a denormal weight)."""
 import numpy as np
 

@@ -4,7 +4,7 @@
 
 Prints the perplexity of the first N tokens of tests/data/declaration.txt with
   - the reference path: every quantized matmul dequantizes a tile and calls float32 sgemm
-    (cpu_kernels._BLAS_MIN_TOK = 1),
+    (backends/cpu/matmul._BLAS_MIN_TOK = 1),
   - the fast path (what runs by default),
 and, with --per-op, for each matmul kind (q, k, v, o, gate, up, down, output) the relative error
 ||fast - ref|| / ||ref|| of its output on the same inputs (collected during the reference run, so
@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 
 from lstream.backends import cpu as C
-from lstream.backends.cpu import weights as K
+from lstream.backends.cpu import matmul as K
 from lstream.core.ops import Op
 
 DEFAULT_MODEL = os.path.expanduser("~/.cache/lstream/models/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -12,8 +12,13 @@ from ...core.graph import Node
 from ...core.ops import Op
 from ...core.residency import HOST, ResidencyMap, TensorEntry
 from ...core.rope import cos_sin, inv_freq
-from . import weights as K
-from . import ops as _O
+from . import attention as A
+from . import ops as O
+from .dequant import dequantize
+from .llvm_ir import HAVE_AVX2
+from .matmul import matmul
+from .threads import set_threads
+from .weights import PackedWeight, concat_rows, get_rows, pack
 from ..base import Backend
 
 
@@ -77,9 +82,9 @@ class CPUBackend(Backend):
 
     def __init__(self, n_threads: int | None = None):
         self.n_threads = n_threads or physical_cores()
-        K.set_threads(self.n_threads)
+        set_threads(self.n_threads)
         self.residency: ResidencyMap | None = None
-        self._packed: dict[str, K.PackedWeight] = {}
+        self._packed: dict[str, PackedWeight] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._freqs: dict[tuple, np.ndarray] = {}
         # Stacked projections (q|k|v, gate|up): weight name -> (stacked weight, column slice, siblings)
@@ -97,7 +102,7 @@ class CPUBackend(Backend):
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
-        K.set_threads(n)
+        set_threads(n)
         self._decode_stats.clear()
         self._probe_every = self._ADAPT_PROBE_MIN
 
@@ -131,7 +136,7 @@ class CPUBackend(Backend):
                 if any(w is None or w.layout == "float" for w in ws) or \
                         len({(w.qtype, w.n_cols, w.layout) for w in ws}) != 1:
                     continue
-                big, views = K.concat_rows(ws)
+                big, views = concat_rows(ws)
                 c0 = 0
                 for n, v in zip(names, views):
                     self._packed[n] = v
@@ -144,7 +149,7 @@ class CPUBackend(Backend):
         self._run_t0 = self._run_limit = None
         if len(ctx.tokens) <= self._ADAPT_MAX_TOK and self.n_threads > 1:
             self._run_threads = self._pick_decode_threads()
-            K.set_threads(self._run_threads)
+            set_threads(self._run_threads)
             one = self._decode_stats.get(1)
             # a multi-thread step slower than 1.5 one-thread steps finishes on one thread (a
             # contended probe would otherwise cost up to ~1 s)
@@ -165,7 +170,7 @@ class CPUBackend(Backend):
                 self._probe_every = self._ADAPT_PROBE_MIN if won else min(2 * self._probe_every,
                                                                           self._ADAPT_PROBE_MAX)
             st[n] = dt if (n not in st or self._run_probe) else 0.7 * st[n] + 0.3 * dt
-            K.set_threads(self.n_threads)
+            set_threads(self.n_threads)
             self._run_t0 = self._run_limit = None
 
     # Decode steps (few tokens) are ~100 short parallel kernels.  On 2 busy vCPUs a spinning
@@ -196,7 +201,7 @@ class CPUBackend(Backend):
         return best
 
     # Decode runs of nodes as one numba call each (backends/cpu_program.py); LSTREAM_CPU_PROGRAM=0: op by op
-    _PROGRAMS = os.environ.get("LSTREAM_CPU_PROGRAM", "1") != "0" and K.HAVE_AVX2
+    _PROGRAMS = os.environ.get("LSTREAM_CPU_PROGRAM", "1") != "0" and HAVE_AVX2
 
     def compile_split(self, assignments, last_use: dict, ctx):
         """Runs of this split's nodes compiled into single calls, or None (run op by op)."""
@@ -216,14 +221,14 @@ class CPUBackend(Backend):
                       np.zeros((n_ctx, n_kv_head, head_dim), np.float32))
 
     # -- weights -----------------------------------------------------------------------------
-    def _weight(self, name: str) -> K.PackedWeight:
+    def _weight(self, name: str) -> PackedWeight:
         w = self._packed.get(name)
         if w is None:
             e: TensorEntry = self.residency[name]
             src = self.residency[e.alias_of] if e.alias_of else e
             w = self._packed.get(src.name)
             if w is None:
-                w = K.pack(src.qtype, src.data, src.n_rows, src.n_cols)
+                w = pack(src.qtype, src.data, src.n_rows, src.n_cols)
                 self._packed[src.name] = w
             self._packed[name] = w
         return w
@@ -232,7 +237,7 @@ class CPUBackend(Backend):
         v = self._vectors.get(name)
         if v is None:
             e = self.residency[name]
-            v = K.dequantize(e.qtype, np.asarray(e.data).reshape(1, -1), e.n_cols).reshape(-1)
+            v = dequantize(e.qtype, np.asarray(e.data).reshape(1, -1), e.n_cols).reshape(-1)
             v = self._vectors[name] = np.ascontiguousarray(v, dtype=np.float32)
         return v
 
@@ -265,7 +270,7 @@ class CPUBackend(Backend):
         op, p = node.op, node.params
         if op is Op.MATMUL:
             if self._run_limit is not None and time.perf_counter() - self._run_t0 > self._run_limit:
-                K.set_threads(1)
+                set_threads(1)
                 self._run_limit = None
             name = node.weights[0]
             pend = self._pending.pop(name, None)
@@ -279,13 +284,13 @@ class CPUBackend(Backend):
             grp = self._groups.get(name)
             if grp is not None:
                 big, cols, _, names = grp
-                yy = K.matmul(big, x)
+                yy = matmul(big, x)
                 for n in names:
                     if n != name:
                         self._pending[n] = (inputs[0], yy[:, self._groups[n][1]])
                 y = yy[:, cols]
             else:
-                y = K.matmul(w, x)
+                y = matmul(w, x)
             if len(node.weights) > 1:
                 y += self._vector(node.weights[1])
             return y
@@ -296,23 +301,23 @@ class CPUBackend(Backend):
             w = self._vector(node.weights[0])
             if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:  # the usual case: no wrapper
                 out = np.empty_like(x)
-                (_O._rms_norm if x.shape[0] >= _O._PAR_MIN else _O._rms_norm_1)(x, w, self._f32(p["eps"]), out)
+                (O.rms_norm_parallel if x.shape[0] >= O.PAR_MIN else O.rms_norm_serial)(x, w, self._f32(p["eps"]), out)
                 return out
             x = np.ascontiguousarray(x, dtype=np.float32)
-            return K.rms_norm(x, w, p["eps"])
+            return O.rms_norm(x, w, p["eps"])
         if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-            return K.rms_norm(x.reshape(-1, p["head_dim"]), self._vector(node.weights[0]), p["eps"]).reshape(x.shape)
+            return O.rms_norm(x.reshape(-1, p["head_dim"]), self._vector(node.weights[0]), p["eps"]).reshape(x.shape)
         if op is Op.ADD:
             return inputs[0] + inputs[1]
         if op is Op.SWIGLU or op is Op.GEGLU:
             g, u = inputs
-            kind = _O.ACT_SILU if op is Op.SWIGLU else _O.ACT_GELU
+            kind = O.ACT_SILU if op is Op.SWIGLU else O.ACT_GELU
             if g.ndim == 2 and u.ndim == 2 and g.dtype == u.dtype == np.float32 and g.strides[1] == u.strides[1] == 4:
                 out = np.empty(g.shape, np.float32)
-                (_O._act if g.shape[0] >= _O._PAR_MIN else _O._act_1)(kind, g, u, True, out)
+                (O.act_parallel if g.shape[0] >= O.PAR_MIN else O.act_serial)(kind, g, u, True, out)
                 return out
-            return K.swiglu(g, u) if op is Op.SWIGLU else K.geglu(g, u)
+            return O.swiglu(g, u) if op is Op.SWIGLU else O.geglu(g, u)
         if op is Op.SCALE:
             return inputs[0] * np.float32(p["value"])
         if op is Op.ROPE:
@@ -322,25 +327,25 @@ class CPUBackend(Backend):
                 x = x.reshape(n, -1)
             cos, sin = self._cos_sin(ctx, p)
             # out of place: reads the (row-strided) q/k slice directly, no copy first
-            return K.rope(x, cos, sin, p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox").reshape(n, -1)
+            return O.rope(x, cos, sin, p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox").reshape(n, -1)
         if op is Op.ATTENTION:
             q, k, v = inputs
             kv: HostKV = ctx.kv.layers[node.layer]
             n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
             n_head = p["n_head"]
-            if t * n_head < _O._ATT_PAR_MIN and q.ndim == k.ndim == v.ndim == 2 \
+            if t * n_head < A.ATT_PAR_MIN and q.ndim == k.ndim == v.ndim == 2 \
                     and q.dtype == k.dtype == v.dtype == np.float32 and q.strides[1] == k.strides[1] == v.strides[1] == 4 \
                     and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous and kv.k.dtype == np.float32:
                 # decode: cache write + serial attention in one numba call
                 out = np.empty((t, n_head * hd), np.float32)
-                _O._attention_dec(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
+                A.attention_decode(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
                                   int(p.get("window", 0) or 0), out)
                 return out
             kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
             kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)
             # numba, not numpy: a BLAS call between the numba kernels makes both thread pools spin
             # against each other (tools/kernel_notes.md)
-            return K.attention(q, kv.k, kv.v, ctx.n_past, p["n_head"], n_kv, hd, p["scale"], p.get("window", 0))
+            return A.attention(q, kv.k, kv.v, ctx.n_past, p["n_head"], n_kv, hd, p["scale"], p.get("window", 0))
         if op is Op.EMBED:
-            return K.get_rows(self._weight(node.weights[0]), np.asarray(inputs[0]))
+            return get_rows(self._weight(node.weights[0]), np.asarray(inputs[0]))
         raise NotImplementedError(f"CPU backend: op {op}")

@@ -1,15 +1,17 @@
-"""Numba dequantization kernels, one per GGUF block type.
+"""Dequantization to float32: GGUF blocks -> values, bit-exact against gguf.quants.dequantize (the
+embedding rows, norm vectors, float-layout weights and references), and tiles of packed rows (prefill
+through numpy's matmul when numba's threads cannot call OpenBLAS).
 
-Every kernel takes the blocks as a uint8 array (n_blocks, type_size), the fp16 block scales already
-converted to float32 (numpy does the fp16->fp32 conversion exactly), and writes float32
-(n_blocks, block_size).  They are compiled WITHOUT fastmath so that no multiply-add is contracted
-into an FMA: results are bit-exact against gguf.quants.dequantize, which rounds after every
-numpy operation.
+The block kernels take the blocks as uint8 (n_blocks, type_size) and the fp16 scales already converted
+to float32 (numpy converts exactly), and write (n_blocks, block_size). They are compiled WITHOUT
+fastmath so that no multiply-add is contracted into an FMA: gguf-py rounds after every operation.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from ...core.qtypes import QTYPE_INFO, QType
 
 _JIT = dict(cache=True, nogil=True, parallel=True, fastmath=False, boundscheck=False)
 
@@ -86,38 +88,32 @@ def scale_min_k4(s, j):
 
 
 @njit(**_JIT)
-def dq_q4_k(blk, d, m, out):
+def k_scales(blk, d, dmin, ds, ms):
+    """Q4_K/Q5_K blocks -> scale and min of each 32-value sub-block, float32 (n_blocks, 8):
+    value = ds * q - ms. Dequantization and repacking (weights.pack) both start here."""
     for b in prange(blk.shape[0]):
         s = blk[b, 4:16]
-        for c in range(4):
-            sc0, mn0 = scale_min_k4(s, 2 * c)
-            sc1, mn1 = scale_min_k4(s, 2 * c + 1)
-            d0 = d[b] * np.float32(sc0)
-            m0 = m[b] * np.float32(mn0)
-            d1 = d[b] * np.float32(sc1)
-            m1 = m[b] * np.float32(mn1)
-            for i in range(32):
-                v = blk[b, 16 + 32 * c + i]
-                out[b, 64 * c + i] = d0 * np.float32(np.int32(v & 15)) - m0
-                out[b, 64 * c + 32 + i] = d1 * np.float32(np.int32(v >> 4)) - m1
+        for j in range(8):
+            sc, mn = scale_min_k4(s, j)
+            ds[b, j] = d[b] * np.float32(sc)
+            ms[b, j] = dmin[b] * np.float32(mn)
 
 
 @njit(**_JIT)
-def dq_q5_k(blk, d, m, out):
+def dq_k(blk, ds, ms, qoff, has_h, out):
+    """Q4_K (nibbles at byte 16) and Q5_K (nibbles at 48, high bits at 16..47) from k_scales."""
     for b in prange(blk.shape[0]):
-        s = blk[b, 4:16]
         for c in range(4):
-            sc0, mn0 = scale_min_k4(s, 2 * c)
-            sc1, mn1 = scale_min_k4(s, 2 * c + 1)
-            d0 = d[b] * np.float32(sc0)
-            m0 = m[b] * np.float32(mn0)
-            d1 = d[b] * np.float32(sc1)
-            m1 = m[b] * np.float32(mn1)
+            d0, m0 = ds[b, 2 * c], ms[b, 2 * c]
+            d1, m1 = ds[b, 2 * c + 1], ms[b, 2 * c + 1]
             for i in range(32):
-                v = blk[b, 48 + 32 * c + i]
-                h = blk[b, 16 + i]
-                q0 = np.int32(v & 15) | (np.int32((h >> (2 * c)) & 1) << 4)
-                q1 = np.int32(v >> 4) | (np.int32((h >> (2 * c + 1)) & 1) << 4)
+                v = blk[b, qoff + 32 * c + i]
+                q0 = np.int32(v & 15)
+                q1 = np.int32(v >> 4)
+                if has_h:
+                    h = blk[b, 16 + i]
+                    q0 |= np.int32((h >> (2 * c)) & 1) << 4
+                    q1 |= np.int32((h >> (2 * c + 1)) & 1) << 4
                 out[b, 64 * c + i] = d0 * np.float32(q0) - m0
                 out[b, 64 * c + 32 + i] = d1 * np.float32(q1) - m1
 
@@ -174,3 +170,79 @@ def deq_i8(q, d, per16, m, has_m, r0, r1, nb, out):
             for j in range(32):
                 db = d[2 * k + j // 16] if per16 else d[k]
                 out[rr, b * 32 + j] = db * np.float32(q[k * 32 + j]) + mb
+
+
+# qtype -> (kernel, byte offset of fp16 d, byte offset of fp16 m/dmin or -1)
+_DQ = {
+    QType.Q4_0: (dq_q4_0, 0, -1),
+    QType.Q4_1: (dq_q4_1, 0, 2),
+    QType.Q5_0: (dq_q5_0, 0, -1),
+    QType.Q5_1: (dq_q5_1, 0, 2),
+    QType.Q8_0: (dq_q8_0, 0, -1),
+    QType.Q6_K: (dq_q6_k, 208, -1),
+}
+_DQ_K = {QType.Q4_K: (16, False), QType.Q5_K: (48, True)}  # byte offset of the nibbles, high bits
+FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
+SUPPORTED = frozenset(FLOAT_TYPES) | frozenset(_DQ) | frozenset(_DQ_K)
+
+
+def _torch():
+    """torch, imported on first use (F16 rows): importing it costs ~1.2 s of every start."""
+    try:
+        import torch
+        return torch
+    except Exception:  # pragma: no cover
+        return None
+
+
+def fp16_field(blocks: np.ndarray, off: int) -> np.ndarray:
+    """fp16 field at byte offset `off` of each block -> float32 (n_blocks,)."""
+    return np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1).astype(np.float32)
+
+
+def k_block_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K blocks (n, type_size) -> (ds, ms) float32 (n, 8): value = ds * q - ms."""
+    n = blocks.shape[0]
+    ds = np.empty((n, 8), np.float32)
+    ms = np.empty((n, 8), np.float32)
+    if n:
+        k_scales(blocks, fp16_field(blocks, 0), fp16_field(blocks, 2), ds, ms)
+    return ds, ms
+
+
+def _float_rows(qtype: QType, raw: np.ndarray, n_cols: int) -> np.ndarray:
+    if qtype == QType.F32:
+        a = raw if raw.dtype == np.float32 else np.ascontiguousarray(raw).view(np.float32)
+        return a.reshape(-1, n_cols)
+    if qtype == QType.F16:
+        a = raw if raw.dtype == np.float16 else np.ascontiguousarray(raw).view(np.float16)
+        a = np.ascontiguousarray(a.reshape(-1, n_cols))
+        if a.size >= 4096 and (torch := _torch()) is not None:  # exact conversion, vectorized (F16C), ~20x numpy
+            return torch.from_numpy(a).float().numpy()
+        return a.astype(np.float32)
+    # BF16: bits << 16
+    a = raw if raw.dtype in (np.uint16, np.int16) else np.ascontiguousarray(raw).view(np.uint16)
+    a = a.reshape(-1, n_cols)
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def dequantize(qtype: QType, raw: np.ndarray, n_cols: int) -> np.ndarray:
+    """GGUF data of `qtype` -> float32 (n_rows, n_cols), bit-exact vs gguf.quants.dequantize."""
+    qtype = QType(qtype)
+    if qtype in FLOAT_TYPES:
+        return _float_rows(qtype, raw, n_cols)
+    if qtype not in SUPPORTED:
+        raise NotImplementedError(f"dequantize: {qtype.name} not supported")
+    info = QTYPE_INFO[qtype]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, info.type_size)
+    n_blocks = blocks.shape[0]
+    out = np.empty((n_blocks, info.block_size), dtype=np.float32)
+    if n_blocks and qtype in _DQ_K:
+        ds, ms = k_block_scales(blocks)
+        dq_k(blocks, ds, ms, *_DQ_K[qtype], out)
+    elif n_blocks:
+        kern, doff, moff = _DQ[qtype]
+        d = fp16_field(blocks, doff)
+        m = fp16_field(blocks, moff) if moff >= 0 else d
+        kern(blocks, d, m, out)
+    return out.reshape(-1, n_cols)

@@ -14,7 +14,7 @@ from numba.typed import List
 
 from ...core.executor import Fused
 from ...core.ops import Op
-from . import ops as _O
+from . import ops as O
 from . import program_kernels as P
 from .matmul_int import LAYOUT_ID
 
@@ -148,7 +148,7 @@ class Program(Fused):
                 elif op is Op.ADD:
                     emit(P.OP_ADD, out, val[x[0]], val[x[1]])
                 elif op is Op.SWIGLU or op is Op.GEGLU:
-                    emit(P.OP_ACT, out, val[x[0]], val[x[1]], ps=(_O.ACT_SILU if op is Op.SWIGLU else _O.ACT_GELU,))
+                    emit(P.OP_ACT, out, val[x[0]], val[x[1]], ps=(O.ACT_SILU if op is Op.SWIGLU else O.ACT_GELU,))
                 elif op is Op.SCALE:
                     emit(P.OP_SCALE, out, val[x[0]], f=p["value"])
                 elif op is Op.ROPE:

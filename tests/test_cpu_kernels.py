@@ -117,17 +117,18 @@ def test_swiglu_gelu():
 @pytest.mark.skipif(not HAVE_AVX2, reason="blk layout needs AVX2")
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("n_tok", [1, 3, 64])
-def test_matmul_blk_layout(qtype, n_tok, monkeypatch):
-    """The GGUF-blocks-in-place layout (default for Q8_0 only; LSTREAM_CPU_BLK=all for the others)."""
-    monkeypatch.setattr(weights, "_BLK_TYPES", frozenset(blocks.QTYPES))
+def test_matmul_blk_layout(qtype, n_tok):
+    """The GGUF-blocks-in-place layout (default for Q8_0 only; Options.cpu_blk="all" for the others)."""
+    blk = weights.blk_types("all")
+    assert blk == frozenset(blocks.QTYPES)
     n_rows, n_cols = 37, 512
     raw = make_raw(qtype, n_rows, n_cols, seed=200 + int(qtype))
-    w = weights.pack(qtype, raw, n_rows, n_cols)
+    w = weights.pack(qtype, raw, n_rows, n_cols, blk)
     assert w.layout == "blk" and w.nbytes == raw.nbytes
     wf = gq.dequantize(raw, G(int(qtype))).reshape(n_rows, n_cols).astype(np.float64)
     x = np.random.default_rng(n_tok).standard_normal((n_tok, n_cols)).astype(np.float32)
     ref = x.astype(np.float64) @ wf.T
     assert _nmse(matmul(w, x), ref) <= 5e-4
-    big, (a, b) = weights.concat_rows([w, weights.pack(qtype, raw[:5], 5, n_cols)])
+    big, (a, b) = weights.concat_rows([w, weights.pack(qtype, raw[:5], 5, n_cols, blk)])
     assert _nmse(matmul(big, x)[:, :n_rows], ref) <= 5e-4
     assert _nmse(matmul(b, x), ref[:, :5]) <= 5e-4

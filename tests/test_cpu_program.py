@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _use_programs(model, on: bool) -> None:
-    model.cpu._PROGRAMS = on
+    model.cpu.programs = on
     model.executor._compiled.clear()
     model.body_executor._compiled.clear()
 

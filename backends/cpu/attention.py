@@ -8,6 +8,7 @@ from numba import njit, prange
 
 from . import blas
 from .blas import sgemm
+from .llvm_ir import HAVE_AVX2
 from .ops import PAR_MIN
 from .vmath import vexp
 
@@ -181,14 +182,17 @@ def attention_sgemm(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
               vp + 4 * (lo * ldk + kh * hd), ldk, op + 4 * (t0 * ldq + h * hd), ldq)
 
 
-def attention(q, k_cache, v_cache, n_past, n_head, n_kv, head_dim, scale, window=0):
+def attention(q, k_cache, v_cache, n_past, n_head, n_kv, head_dim, scale, window=0, use_blas=None):
     """Causal grouped-query attention of q (n_tok, n_head*head_dim) over cache rows [0, n_past+n_tok)
-    of k_cache/v_cache (n_ctx, n_kv, head_dim); window > 0: only the last `window` positions."""
+    of k_cache/v_cache (n_ctx, n_kv, head_dim); window > 0: only the last `window` positions.
+    use_blas: sgemm for prefill (None: when numba's threads can call OpenBLAS)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty_like(q)
     args = (q, k_cache, v_cache, int(n_past), int(n_head), int(n_kv), int(head_dim), np.float32(scale),
             int(window or 0), out)
-    if q.shape[0] >= ATT_SGEMM_MIN_TOK and blas.AVAILABLE \
+    if use_blas is None:
+        use_blas = HAVE_AVX2 and blas.AVAILABLE
+    if q.shape[0] >= ATT_SGEMM_MIN_TOK and use_blas \
             and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous \
             and k_cache.dtype == v_cache.dtype == np.float32:
         with blas.one_blas_thread():

@@ -1,25 +1,28 @@
-"""The CPU backend: numba/numpy kernels on the quantized blocks, where the weights already are.
-Last in priority and able to run every op."""
+"""The CPU backend: numba kernels on the quantized blocks, where the weights already are.
+Last in priority and able to run every op; configured by core.options.Options."""
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from ...core.graph import Node
+from ...core.batch import GEMM_MIN_TOKENS, is_small_batch
+from ...core.graph import STACKED_PROJECTIONS, Node
 from ...core.ops import Op
+from ...core.options import Options
 from ...core.residency import HOST, ResidencyMap, TensorEntry
 from ...core.rope import cos_sin, inv_freq
+from ..base import Backend
 from . import attention as A
 from . import ops as O
 from .dequant import dequantize
 from .llvm_ir import HAVE_AVX2
-from .matmul import matmul
+from .matmul import BLAS_USABLE, NEVER, matmul
 from .threads import set_threads
-from .weights import PackedWeight, concat_rows, get_rows, pack
-from ..base import Backend
+from .weights import PackedWeight, blk_types, concat_rows, get_rows, pack
 
 
 def physical_cores() -> int:
@@ -42,53 +45,33 @@ class HostKV:
     v: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
 
 
-def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, mode: str) -> None:
-    """x: (n_tokens, n_head, head_dim); cos/sin: (n_tokens, n_rot/2)."""
-    c, s = cos[:, None, :], sin[:, None, :]
-    if mode == "neox":
-        a, b = x[..., : n_rot // 2].copy(), x[..., n_rot // 2: n_rot].copy()
-        x[..., : n_rot // 2] = a * c - b * s
-        x[..., n_rot // 2: n_rot] = a * s + b * c
-    else:
-        a, b = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
-        x[..., 0:n_rot:2] = a * c - b * s
-        x[..., 1:n_rot:2] = a * s + b * c
-
-
-def attention(q: np.ndarray, kv: HostKV, n_past: int, n_head: int, n_kv: int, hd: int, scale: float,
-              window: int = 0) -> np.ndarray:
-    """Causal grouped-query attention of q (T, n_head*hd) over cache rows [0, n_past+T)."""
-    t = q.shape[0]
-    s = n_past + t
-    g = n_head // n_kv
-    qh = q.reshape(t, n_kv, g, hd).transpose(1, 2, 0, 3)  # (n_kv, g, T, hd)
-    kt = kv.k[:s].transpose(1, 2, 0)[:, None]  # (n_kv, 1, hd, S)
-    scores = np.matmul(qh, kt) * np.float32(scale)  # (n_kv, g, T, S)
-    qpos = n_past + np.arange(t)[:, None]
-    kpos = np.arange(s)[None, :]
-    masked = kpos > qpos
-    if window:
-        masked |= kpos <= qpos - window
-    scores[..., masked] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = np.matmul(scores, kv.v[:s].transpose(1, 0, 2)[:, None])  # (n_kv, g, T, hd)
-    return np.ascontiguousarray(out.transpose(2, 0, 1, 3)).reshape(t, n_head * hd)
+class Stack(NamedTuple):
+    """Projections that read one input (q|k|v, gate|up), stacked into one weight: one matmul computes
+    all of them, each one's output is its column range."""
+    weight: PackedWeight
+    cols: slice  # this projection's columns of the stacked output
+    names: tuple[str, ...]  # every projection of the stack, in order
 
 
 class CPUBackend(Backend):
     name = HOST
 
-    def __init__(self, n_threads: int | None = None):
-        self.n_threads = n_threads or physical_cores()
-        set_threads(self.n_threads)
+    def __init__(self, n_threads: int | None = None, options: Options | None = None):
+        """n_threads: None: options.n_threads, else the physical cores. options: None: Options.from_env()."""
+        self.options = options = options if options is not None else Options.from_env()
+        self.n_threads = n_threads or options.n_threads or physical_cores()
+        self.programs = options.cpu_programs and HAVE_AVX2  # decode runs as compiled programs
+        self.blk_types = blk_types(options.cpu_blk)  # quant types kept as GGUF blocks
+        self.blas = options.blas_prefill and BLAS_USABLE  # sgemm from numba's threads
+        self.gemm_min_tokens = GEMM_MIN_TOKENS if self.blas else NEVER  # tools/accuracy_check sets 1
+        self.adaptive_threads = options.adaptive_threads
+        set_threads(self.n_threads)  # starts the thread pool (its wait policy first)
         self.residency: ResidencyMap | None = None
         self._packed: dict[str, PackedWeight] = {}
         self._vectors: dict[str, np.ndarray] = {}
         self._freqs: dict[tuple, np.ndarray] = {}
-        # Stacked projections (q|k|v, gate|up): weight name -> (stacked weight, column slice, siblings)
-        self._groups: dict[str, tuple] = {}
+        self._f32s: dict[float, np.float32] = {}
+        self._stacks: dict[str, Stack] = {}  # weight name -> its stack
         # Sibling outputs of a stacked matmul, waiting for their node: weight name -> (input, output)
         self._pending: dict[str, tuple] = {}
         self._cs = None  # (positions array, freqs key, cos, sin) of the current run
@@ -113,20 +96,18 @@ class CPUBackend(Backend):
         self.residency = residency
         for e in residency:  # repack what this backend computes with, before the first token
             if e.home == HOST and len(e.shape) == 2:
-                self._weight(e.name)
+                self.weight(e.name)
         self._stack_projections()
-
-    _STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
     def _stack_projections(self) -> None:
         """Projections that read the same input (q, k, v; gate, up) are stacked into one weight so
         that one matmul call computes them all (decode: a third of the calls and thread-pool
         launches).  The single weights become row views of the stack (no extra memory)."""
-        self._groups.clear()
+        self._stacks.clear()
         layers = {e.layer for e in self.residency if e.layer is not None and e.layer >= 0}
         for il in layers:
-            for kinds in self._STACKS:
-                names = [f"blk.{il}.{k}.weight" for k in kinds]
+            for kinds in STACKED_PROJECTIONS:
+                names = tuple(f"blk.{il}.{k}.weight" for k in kinds)
                 if not all(n in self.residency for n in names):
                     continue
                 es = [self.residency[n] for n in names]
@@ -140,14 +121,14 @@ class CPUBackend(Backend):
                 c0 = 0
                 for n, v in zip(names, views):
                     self._packed[n] = v
-                    self._groups[n] = (big, slice(c0, c0 + v.n_rows), [m for m in names if m != n], names)
+                    self._stacks[n] = Stack(big, slice(c0, c0 + v.n_rows), names)
                     c0 += v.n_rows
 
     def begin_run(self, plan, ctx) -> None:
         self._pending.clear()
         self._cs = None
         self._run_t0 = self._run_limit = None
-        if len(ctx.tokens) <= self._ADAPT_MAX_TOK and self.n_threads > 1:
+        if self.adaptive_threads and is_small_batch(len(ctx.tokens)) and self.n_threads > 1:
             self._run_threads = self._pick_decode_threads()
             set_threads(self._run_threads)
             one = self._decode_stats.get(1)
@@ -175,13 +156,13 @@ class CPUBackend(Backend):
 
     # Decode steps (few tokens) are ~100 short parallel kernels.  On 2 busy vCPUs a spinning
     # OpenMP barrier waits a whole scheduler tick whenever another process holds one of them
-    # (measured: 8 t/s with 2 threads vs 45 t/s with 1 under load 3-4, 134 vs ~100 idle).  So
-    # decode runs time themselves and use whichever of n_threads and 1 was faster lately, trying
-    # the other one now and then (every 8 steps, backing off to 128 while the probes lose).  Results are identical either way (rows never split across
-    # threads).  Prefill always uses n_threads.
-    # Off unless LSTREAM_ADAPTIVE_THREADS=1: on a quiet machine fixed -t decodes faster (SmolLM2
-    # -t 2: 88-95 vs 82 t/s back to back) and on the 16-core H100 host it fell to 4 t/s.
-    _ADAPT_MAX_TOK = 4 if os.environ.get("LSTREAM_ADAPTIVE_THREADS") == "1" else 0
+    # (measured: 8 t/s with 2 threads vs 45 t/s with 1 under load 3-4, 134 vs ~100 idle).  So with
+    # Options.adaptive_threads, decode runs (up to SMALL_BATCH tokens) time themselves and use
+    # whichever of n_threads and 1 was faster lately, trying the other one now and then (every 8
+    # steps, backing off to 128 while the probes lose).  Results are identical either way (rows never
+    # split across threads).  Prefill always uses n_threads.  Off by default: on a quiet machine fixed
+    # -t decodes faster (SmolLM2 -t 2: 88-95 vs 82 t/s back to back) and on the 16-core H100 host it
+    # fell to 4 t/s.
     _ADAPT_PROBE_MIN = 8  # decode steps between probes of the other thread count: 8, 16, ... 128
     _ADAPT_PROBE_MAX = 128
 
@@ -200,16 +181,14 @@ class CPUBackend(Backend):
             return cands[1] if best == cands[0] else cands[0]
         return best
 
-    # Decode runs of nodes as one numba call each (backends/cpu_program.py); LSTREAM_CPU_PROGRAM=0: op by op
-    _PROGRAMS = os.environ.get("LSTREAM_CPU_PROGRAM", "1") != "0" and HAVE_AVX2
-
     def compile_split(self, assignments, last_use: dict, ctx):
-        """Runs of this split's nodes compiled into single calls, or None (run op by op)."""
-        from . import program as cpu_program
-        if not self._PROGRAMS or len(ctx.tokens) > cpu_program.MAX_TOKENS:
+        """Decode splits (up to SMALL_BATCH tokens): runs of their nodes compiled into single numba
+        calls (program.py), or None: op by op (Options.cpu_programs off, or nothing to compile)."""
+        from . import program
+        if not self.programs or not is_small_batch(len(ctx.tokens)):
             return None
-        units = cpu_program.compile_split(self, assignments, last_use, ctx)
-        return units if any(isinstance(u, cpu_program.Program) for u in units) else None
+        units = program.compile_split(self, assignments, last_use, ctx)
+        return units if any(isinstance(u, program.Program) for u in units) else None
 
     def unload(self) -> None:
         self._packed.clear()
@@ -220,20 +199,22 @@ class CPUBackend(Backend):
         return HostKV(np.zeros((n_ctx, n_kv_head, head_dim), np.float32),
                       np.zeros((n_ctx, n_kv_head, head_dim), np.float32))
 
-    # -- weights -----------------------------------------------------------------------------
-    def _weight(self, name: str) -> PackedWeight:
+    # -- weights and per-run constants (also read by program.py) -----------------------------
+    def weight(self, name: str) -> PackedWeight:
+        """The packed weight of tensor `name` (packed on first use; an alias shares its source's)."""
         w = self._packed.get(name)
         if w is None:
             e: TensorEntry = self.residency[name]
             src = self.residency[e.alias_of] if e.alias_of else e
             w = self._packed.get(src.name)
             if w is None:
-                w = pack(src.qtype, src.data, src.n_rows, src.n_cols)
+                w = pack(src.qtype, src.data, src.n_rows, src.n_cols, self.blk_types)
                 self._packed[src.name] = w
             self._packed[name] = w
         return w
 
-    def _vector(self, name: str) -> np.ndarray:
+    def vector(self, name: str) -> np.ndarray:
+        """Tensor `name` (a norm weight, a bias) as float32 1-D, dequantized once."""
         v = self._vectors.get(name)
         if v is None:
             e = self.residency[name]
@@ -241,15 +222,17 @@ class CPUBackend(Backend):
             v = self._vectors[name] = np.ascontiguousarray(v, dtype=np.float32)
         return v
 
-    _F32: dict = {}
+    def stack_of(self, name: str) -> Stack | None:
+        """The stack weight `name` is part of, or None."""
+        return self._stacks.get(name)
 
     def _f32(self, v: float) -> np.float32:
-        f = self._F32.get(v)
+        f = self._f32s.get(v)
         if f is None:
-            f = self._F32[v] = np.float32(v)
+            f = self._f32s[v] = np.float32(v)
         return f
 
-    def _cos_sin(self, ctx, p: dict):
+    def cos_sin(self, ctx, p: dict):
         """cos/sin of the run's positions, computed once per run (every layer's q and k share them)."""
         key = (p["base"], p["n_rot"], id(p["scaling"]))
         cs = self._cs
@@ -267,85 +250,102 @@ class CPUBackend(Backend):
 
     # -- ops ---------------------------------------------------------------------------------
     def compute(self, node: Node, inputs, ctx):
-        op, p = node.op, node.params
-        if op is Op.MATMUL:
-            if self._run_limit is not None and time.perf_counter() - self._run_t0 > self._run_limit:
-                set_threads(1)
-                self._run_limit = None
-            name = node.weights[0]
-            pend = self._pending.pop(name, None)
-            if pend is not None and pend[0] is inputs[0]:  # computed by a sibling's stacked matmul
-                y = pend[1]
-                if len(node.weights) > 1:
-                    y += self._vector(node.weights[1])
-                return y
+        f = self._OPS.get(node.op)
+        if f is None:
+            raise NotImplementedError(f"CPU backend: op {node.op}")
+        return f(self, node, inputs, ctx)
+
+    def _matmul(self, node, inputs, ctx):
+        if self._run_limit is not None and time.perf_counter() - self._run_t0 > self._run_limit:
+            set_threads(1)
+            self._run_limit = None
+        name = node.weights[0]
+        pend = self._pending.pop(name, None)
+        if pend is not None and pend[0] is inputs[0]:  # computed by a sibling's stacked matmul
+            y = pend[1]
+        else:
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-            w = self._weight(name)
-            grp = self._groups.get(name)
-            if grp is not None:
-                big, cols, _, names = grp
-                yy = matmul(big, x)
-                for n in names:
+            st = self._stacks.get(name)
+            if st is not None:
+                yy = matmul(st.weight, x, None, self.blas, self.gemm_min_tokens)
+                for n in st.names:
                     if n != name:
-                        self._pending[n] = (inputs[0], yy[:, self._groups[n][1]])
-                y = yy[:, cols]
+                        self._pending[n] = (inputs[0], yy[:, self._stacks[n].cols])
+                y = yy[:, st.cols]
             else:
-                y = matmul(w, x)
-            if len(node.weights) > 1:
-                y += self._vector(node.weights[1])
-            return y
-        if op is Op.RMS_NORM:
-            x = inputs[0]
-            if p.get("select_output") and ctx.logits == "last":
-                x = x[-1:]
-            w = self._vector(node.weights[0])
-            if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:  # the usual case: no wrapper
-                out = np.empty_like(x)
-                (O.rms_norm_parallel if x.shape[0] >= O.PAR_MIN else O.rms_norm_serial)(x, w, self._f32(p["eps"]), out)
-                return out
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            return O.rms_norm(x, w, p["eps"])
-        if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
-            x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-            return O.rms_norm(x.reshape(-1, p["head_dim"]), self._vector(node.weights[0]), p["eps"]).reshape(x.shape)
-        if op is Op.ADD:
-            return inputs[0] + inputs[1]
-        if op is Op.SWIGLU or op is Op.GEGLU:
-            g, u = inputs
-            kind = O.ACT_SILU if op is Op.SWIGLU else O.ACT_GELU
-            if g.ndim == 2 and u.ndim == 2 and g.dtype == u.dtype == np.float32 and g.strides[1] == u.strides[1] == 4:
-                out = np.empty(g.shape, np.float32)
-                (O.act_parallel if g.shape[0] >= O.PAR_MIN else O.act_serial)(kind, g, u, True, out)
-                return out
-            return O.swiglu(g, u) if op is Op.SWIGLU else O.geglu(g, u)
-        if op is Op.SCALE:
-            return inputs[0] * np.float32(p["value"])
-        if op is Op.ROPE:
-            x = inputs[0]
-            n = len(ctx.positions)
-            if x.ndim != 2 or x.shape[0] != n:
-                x = x.reshape(n, -1)
-            cos, sin = self._cos_sin(ctx, p)
-            # out of place: reads the (row-strided) q/k slice directly, no copy first
-            return O.rope(x, cos, sin, p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox").reshape(n, -1)
-        if op is Op.ATTENTION:
-            q, k, v = inputs
-            kv: HostKV = ctx.kv.layers[node.layer]
-            n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
-            n_head = p["n_head"]
-            if t * n_head < A.ATT_PAR_MIN and q.ndim == k.ndim == v.ndim == 2 \
-                    and q.dtype == k.dtype == v.dtype == np.float32 and q.strides[1] == k.strides[1] == v.strides[1] == 4 \
-                    and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous and kv.k.dtype == np.float32:
-                # decode: cache write + serial attention in one numba call
-                out = np.empty((t, n_head * hd), np.float32)
-                A.attention_decode(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
-                                  int(p.get("window", 0) or 0), out)
-                return out
-            kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
-            kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)
-            # numba, not numpy: a BLAS call between the numba kernels makes both thread pools spin
-            # against each other (tools/kernel_notes.md)
-            return A.attention(q, kv.k, kv.v, ctx.n_past, p["n_head"], n_kv, hd, p["scale"], p.get("window", 0))
-        if op is Op.EMBED:
-            return get_rows(self._weight(node.weights[0]), np.asarray(inputs[0]))
-        raise NotImplementedError(f"CPU backend: op {op}")
+                y = matmul(self.weight(name), x, None, self.blas, self.gemm_min_tokens)
+        if len(node.weights) > 1:
+            y += self.vector(node.weights[1])
+        return y
+
+    def _rms_norm(self, node, inputs, ctx):
+        p = node.params
+        x = inputs[0]
+        if p.get("select_output") and ctx.logits == "last":
+            x = x[-1:]
+        w = self.vector(node.weights[0])
+        if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:  # the usual case: no wrapper
+            out = np.empty_like(x)
+            (O.rms_norm_parallel if x.shape[0] >= O.PAR_MIN else O.rms_norm_serial)(x, w, self._f32(p["eps"]), out)
+            return out
+        return O.rms_norm(np.ascontiguousarray(x, dtype=np.float32), w, p["eps"])
+
+    def _rms_norm_heads(self, node, inputs, ctx):
+        """q/k norms (Qwen3, Gemma 3): each head normalized on its own."""
+        p = node.params
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        return O.rms_norm(x.reshape(-1, p["head_dim"]), self.vector(node.weights[0]), p["eps"]).reshape(x.shape)
+
+    def _add(self, node, inputs, ctx):
+        return inputs[0] + inputs[1]
+
+    def _gated(self, node, inputs, ctx):
+        g, u = inputs
+        swiglu = node.op is Op.SWIGLU
+        if g.ndim == 2 and u.ndim == 2 and g.dtype == u.dtype == np.float32 and g.strides[1] == u.strides[1] == 4:
+            out = np.empty(g.shape, np.float32)
+            (O.act_parallel if g.shape[0] >= O.PAR_MIN else O.act_serial)(
+                O.ACT_SILU if swiglu else O.ACT_GELU, g, u, True, out)
+            return out
+        return O.swiglu(g, u) if swiglu else O.geglu(g, u)
+
+    def _scale(self, node, inputs, ctx):
+        return inputs[0] * np.float32(node.params["value"])
+
+    def _rope(self, node, inputs, ctx):
+        p = node.params
+        x = inputs[0]
+        n = len(ctx.positions)
+        if x.ndim != 2 or x.shape[0] != n:
+            x = x.reshape(n, -1)
+        cos, sin = self.cos_sin(ctx, p)
+        # out of place: reads the (row-strided) q/k slice directly, no copy first
+        return O.rope(x, cos, sin, p["n_head"], p["head_dim"], p["n_rot"], p["mode"] == "neox").reshape(n, -1)
+
+    def _attention(self, node, inputs, ctx):
+        p = node.params
+        q, k, v = inputs
+        kv: HostKV = ctx.kv.layers[node.layer]
+        n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
+        n_head = p["n_head"]
+        if t * n_head < A.ATT_PAR_MIN and q.ndim == k.ndim == v.ndim == 2 \
+                and q.dtype == k.dtype == v.dtype == np.float32 and q.strides[1] == k.strides[1] == v.strides[1] == 4 \
+                and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous and kv.k.dtype == np.float32:
+            # decode: cache write + serial attention in one numba call
+            out = np.empty((t, n_head * hd), np.float32)
+            A.attention_decode(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
+                               int(p.get("window", 0) or 0), out)
+            return out
+        kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
+        kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)
+        # numba, not numpy: a BLAS call between the numba kernels makes both thread pools spin
+        # against each other (tools/kernel_notes.md)
+        return A.attention(q, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, p["scale"], p.get("window", 0),
+                           use_blas=self.blas)
+
+    def _embed(self, node, inputs, ctx):
+        return get_rows(self.weight(node.weights[0]), np.asarray(inputs[0]))
+
+    _OPS = {Op.MATMUL: _matmul, Op.RMS_NORM: _rms_norm, Op.RMS_NORM_HEADS: _rms_norm_heads, Op.ADD: _add,
+            Op.SWIGLU: _gated, Op.GEGLU: _gated, Op.SCALE: _scale, Op.ROPE: _rope, Op.ATTENTION: _attention,
+            Op.EMBED: _embed}

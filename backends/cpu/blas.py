@@ -49,19 +49,18 @@ def _openblas():
 
 AVAILABLE = False
 _get_threads = _set_threads = None
-if os.environ.get("LSTREAM_NO_BLAS_PREFILL") != "1":
-    _lib = _openblas()
-    if _lib is not None:
-        import llvmlite.binding as _llb
+_lib = _openblas()
+if _lib is not None:
+    import llvmlite.binding as _llb
 
-        _, _sg, _gt, _st = _lib
-        _gt.restype = ctypes.c_int
-        _gt.argtypes = []
-        _st.restype = None
-        _st.argtypes = [ctypes.c_int]
-        _get_threads, _set_threads = _gt, _st
-        _llb.add_symbol(_SYM, ctypes.cast(_sg, ctypes.c_void_p).value)
-        AVAILABLE = True
+    _, _sg, _gt, _st = _lib
+    _gt.restype = ctypes.c_int
+    _gt.argtypes = []
+    _st.restype = None
+    _st.argtypes = [ctypes.c_int]
+    _get_threads, _set_threads = _gt, _st
+    _llb.add_symbol(_SYM, ctypes.cast(_sg, ctypes.c_void_p).value)
+    AVAILABLE = True
 
 
 def openblas_threads() -> int:

@@ -3,8 +3,6 @@ the layouts the int16 kernels read), concat_rows() stacks projections that share
 and get_rows() read parts of one."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ...core.qtypes import QTYPE_INFO, QType
@@ -135,17 +133,27 @@ def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
 
 
 _PACK_CHUNK = 1 << 16  # blocks per repacking chunk (bounds temporary memory)
-# Types computed on their GGUF blocks in place (layout "blk").  Q8_0 by default: as fast as its repacked
-# layout and no second copy (Gemma 3's tied 262144x640 head: -365 MiB RSS).  The 4/5-bit types measured
-# faster repacked (f32 scales in their own arrays: fewer instructions per block, ~7% on a hot matvec;
-# decode back to back, SmolLM2 tg128 median ms/token repack 7.95/7.10/9.27 vs blk 8.15/7.70/11.00), so
-# they stay repacked.  LSTREAM_CPU_BLK=all: all five in place; =none: none (for comparisons).
-_BLK_ENV = os.environ.get("LSTREAM_CPU_BLK", "")
-_BLK_TYPES = frozenset() if not HAVE_AVX2 or _BLK_ENV == "none" else (
-    frozenset(blocks.QTYPES) if _BLK_ENV == "all" else frozenset({QType.Q8_0}))
 
 
-def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeight:
+def blk_types(choice: str = "default") -> frozenset:
+    """Quant types computed on their GGUF blocks in place (layout "blk") for Options.cpu_blk.
+    "default": Q8_0, as fast as its repacked layout and no second copy (Gemma 3's tied 262144x640
+    head: -365 MiB RSS). The 4/5-bit types measured faster repacked (f32 scales in their own arrays:
+    fewer instructions per block, ~7% on a hot matvec; decode back to back, SmolLM2 tg128 median
+    ms/token repack 7.95/7.10/9.27 vs blk 8.15/7.70/11.00), so they stay repacked; "all": all five
+    in place, "none": none (for comparisons)."""
+    if not HAVE_AVX2 or choice == "none":
+        return frozenset()
+    return frozenset(blocks.QTYPES) if choice == "all" else frozenset({QType.Q8_0})
+
+
+DEFAULT_BLK_TYPES = blk_types()
+
+
+def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int,
+         blk_types: frozenset = DEFAULT_BLK_TYPES) -> PackedWeight:
+    """GGUF data (n_rows x n_cols of qtype) -> PackedWeight: quant types in blk_types stay GGUF blocks
+    (layout "blk"), the others are repacked (in chunks); float types and hosts without AVX2: "float"."""
     qtype = QType(qtype)
     if qtype not in SUPPORTED:
         raise NotImplementedError(f"pack: {qtype.name} not supported")
@@ -161,7 +169,7 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int) -> PackedWeigh
     raw = raw.view(np.uint8).reshape(n_rows, n_cols // info.block_size * info.type_size)
     if not HAVE_AVX2:
         return PackedWeight(qtype, raw, n_rows, n_cols)
-    if qtype in _BLK_TYPES:
+    if qtype in blk_types:
         return PackedWeight(qtype, raw, n_rows, n_cols, "blk", np.ascontiguousarray(raw).reshape(-1))
     blocks = raw.reshape(-1, info.type_size)
     parts = [_repack(qtype, blocks[i:i + _PACK_CHUNK], n_rows, n_cols)

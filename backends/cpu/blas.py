@@ -1,14 +1,5 @@
-"""numpy's own OpenBLAS sgemm, called from inside numba's parallel loops (prefill matmul and attention).
-
-Calling numpy's matmul between numba kernels does not work on a small machine: numba's OpenMP workers
-and OpenBLAS's own threads both spin and collapse each other (tools/kernel_notes.md). So numba owns the
-threads and each of them calls the single-threaded sgemm of numpy's OpenBLAS (scipy_openblas64_,
-shipped in numpy's wheels) on its share; OpenBLAS's pool is set to one thread around the call.
-
-The library is located at import and reached through a named symbol (llvmlite add_symbol), so numba's
-on-disk cache holds no process-specific address. AVAILABLE is False if numpy carries no such OpenBLAS;
-whether the backend uses it is its option (Options.blas_prefill).
-"""
+"""numpy's own OpenBLAS sgemm, callable from inside numba's parallel loops: prefill matmul (matmul_blas)
+and attention. Located at import; whether it is used is the backend's option (Options.blas_prefill)."""
 from __future__ import annotations
 
 import ctypes
@@ -20,6 +11,15 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from .llvm_ir import F32, I32, I64, declare
+
+# Calling numpy's matmul between numba kernels does not work on a small machine: numba's OpenMP workers
+# and OpenBLAS's own threads both spin and collapse each other (tools/kernel_notes.md). So numba owns the
+# threads and each of them calls the single-threaded sgemm of numpy's OpenBLAS (scipy_openblas64_,
+# shipped in numpy's wheels) on its share; OpenBLAS's pool is set to one thread around the call.
+#
+# The library is located at import and reached through a named symbol (llvmlite add_symbol), so numba's
+# on-disk cache holds no process-specific address. AVAILABLE is False if numpy carries no such OpenBLAS;
+# whether the backend uses it is its option (Options.blas_prefill).
 
 _SYM = "lstream_cblas_sgemm_ilp64"
 

@@ -1,22 +1,5 @@
-"""Kernels on the GGUF blocks themselves (layout "blk"): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
-
-Decode is memory-bound once the weights do not fit in the caches (SmolLM2 reads ~110 MB per
-token): the repacked layouts (16 B nibbles + f32 d + f32 m per 32, three separate streams) read
-0.75 B/weight for Q4_1 where the GGUF block (fp16 d, fp16 m, 16 B nibbles: 20 B) reads 0.625.  The
-GGUF nibble order (byte j: weight j low, weight j+16 high) and the Q5 high-bit word (bit j -> weight
-j) are already what the AVX2 dot products want, so these types are used in place, one stream, fp16
-scales converted in the kernel (F16C vcvtph2ps).
-
-    type  bytes  d    m            qh   qs
-    Q4_0  18     0    -8d          -    2
-    Q4_1  20     0    2            -    4
-    Q5_0  22     0    -16d         2    6
-    Q5_1  24     0    2            4    8
-    Q8_0  34     0    -            -    2 (int8)
-
-Row r, block b starts at byte (r*nb + b) * bytes.  The activations are the int16 per-32 blocks of
-cpu_quant_simd (xq, xd, xs = xd*sum(xq)).
-"""
+"""AVX2 dot products and dequantization on the GGUF blocks themselves (layout "blk": Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0), LLVM IR; run inside the matmul drivers for types packed in place (Q8_0 by default)."""
 from __future__ import annotations
 
 from llvmlite import ir
@@ -26,6 +9,23 @@ from numba.extending import intrinsic
 from ...core.qtypes import QType
 from .llvm_ir import (F16, F32, I32, V8F, V8I32, V16F, V16I16, array_data, counted_loop, declare, f16_at, hsum8,
                       i64, load_i8x32, nibbles, splat, with_high_bits)
+
+# Decode is memory-bound once the weights do not fit in the caches (SmolLM2 reads ~110 MB per
+# token): the repacked layouts (16 B nibbles + f32 d + f32 m per 32, three separate streams) read
+# 0.75 B/weight for Q4_1 where the GGUF block (fp16 d, fp16 m, 16 B nibbles: 20 B) reads 0.625.  The
+# GGUF nibble order (byte j: weight j low, weight j+16 high) and the Q5 high-bit word (bit j -> weight
+# j) are already what the AVX2 dot products want, so these types are used in place, one stream, fp16
+# scales converted in the kernel (F16C vcvtph2ps).
+#
+#     type  bytes  d    m            qh   qs
+#     Q4_0  18     0    -8d          -    2
+#     Q4_1  20     0    2            -    4
+#     Q5_0  22     0    -16d         2    6
+#     Q5_1  24     0    2            4    8
+#     Q8_0  34     0    -            -    2 (int8)
+#
+# Row r, block b starts at byte (r*nb + b) * bytes.  The activations are the int16 per-32 blocks of
+# simd.py (xq, xd, xs = xd*sum(xq)).
 
 # name -> (bytes per block, m offset (-1: m = mmul*d), mmul, qh offset (-1: none), qs offset, int8)
 FMT = {

@@ -1,17 +1,16 @@
-"""Dequantization to float32: GGUF blocks -> values, bit-exact against gguf.quants.dequantize (the
-embedding rows, norm vectors, float-layout weights and references), and tiles of packed rows (prefill
-through numpy's matmul when numba's threads cannot call OpenBLAS).
-
-The block kernels take the blocks as uint8 (n_blocks, type_size) and the fp16 scales already converted
-to float32 (numpy converts exactly), and write (n_blocks, block_size). They are compiled WITHOUT
-fastmath so that no multiply-add is contracted into an FMA: gguf-py rounds after every operation.
-"""
+"""Dequantization to float32: GGUF blocks bit-exact against gguf-py (embedding rows, norm vectors,
+float-layout weights, references), and tiles of packed rows (prefill when numba's threads cannot
+call OpenBLAS)."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
 from ...core.qtypes import QTYPE_INFO, QType
+
+# The block kernels take the blocks as uint8 (n_blocks, type_size) and the fp16 scales already converted
+# to float32 (numpy converts exactly), and write (n_blocks, block_size). They are compiled WITHOUT
+# fastmath so that no multiply-add is contracted into an FMA: gguf-py rounds after every operation.
 
 _JIT = dict(cache=True, nogil=True, parallel=True, fastmath=False, boundscheck=False)
 

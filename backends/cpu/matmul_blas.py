@@ -1,11 +1,5 @@
 """Prefill matmul (from GEMM_MIN_TOKENS tokens): each numba thread dequantizes tiles of its weight
-rows into its own float32 buffer and multiplies them with OpenBLAS sgemm (blas.py).
-
-Why: a float32 sgemm runs near the FMA peak (~45 G weight*tokens/s per core here) where the int16
-dot kernels reach ~20-25, and the dequantization of a tile is paid once per ubatch, not per token.
-The dequantization here is AVX2 LLVM IR (uitofp/sitofp + fma on 16-lane vectors), ~10x the scalar
-numba loops; it serves the matmul only (dequant.dequantize stays the bit-exact path).
-"""
+rows (AVX2 IR) into its own float32 buffer and multiplies them with OpenBLAS sgemm (blas.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +9,11 @@ from numba.extending import intrinsic
 from .blas import sgemm_nt
 from .blocks import deq_blk
 from .llvm_ir import V16F, array_data, counted_loop, declare, i64, load_i8x32, nibbles, splat, with_high_bits
+
+# Why: a float32 sgemm runs near the FMA peak (~45 G weight*tokens/s per core here) where the int16
+# dot kernels reach ~20-25, and the dequantization of a tile is paid once per ubatch, not per token.
+# The dequantization here is AVX2 LLVM IR (uitofp/sitofp + fma on 16-lane vectors), ~10x the scalar
+# numba loops; it serves the matmul only (dequant.dequantize stays the bit-exact path).
 
 def _gen_deq_row(kind):
     """codegen: dequantize blocks [rb, rb+nb) of a packed layout into out[0:32*nb] (float32)."""

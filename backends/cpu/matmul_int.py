@@ -1,12 +1,6 @@
-"""Quantized matmul with int16 activations: x is quantized per 32 values, then one parallel tile
-driver dots every packed layout's rows with it (AVX2 row dots of simd.py / blocks.py). Runs every
-decode step (mm_dec, also inside the compiled programs) and batches below GEMM_MIN_TOKENS.
-
-One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
-once for decode, small batches and programs alike. A driver per layout from a factory closure or a
-first-class function argument would not be cached on disk (numba keys those by a per-process id:
-every start would recompile them).
-"""
+"""Quantized matmul with int16 activations: x quantized per 32 values, then one parallel tile driver
+for every packed layout. Runs every decode step (mm_dec, also inside the compiled programs) and
+batches below GEMM_MIN_TOKENS."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +8,11 @@ from numba import njit, prange
 
 from .blocks import dot_blk
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
+
+# One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
+# once for decode, small batches and programs alike. A driver per layout from a factory closure or a
+# first-class function argument would not be cached on disk (numba keys those by a per-process id:
+# every start would recompile them).
 
 _JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
 _SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)

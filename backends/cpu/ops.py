@@ -1,7 +1,5 @@
-"""Float32 row-wise ops: rms_norm, silu/gelu gates (SWIGLU, GEGLU), rope. Every step, op by op and
-inside the compiled decode programs; a parallel kernel from PAR_MIN rows, a serial one below.
-The wrappers take x as (n_tok, n) float32 (1-D is one row); the kernels are public for the backend's
-and the programs' fast paths (no wrapper)."""
+"""Float32 row-wise ops: rms_norm, silu/gelu gates (SWIGLU, GEGLU), rope, every step (op by op and
+inside the compiled decode programs); a parallel kernel from PAR_MIN rows, a serial one below."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,12 +1,5 @@
-"""Decode steps compiled for the CPU backend: a run of a split's nodes becomes one numba call.
-Used for splits of up to SMALL_BATCH tokens (Options.cpu_programs); larger batches go op by op,
-where prefill's sgemm kernels are.
-
-Op by op, a SmolLM2 decode token is ~450 backend calls, ~2 ms of Python on top of ~5 ms of
-kernels.  Compiled once per (split, tokens, logits mode), the same nodes become an instruction
-table (program_kernels.py) over preallocated buffers; a run copies its inputs in, makes one call
-and copies out the values later nodes read.
-"""
+"""Decode steps compiled for the CPU backend (splits of up to SMALL_BATCH tokens, Options.cpu_programs):
+a run of a split's nodes becomes an instruction table that program_kernels.run executes in one call."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +11,11 @@ from ...core.ops import Op
 from . import ops as O
 from . import program_kernels as P
 from .matmul_int import LAYOUT_ID
+
+# Op by op, a SmolLM2 decode token is ~450 backend calls, ~2 ms of Python on top of ~5 ms of
+# kernels.  Compiled once per (split, tokens, logits mode), the same nodes become an instruction
+# table (program_kernels.py) over preallocated buffers; a run copies its inputs in, makes one call
+# and copies out the values later nodes read.
 
 _EMPTY_F32 = np.zeros(1, np.float32)
 

@@ -1,12 +1,5 @@
-"""The numba side of a compiled CPU program (backends/cpu_program.py): one call runs a whole run of
-a decode plan's nodes, so a token costs one Python -> numba transition instead of ~15 per layer.
-
-A program is an int64 table, one row per instruction:
-    [op, out buf, out c0, out c1, a buf, a c0, a c1, b buf, b c0, b c1, c buf, c c0, c c1, p0 .. p6]
-and one float32 row of parameters.  Operands are column ranges of 2-D float32 buffers (the siblings
-of a stacked q|k|v or gate|up matmul are column ranges of its output).  The kernels are the ones
-the op-by-op path calls, so both paths compute the same numbers.
-"""
+"""The numba side of a compiled decode program (program.py): one call interprets a whole run of a
+decode step's nodes with the op-by-op kernels, one Python -> numba transition instead of ~15 per layer."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +8,12 @@ from numba import njit
 from . import ops as O
 from .attention import attention_decode
 from .matmul_int import mm_dec
+
+# A program is an int64 table, one row per instruction:
+#     [op, out buf, out c0, out c1, a buf, a c0, a c1, b buf, b c0, b c1, c buf, c c0, c c1, p0 .. p6]
+# and one float32 row of parameters.  Operands are column ranges of 2-D float32 buffers (the siblings
+# of a stacked q|k|v or gate|up matmul are column ranges of its output).  The kernels are the ones
+# the op-by-op path calls, so both paths compute the same numbers.
 
 OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
 N_COLS = 20

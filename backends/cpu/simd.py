@@ -1,22 +1,5 @@
-"""Hand-written AVX2 row dot products (LLVM IR through numba @intrinsic).
-
-numba widens small ints to int64, which stops LLVM from using the integer multiply-add instructions
-that make quantized dot products fast.  These intrinsics emit the inner loop directly in LLVM IR with
-vector types:
-
-    activations are quantized per block of 32 to int16 (xq) with a float scale xd = amax/32767 and
-    xs = xd * sum(xq) (like ggml's Q8_1, but 16-bit: int8 activations cost SmolLM2 ~1% perplexity,
-    int16 ~0.01%), then per weight block
-        weights -> 2 x (16 x i16) (vpmovzxbw / vpmovsxbw), vpmaddwd with the activations -> 8 x i32,
-        cvt -> 8 x f32, fma with the splatted scale d_w * xd into an 8-lane accumulator.
-
-Weight layouts (built by pack()):
-    nib:  qs uint8 (n_rows, nb*16) nibbles (byte j: weight j low, weight j+16 high), d, m float32
-          (n_rows, nb); row . x = sum_b d*xd*sum(q*xq) + m*xs.  Q4_0 (m = -8d), Q4_1, Q4_K.
-    nib5: nib + uint32 high-bit plane per block.  Q5_0, Q5_1, Q5_K.
-    i8:   qs int8 (n_rows, nb*32), d float32 (n_rows, nb).  Q8_0.
-    i8s16: int8 with a scale per 16.  Q6_K.
-"""
+"""AVX2 row dot products of the repacked layouts (nib, nib5, i8, i8s16) with int16 activations,
+LLVM IR through numba @intrinsic; run inside the int16 matmul drivers (matmul_int)."""
 from __future__ import annotations
 
 from llvmlite import ir
@@ -25,6 +8,23 @@ from numba.extending import intrinsic
 
 from .llvm_ir import (F32, V8F, V8I32, V16I16, array_data, counted_loop, declare, hsum8, i64, load_i8x32,
                       nibbles, splat, with_high_bits)
+
+# numba widens small ints to int64, which stops LLVM from using the integer multiply-add instructions
+# that make quantized dot products fast.  These intrinsics emit the inner loop directly in LLVM IR with
+# vector types:
+#
+#     activations are quantized per block of 32 to int16 (xq) with a float scale xd = amax/32767 and
+#     xs = xd * sum(xq) (like ggml's Q8_1, but 16-bit: int8 activations cost SmolLM2 ~1% perplexity,
+#     int16 ~0.01%), then per weight block
+#         weights -> 2 x (16 x i16) (vpmovzxbw / vpmovsxbw), vpmaddwd with the activations -> 8 x i32,
+#         cvt -> 8 x f32, fma with the splatted scale d_w * xd into an 8-lane accumulator.
+#
+# Weight layouts (built by pack()):
+#     nib:  qs uint8 (n_rows, nb*16) nibbles (byte j: weight j low, weight j+16 high), d, m float32
+#           (n_rows, nb); row . x = sum_b d*xd*sum(q*xq) + m*xs.  Q4_0 (m = -8d), Q4_1, Q4_K.
+#     nib5: nib + uint32 high-bit plane per block.  Q5_0, Q5_1, Q5_K.
+#     i8:   qs int8 (n_rows, nb*32), d float32 (n_rows, nb).  Q8_0.
+#     i8s16: int8 with a scale per 16.  Q6_K.
 
 
 def _gen_row_dot(kind):

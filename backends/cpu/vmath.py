@@ -1,14 +1,5 @@
-"""Vectorized float32 exp for the numba kernels (LLVM IR through @intrinsic).
-
-numba has no SVML here, so np.exp in a loop is a scalar libm call per element (~5-10 ns): the
-softmax of prefill attention and silu/gelu of the FFN were bound by it.  vexp(a, start, n) computes
-a[start:start+n] = exp(a[start:start+n]) in place, 8 lanes at a time (AVX2 + FMA):
-    x clamped to [-80, 80] (result and 1/result stay normal floats: denormals cost a microcode assist
-    each, measured 9x slower on gelu) and exp(x) = 0 below -64 (softmax: see vexp8), k = rint(x*log2(e)),
-    f = x - k*ln2 (Cody-Waite, two constants), exp(f) by its Taylor polynomial of degree 7
-    (|f| <= ln2/2: truncation error < 1e-8 relative), times 2^k built in the exponent bits.
-Relative error ~1-2 ulp vs libm.  The tail (n % 8) is left to the caller (vexp_tail below).
-"""
+"""Vectorized float32 exp (LLVM IR, AVX2 + FMA) for softmax and silu/gelu; runs inside the attention
+and activation kernels."""
 from __future__ import annotations
 
 import math
@@ -19,6 +10,15 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from .llvm_ir import V8F, V8I32, array_data, counted_loop, declare, i64
+
+# numba has no SVML here, so np.exp in a loop is a scalar libm call per element (~5-10 ns): the
+# softmax of prefill attention and silu/gelu of the FFN were bound by it.  vexp(a, start, n) computes
+# a[start:start+n] = exp(a[start:start+n]) in place, 8 lanes at a time (AVX2 + FMA):
+#     x clamped to [-80, 80] (result and 1/result stay normal floats: denormals cost a microcode assist
+#     each, measured 9x slower on gelu) and exp(x) = 0 below -64 (softmax: see vexp8), k = rint(x*log2(e)),
+#     f = x - k*ln2 (Cody-Waite, two constants), exp(f) by its Taylor polynomial of degree 7
+#     (|f| <= ln2/2: truncation error < 1e-8 relative), times 2^k built in the exponent bits.
+# Relative error ~1-2 ulp vs libm.  The tail (n % 8) is done in vexp, scalar.
 
 
 def _c(v):

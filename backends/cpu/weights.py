@@ -9,6 +9,7 @@ from ...core.qtypes import QTYPE_INFO, QType
 from . import blocks, matmul_int
 from .dequant import FLOAT_TYPES, SUPPORTED, dequantize, fp16_field, k_block_scales
 from .llvm_ir import HAVE_AVX2
+from .threads import spin_by_default
 
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
@@ -154,6 +155,7 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int,
          blk_types: frozenset = DEFAULT_BLK_TYPES) -> PackedWeight:
     """GGUF data (n_rows x n_cols of qtype) -> PackedWeight: quant types in blk_types stay GGUF blocks
     (layout "blk"), the others are repacked (in chunks); float types and hosts without AVX2: "float"."""
+    spin_by_default()  # packing comes before the first matmul, also without a CPUBackend (calibration)
     qtype = QType(qtype)
     if qtype not in SUPPORTED:
         raise NotImplementedError(f"pack: {qtype.name} not supported")

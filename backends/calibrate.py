@@ -52,17 +52,18 @@ def _random_blocks(qt: QType, n_rows: int, n_cols: int, rng) -> np.ndarray:
 def measure_cpu(n_rows: int = 14336, n_cols: int = 4096) -> tuple[dict[str, float], float]:
     """A big model's FFN shape: small weights (L2-resident, thread wake-up dominated) would mislead
     the split of a model whose layers stream from DRAM."""
-    from . import cpu_kernels as K
+    from .cpu.matmul import matmul
+    from .cpu.weights import pack
     rng = np.random.default_rng(0)
     per_s = {}
     x = rng.standard_normal((1, n_cols)).astype(np.float32)
     for qt in CPU_TYPES:
         # four weights in turn: more bytes than a last-level cache, as a model's layers are
-        ws = [K.pack(qt, _random_blocks(qt, n_rows, n_cols, rng), n_rows, n_cols) for _ in range(4)]
-        per_s[qt.name] = 4 * n_rows * n_cols / _best(lambda: [K.matmul(w, x) for w in ws], reps=5)
-    w = K.pack(QType.Q4_0, _random_blocks(QType.Q4_0, 4096, n_cols, rng), 4096, n_cols)
+        ws = [pack(qt, _random_blocks(qt, n_rows, n_cols, rng), n_rows, n_cols) for _ in range(4)]
+        per_s[qt.name] = 4 * n_rows * n_cols / _best(lambda: [matmul(w, x) for w in ws], reps=5)
+    w = pack(QType.Q4_0, _random_blocks(QType.Q4_0, 4096, n_cols, rng), 4096, n_cols)
     x = rng.standard_normal((512, n_cols)).astype(np.float32)
-    flops = 2.0 * 4096 * n_cols * 512 / _best(lambda: K.matmul(w, x), reps=2)
+    flops = 2.0 * 4096 * n_cols * 512 / _best(lambda: matmul(w, x), reps=2)
     return per_s, flops
 
 

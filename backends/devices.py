@@ -18,7 +18,7 @@ def cuda_available() -> bool:
 
 def make_cpu_backend(options):
     from .cpu import CPUBackend
-    return CPUBackend(options.n_threads)  # TODO(cpu-pkg merge): pass options
+    return CPUBackend(options.n_threads, options)
 
 
 def make_device_backend(device: str, policy, options):

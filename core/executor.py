@@ -66,7 +66,7 @@ class RunContext:
 
 
 class Fused:
-    """A run of one split's nodes that its backend computes in one call (backends/cpu_program.py):
+    """A run of one split's nodes that its backend computes in one call (backends/cpu/program.py):
     nodes [k0, k1) of the split, reading `inputs` and making `outputs` (node ids); ids: its nodes."""
     nodes: list
     k0: int

@@ -40,11 +40,9 @@ def test_int16_kernels_perplexity_matches_reference(smollm2, text_tokens, monkey
     """Prefill from 32 tokens now runs dequantize + sgemm (the reference path itself), so the first
     test no longer exercises the int16-activation kernels on 512 tokens; force them (they still run
     every decode step and ubatch below 32 tokens)."""
-    from lstream.backends import cpu_kernels as K
     from lstream.tools import accuracy_check as A
 
-    monkeypatch.setattr(K, "_BLAS_MIN_TOK", K._BLAS_MIN_TOK)  # restored after the test (run() writes it)
-    monkeypatch.setattr(A, "_FAST", 1 << 62)
+    monkeypatch.setattr(A, "_FAST", 1 << 62)  # gemm_min_tokens of the fast path: never sgemm
     ids = text_tokens[:N_TOKENS]
     ref = run(smollm2, ids, fast_kinds=set())
     fast = run(smollm2, ids)

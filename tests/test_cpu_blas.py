@@ -1,14 +1,14 @@
-"""CPU prefill paths built on sgemm from numba's threads (cpu_blas) and the vectorized exp (cpu_vmath)."""
+"""CPU prefill paths built on sgemm from numba's threads (blas, matmul_blas, attention) and the vectorized exp (vmath)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lstream.backends import cpu_kernels as ck
-from lstream.backends import cpu_ops_kernels as ops
-from lstream.backends.cpu_vmath import vexp
+from lstream.backends.cpu import attention, dequant, ops, weights
+from lstream.backends.cpu.matmul import matmul
+from lstream.backends.cpu.vmath import vexp
 
-blas = pytest.importorskip("lstream.backends.cpu_blas")
+blas = pytest.importorskip("lstream.backends.cpu.blas")
 need_blas = pytest.mark.skipif(not blas.AVAILABLE, reason="numpy carries no ILP64 OpenBLAS")
 
 
@@ -32,8 +32,8 @@ def test_geglu_strided():
     g, u = gu[:, :300], gu[:, 300:]  # column slices of one stacked output
     g64 = g.astype(np.float64)
     ref = 0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3))) * u
-    np.testing.assert_allclose(ck.geglu(g, u), ref, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ck.geglu(g[:3], u[:3]), ref[:3], rtol=1e-4, atol=1e-5)  # serial variant
+    np.testing.assert_allclose(ops.geglu(g, u), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ops.geglu(g[:3], u[:3]), ref[:3], rtol=1e-4, atol=1e-5)  # serial variant
 
 
 @need_blas
@@ -48,25 +48,25 @@ def test_attention_sgemm_matches_row_kernel(n_head, n_kv, hd, n_tok, n_past, win
     vc = rng.standard_normal((s + 7, n_kv, hd), dtype=np.float32)
     args = (q, kc, vc, n_past, n_head, n_kv, hd, np.float32(hd ** -0.5), window)
     ref = np.empty_like(q)
-    ops._attention_1(*args, ref)
+    attention.attention_serial(*args, ref)
     got = np.empty_like(q)
     with blas.one_blas_thread():
-        blas.attention_sgemm(*args, got)
+        attention.attention_sgemm(*args, got)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5)
-    np.testing.assert_allclose(ck.attention(*args), ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(attention.attention(*args), ref, rtol=0, atol=2e-5)
 
 
 @need_blas
 @pytest.mark.parametrize("n_tok", [32, 100])
 def test_blas_matmul_path_leaves_openblas_threads(n_tok):
     """The prefill sgemm path sets OpenBLAS to one thread only for the call."""
-    n0 = blas._get_threads()
+    n0 = blas.openblas_threads()
     from tests.test_cpu_kernels import make_raw  # noqa: E402
     from lstream.core.qtypes import QType
     raw = make_raw(QType.Q4_K, 40, 512, seed=1)
-    w = ck.pack(QType.Q4_K, raw, 40, 512)
+    w = weights.pack(QType.Q4_K, raw, 40, 512)
     x = np.random.default_rng(0).standard_normal((n_tok, 512)).astype(np.float32)
-    y = ck.matmul(w, x)
-    ref = x.astype(np.float64) @ ck.dequantize(QType.Q4_K, raw, 512).astype(np.float64).T
+    y = matmul(w, x)
+    ref = x.astype(np.float64) @ dequant.dequantize(QType.Q4_K, raw, 512).astype(np.float64).T
     assert float(np.sum((y - ref) ** 2) / np.sum(ref ** 2)) < 1e-10
-    assert blas._get_threads() == n0
+    assert blas.openblas_threads() == n0

@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lstream.backends import cpu_kernels as ck
-from lstream.backends import cpu_ops_kernels as ops
+from lstream.backends.cpu import attention, ops
 
 
 @pytest.mark.parametrize("neox", [True, False])
@@ -18,8 +17,8 @@ def test_rope_out_of_place_matches_inplace(neox, n_tok):
     ang = rng.uniform(0, 6, (n_tok, n_rot // 2))
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     ref = np.array(x).reshape(n_tok, n_head, hd)
-    ck.rope_inplace(ref, cos, sin, n_rot, neox)
-    got = ck.rope(x, cos, sin, n_head, hd, n_rot, neox)
+    ops.rope_inplace(ref, cos, sin, n_rot, neox)
+    got = ops.rope(x, cos, sin, n_head, hd, n_rot, neox)
     np.testing.assert_array_equal(got, ref)
 
 
@@ -35,9 +34,9 @@ def test_attention_dec_matches_cache_write_then_attention(window):
     kc2, vc2 = kc.copy(), vc.copy()
     kc2[n_past] = k.reshape(n_kv, hd)
     vc2[n_past] = v.reshape(n_kv, hd)
-    ref = ck.attention(q, kc2, vc2, n_past, n_head, n_kv, hd, 0.3, window)
+    ref = attention.attention(q, kc2, vc2, n_past, n_head, n_kv, hd, 0.3, window)
     out = np.empty_like(q)
-    ops._attention_dec(q, k, v, kc, vc, n_past, n_head, n_kv, hd, np.float32(0.3), window, out)
+    attention.attention_decode(q, k, v, kc, vc, n_past, n_head, n_kv, hd, np.float32(0.3), window, out)
     np.testing.assert_array_equal(kc, kc2)
     np.testing.assert_array_equal(vc, vc2)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)

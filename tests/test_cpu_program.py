@@ -1,4 +1,4 @@
-"""Compiled CPU decode (backends/cpu_program.py): a run of a split's nodes in one numba call must
+"""Compiled CPU decode (backends/cpu/program.py): a run of a split's nodes in one numba call must
 compute what the same nodes compute op by op (the same kernels in the same order), for every op the
 architectures use: SmolLM2 (the real model), and tiny Qwen2 (biases), Qwen3 (q/k norms) and Gemma 3
 (post norms, GEGLU, sliding window, embedding scale) checkpoints quantized to Q8_0 at load.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lstream
-from lstream.backends.cpu_program import Program
+from lstream.backends.cpu.program import Program
 from lstream.core.executor import RunContext
 
 torch = pytest.importorskip("torch")
@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _use_programs(model, on: bool) -> None:
-    model.cpu._PROGRAMS = on
+    model.cpu.programs = on
     model.executor._compiled.clear()
     model.body_executor._compiled.clear()
 

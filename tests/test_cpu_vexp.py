@@ -1,8 +1,8 @@
-"""The vectorized exp (backends/cpu_vmath.py) against numpy: ~2 ulp where the result is a normal
+"""The vectorized exp (backends/cpu/vmath.py) against numpy: ~2 ulp where the result is a normal
 float, and exactly 0 far below (a long softmax must not hand every far key a denormal weight)."""
 import numpy as np
 
-from lstream.backends.cpu_vmath import vexp
+from lstream.backends.cpu.vmath import vexp
 
 
 def test_vexp_matches_numpy_and_flushes_far_negatives():

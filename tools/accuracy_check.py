@@ -4,7 +4,7 @@
 
 Prints the perplexity of the first N tokens of tests/data/declaration.txt with
   - the reference path: every quantized matmul dequantizes a tile and calls float32 sgemm
-    (cpu_kernels._BLAS_MIN_TOK = 1),
+    (the CPU backend's gemm_min_tokens = 1),
   - the fast path (what runs by default),
 and, with --per-op, for each matmul kind (q, k, v, o, gate, up, down, output) the relative error
 ||fast - ref|| / ||ref|| of its output on the same inputs (collected during the reference run, so
@@ -20,14 +20,13 @@ from collections import defaultdict
 import numpy as np
 
 from lstream.backends import cpu as C
-from lstream.backends import cpu_kernels as K
 from lstream.core.ops import Op
 
 DEFAULT_MODEL = os.path.expanduser("~/.cache/lstream/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                     "declaration.txt")
-_REF = 1
-_FAST = K._BLAS_MIN_TOK
+_REF = 1  # gemm_min_tokens of the reference path
+_FAST = None  # of the fast path; None: the backend's own
 
 
 def nll(logits: np.ndarray, ids) -> np.ndarray:
@@ -50,6 +49,8 @@ def run(model, ids, fast_kinds=None, collect=None):
     kinds use the fast path, the rest the reference path. collect: dict kind -> list of rel errors
     (the run itself uses the reference path everywhere)."""
     orig = C.CPUBackend.compute
+    own = model.cpu.gemm_min_tokens
+    fast = own if _FAST is None else _FAST
 
     def compute(self, node, inputs, ctx):
         if node.op is not Op.MATMUL:
@@ -58,15 +59,15 @@ def run(model, ids, fast_kinds=None, collect=None):
         if collect is not None:
             pending = getattr(self, "_pending", {})
             pending.clear()  # stacked q|k|v, gate|up: recompute each one on both paths
-            K._BLAS_MIN_TOK = _FAST
+            self.gemm_min_tokens = fast
             y_fast = orig(self, node, inputs, ctx)
             pending.clear()
-            K._BLAS_MIN_TOK = _REF
+            self.gemm_min_tokens = _REF
             y_ref = orig(self, node, inputs, ctx)
             pending.clear()
             collect[k].append(float(np.linalg.norm(y_fast - y_ref) / max(np.linalg.norm(y_ref), 1e-30)))
             return y_ref
-        K._BLAS_MIN_TOK = _FAST if (fast_kinds is None or k in fast_kinds) else _REF
+        self.gemm_min_tokens = fast if (fast_kinds is None or k in fast_kinds) else _REF
         return orig(self, node, inputs, ctx)
 
     C.CPUBackend.compute = compute
@@ -75,7 +76,7 @@ def run(model, ids, fast_kinds=None, collect=None):
         return model.eval(ids, logits="all")
     finally:
         C.CPUBackend.compute = orig
-        K._BLAS_MIN_TOK = _FAST
+        model.cpu.gemm_min_tokens = own
         model.reset()
 
 

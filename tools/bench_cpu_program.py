@@ -1,4 +1,4 @@
-"""Decode op by op vs compiled CPU programs (backends/cpu_program.py), alternating in one process.
+"""Decode op by op vs compiled CPU programs (backends/cpu/program.py), alternating in one process.
 
     python -m lstream.tools.bench_cpu_program [MODEL] [-n 128] [--rounds 4] [-t THREADS]
 
@@ -13,7 +13,7 @@ import numpy as np
 
 
 def _decode(model, n: int, programs: bool):
-    model.cpu._PROGRAMS = programs
+    model.cpu.programs = programs
     model.executor._compiled.clear()
     model.reset()
     model.eval(list(range(1, 20)))

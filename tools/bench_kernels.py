@@ -6,7 +6,7 @@ Times matvec (n_tok=1) and matmul (n_tok=512) per type on realistic shapes (n_ro
 576x1536, 1536x576, 49152x576, 4096x4096, 14336x4096.  Prints G weights/s (n_rows*n_cols*n_tok / s)
 and GB/s of packed weights read per call.  Warm-up calls are discarded; the median of repeats is reported.
 The layout column is the packed layout (blk = GGUF blocks in place); the mm path is "sgemm" (dequantized
-tiles + OpenBLAS from numba's threads, cpu_blas) from cpu_kernels._BLAS_MIN_TOK tokens, else "int16".
+tiles + OpenBLAS from numba's threads, backends/cpu/matmul_blas) from core.batch.GEMM_MIN_TOKENS tokens, else "int16".
 --int16 forces the int16 kernels for the matmul column too.
 """
 from __future__ import annotations
@@ -16,7 +16,10 @@ import time
 
 import numpy as np
 
-from lstream.backends import cpu_kernels as ck
+from lstream.backends.cpu import matmul as mm
+from lstream.backends.cpu import weights
+from lstream.backends.cpu.threads import set_threads
+from lstream.core.batch import GEMM_MIN_TOKENS
 from lstream.core.qtypes import QTYPE_INFO, QType
 
 SHAPES = [(576, 1536), (1536, 576), (49152, 576), (4096, 4096), (14336, 4096)]
@@ -63,10 +66,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--int16", action="store_true", help="matmul column through the int16 kernels")
     args = ap.parse_args()
-    ck.set_threads(args.threads)
-    if args.int16:
-        ck._BLAS_MIN_TOK = 1 << 62
-    path = "int16" if args.ntok < ck._BLAS_MIN_TOK else "sgemm"
+    set_threads(args.threads)
+    gemm_min = mm.NEVER if args.int16 or not mm.BLAS_USABLE else GEMM_MIN_TOKENS
+    path = "int16" if args.ntok < gemm_min else "sgemm"
     rng = np.random.default_rng(0)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"threads={args.threads}  (G w/s = 1e9 weights*tokens per second; GB/s = packed bytes read per call)")
@@ -78,18 +80,18 @@ def main() -> None:
             if n_cols % QTYPE_INFO[qtype].block_size:
                 continue  # e.g. 576 columns are not a whole number of 256-value K-quant blocks
             raw = make_raw(qtype, n_rows, n_cols, rng)
-            w = ck.pack(qtype, raw, n_rows, n_cols)
+            w = weights.pack(qtype, raw, n_rows, n_cols)
             del raw
             x1 = rng.standard_normal((1, n_cols), dtype=np.float32)
             o1 = np.empty((1, n_rows), dtype=np.float32)
-            t1 = bench(lambda: ck.matmul(w, x1, o1), args.repeats)
+            t1 = bench(lambda: mm.matmul(w, x1, o1, gemm_min_tokens=gemm_min), args.repeats)
             nw = n_rows * n_cols
             line = (f"{tname:6} {n_rows:>5}x{n_cols:<5} {w.layout:>6} {w.nbytes / nw:7.3f} | {nw / t1 / 1e9:12.2f} "
                     f"{w.nbytes / t1 / 1e9:6.1f} {t1 * 1e6:8.0f} | ")
             if nw <= args.mm_max_weights:
                 xn = rng.standard_normal((args.ntok, n_cols), dtype=np.float32)
                 on = np.empty((args.ntok, n_rows), dtype=np.float32)
-                tn = bench(lambda: ck.matmul(w, xn, on), max(3, args.repeats // 5), warmup=1)
+                tn = bench(lambda: mm.matmul(w, xn, on, gemm_min_tokens=gemm_min), max(3, args.repeats // 5), warmup=1)
                 line += f"{nw * args.ntok / tn / 1e9:12.2f} {tn * 1e3:8.1f}"
             else:
                 line += f"{'-':>12} {'-':>8}"

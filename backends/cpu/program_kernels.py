@@ -1,19 +1,19 @@
-"""The numba side of a compiled CPU program (backends/cpu_program.py): one call runs a whole run of
-a decode plan's nodes, so a token costs one Python -> numba transition instead of ~15 per layer.
-
-A program is an int64 table, one row per instruction:
-    [op, out buf, out c0, out c1, a buf, a c0, a c1, b buf, b c0, b c1, c buf, c c0, c c1, p0 .. p6]
-and one float32 row of parameters.  Operands are column ranges of 2-D float32 buffers (the siblings
-of a stacked q|k|v or gate|up matmul are column ranges of its output).  The kernels are the ones
-the op-by-op path calls, so both paths compute the same numbers.
-"""
+"""The numba side of a compiled decode program (program.py): one call interprets a whole run of a
+decode step's nodes with the op-by-op kernels, one Python -> numba transition instead of ~15 per layer."""
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from lstream.backends import cpu_ops_kernels as _O
-from lstream.backends.cpu_quant_dec import mm_dec
+from . import ops as O
+from .attention import attention_decode
+from .matmul_int import mm_dec
+
+# A program is an int64 table, one row per instruction:
+#     [op, out buf, out c0, out c1, a buf, a c0, a c1, b buf, b c0, b c1, c buf, c c0, c c1, p0 .. p6]
+# and one float32 row of parameters.  Operands are column ranges of 2-D float32 buffers (the siblings
+# of a stacked q|k|v or gate|up matmul are column ranges of its output).  The kernels are the ones
+# the op-by-op path calls, so both paths compute the same numbers.
 
 OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
 N_COLS = 20
@@ -53,7 +53,7 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             x = bufs[c[4]]
             if p[1] != 0:  # only the last row (the logits of the last token)
                 x = x[x.shape[0] - 1:]
-            _O._rms_norm_1(x, vec[p[0]], fpar[i, 0], out)
+            O.rms_norm_serial(x, vec[p[0]], fpar[i, 0], out)
         elif op == OP_NORM_HEADS:
             _norm_heads(a, vec[p[0]], p[1], fpar[i, 0], out)
         elif op == OP_BIAS:
@@ -68,7 +68,7 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
                     out[t, k] = a[t, k] + b[t, k]
         elif op == OP_ACT:
             b = bufs[c[7]][:, c[8]:c[9]]
-            _O._act_1(p[0], a, b, True, out)
+            O.act_serial(p[0], a, b, True, out)
         elif op == OP_SCALE:
             s = fpar[i, 0]
             for t in range(out.shape[0]):
@@ -77,14 +77,14 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
         elif op == OP_ROPE:
             o = bufs[c[1]]
             o3 = o.reshape(o.shape[0], p[1], p[2])
-            _O._rope_out_1(a, o3, cos[p[0]], sin[p[0]], p[3], p[4] != 0)
+            O.rope_out_serial(a, o3, cos[p[0]], sin[p[0]], p[3], p[4] != 0)
         elif op == OP_ATTN:
             b = bufs[c[7]][:, c[8]:c[9]]
             v = bufs[c[10]][:, c[11]:c[12]]
             # q: a whole buffer (C layout, as op by op).  One thread, as op by op: spreading the heads
             # over 2 threads measured no faster (21.2 vs 22.1 ms/token at 1500 tokens) and compiles
             # another parallel kernel (~1.7 s cold)
-            _O._attention_dec(bufs[c[4]], b, v, kc[p[0]], vc[p[0]], n_past, p[1], p[2], p[3], fpar[i, 0], p[4],
+            attention_decode(bufs[c[4]], b, v, kc[p[0]], vc[p[0]], n_past, p[1], p[2], p[3], fpar[i, 0], p[4],
                               bufs[c[1]])
         elif op == OP_COPY:
             for t in range(out.shape[0]):

@@ -1,0 +1,135 @@
+"""Prefill matmul (from GEMM_MIN_TOKENS tokens): each numba thread dequantizes tiles of its weight
+rows (AVX2 IR) into its own float32 buffer and multiplies them with OpenBLAS sgemm (blas.py)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .blas import sgemm_nt
+from .blocks import deq_blk
+from .llvm_ir import V16F, array_data, counted_loop, declare, i64, load_i8x32, nibbles, splat, with_high_bits
+
+# Why: a float32 sgemm runs near the FMA peak (~45 G weight*tokens/s per core here) where the int16
+# dot kernels reach ~20-25, and the dequantization of a tile is paid once per ubatch, not per token.
+# The dequantization here is AVX2 LLVM IR (uitofp/sitofp + fma on 16-lane vectors), ~10x the scalar
+# numba loops; it serves the matmul only (dequant.dequantize stays the bit-exact path).
+
+def _gen_deq_row(kind):
+    """codegen: dequantize blocks [rb, rb+nb) of a packed layout into out[0:32*nb] (float32)."""
+
+    def codegen(context, builder, sig, args):
+        sa = list(sig.args)
+        if kind == "nib5":
+            q_a, qh_a, d_a, m_a, o_a, off = args
+            qh_p = array_data(context, builder, sa[1], qh_a)
+            sa = [sa[0]] + sa[2:]
+        elif kind in ("nib",):
+            q_a, d_a, m_a, o_a, off = args
+        else:
+            q_a, d_a, o_a, off = args
+            m_a = None
+            sa = sa[:2] + [None] + sa[2:]
+        q_p = array_data(context, builder, sa[0], q_a)
+        d_p = array_data(context, builder, sa[1], d_a)
+        m_p = array_data(context, builder, sa[2], m_a) if m_a is not None else None
+        o_p = array_data(context, builder, sa[3], o_a)
+        rb = builder.extract_value(off, 0)
+        nb = builder.extract_value(off, 1)
+        fma16 = declare(builder, "llvm.fma.v16f32", V16F, [V16F] * 3)
+
+        def block(i):
+            wb = builder.add(rb, i)
+            op = builder.gep(o_p, [builder.mul(i, i64(32))])
+            op0 = builder.bitcast(op, V16F.as_pointer())
+            op1 = builder.bitcast(builder.gep(op, [i64(16)]), V16F.as_pointer())
+            if kind in ("nib", "nib5"):
+                lo, hi = nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
+                if kind == "nib5":
+                    lo, hi = with_high_bits(builder, lo, hi, builder.load(builder.gep(qh_p, [wb])))
+                dv = splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
+                mv = splat(builder, builder.load(builder.gep(m_p, [wb])), 16)
+                builder.store(builder.call(fma16, [builder.uitofp(lo, V16F), dv, mv]), op0, align=4)
+                builder.store(builder.call(fma16, [builder.uitofp(hi, V16F), dv, mv]), op1, align=4)
+            else:
+                v0, v1 = load_i8x32(builder, builder.gep(q_p, [builder.mul(wb, i64(32))]))
+                w0 = builder.sitofp(v0, V16F)
+                w1 = builder.sitofp(v1, V16F)
+                if kind == "i8":
+                    d0 = d1 = splat(builder, builder.load(builder.gep(d_p, [wb])), 16)
+                else:  # i8s16: a scale per 16
+                    w2 = builder.mul(wb, i64(2))
+                    d0 = splat(builder, builder.load(builder.gep(d_p, [w2])), 16)
+                    d1 = splat(builder, builder.load(builder.gep(d_p, [builder.add(w2, i64(1))])), 16)
+                builder.store(builder.fmul(w0, d0), op0, align=4)
+                builder.store(builder.fmul(w1, d1), op1, align=4)
+            return ()
+
+        counted_loop(builder, nb, [], block, "deq")
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def deq_row_nib(typingctx, q, d, m, out, off):
+    return types.void(q, d, m, out, off), _gen_deq_row("nib")
+
+
+@intrinsic
+def deq_row_nib5(typingctx, q, qh, d, m, out, off):
+    return types.void(q, qh, d, m, out, off), _gen_deq_row("nib5")
+
+
+@intrinsic
+def deq_row_i8(typingctx, q, d, out, off):
+    return types.void(q, d, out, off), _gen_deq_row("i8")
+
+
+@intrinsic
+def deq_row_i8s16(typingctx, q, d, out, off):
+    return types.void(q, d, out, off), _gen_deq_row("i8s16")
+
+
+# layout codes for mm_deq_sgemm; BLK + blocks.FMT_ID: GGUF blocks in place
+NIB, NIB5, I8, I8S16, F32, BLK = 0, 1, 2, 3, 4, 5
+LAYOUT_CODE = {"nib": NIB, "nib5": NIB5, "i8": I8, "i8s16": I8S16, "blk": BLK}
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+
+
+@njit(**_JIT)
+def mm_deq_sgemm(layout, q, qh, d, m, wf, x, out, tile, n_threads):
+    """out (T, N) = x (T, K) @ W^T.  Rows of W are split evenly over the threads; each thread
+    dequantizes `tile` rows at a time into its own buffer and calls sgemm on them.  F32: wf (N, K)
+    is multiplied directly (no buffer).  n_threads: numba.get_num_threads() (passed in: the jitted
+    get_num_threads embeds an address, which would stop the on-disk cache)."""
+    n_tok, k = x.shape
+    n = out.shape[1]
+    nb = k // 32
+    nch = max(1, min(n_threads, (n + 15) // 16))
+    xp = x.ctypes.data
+    op = out.ctypes.data
+    for c in prange(nch):
+        r0 = c * n // nch
+        r1 = (c + 1) * n // nch
+        if layout == F32:
+            sgemm_nt(n_tok, r1 - r0, k, xp, k, wf.ctypes.data + 4 * r0 * k, k, op + 4 * r0, n)
+            continue
+        buf = np.empty((min(tile, r1 - r0), k), np.float32)
+        bp = buf.ctypes.data
+        for a in range(r0, r1, tile):
+            b = min(r1, a + tile)
+            for r in range(a, b):
+                row = buf[r - a]
+                if layout == NIB:
+                    deq_row_nib(q, d, m, row, (r * nb, nb))
+                elif layout == NIB5:
+                    deq_row_nib5(q, qh, d, m, row, (r * nb, nb))
+                elif layout >= BLK:
+                    deq_blk(layout - BLK, q, row, (r * nb, nb))
+                elif layout == I8:
+                    deq_row_i8(q, d, row, (r * nb, nb))
+                else:
+                    deq_row_i8s16(q, d, row, (r * nb, nb))
+            sgemm_nt(n_tok, b - a, k, xp, k, bp, k, op + 4 * a, n)

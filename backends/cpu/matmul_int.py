@@ -1,0 +1,107 @@
+"""Quantized matmul with int16 activations: x quantized per 32 values, then one parallel tile driver
+for every packed layout. Runs every decode step (mm_dec, also inside the compiled programs) and
+batches below GEMM_MIN_TOKENS."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .blocks import dot_blk
+from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
+
+# One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
+# once for decode, small batches and programs alike. A driver per layout from a factory closure or a
+# first-class function argument would not be cached on disk (numba keys those by a per-process id:
+# every start would recompile them).
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+ROWS = 16  # rows per parallel work item
+TT = 64  # tokens per tile: one weight row stays in L1 while it meets a tile of tokens (int16, in L2)
+
+L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK = range(5)
+LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK}
+
+
+@njit(**_SER)
+def quant_row(x, xq, xd, xs, t):
+    """Row t of x -> int16 xq, per-32 scale xd = amax/32767 and xs = xd * sum(xq)."""
+    nb = x.shape[1] // 32
+    for b in range(nb):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[t, b * 32 + j]))
+        dd = amax / np.float32(32767.0)
+        idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
+        s = np.int32(0)
+        for j in range(32):
+            v = np.int32(np.rint(x[t, b * 32 + j] * idd))
+            xq[t, b * 32 + j] = v
+            s += v
+        xd[t, b] = dd
+        xs[t, b] = dd * np.float32(s)
+
+
+@njit(**_JIT)
+def quant_x(x, xq, xd, xs):
+    """x (n_tok, n) float32 -> xq int16 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32)."""
+    for t in prange(x.shape[0]):
+        quant_row(x, xq, xd, xs, t)
+
+
+@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+def _m_term(v, has_m, m, xst, r, nb):
+    if has_m:
+        for b in range(nb):
+            v += m[r * nb + b] * xst[b]
+    return v
+
+
+@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+def _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, t1, out):
+    """out[t0:t1, r0:r1]: one loop per layout, so the layout test stays out of the row loop."""
+    if layout == L_NIB:
+        for r in range(r0, r1):
+            for t in range(t0, t1):
+                out[t, r] = dot_nib_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb))
+    elif layout == L_NIB5:
+        for r in range(r0, r1):
+            for t in range(t0, t1):
+                out[t, r] = dot_nib5_row(qs, qh, d, m, xq[t], xd[t], xs[t], (r * nb, nb))
+    elif layout == L_BLK:
+        for r in range(r0, r1):
+            for t in range(t0, t1):
+                out[t, r] = dot_blk(fmt, qs, xq[t], xd[t], xs[t], (r * nb, nb))
+    elif layout == L_I8:
+        for r in range(r0, r1):
+            for t in range(t0, t1):
+                out[t, r] = _m_term(dot_i8_row(qi, d, xq[t], xd[t], (r * nb, nb)), has_m, m, xs[t], r, nb)
+    else:
+        for r in range(r0, r1):
+            for t in range(t0, t1):
+                out[t, r] = _m_term(dot_i8s16_row(qi, d, xq[t], xd[t], (r * nb, nb)), has_m, m, xs[t], r, nb)
+
+
+@njit(**_JIT)
+def mm_int(wk, qs, qh, d, m, xq, xd, xs, out):
+    """out (n_tok, n_rows) = x @ W^T from the quantized activations (xq, xd, xs), for every layout;
+    wk, qs, qh, d, m: PackedWeight.kernel_args(). prange over groups of ROWS rows, then tiles of TT
+    tokens, then rows, then tokens."""
+    layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0
+    n_tok = xq.shape[0]
+    qi = qs.view(np.int8)
+    n_rows = out.shape[1]
+    n_groups = (n_rows + ROWS - 1) // ROWS
+    for g in prange(n_groups):
+        r0, r1 = g * ROWS, min(n_rows, (g + 1) * ROWS)
+        for t0 in range(0, n_tok, TT):
+            _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, min(n_tok, t0 + TT), out)
+
+
+@njit(**_SER)
+def mm_dec(wk, qs, qh, d, m, x, xq, xd, xs, out):
+    """Decode: quantize x's few rows here, serially, then mm_int (one dispatch and one thread-pool
+    launch per matmul, not two)."""
+    for t in range(xq.shape[0]):
+        quant_row(x, xq, xd, xs, t)
+    mm_int(wk, qs, qh, d, m, xq, xd, xs, out)

@@ -99,22 +99,41 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
     first-last*mult); the run is their cross product. --profile prints a per-phase table after
     each test (stderr); --trace FILE.json writes the last test's timed repetitions as a trace."""
-    import time
-
-    from ..backends.cpu import physical_cores
     from ..backends.devices import cuda_available
-    from ..core import profile as prof_mod
-    from ..core.benchmark import run_test
-    from ..core.policy import make_policy
-    from ..loaders.model_file import load_model
     from ..loaders.registry import resolve
+
+    gpu = cuda_available()
+    grid, tests, ds = _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu)
+    varied = [k for k, v in grid.items() if len(v) > 1]
+    parse_overrides(ot.split(";")) if ot else None  # a bad -ot fails here, before any model loads
+    printers = [Printer(fmt, sys.stdout, varied, gpu)] + ([Printer(fmt_err, sys.stderr, varied, gpu)]
+                                                         if fmt_err != "none" else [])
+    for pr in printers:
+        pr.start()
+    run = _Run(grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs, no_layer_major,
+               n_total=len(models or [None]) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
+    try:
+        for model_path in (models or [None]):
+            path = resolve(model_path)
+            for n_gpu in grid["n_gpu_layers"]:
+                for row, name in run.model_rows(path, n_gpu):
+                    for pr in printers:
+                        pr.row(row, name)
+    except KeyboardInterrupt:
+        click.echo("interrupted: printing the rows that finished", err=True)
+        for pr in printers:
+            pr.finish()
+        sys.exit(130)
+    for pr in printers:
+        pr.finish()
+
+
+def _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu: bool):
+    """The parameter grid (llama-bench's cross product), the (pp, tg) tests and the depths."""
+    from ..backends.cpu import physical_cores
 
     def values(opt, name):
         return [v for text in opt for v in parse_values(text, name)]
-
-    gpu = cuda_available()
-    ps, ns, ds = values(p, "-p"), values(n, "-n"), values(d, "-d")
-    pgs = [pair for text in pg for pair in parse_pairs(text, "-pg")]
     grid = {
         "n_gpu_layers": values(ngl or (["99"] if gpu else ["0"]), "-ngl"),
         "n_threads": values(t or [str(physical_cores())], "-t"),
@@ -129,87 +148,90 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
                                      param_hint="--policy")
     if not gpu and any(x > 0 for x in grid["n_gpu_layers"]):
         raise click.BadParameter("no CUDA device here: only -ngl 0 runs", param_hint="-ngl")
-    varied = [k for k, v in grid.items() if len(v) > 1]
-    tests = [(x, 0) for x in ps if x > 0] + [(0, x) for x in ns if x > 0] + pgs
-    parse_overrides(ot.split(";")) if ot else None  # a bad -ot fails here, before any model loads
-    printers = [Printer(fmt, sys.stdout, varied, gpu)] + ([Printer(fmt_err, sys.stderr, varied, gpu)]
-                                                         if fmt_err != "none" else [])
-    for pr in printers:
-        pr.start()
-    n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
-    n_models = len(models or [None])
-    n_total = n_models * len(grid["n_gpu_layers"]) * len(list(itertools.product(*[
-        grid[k] for k in ("n_threads", "n_batch", "n_ubatch", "no_op_offload", "flash_attn", "policy", "threshold")]))) \
-        * len(tests) * len(ds)
-    done = 0
-    try:
-        for model_path in (models or [None]):
-            path = resolve(model_path)
-            for n_gpu in grid["n_gpu_layers"]:
-                t_load = time.perf_counter()
-                loaded = load_model(path)
-                model = build_model(loaded, n_gpu, grid["n_threads"][0], n_ctx, overrides=ot.split(";") if ot else (),
-                                    load_tokenizer=False, no_cuda_graphs=no_cuda_graphs,
-                                    no_layer_major=no_layer_major)
-                if verbose:
-                    click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
-                               f"{' + '.join(b.describe() for b in model.backends)}) in "
-                               f"{time.perf_counter() - t_load:.2f} s, context {n_ctx}", err=True)
-                try:
-                    combos = itertools.product(grid["n_threads"], grid["n_batch"], grid["n_ubatch"],
-                                               grid["no_op_offload"], grid["flash_attn"], grid["policy"],
-                                               grid["threshold"])
-                    for threads, nb, nub, no_off, flash, pol, thr in combos:
-                        model.cpu.set_threads(threads)
-                        model.n_ubatch = nub
-                        model.set_policy(make_policy(pol, thr, bool(no_off),
-                                                     calibration=calibration() if pol == "cost" else None))
-                        for (pp, tg), depth in itertools.product(tests, ds):
-                            done += 1
-                            tag = f"lstream-bench: benchmark {done}/{n_total}"
-                            say = (lambda msg, tag=tag: click.echo(f"{tag}: {msg}", err=True)) if progress else None
-                            if say:
-                                say(f"starting ({path.name} ngl={n_gpu} t={threads} b={nb} ub={nub} "
-                                    f"policy={model.policy.describe()} pp{pp} tg{tg} d{depth})")
-                            if profile or trace:
-                                prof_mod.start(model, trace=bool(trace))
-                            try:
-                                r = run_test(model, pp, tg, depth, reps, nb, warmup=not no_warmup, progress=say)
-                            finally:
-                                prof, model.profile = model.profile, None
-                            if verbose:
-                                click.echo(f"lstream-bench: {r.name}: samples_ns {r.samples_ns}", err=True)
-                            if prof is not None:
-                                if profile:
-                                    click.echo(prof_mod.table(prof, loaded.config.n_layer,
-                                                              f"{r.name} t={threads} ub={nub} "
-                                                              f"{model.policy.describe()}, {reps} reps"), err=True)
-                                if trace:
-                                    prof_mod.write_trace(prof, loaded.config.n_layer, trace)
-                            row = dict(
-                                build_commit="", build_number=0, cpu_info=platform.processor() or platform.machine(),
-                                gpu_info="", backends="CUDA" if model.device_backend else "CPU",
-                                model_filename=str(path), model_type=model_type(loaded),
-                                model_size=loaded.residency.total_bytes(), model_n_params=loaded.n_params,
-                                n_batch=nb, n_ubatch=nub, n_threads=threads, type_k="f32", type_v="f32",
-                                n_gpu_layers=n_gpu, no_op_offload=no_off, flash_attn=flash, n_prompt=pp,
-                                n_gen=tg, n_depth=depth,
-                                test_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                                avg_ns=int(r.avg_ns), stddev_ns=int(r.stddev_ns), avg_ts=r.avg_ts,
-                                stddev_ts=r.stddev_ts, samples_ns=r.samples_ns, samples_ts=r.samples_ts,
-                                policy=model.policy.describe(), threshold=thr,
-                                **stream_fields(model))
-                            for pr in printers:
-                                pr.row(row, r.name)
-                finally:
-                    model.close()
-    except KeyboardInterrupt:
-        click.echo("interrupted: printing the rows that finished", err=True)
-        for pr in printers:
-            pr.finish()
-        sys.exit(130)
-    for pr in printers:
-        pr.finish()
+    ps, ns, ds = values(p, "-p"), values(n, "-n"), values(d, "-d")
+    tests = [(x, 0) for x in ps if x > 0] + [(0, x) for x in ns if x > 0] + \
+        [pair for text in pg for pair in parse_pairs(text, "-pg")]
+    return grid, tests, ds
+
+
+class _Run:
+    """One `lstream bench` invocation: loads each (model, -ngl) once and yields a row per test."""
+
+    def __init__(self, grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs,
+                 no_layer_major, n_total):
+        self.grid, self.tests, self.ds, self.reps, self.ot = grid, tests, ds, reps, ot
+        self.verbose, self.progress, self.no_warmup, self.profile, self.trace = verbose, progress, no_warmup, profile, trace
+        self.no_cuda_graphs, self.no_layer_major, self.n_total, self.done = no_cuda_graphs, no_layer_major, n_total, 0
+        self.n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
+
+    def model_rows(self, path, n_gpu):
+        import time
+
+        from ..core.policy import make_policy
+        from ..loaders.model_file import load_model
+        t_load = time.perf_counter()
+        loaded = load_model(path)
+        model = build_model(loaded, n_gpu, self.grid["n_threads"][0], self.n_ctx,
+                            overrides=self.ot.split(";") if self.ot else (), load_tokenizer=False,
+                            no_cuda_graphs=self.no_cuda_graphs, no_layer_major=self.no_layer_major)
+        if self.verbose:
+            click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
+                       f"{' + '.join(b.describe() for b in model.backends)}) in "
+                       f"{time.perf_counter() - t_load:.2f} s, context {self.n_ctx}", err=True)
+        g = self.grid
+        try:
+            for threads, nb, nub, no_off, flash, pol, thr in itertools.product(
+                    g["n_threads"], g["n_batch"], g["n_ubatch"], g["no_op_offload"], g["flash_attn"], g["policy"],
+                    g["threshold"]):
+                model.cpu.set_threads(threads)
+                model.n_ubatch = nub
+                model.set_policy(make_policy(pol, thr, bool(no_off), calibration=calibration() if pol == "cost" else None))
+                for (pp, tg), depth in itertools.product(self.tests, self.ds):
+                    r = self._test(model, loaded, path, n_gpu, threads, nb, nub, pp, tg, depth)
+                    yield _row(model, loaded, path, r, nb, nub, threads, n_gpu, no_off, flash, pp, tg, depth, thr), r.name
+        finally:
+            model.close()
+
+    def _test(self, model, loaded, path, n_gpu, threads, nb, nub, pp, tg, depth):
+        from ..core import profile as prof_mod
+        from ..core.benchmark import run_test
+        self.done += 1
+        tag = f"lstream-bench: benchmark {self.done}/{self.n_total}"
+        say = (lambda msg: click.echo(f"{tag}: {msg}", err=True)) if self.progress else None
+        if say:
+            say(f"starting ({path.name} ngl={n_gpu} t={threads} b={nb} ub={nub} "
+                f"policy={model.policy.describe()} pp{pp} tg{tg} d{depth})")
+        if self.profile or self.trace:
+            prof_mod.start(model, trace=bool(self.trace))
+        try:
+            r = run_test(model, pp, tg, depth, self.reps, nb, warmup=not self.no_warmup, progress=say)
+        finally:
+            prof, model.profile = model.profile, None
+        if self.verbose:
+            click.echo(f"lstream-bench: {r.name}: policy {model.policy.describe()}, samples_ns {r.samples_ns}",
+                       err=True)
+        if prof is not None and self.profile:
+            click.echo(prof_mod.table(prof, loaded.config.n_layer, f"{r.name} t={threads} ub={nub} "
+                                      f"{model.policy.describe()}, {self.reps} reps"), err=True)
+        if prof is not None and self.trace:
+            prof_mod.write_trace(prof, loaded.config.n_layer, self.trace)
+        return r
+
+
+def _row(model, loaded, path, r, nb, nub, threads, n_gpu, no_off, flash, pp, tg, depth, thr) -> dict:
+    """llama-bench's fields, then lstream's."""
+    return dict(
+        build_commit="", build_number=0, cpu_info=platform.processor() or platform.machine(),
+        gpu_info="", backends="CUDA" if model.device_backend else "CPU",
+        model_filename=str(path), model_type=model_type(loaded),
+        model_size=loaded.residency.total_bytes(), model_n_params=loaded.n_params,
+        n_batch=nb, n_ubatch=nub, n_threads=threads, type_k="f32", type_v="f32",
+        n_gpu_layers=n_gpu, no_op_offload=no_off, flash_attn=flash, n_prompt=pp,
+        n_gen=tg, n_depth=depth,
+        test_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        avg_ns=int(r.avg_ns), stddev_ns=int(r.stddev_ns), avg_ts=r.avg_ts,
+        stddev_ts=r.stddev_ts, samples_ns=r.samples_ns, samples_ts=r.samples_ts,
+        policy=model.policy.describe(), threshold=thr, **stream_fields(model))
 
 
 def stream_fields(model) -> dict:

@@ -13,7 +13,7 @@ from ..core.errors import ModelFormatError
 from ..core.qtypes import QTYPE_INFO, QType, tensor_bytes
 from ..core.residency import ResidencyMap, State, TensorEntry
 from .names import layer_of
-from .model_file import LoadedModel
+from .loaded import LoadedModel
 
 # Types the engine computes with; others are rejected at load with a clear message.
 SUPPORTED_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ class _Cursor:
 
     def __init__(self, path: Path, buf, size: int):
         self.path, self.buf, self.size, self.off = path, buf, size, 8
+        self.string_arrays: dict[int, int] = {}  # offset of the first string -> end of the last
 
     def take(self, n: int, what: str) -> int:
         if n > self.size - self.off:
@@ -91,7 +94,7 @@ class _Cursor:
             self.take(n * _SCALAR_SIZES[itype], f"array {key} of {n} items")
         elif itype == _STRING:  # vocabularies: 10^5 strings, so a tight loop
             self.claim(n, 8, f"items in array {key}")
-            off, buf, size, unpack = self.off, self.buf, self.size, struct.Struct("<Q").unpack_from
+            start, off, buf, size, unpack = self.off, self.off, self.buf, self.size, struct.Struct("<Q").unpack_from
             for _ in range(n):
                 if off + 8 > size:
                     off = size + 1
@@ -100,7 +103,7 @@ class _Cursor:
             if off > size:
                 raise ModelFormatError(self.path, f"truncated header: array {key} of {n} strings runs past the "
                                                   f"end of the file ({size} bytes)")
-            self.off = off
+            self.off = self.string_arrays[start] = off
         elif itype == _ARRAY:
             self.claim(n, 12, f"items in array {key}")
             for _ in range(n):
@@ -110,10 +113,11 @@ class _Cursor:
         return None
 
 
-def _check_header(path: Path, size: int) -> None:
+def _check_header(path: Path, size: int) -> dict[int, int]:
     """Walk the whole header before gguf.GGUFReader sees it: GGUFReader trusts counts and lengths
     (an array length past the end of the file makes it loop for ever), so every count, length,
-    dimension, type, alignment and tensor extent is checked here against the file size first."""
+    dimension, type, alignment and tensor extent is checked here against the file size first.
+    Returns where each array of strings starts and ends (the reader then need not walk them again)."""
     import gguf
     if size < 24:
         raise ModelFormatError(path, f"truncated header: expected at least 24 bytes, found {size}")
@@ -172,10 +176,150 @@ def _check_header(path: Path, size: int) -> None:
             if b1 < b0 + n0:
                 raise ModelFormatError(path, f"tensors {name0} and {name1} overlap: expected {name1} to start at "
                                              f"data offset {b0 + n0} or later, found {b1}")
+        return c.string_arrays
+
+
+class _Fields(MutableMapping):
+    """GGUFReader.fields whose long arrays are read when first asked for (every way in: [], get,
+    items, values goes through __getitem__); iterating the keys reads nothing."""
+
+    def __init__(self, reader):
+        self.reader, self.raw = reader, {}
+
+    def __getitem__(self, key):
+        f = self.raw[key]
+        if key in self.reader.deferred:
+            f = self.raw[key] = self.reader.complete(f)
+            self.reader.deferred.discard(key)
+        return f
+
+    def __setitem__(self, key, value):
+        self.raw[key] = value
+
+    def __delitem__(self, key):
+        del self.raw[key]
+        self.reader.deferred.discard(key)
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __contains__(self, key):
+        return key in self.raw
+
+
+def _reader_class():
+    """gguf.GGUFReader, less its slow path: it slices the memory map once per array item and per
+    string (the vocabulary, its merges, scores and token types: half a million numpy views, 9 s
+    for SmolLM2's 49k tokens, 44 s for Gemma 3's 262k). Metadata arrays of DEFER_MIN items or more
+    are left as their type and length until their field is asked for; then GGUFReader's own code
+    reads it, so every field is what GGUFReader gives. Tensor infos and tensors: GGUFReader's."""
+    import gguf
+    from gguf import GGUFValueType
+
+    class _Reader(gguf.GGUFReader):
+        DEFER_MIN = 1024
+
+        def __init__(self, path, mode="r", string_arrays: dict[int, int] | None = None):
+            self.deferred: set[str] = set()
+            self._string_arrays = string_arrays or {}
+            self._nested = self._deferring = False
+            super().__init__(path, mode)
+
+        @property
+        def fields(self):
+            return self._fields
+
+        @fields.setter
+        def fields(self, value):  # GGUFReader.__init__ assigns an empty OrderedDict, then pushes into it
+            self._fields = _Fields(self)
+            self._fields.raw.update(value)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if self._nested or raw_type != GGUFValueType.ARRAY or self.byte_order != "I" \
+                    or sys.byteorder != "little":
+                return self._full_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            itype, n = int(raw_itype[0]), int(alen[0])
+            if n < self.DEFER_MIN or itype not in _SCALAR_SIZES and itype != _STRING:
+                return self._full_parts(orig_offs, raw_type)
+            start = orig_offs + 12
+            end = start + n * _SCALAR_SIZES[itype] if itype != _STRING else self._strings_end(start, n)
+            self._deferring = True
+            return end - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, GGUFValueType(itype)]
+
+        def _full_parts(self, orig_offs, raw_type):
+            nested, self._nested = self._nested, True  # items of an array are read in full
+            try:
+                return super()._get_field_parts(orig_offs, raw_type)
+            finally:
+                self._nested = nested
+
+        def _push_field(self, field, skip_sum=False):
+            if self._deferring:  # _build_fields pushes the field whose value was just deferred
+                self._deferring = False
+                self.deferred.add(field.name)
+            return super()._push_field(field, skip_sum)
+
+        def _strings_end(self, off: int, n: int) -> int:
+            end = self._string_arrays.get(off)
+            if end is not None:
+                return end
+            buf, unpack = self.data, struct.Struct("<Q").unpack_from
+            for _ in range(n):
+                off += 8 + unpack(buf, off)[0]
+            return off
+
+        def complete(self, f):
+            """A deferred field read in full, as GGUFReader._build_fields reads it."""
+            head = f.parts[:3]  # key length, key, value type
+            value_offs = f.offset + sum(int(p.nbytes) for p in head)
+            _, parts, idxs, types = self._full_parts(value_offs, GGUFValueType.ARRAY)
+            return type(f)(f.offset, f.name, head + parts, [i + len(head) for i in idxs], types)
+
+        def array_len(self, key: str) -> int | None:
+            """Items in the metadata array `key` (None: no such key, or not an array), without reading them."""
+            f = self._fields.raw.get(key)
+            if f is None or not f.types or f.types[0] != GGUFValueType.ARRAY:
+                return None
+            return int(f.parts[4][0])
+
+        def string_index(self, key: str, text: str) -> int | None:
+            """Index of `text` in the metadata array of strings `key` (None: absent), reading only
+            the strings before it."""
+            f = self._fields.raw.get(key)
+            if f is None or f.types[:2] != [GGUFValueType.ARRAY, GGUFValueType.STRING]:
+                return None
+            if key not in self.deferred:
+                items = f.contents()
+                return items.index(text) if text in items else None
+            want, buf, unpack = text.encode("utf-8"), memoryview(self.data), struct.Struct("<Q").unpack_from
+            off = f.offset + sum(int(p.nbytes) for p in f.parts)
+            for i in range(int(f.parts[4][0])):
+                n = unpack(buf, off)[0]
+                if n == len(want) and buf[off + 8:off + 8 + n] == want:
+                    return i
+                off += 8 + n
+            return None
+
+    return _Reader
+
+
+_READER = None
+
+
+def gguf_reader(path, string_arrays: dict[int, int] | None = None):
+    """A GGUFReader over `path` that reads long metadata arrays (the vocabulary) only when asked for."""
+    global _READER
+    if _READER is None:
+        _READER = _reader_class()
+    return _READER(path, "r", string_arrays)
 
 
 def _open(path: Path):
-    import gguf
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -187,9 +331,9 @@ def _open(path: Path):
     version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
     if version not in (2, 3):
         raise ModelFormatError(path, f"unsupported GGUF version: expected 2 or 3, found {version}")
-    _check_header(path, size)
+    string_arrays = _check_header(path, size)
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = gguf_reader(path, string_arrays)
     except (ValueError, IndexError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFormatError(path, f"malformed or truncated GGUF header ({e})") from None
     for t in reader.tensors:
@@ -216,17 +360,16 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
                                      f"expected positive integers, found {n_embd} and {n_head}")
     n_head_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
     head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    n_tokens = reader.array_len("tokenizer.ggml.tokens")  # the vocabulary itself is not read
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None) \
-        or (int(emb.shape[1]) if emb is not None else 0)
+    vocab = _field(reader, f"{arch}.vocab_size") or n_tokens or (int(emb.shape[1]) if emb is not None else 0)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     extra = {k.split(".", 1)[1]: _field(reader, k) for k in reader.fields if k.startswith(arch + ".")}
     eog = [eos, eot]
-    if arch.startswith("gemma") and tokens is not None and "<end_of_turn>" in tokens:
-        eog.append(tokens.index("<end_of_turn>"))  # a turn ends generation, as in llama.cpp
+    if arch.startswith("gemma"):  # a turn ends generation, as in llama.cpp
+        eog.append(reader.string_index("tokenizer.ggml.tokens", "<end_of_turn>"))
     return ModelConfig(
         arch=arch, n_layer=int(need("block_count")), n_embd=n_embd, n_ff=int(need("feed_forward_length")),
         n_head=n_head, n_head_kv=int(n_head_kv), head_dim=head_dim, vocab_size=int(vocab),

@@ -1,21 +1,36 @@
-"""Tokenizer and chat template from the model file itself, through transformers."""
+"""Tokenizer and chat template from the model file itself, through transformers.
+
+Importing this module changes nothing in the process (no environment variables): transformers is
+told to be quiet through its logging API around each call, and never to reach the network through
+local_files_only=True."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 from ..core.errors import ModelFormatError
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings silenced for the duration of a call, its verbosity restored after."""
+    from transformers.utils import logging as hf_logging
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(prev)
 
 
 class Tokenizer:
     def __init__(self, source: tuple[str, str | None], chat_template: str | None, bos_id, eos_ids, add_bos: bool):
-        from transformers import AutoTokenizer
         directory, gguf_file = source
         try:
-            kw = {"gguf_file": gguf_file} if gguf_file else {}
-            self.hf = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kw)
+            with quiet_transformers():
+                from transformers import AutoTokenizer
+                kw = {"gguf_file": gguf_file} if gguf_file else {}
+                self.hf = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kw)
         except Exception as e:  # transformers raises many kinds for a bad vocabulary
             where = os.path.join(directory, gguf_file or "")
             raise ModelFormatError(where, f"cannot build the tokenizer ({type(e).__name__}: {e})") from None
@@ -46,8 +61,9 @@ class Tokenizer:
         if not self.chat_template:
             # No template in the file: plain completion of the turns, said so by the caller.
             return "".join(m["content"] + "\n" for m in messages)
-        return self.hf.apply_chat_template(messages, chat_template=self.chat_template,
-                                           add_generation_prompt=add_generation_prompt, tokenize=False)
+        with quiet_transformers():
+            return self.hf.apply_chat_template(messages, chat_template=self.chat_template,
+                                               add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
 class StreamDecoder:

@@ -20,6 +20,7 @@ class LoadedModel:
     metadata: dict = field(default_factory=dict)
     chat_template: str | None = None
     handle: Any = None  # keeps the memory map alive
+    load_s: float = 0.0  # seconds load_model took: headers read, tensors mapped, checks (for --verbose)
 
     @property
     def file_size(self) -> int:

@@ -1,6 +1,7 @@
 """The entry point that picks a loader by the path, and the checks every loader's result passes."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..core.errors import ModelFormatError
@@ -91,14 +92,15 @@ def load_model(path, quantize: str | None = None) -> LoadedModel:
         model = load_model(path)
         quantize_model(model, quantize)
         return model
+    t0 = time.perf_counter()
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(p, "no such file or directory")
-    if p.is_dir():
+    if p.is_dir() or p.suffix == ".safetensors":
         from .safetensors import load_safetensors
-        return finish(load_safetensors(p))
-    if p.suffix == ".safetensors":
-        from .safetensors import load_safetensors
-        return finish(load_safetensors(p.parent))
-    from .gguf import load_gguf
-    return finish(load_gguf(p))
+        model = finish(load_safetensors(p if p.is_dir() else p.parent))
+    else:
+        from .gguf import load_gguf
+        model = finish(load_gguf(p))
+    model.load_s = time.perf_counter() - t0
+    return model

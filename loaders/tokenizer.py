@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import ModelFormatError
+from . import tokenizer_cache
 
 
 @contextlib.contextmanager
@@ -124,16 +125,16 @@ def load_backend(directory: str, gguf_file: str | None) -> tuple[object, str]:
     there, else converted and cached; a model folder's through transformers."""
     if not gguf_file:
         return HFBackend(from_transformers(directory, None)), "transformers (model folder)"
-    from . import tokenizer_cache
     path = Path(directory) / gguf_file
-    backend = tokenizer_cache.load(path)
-    if backend is not None:
-        return backend, "cache"
+    hit = tokenizer_cache.load(path)
+    if hit is not None:
+        return FastBackend(*hit), "cache"
     hf = from_transformers(directory, gguf_file)
     info = FastBackend.info_of(hf)
     if info is None:
         return HFBackend(hf), "converted from the GGUF file (not cacheable)"
-    folder = tokenizer_cache.save(path, hf, info)
+    with quiet_transformers():
+        folder = tokenizer_cache.save(path, hf, info)
     return FastBackend(hf.backend_tokenizer, info, folder), \
         "converted from the GGUF file, " + ("cached" if folder else "cache not writable")
 

@@ -55,8 +55,8 @@ def identity(path: Path) -> dict:
 
 
 def load(path: Path):
-    """The cached tokenizer of `path` as a FastBackend, or None (no cache, a stale or corrupt one)."""
-    from .tokenizer import FastBackend
+    """(tokenizers.Tokenizer, info, folder) of the cached tokenizer of `path`, or None (no cache, a
+    stale or corrupt one)."""
     d = folder(path)
     try:
         manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
@@ -72,7 +72,7 @@ def load(path: Path):
                 return None
         import tokenizers
         tok = tokenizers.Tokenizer.from_str(data["tokenizer.json"].decode("utf-8"))
-        return FastBackend(tok, info, str(d))
+        return tok, info, str(d)
     except Exception:  # missing, unreadable, not JSON, not a tokenizer: converted again
         return None
 
@@ -80,7 +80,6 @@ def load(path: Path):
 def save(path: Path, hf, info: dict) -> str | None:
     """Save transformers tokenizer `hf` (converted from `path`) as the cache folder of `path`,
     atomically (written beside it, then renamed): the folder, or None when the cache cannot be written."""
-    from .tokenizer import quiet_transformers
     d = folder(path)
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +91,7 @@ def save(path: Path, hf, info: dict) -> str | None:
     except OSError:
         pass
     try:
-        with quiet_transformers():
-            hf.save_pretrained(str(tmp))
+        hf.save_pretrained(str(tmp))
         files = {p.name: _sha256(p.read_bytes()) for p in sorted(tmp.iterdir()) if p.is_file()}
         if "tokenizer.json" not in files:
             return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import weakref
 from collections.abc import MutableMapping
 
 import gguf
@@ -23,10 +24,11 @@ from gguf import GGUFValueType
 
 class _Fields(MutableMapping):
     """GGUFReader.fields whose long arrays are read when first asked for (every way in: [], get,
-    items, values goes through __getitem__); iterating the keys reads nothing."""
+    items, values goes through __getitem__); iterating the keys reads nothing. It holds its reader
+    weakly: no reference cycle, so dropping the reader unmaps the file at once (not at the next gc)."""
 
     def __init__(self, reader):
-        self.reader, self.raw = reader, {}
+        self.reader, self.raw = weakref.proxy(reader), {}
 
     def __getitem__(self, key):
         f = self.raw[key]

@@ -13,7 +13,7 @@ from ..core.errors import ModelFormatError
 from ..core.qtypes import QTYPE_INFO, QType, tensor_bytes
 from ..core.residency import ResidencyMap, State, TensorEntry
 from .names import layer_of
-from .model_file import LoadedModel
+from .loaded import LoadedModel
 
 # Types the engine computes with; others are rejected at load with a clear message.
 SUPPORTED_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0,
@@ -40,6 +40,7 @@ class _Cursor:
 
     def __init__(self, path: Path, buf, size: int):
         self.path, self.buf, self.size, self.off = path, buf, size, 8
+        self.string_arrays: dict[int, int] = {}  # offset of the first string -> end of the last
 
     def take(self, n: int, what: str) -> int:
         if n > self.size - self.off:
@@ -91,7 +92,7 @@ class _Cursor:
             self.take(n * _SCALAR_SIZES[itype], f"array {key} of {n} items")
         elif itype == _STRING:  # vocabularies: 10^5 strings, so a tight loop
             self.claim(n, 8, f"items in array {key}")
-            off, buf, size, unpack = self.off, self.buf, self.size, struct.Struct("<Q").unpack_from
+            start, off, buf, size, unpack = self.off, self.off, self.buf, self.size, struct.Struct("<Q").unpack_from
             for _ in range(n):
                 if off + 8 > size:
                     off = size + 1
@@ -100,7 +101,7 @@ class _Cursor:
             if off > size:
                 raise ModelFormatError(self.path, f"truncated header: array {key} of {n} strings runs past the "
                                                   f"end of the file ({size} bytes)")
-            self.off = off
+            self.off = self.string_arrays[start] = off
         elif itype == _ARRAY:
             self.claim(n, 12, f"items in array {key}")
             for _ in range(n):
@@ -110,10 +111,11 @@ class _Cursor:
         return None
 
 
-def _check_header(path: Path, size: int) -> None:
+def _check_header(path: Path, size: int) -> dict[int, int]:
     """Walk the whole header before gguf.GGUFReader sees it: GGUFReader trusts counts and lengths
     (an array length past the end of the file makes it loop for ever), so every count, length,
-    dimension, type, alignment and tensor extent is checked here against the file size first."""
+    dimension, type, alignment and tensor extent is checked here against the file size first.
+    Returns where each array of strings starts and ends (the reader then need not walk them again)."""
     import gguf
     if size < 24:
         raise ModelFormatError(path, f"truncated header: expected at least 24 bytes, found {size}")
@@ -172,10 +174,11 @@ def _check_header(path: Path, size: int) -> None:
             if b1 < b0 + n0:
                 raise ModelFormatError(path, f"tensors {name0} and {name1} overlap: expected {name1} to start at "
                                              f"data offset {b0 + n0} or later, found {b1}")
+        return c.string_arrays
 
 
 def _open(path: Path):
-    import gguf
+    from .gguf_reader import LazyReader
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -187,9 +190,9 @@ def _open(path: Path):
     version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
     if version not in (2, 3):
         raise ModelFormatError(path, f"unsupported GGUF version: expected 2 or 3, found {version}")
-    _check_header(path, size)
+    string_arrays = _check_header(path, size)
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = LazyReader(path, "r", string_arrays)
     except (ValueError, IndexError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFormatError(path, f"malformed or truncated GGUF header ({e})") from None
     for t in reader.tensors:
@@ -216,17 +219,16 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
                                      f"expected positive integers, found {n_embd} and {n_head}")
     n_head_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
     head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    n_tokens = reader.array_len("tokenizer.ggml.tokens")  # the vocabulary itself is not read
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None) \
-        or (int(emb.shape[1]) if emb is not None else 0)
+    vocab = _field(reader, f"{arch}.vocab_size") or n_tokens or (int(emb.shape[1]) if emb is not None else 0)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     extra = {k.split(".", 1)[1]: _field(reader, k) for k in reader.fields if k.startswith(arch + ".")}
     eog = [eos, eot]
-    if arch.startswith("gemma") and tokens is not None and "<end_of_turn>" in tokens:
-        eog.append(tokens.index("<end_of_turn>"))  # a turn ends generation, as in llama.cpp
+    if arch.startswith("gemma"):  # a turn ends generation, as in llama.cpp
+        eog.append(reader.string_index("tokenizer.ggml.tokens", "<end_of_turn>"))
     return ModelConfig(
         arch=arch, n_layer=int(need("block_count")), n_embd=n_embd, n_ff=int(need("feed_forward_length")),
         n_head=n_head, n_head_kv=int(n_head_kv), head_dim=head_dim, vocab_size=int(vocab),

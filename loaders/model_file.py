@@ -1,58 +1,12 @@
-"""What every loader returns, and the entry point that picks a loader by the path."""
+"""The entry point that picks a loader by the path, and the checks every loader's result passes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
-from typing import Any
 
-from ..core.config import ModelConfig
 from ..core.errors import ModelFormatError
-from ..core.residency import ResidencyMap, TensorEntry
-
-
-@dataclass
-class LoadedModel:
-    path: Path
-    format: str  # "gguf" or "safetensors"
-    config: ModelConfig
-    residency: ResidencyMap
-    tokenizer_source: tuple[str, str | None]  # (directory, gguf file name or None)
-    metadata: dict = field(default_factory=dict)
-    chat_template: str | None = None
-    handle: Any = None  # keeps the memory map alive
-
-    @property
-    def file_size(self) -> int:
-        return self.residency.total_bytes()
-
-    @property
-    def n_params(self) -> int:
-        n = 0
-        for e in self.residency:
-            if e.alias_of is None:
-                c = 1
-                for d in e.shape:
-                    c *= d
-                n += c
-        return n
-
-
-# Chat templates of architectures whose files may carry none (base models), as llama.cpp knows
-# them: `run --chat` uses these rather than falling back to plain completion.
-BUILTIN_CHAT_TEMPLATES = {
-    "gemma3": (
-        "{{ bos_token }}"
-        "{%- if messages[0]['role'] == 'system' -%}"
-        "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
-        "{%- set loop_messages = messages[1:] -%}"
-        "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-        "{%- for message in loop_messages -%}"
-        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-        "{{ '<start_of_turn>' + role + '\\n' + ((first_user_prefix if loop.first else '') + message['content']) | trim"
-        " + '<end_of_turn>\\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"),
-}
+from ..core.residency import TensorEntry
+from .loaded import BUILTIN_CHAT_TEMPLATES, LoadedModel  # noqa: F401  (LoadedModel: also imported from here)
 
 
 def _check_config(model: LoadedModel) -> None:
@@ -138,14 +92,15 @@ def load_model(path, quantize: str | None = None) -> LoadedModel:
         model = load_model(path)
         quantize_model(model, quantize)
         return model
+    t0 = time.perf_counter()
     p = Path(path)
     if not p.exists():
         raise ModelFormatError(p, "no such file or directory")
-    if p.is_dir():
+    if p.is_dir() or p.suffix == ".safetensors":
         from .safetensors import load_safetensors
-        return finish(load_safetensors(p))
-    if p.suffix == ".safetensors":
-        from .safetensors import load_safetensors
-        return finish(load_safetensors(p.parent))
-    from .gguf import load_gguf
-    return finish(load_gguf(p))
+        model = finish(load_safetensors(p if p.is_dir() else p.parent))
+    else:
+        from .gguf import load_gguf
+        model = finish(load_gguf(p))
+    model.load_s = time.perf_counter() - t0
+    return model

@@ -12,7 +12,7 @@ from ..core.config import ModelConfig
 from ..core.errors import ModelFormatError
 from ..core.qtypes import QType, tensor_bytes
 from ..core.residency import ResidencyMap, State, TensorEntry
-from .model_file import LoadedModel
+from .loaded import LoadedModel
 from .names import canonical_from_hf, layer_of
 
 DTYPES = {"F32": (QType.F32, np.float32), "F16": (QType.F16, np.float16), "BF16": (QType.BF16, np.uint8)}

@@ -87,3 +87,33 @@ def test_attention(dev, g, window, positions):
                                  window, n_kv)
     assert out.shape == (len(positions), n_head * hd)
     assert _nmse(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_static_attention_fallback_matches(window):
+    """Where the split-K kernel fails its self-check, a static step's attention takes SDPA over the
+    whole cache under a position mask: the same function (CPU tensors, fp32)."""
+    import types
+
+    from lstream.backends.cuda.attention import AttentionMixin, DeviceKV
+
+    class Fallback(AttentionMixin):
+        dtype, device, decode_kernels, use_triton = torch.float32, torch.device("cpu"), False, False
+
+    g = torch.Generator().manual_seed(6)
+    n_kv, hd, n_head = 2, 64, 8
+    store = DeviceKV(torch.randn(50, n_kv, hd, generator=g), torch.randn(50, n_kv, hd, generator=g))
+    si = types.SimpleNamespace(positions=torch.tensor([20, 21]), cache={})
+    q = torch.randn(2, n_head * hd, generator=g)
+    k, v = torch.randn(2, n_kv, hd, generator=g), torch.randn(2, n_kv, hd, generator=g)
+    p = dict(n_head=n_head, n_head_kv=n_kv, head_dim=hd, scale=hd ** -0.5, window=window)
+    out = Fallback()._attention_static(q, k, v, store, p, si)
+    ref = dk.attention_reference(q.reshape(2, n_head, hd), store.k, store.v, si.positions, hd ** -0.5, window, n_kv)
+    assert _nmse(out, ref) < 1e-10
+
+
+@pytest.mark.gpu
+def test_selfcheck_passes_on_this_gpu():
+    """The backend's self-check (backends/cuda/selfcheck.py) accepts the new kernels on the GPU."""
+    from lstream.backends.cuda import selfcheck
+    assert selfcheck.kernels_ok(torch.device("cuda")) == {"gemv_q8": True, "decode": True}

@@ -71,9 +71,23 @@ class AttentionMixin:
         t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
         store.k.index_copy_(0, si.positions, k)
         store.v.index_copy_(0, si.positions, v)
-        qo = q.float().reshape(t, n_head, hd)
-        return dk.attention(qo, store.k, store.v, si.positions, p["scale"], p.get("window", 0) or 0, n_head, n_kv,
-                            self.dtype, use_triton=self.use_triton)
+        window = p.get("window", 0) or 0
+        if self.decode_kernels:
+            qo = q.float().reshape(t, n_head, hd)
+            return dk.attention(qo, store.k, store.v, si.positions, p["scale"], window, n_head, n_kv,
+                                self.dtype, use_triton=self.use_triton)
+        # fallback (the split-K kernel failed its self-check): SDPA over the whole cache, masked by
+        # position (built once per step); grouped heads share a K/V head by reshaping q
+        g, n_ctx = n_head // n_kv, store.k.shape[0]
+        mask = si.cache.get(("mask", g, window))
+        if mask is None:
+            kpos, qpos = torch.arange(n_ctx, device=self.device)[None, :], si.positions[:, None]
+            m = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
+            mask = si.cache[("mask", g, window)] = m.repeat(g, 1)[None, None]  # (1, 1, g*t, n_ctx)
+        qh = q.to(self.dtype).reshape(t, n_kv, g, hd).permute(1, 2, 0, 3).reshape(1, n_kv, g * t, hd)
+        o = F.scaled_dot_product_attention(qh, store.k.transpose(0, 1).unsqueeze(0), store.v.transpose(0, 1).unsqueeze(0),
+                                           attn_mask=mask, scale=p["scale"])
+        return o.reshape(n_kv, g, t, hd).permute(2, 0, 1, 3).reshape(t, n_head * hd)
 
     def _write_back(self, store, k: torch.Tensor, v: torch.Tensor, n_past: int) -> None:
         """New K/V of a host layer go back to its host cache on the K/V stream, without blocking."""

@@ -31,7 +31,7 @@ from . import decode_kernels as dk
 from . import dequant as ck
 from . import fused
 from . import gemv as cg
-from . import gemv_q8, repack
+from . import gemv_q8, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
 from .graphs import GraphsMixin
 from .norm_rope import rms_norm, rope
@@ -79,10 +79,13 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
             and gemv is not False
         # small steps from static buffers (core/replay.py), captured as CUDA graphs on a real GPU
         self.graphs = cuda_graphs and self.device.type == "cuda"
-        self.fuse = fuse  # decode steps: fused kernels (fused.py) where a pattern of nodes allows
         # resident 32-weight-block matmul weights in an aligned layout for the int8 GEMV (repack.py);
-        # None: where that GEMV runs (a GPU with Triton)
-        self._repack = self._gemv_ok if repack_resident is None else repack_resident
+        # None: where that GEMV runs (a GPU with Triton). The newer kernels are proven on the device first.
+        ok = selfcheck.kernels_ok(self.device) if self._gemv_ok else {"gemv_q8": False, "decode": False}
+        self._repack = (self._gemv_ok and ok["gemv_q8"]) if repack_resident is None else repack_resident
+        # decode steps: fused kernels (fused.py) where a pattern of nodes allows, split-K attention
+        self.decode_kernels = ok["decode"] or self.device.type != "cuda"
+        self.fuse = fuse and self.decode_kernels
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:

@@ -1,0 +1,82 @@
+"""The CUDA backend's newer kernels proven on this device before use, once per process and device.
+
+Each check runs a kernel on small random inputs against its torch reference. A kernel that fails to
+build or disagrees is not used: one warning line, and the backend takes the older path (the Gluon
+GEMV on GGUF blocks; unfused decode ops with SDPA attention), which computes the same function.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ...core.qtypes import QType
+
+_RESULTS: dict[str, dict[str, bool]] = {}
+
+
+def _nmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def _gemv_q8(dev) -> bool:
+    from . import gemv_q8, repack
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for qt, ts in ((QType.Q4_0, 18), (QType.Q5_1, 24), (QType.Q8_0, 34)):
+        raw = torch.randint(0, 256, (64 * 8, ts), generator=g, dtype=torch.uint8)
+        raw[:, 0:2] = (torch.rand(64 * 8, 1, generator=g) * 0.01 + 0.005).half().view(torch.uint8)
+        if qt == QType.Q5_1:
+            raw[:, 2:4] = (torch.rand(64 * 8, 1, generator=g) * 0.01).half().view(torch.uint8)
+        p = repack.repack(raw.to(dev), qt, 64, 256)
+        x = torch.randn(2, 256, generator=g).to(dev)
+        ref = x.double() @ gemv_q8.dequantize(p, torch.float32).double().t()
+        if _nmse(gemv_q8.gemv(x, p), ref) > 5e-4:
+            return False
+        if not torch.equal(gemv_q8.dequantize(p, torch.float32).cpu(), gemv_q8._dequantize_torch(p).cpu()):
+            return False
+    return True
+
+
+def _decode(dev) -> bool:
+    from . import decode_kernels as dk
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x, h, w = (torch.randn(2, 256, generator=g).to(dev) for _ in range(3))
+    s, y = dk.add_rms_norm(x, h, w, 1e-6, torch.float32)
+    rs = x + h
+    if _nmse(s, rs) > 1e-10 or _nmse(y, rs * torch.rsqrt(rs.square().mean(-1, keepdim=True) + 1e-6) * w) > 1e-8:
+        return False
+    gu = torch.randn(2, 512, generator=g).to(dev)
+    if _nmse(dk.act(gu[:, :256], gu[:, 256:], False, torch.float32),
+             torch.nn.functional.silu(gu[:, :256]) * gu[:, 256:]) > 1e-8:
+        return False
+    n_kv, hd = 2, 64
+    kc = torch.randn(40, n_kv, hd, generator=g).to(torch.bfloat16).to(dev)
+    vc = torch.randn(40, n_kv, hd, generator=g).to(torch.bfloat16).to(dev)
+    pos = torch.tensor([30, 31], device=dev)
+    q = torch.randn(2, 8, hd, generator=g).to(dev)
+    out = dk.attention(q, kc, vc, pos, hd ** -0.5, 0, 8, n_kv, torch.float32)
+    return _nmse(out, dk.attention_reference(q, kc, vc, pos, hd ** -0.5, 0, n_kv)) < 1e-4
+
+
+CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode}
+
+
+def kernels_ok(device: torch.device) -> dict[str, bool]:
+    """{check name: passed} for this device (every check passes off a real GPU: nothing to prove)."""
+    if device.type != "cuda":
+        return {k: True for k in CHECKS}
+    key = str(device)
+    if key not in _RESULTS:
+        res = {}
+        for name, fn in CHECKS.items():
+            try:
+                res[name] = fn(device)
+                why = "disagrees with its torch reference"
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot build here is not used
+                res[name], why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if not res[name]:
+                warnings.warn(f"lstream: the {name} kernels {why} on {torch.cuda.get_device_name(device)}; "
+                              f"using the older path", RuntimeWarning, stacklevel=2)
+        _RESULTS[key] = res
+    return _RESULTS[key]

@@ -254,13 +254,16 @@ class Model:
         for b in self.backends:
             b.unload()
         self._plans.clear()
-        self.runner.clear()
+        if self.runner is not None:
+            self.runner.clear()
         self.kv = None
         if self.loaded is not None:
             self.loaded.handle = None
-        # Drop every reference to the weights (memory maps, packed copies), so the maps close even
-        # while this object lives on; close() twice is harmless.
-        self.loaded = self.residency = self.graph = self.executor = None
+        # Drop every reference to the weights (memory maps, packed copies, compiled programs that
+        # read them), so the maps close even while this object lives on; close() twice is harmless.
+        self.loaded = self.residency = self.graph = self.body_graph = None
+        self.executor = self.body_executor = self.runner = None
+        self.cpu = self.device_backend = None
         self.backends, self.by_name = [], {}
 
     def __enter__(self):

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .backends.devices import cuda_available, make_cpu_backend, make_device_backend
+from .backends.devices import NoDeviceError, NoGPUWarning, choose_device, make_cpu_backend, make_device_backend, warn_no_gpu
 from .core.arch import build_graph
 from .core.batch import UPLOAD_THRESHOLD
 from .core.errors import NonFiniteError, OutOfMemory
@@ -22,6 +22,12 @@ from .core.timings import Timings
 from .core.scheduler import Plan, schedule
 
 
+def check_sizes(n_ctx: int, n_ubatch: int) -> None:
+    for name, v in (("n_ctx", n_ctx), ("n_ubatch", n_ubatch)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, found {v!r}")
+
+
 class Model:
     def __init__(self, loaded, n_gpu_layers: int = 0, policy: UploadPolicy | None = None, n_ctx: int = 4096,
                  n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
@@ -29,7 +35,16 @@ class Model:
                  device_backend=None, load_tokenizer: bool = True, quantize: str | None = None, no_fit: bool = False,
                  layer_major: bool | None = None, cuda_graphs: bool | None = None, options: Options | None = None):
         """options: the run options (core/options.py); n_threads, layer_major and cuda_graphs, when
-        given, override them. Without options, the defaults with the LSTREAM_* overrides."""
+        given, override them. Without options, the defaults with the LSTREAM_* overrides.
+        Without a GPU, n_gpu_layers > 0 warns (NoGPUWarning) and runs on the CPU; device="cuda", an
+        override to cuda or no_fit with n_gpu_layers > 0 raise NoDeviceError (backends/devices.py)."""
+        check_sizes(n_ctx, n_ubatch)
+        choice = None
+        if device_backend is None:  # the one rule for GPU requests (backends/devices.py)
+            choice = choose_device(n_gpu_layers, overrides, device, no_fit)
+            if choice.warning:
+                warn_no_gpu(choice.warning)
+            n_gpu_layers, overrides = choice.n_gpu_layers, choice.overrides
         if quantize:  # float weights -> GGUF blocks in host memory, before anything reads them
             from .loaders.quantize import quantize_model
             self.quantize_report = quantize_model(loaded, quantize)
@@ -44,10 +59,8 @@ class Model:
         self.graph = build_graph(cfg, set(e.name for e in self.residency))
         self.cpu = make_cpu_backend(opts)
         self.device_backend = device_backend
-        if device == "auto":  # a GPU is used whenever there is one: -ngl 0 still streams prefill
-            device = "cuda" if cuda_available() else None
-        if device_backend is None and (device or n_gpu_layers > 0 or overrides):
-            self.device_backend = make_device_backend(device or "cuda", self.policy, opts)
+        if choice is not None and choice.device:
+            self.device_backend = make_device_backend(choice.device, self.policy, opts)
         self.backends = ([self.device_backend] if self.device_backend else []) + [self.cpu]
         self.by_name = {b.name: b for b in self.backends}
         fit_notes: list[str] = []
@@ -280,4 +293,4 @@ def load(path, **kw) -> Model:
     return Model(load_model(resolve(path)), **kw)
 
 
-__all__ = ["Model", "load", "Timings", "ContextFullError"]
+__all__ = ["Model", "load", "Timings", "ContextFullError", "NoDeviceError", "NoGPUWarning"]

@@ -11,8 +11,9 @@ import click
 
 from .bench_output import (csv_text, json_text, jsonl_line, markdown_header, markdown_row, sql_create,
                            sql_insert)
-from .bench_params import parse_pairs, parse_values
-from .common import build_model, calibration, one_line_errors, parse_overrides
+from .bench_params import check_pairs, check_policies, parse_pairs, parse_values, values_option
+from .checks import at_least, threads_warning
+from .common import build_model, calibration, choose_device, one_line_errors
 from .profile_opts import profile_options
 
 
@@ -67,21 +68,26 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 
 @click.command()
 @click.option("-m", "--model", "models", multiple=True, help="model (repeatable); default smollm2-135m")
-@click.option("-p", "--n-prompt", "p", multiple=True, default=["512"], show_default=True)
-@click.option("-n", "--n-gen", "n", multiple=True, default=["128"], show_default=True)
-@click.option("-pg", "pg", multiple=True, help="PP,TG: prompt then generation, timed together")
-@click.option("-d", "--n-depth", "d", multiple=True, default=["0"], show_default=True)
-@click.option("-b", "--batch-size", "b", multiple=True, default=["2048"], show_default=True)
-@click.option("-ub", "--ubatch-size", "ub", multiple=True, default=["512"], show_default=True)
-@click.option("-ngl", "--n-gpu-layers", "ngl", multiple=True, default=None, help="default 99 with a GPU, else 0")
-@click.option("-t", "--threads", "t", multiple=True, default=None, help="default: physical cores")
-@click.option("-nopo", "--no-op-offload", "nopo", multiple=True, default=["0"], show_default=True)
-@click.option("-fa", "--flash-attn", "fa", multiple=True, default=["0"], show_default=True)
+@click.option("-p", "--n-prompt", "p", multiple=True, default=["512"], show_default=True, callback=values_option(0))
+@click.option("-n", "--n-gen", "n", multiple=True, default=["128"], show_default=True, callback=values_option(0))
+@click.option("-pg", "pg", multiple=True, callback=check_pairs, help="PP,TG: prompt then generation, timed together")
+@click.option("-d", "--n-depth", "d", multiple=True, default=["0"], show_default=True, callback=values_option(0))
+@click.option("-b", "--batch-size", "b", multiple=True, default=["2048"], show_default=True, callback=values_option(1))
+@click.option("-ub", "--ubatch-size", "ub", multiple=True, default=["512"], show_default=True,
+              callback=values_option(1))
+@click.option("-ngl", "--n-gpu-layers", "ngl", multiple=True, default=None, callback=values_option(0),
+              help="default 99 with a GPU, else 0 (without a GPU, values above 0 run as 0, with a warning)")
+@click.option("-t", "--threads", "t", multiple=True, default=None, callback=values_option(1),
+              help="default: physical cores")
+@click.option("-nopo", "--no-op-offload", "nopo", multiple=True, default=["0"], show_default=True,
+              callback=values_option(0, 1))
+@click.option("-fa", "--flash-attn", "fa", multiple=True, default=["0"], show_default=True, callback=values_option(0, 1))
 @click.option("-ot", "--override-tensor", "ot", default=None, help="REGEX=DEVICE[;REGEX=DEVICE...]")
-@click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True,
+@click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
               help="auto|threshold|never|always|split:N|cost (comma list)")
-@click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True)
-@click.option("-r", "--repetitions", "reps", type=int, default=5, show_default=True)
+@click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
+              callback=values_option(1))
+@click.option("-r", "--repetitions", "reps", type=at_least(1), default=5, show_default=True)
 @click.option("-o", "--output", "fmt", type=FORMATS, default="md", show_default=True)
 @click.option("-oe", "--output-err", "fmt_err", type=FORMATS, default="none", show_default=True)
 @click.option("--progress", is_flag=True, help="print progress to stderr")
@@ -104,8 +110,8 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
 
     gpu = cuda_available()
     grid, tests, ds = _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu)
+    choose_device(0, ot.split(";") if ot else ())  # a bad -ot, or cuda without a GPU, fails before any load
     varied = [k for k, v in grid.items() if len(v) > 1]
-    parse_overrides(ot.split(";")) if ot else None  # a bad -ot fails here, before any model loads
     printers = [Printer(fmt, sys.stdout, varied, gpu)] + ([Printer(fmt_err, sys.stderr, varied, gpu)]
                                                          if fmt_err != "none" else [])
     for pr in printers:
@@ -142,12 +148,12 @@ def _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu: bool)
         "policy": [x for text in policies for x in text.split(",")],
         "threshold": values(thresholds, "--threshold"),
     }
-    for pol in grid["policy"]:
-        if pol not in ("threshold", "never", "always", "auto", "cost") and not (pol.startswith("split:") and pol[6:].isdigit()):
-            raise click.BadParameter(f"expected auto, threshold, never, always, split:N or cost, found {pol!r}",
-                                     param_hint="--policy")
-    if not gpu and any(x > 0 for x in grid["n_gpu_layers"]):
-        raise click.BadParameter("no CUDA device here: only -ngl 0 runs", param_hint="-ngl")
+    on_gpu = [x for x in grid["n_gpu_layers"] if x > 0]
+    if not gpu and on_gpu:  # the device rule: a warning, and these rows run (and say) -ngl 0
+        choose_device(max(on_gpu), names={"ngl": "-ngl " + ",".join(map(str, on_gpu))})
+        grid["n_gpu_layers"] = [0]
+    for x in dict.fromkeys(grid["n_threads"]):
+        threads_warning(x)
     ps, ns, ds = values(p, "-p"), values(n, "-n"), values(d, "-d")
     tests = [(x, 0) for x in ps if x > 0] + [(0, x) for x in ns if x > 0] + \
         [pair for text in pg for pair in parse_pairs(text, "-pg")]

@@ -5,10 +5,12 @@ import re
 
 import click
 
+MAX_VALUES = 4096  # per option: a range that long is a typo, not a benchmark
 _RANGE = re.compile(r"^(-?\d+)-(-?\d+)(?:([+*])(\d+))?$")
 
 
-def parse_values(text: str, what: str) -> list[int]:
+def parse_values(text: str, what: str, minimum: int | None = None, maximum: int | None = None) -> list[int]:
+    """N, N,M or ranges; every value within [minimum, maximum] where given."""
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -25,12 +27,55 @@ def parse_values(text: str, what: str) -> list[int]:
         while v <= last:
             out.append(v)
             v = v + step if kind == "+" else v * step
+            if len(out) > MAX_VALUES:
+                raise click.BadParameter(f"range {part!r} gives more than {MAX_VALUES} values", param_hint=what)
+    for v in out:
+        if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+            bounds = f"{minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
+            raise click.BadParameter(f"expected values of {bounds}, found {v}", param_hint=what)
     return out
+
+
+def values_option(minimum: int | None = None, maximum: int | None = None):
+    """A click callback: every value of a repeatable comma/range option checked at parse time."""
+    def check(ctx, param, value):
+        for text in value or ():
+            parse_values(text, "/".join(param.opts), minimum, maximum)
+        return value
+    return check
 
 
 def parse_pairs(text: str, what: str) -> list[tuple[int, int]]:
     """-pg PP,TG (repeatable)."""
     parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 2 or not all(re.fullmatch(r"\d+", p) for p in parts):
-        raise click.BadParameter(f"expected PP,TG, found {text!r}", param_hint=what)
+    if len(parts) != 2 or not all(re.fullmatch(r"\d+", p) for p in parts) or parts == ["0", "0"]:
+        raise click.BadParameter(f"expected PP,TG (tokens, not both 0), found {text!r}", param_hint=what)
     return [(int(parts[0]), int(parts[1]))]
+
+
+def check_pairs(ctx, param, value):
+    for text in value or ():
+        parse_pairs(text, "-pg")
+    return value
+
+
+POLICIES = ("auto", "threshold", "never", "always", "cost")
+
+
+def policy_ok(name: str) -> bool:
+    return name in POLICIES or (name.startswith("split:") and name[6:].isdigit())
+
+
+def check_policy(ctx, param, value):
+    """--policy NAME (run, plan, perplexity)."""
+    if value is not None and not policy_ok(value):
+        raise click.BadParameter(f"expected auto, threshold, never, always, split:N or cost, found {value!r}")
+    return value
+
+
+def check_policies(ctx, param, value):
+    """--policy A,B (bench, repeatable)."""
+    for text in value or ():
+        for name in text.split(","):
+            check_policy(ctx, param, name)
+    return value

@@ -109,5 +109,22 @@ def perf_lines(t: Timings, load_s: float | None = None) -> str:
     return "\n".join(out)
 
 
+def load_lines(model, load_s: float) -> str:
+    """Where load time went, one line each as llama.cpp's timing lines: reading the model file,
+    the tokenizer (from its cache or converted from the file), and the rest (backend setup:
+    weights packed for the CPU, device memory, plans)."""
+    file_s = model.loaded.load_s if model.loaded is not None else 0.0
+    tok = model.tokenizer
+    tok_s = tok.load_s if tok is not None else 0.0
+    name = model.loaded.path.name if model.loaded is not None else "?"
+    rest = max(load_s - file_s - tok_s, 0.0)
+    backends = " + ".join(b.name for b in model.backends)
+    lines = [f"{'model file time':>16} = {1e3 * file_s:10.2f} ms ({name}: headers read, tensors mapped)"]
+    if tok is not None:
+        lines.append(f"{'tokenizer time':>16} = {1e3 * tok_s:10.2f} ms ({tok.origin})")
+    lines.append(f"{'backend setup':>16} = {1e3 * rest:10.2f} ms ({backends})")
+    return "\n".join(lines)
+
+
 def now() -> float:
     return time.perf_counter()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .common import one_line_errors
+from .checks import at_least
+from .common import MODEL_HELP, choose_device, one_line_errors
 
 
 def _fmt_bytes(n: int) -> str:
@@ -14,18 +15,22 @@ def _fmt_bytes(n: int) -> str:
 
 
 @click.command()
-@click.option("-m", "--model", default=None)
-@click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=0)
+@click.option("-m", "--model", default=None, help=MODEL_HELP)
+@click.option("-ngl", "--n-gpu-layers", "ngl", type=at_least(0), default=0, show_default=True,
+              help="layers resident on the GPU, as run would place them here")
 @click.option("--tensors", is_flag=True, help="list every tensor, not only per layer")
 @one_line_errors
 def info(model, ngl, tensors):
-    """Model metadata and the residency map per layer."""
+    """Model metadata and the residency map per layer (where run would place them on this machine)."""
+    from ..core.residency import HOST
     from ..loaders.model_file import load_model as load_file
     from ..loaders.registry import resolve
+    choice = choose_device(ngl)
     m = load_file(resolve(model))
     cfg, rmap = m.config, m.residency
-    rmap.assign(ngl, "cuda")
+    rmap.assign(choice.n_gpu_layers, "cuda" if choice.device else HOST)
     click.echo(f"file: {m.path} ({m.format})")
+    click.echo(f"devices: {'cuda, cpu' if choice.gpu else f'cpu only (no GPU here: {choice.why})'}")
     click.echo(f"architecture: {cfg.arch}  name: {cfg.name}")
     click.echo(f"layers {cfg.n_layer}, embd {cfg.n_embd}, ffn {cfg.n_ff}, heads {cfg.n_head}/{cfg.n_head_kv} kv, "
                f"head_dim {cfg.head_dim}, vocab {cfg.vocab_size}, ctx_train {cfg.n_ctx_train}")

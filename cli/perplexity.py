@@ -11,22 +11,24 @@ import time
 
 import click
 
+from .checks import check_chunks, end_line, out
 from .common import load_model, model_options, one_line_errors
 from .profile_opts import echo_err, profile_options
 
 
 @click.command()
-@model_options(n_ctx=512)
+@model_options(n_ctx=512, min_ctx=4)  # half of each chunk is scored: at least 2 tokens
 @click.option("-f", "--file", "text_file", type=click.Path(dir_okay=False, exists=True), required=True)
-@click.option("--chunks", "n_chunks", type=int, default=-1, show_default=True, help="max chunks to score (-1: all)")
+@click.option("--chunks", "n_chunks", type=int, default=-1, show_default=True, callback=check_chunks,
+              help="max chunks to score (-1: all)")
 @profile_options
 @one_line_errors
 def perplexity(text_file, n_chunks, profile, trace, **kw):
     """Perplexity of the model on a text file, in chunks of -c tokens."""
     from ..core.perplexity import perplexity as ppl
     from ..core.profile import profiling
-    n_ctx = kw["n_ctx"]
     model = load_model(**kw)
+    n_ctx = model.kv.n_ctx  # -c 0: the model's training context
     with open(text_file, encoding="utf-8") as f:
         text = f.read()
     t0 = time.perf_counter()
@@ -48,9 +50,9 @@ def perplexity(text_file, n_chunks, profile, trace, **kw):
             eta = per * (n_chunk - 1)
             click.echo(f"perplexity: {per:.2f} seconds per pass - ETA {int(eta // 60)} minutes "
                        f"{eta % 60:.2f} seconds", err=True)
-        click.echo(f"[{i + 1}]{p:.4f},", nl=False)
+        out(f"[{i + 1}]{p:.4f},")
 
     with profiling(model, profile, trace, echo=echo_err, title=f"perplexity, {n_chunk} chunks of {n_ctx}"):
         res = ppl(model, tokens, n_ctx, on_chunk=on_chunk)
-        click.echo("")
+        end_line()
         click.echo(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.err:.5f}")

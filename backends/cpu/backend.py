@@ -328,10 +328,10 @@ class CPUBackend(Backend):
         kv: HostKV = ctx.kv.layers[node.layer]
         n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
         n_head = p["n_head"]
-        if t * n_head < A.ATT_PAR_MIN and q.ndim == k.ndim == v.ndim == 2 \
+        if (t < A.ATT_SGEMM_MIN_TOK or not self.blas) and q.ndim == k.ndim == v.ndim == 2 \
                 and q.dtype == k.dtype == v.dtype == np.float32 and q.strides[1] == k.strides[1] == v.strides[1] == 4 \
                 and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous and kv.k.dtype == np.float32:
-            # decode: cache write + serial attention in one numba call
+            # decode and small batches: cache write + attention in one numba call
             out = np.empty((t, n_head * hd), np.float32)
             A.attention_decode(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
                                int(p.get("window", 0) or 0), out)

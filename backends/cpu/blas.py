@@ -10,6 +10,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .jit import INLINE
 from .llvm_ir import F32, I32, I64, declare
 
 # Calling numpy's matmul between numba kernels does not work on a small machine: numba's OpenMP workers
@@ -106,7 +107,7 @@ def sgemm(typingctx, transb, m, n, k, alpha, a, lda, b, ldb, c, ldc):
     return sig, codegen
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(**INLINE)
 def sgemm_nt(m, n, k, a, lda, b, ldb, c, ldc):
     """C[m, n] = A[m, k] @ B[n, k]^T."""
     sgemm(True, m, n, k, np.float32(1.0), a, lda, b, ldb, c, ldc)

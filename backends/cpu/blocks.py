@@ -7,6 +7,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ...core.qtypes import QType
+from .jit import INLINE
 from .llvm_ir import (F16, F32, I32, V8F, V8I32, V16F, V16I16, array_data, counted_loop, declare, f16_at, hsum8,
                       i64, load_i8x32, nibbles, splat, with_high_bits)
 
@@ -159,7 +160,7 @@ dot_q5_1, deq_q5_1 = _make("Q5_1")
 dot_q8_0, deq_q8_0 = _make("Q8_0")
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(**INLINE)
 def dot_blk(fmt, blk, xq, xd, xs, off):
     if fmt == 0:
         return dot_q4_0(blk, xq, xd, xs, off)
@@ -172,7 +173,7 @@ def dot_blk(fmt, blk, xq, xd, xs, off):
     return dot_q8_0(blk, xq, xd, xs, off)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(**INLINE)
 def deq_blk(fmt, blk, out, off):
     if fmt == 0:
         deq_q4_0(blk, out, off)

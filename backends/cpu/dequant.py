@@ -7,12 +7,13 @@ import numpy as np
 from numba import njit, prange
 
 from ...core.qtypes import QTYPE_INFO, QType
+from .jit import EXACT, EXACT_PAR, PAR
 
 # The block kernels take the blocks as uint8 (n_blocks, type_size) and the fp16 scales already converted
 # to float32 (numpy converts exactly), and write (n_blocks, block_size). They are compiled WITHOUT
 # fastmath so that no multiply-add is contracted into an FMA: gguf-py rounds after every operation.
 
-_JIT = dict(cache=True, nogil=True, parallel=True, fastmath=False, boundscheck=False)
+_JIT = EXACT_PAR
 
 
 @njit(**_JIT)
@@ -76,7 +77,7 @@ def dq_q8_0(blk, d, m, out):
             out[b, j] = db * np.float32(v)
 
 
-@njit(inline="always")
+@njit(**dict(EXACT, inline="always"))
 def scale_min_k4(s, j):
     """6-bit scale and min of sub-block j from the 12 packed bytes s (ggml get_scale_min_k4)."""
     if j < 4:
@@ -136,7 +137,7 @@ def dq_q6_k(blk, d, m, out):
                 out[b, c * 32 + i] = (d[b] * np.float32(sv)) * np.float32(q)
 
 
-_TILE = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+_TILE = PAR
 
 
 # ---- a tile of rows [r0, r1) of a packed layout, float32 (prefill through numpy's matmul, when

@@ -8,6 +8,7 @@ from numba.extending import intrinsic
 
 from .blas import sgemm_nt
 from .blocks import deq_blk
+from .jit import PAR
 from .llvm_ir import V16F, array_data, counted_loop, declare, i64, load_i8x32, nibbles, splat, with_high_bits
 
 # Why: a float32 sgemm runs near the FMA peak (~45 G weight*tokens/s per core here) where the int16
@@ -95,7 +96,7 @@ def deq_row_i8s16(typingctx, q, d, out, off):
 NIB, NIB5, I8, I8S16, F32, BLK = 0, 1, 2, 3, 4, 5
 LAYOUT_CODE = {"nib": NIB, "nib5": NIB5, "i8": I8, "i8s16": I8S16, "blk": BLK}
 
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+_JIT = PAR
 
 
 @njit(**_JIT)

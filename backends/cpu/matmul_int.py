@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import dot_blk
+from .jit import INLINE, PAR, SER as _SER
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 # One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
@@ -14,8 +15,7 @@ from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 # first-class function argument would not be cached on disk (numba keys those by a per-process id:
 # every start would recompile them).
 
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
-_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+_JIT = PAR
 ROWS = 16  # rows per parallel work item
 TT = 64  # tokens per tile: one weight row stays in L1 while it meets a tile of tokens (int16, in L2)
 
@@ -25,12 +25,16 @@ LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": 
 
 @njit(**_SER)
 def quant_row(x, xq, xd, xs, t):
-    """Row t of x -> int16 xq, per-32 scale xd = amax/32767 and xs = xd * sum(xq)."""
+    """Row t of x -> int16 xq, per-32 scale xd = amax/32767 and xs = xd * sum(xq).  A NaN or inf in a
+    block makes its xd and xs NaN (z below), so the matmul's outputs are NaN, not finite garbage."""
     nb = x.shape[1] // 32
     for b in range(nb):
         amax = np.float32(0.0)
+        z = np.float32(0.0)  # 0, or NaN if the block holds a NaN or an inf (x * 0)
         for j in range(32):
-            amax = max(amax, abs(x[t, b * 32 + j]))
+            v = x[t, b * 32 + j]
+            amax = max(amax, abs(v))
+            z += v * np.float32(0.0)
         dd = amax / np.float32(32767.0)
         idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
         s = np.int32(0)
@@ -38,8 +42,8 @@ def quant_row(x, xq, xd, xs, t):
             v = np.int32(np.rint(x[t, b * 32 + j] * idd))
             xq[t, b * 32 + j] = v
             s += v
-        xd[t, b] = dd
-        xs[t, b] = dd * np.float32(s)
+        xd[t, b] = dd + z
+        xs[t, b] = dd * np.float32(s) + z
 
 
 @njit(**_JIT)
@@ -49,7 +53,7 @@ def quant_x(x, xq, xd, xs):
         quant_row(x, xq, xd, xs, t)
 
 
-@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+@njit(**INLINE)
 def _m_term(v, has_m, m, xst, r, nb):
     if has_m:
         for b in range(nb):
@@ -57,7 +61,7 @@ def _m_term(v, has_m, m, xst, r, nb):
     return v
 
 
-@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+@njit(**INLINE)
 def _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, t1, out):
     """out[t0:t1, r0:r1]: one loop per layout, so the layout test stays out of the row loop."""
     if layout == L_NIB:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .jit import PAR, SER as _SER
 from .vmath import GELU_K0, GELU_K1, vexp
 
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+_JIT = PAR
 
 
 @njit(**_JIT)
@@ -23,7 +24,6 @@ def rms_norm_parallel(x, w, eps, out):
             out[t, i] = x[t, i] * inv * w[i]
 
 
-_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
 PAR_MIN = 8  # rows (tokens) from which the row-wise kernels use the thread pool
 
 

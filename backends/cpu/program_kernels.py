@@ -7,6 +7,7 @@ from numba import njit
 
 from . import ops as O
 from .attention import attention_decode
+from .jit import SER as _SER
 from .matmul_int import mm_dec
 
 # A program is an int64 table, one row per instruction:
@@ -19,7 +20,6 @@ OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_AT
 N_COLS = 20
 P0 = 13
 
-_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
 
 
 @njit(**_SER)

@@ -9,6 +9,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .jit import SER as _SER
 from .llvm_ir import V8F, V8I32, array_data, counted_loop, declare, i64
 
 # numba has no SVML here, so np.exp in a loop is a scalar libm call per element (~5-10 ns): the
@@ -18,7 +19,7 @@ from .llvm_ir import V8F, V8I32, array_data, counted_loop, declare, i64
 #     each, measured 9x slower on gelu) and exp(x) = 0 below -64 (softmax: see vexp8), k = rint(x*log2(e)),
 #     f = x - k*ln2 (Cody-Waite, two constants), exp(f) by its Taylor polynomial of degree 7
 #     (|f| <= ln2/2: truncation error < 1e-8 relative), times 2^k built in the exponent bits.
-# Relative error ~1-2 ulp vs libm.  The tail (n % 8) is done in vexp, scalar.
+# Relative error ~1-2 ulp vs libm; NaN stays NaN.  The tail (n % 8) is done in vexp, scalar.
 
 
 def _c(v):
@@ -44,7 +45,10 @@ def vexp8(builder, x):
     r = builder.fmul(p, builder.bitcast(bits, V8F))
     # below -64 the result is exactly 0: a softmax over a long context would otherwise give every
     # far key a tiny probability whose products with V are denormals (30x slower decode at 3k tokens)
-    return builder.select(builder.fcmp_ordered("<", x0, _c(-64.0)), _c(0.0), r)
+    r = builder.select(builder.fcmp_ordered("<", x0, _c(-64.0)), _c(0.0), r)
+    # NaN stays NaN (maxnum/minnum above would have turned it into exp(-80)): a NaN score or gate must
+    # reach the engine's non-finite check, not vanish into a tiny weight
+    return builder.select(builder.fcmp_unordered("uno", x0, x0), x0, r)
 
 
 @intrinsic
@@ -69,7 +73,6 @@ def _vexp_body(typingctx, a, start, n):
     return sig, codegen
 
 
-_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
 
 
 @njit(**_SER)
@@ -77,8 +80,8 @@ def vexp(a, start, n):
     """a[start:start+n] = exp(a[start:start+n]) in place; a 1-D float32 C-contiguous."""
     _vexp_body(a, start, n)
     for i in range(start + (n // 8) * 8, start + n):
-        x = min(max(a[i], np.float32(-80.0)), np.float32(80.0))
-        a[i] = np.exp(x) if x >= np.float32(-64.0) else np.float32(0.0)
+        x = min(max(a[i], np.float32(-80.0)), np.float32(80.0))  # NaN stays NaN (max/min keep it here)
+        a[i] = np.float32(0.0) if x < np.float32(-64.0) else np.exp(x)
 
 
 GELU_K0 = np.float32(math.sqrt(2.0 / math.pi))

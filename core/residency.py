@@ -109,6 +109,8 @@ class ResidencyMap:
         es = [e for e in self.layer(layer) if e.n_expert]
         if not es:
             return []
+        kinds = {k: i for i, k in enumerate(EXPERT_KINDS)}
+        es.sort(key=lambda e: kinds.get(e.name.split(".")[2], len(kinds)))  # gate, up, down
         return [ExpertUnit(layer, x, tuple(e.name for e in es), sum(e.expert_nbytes for e in es), es[0].home)
                 for x in range(es[0].n_expert)]
 

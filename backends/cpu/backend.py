@@ -351,6 +351,9 @@ class CPUBackend(Backend):
     def _moe(self, node, inputs, ctx):
         return moe.compute(self, node, inputs, ctx)
 
+    def moe_experts(self, node, x, ids, weights):
+        return moe.experts_ffn(self, node, x, ids, weights)
+
     def _embed(self, node, inputs, ctx):
         return get_rows(self.weight(node.weights[0]), np.asarray(inputs[0]))
 

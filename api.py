@@ -15,7 +15,7 @@ from .core.executor import Executor, Profile, RunContext
 from .core.kv_cache import ContextFullError, KVCache
 from .core.options import Options
 from .core.policy import AutoSplit, UploadPolicy
-from .core.residency import HOST
+from .core.residency import HOST, moe_overrides
 from .core.runner import Runner
 from .core.sampling import Sampler, SamplerConfig
 from .core.timings import Timings
@@ -33,11 +33,14 @@ class Model:
                  n_threads: int | None = None, n_ubatch: int = 512, device: str | None = "auto",
                  overrides: list[tuple[str, str]] = (), vram_budget: int | None = None,
                  device_backend=None, load_tokenizer: bool = True, quantize: str | None = None, no_fit: bool = False,
-                 layer_major: bool | None = None, cuda_graphs: bool | None = None, options: Options | None = None):
+                 layer_major: bool | None = None, cuda_graphs: bool | None = None, options: Options | None = None,
+                 n_cpu_moe: int = 0, cpu_moe: bool = False):
         """options: the run options (core/options.py); n_threads, layer_major and cuda_graphs, when
         given, override them. Without options, the defaults with the LSTREAM_* overrides.
         Without a GPU, n_gpu_layers > 0 warns (NoGPUWarning) and runs on the CPU; device="cuda", an
-        override to cuda or no_fit with n_gpu_layers > 0 raise NoDeviceError (backends/devices.py)."""
+        override to cuda or no_fit with n_gpu_layers > 0 raise NoDeviceError (backends/devices.py).
+        n_cpu_moe / cpu_moe: llama.cpp's --n-cpu-moe N / --cpu-moe: the experts of the first N layers
+        (all layers) stay in host memory while the rest of those layers is resident on the device."""
         check_sizes(n_ctx, n_ubatch)
         choice = None
         if device_backend is None:  # the one rule for GPU requests (backends/devices.py)
@@ -65,14 +68,21 @@ class Model:
         self.by_name = {b.name: b for b in self.backends}
         fit_notes: list[str] = []
         free = self.device_backend.free_memory() if self.device_backend is not None else None
+        n_cpu_moe = cfg.n_layer if cpu_moe else max(int(n_cpu_moe or 0), 0)
         if free is not None:
             from .core.fit import fit_model  # fit before load: lower -ngl to what the free VRAM holds
             r = fit_model(self.residency, cfg, n_gpu_layers, n_ctx, n_ubatch, free,
-                          n_slots=self.device_backend.ring_slots, no_fit=no_fit)
-            n_gpu_layers, fit_notes = r.ngl, [r.note] * bool(r.note) + r.warnings
+                          n_slots=self.device_backend.ring_slots, no_fit=no_fit, n_cpu_moe=n_cpu_moe,
+                          host_patterns=[p for p, d in overrides if d.lower() in ("cpu", "host")])
+            n_gpu_layers, n_cpu_moe, fit_notes = r.ngl, r.n_cpu_moe, [r.note] * bool(r.note) + r.warnings
+        if n_cpu_moe and cfg.n_expert and self.device_backend is not None:  # before -ot: those win
+            overrides = moe_overrides(n_cpu_moe) + list(overrides)
+        self.n_cpu_moe = n_cpu_moe if cfg.n_expert else 0
         self.notes = fit_notes + self.residency.assign(n_gpu_layers if self.device_backend else 0,
                                            self.device_backend.name if self.device_backend else HOST,
                                            list(overrides), vram_budget)
+        if self.device_backend is not None:
+            self.device_backend.attach_host(self.cpu)  # computes the experts it leaves in host memory
         for b in self.backends:
             b.load(self.residency)
         self.kv = KVCache(n_ctx, cfg.n_layer, cfg.n_head_kv, cfg.head_dim, self.residency, self.by_name)

@@ -79,6 +79,15 @@ class Backend:
     def compute(self, node: Node, inputs: list[Any], ctx) -> Any:
         raise NotImplementedError
 
+    def attach_host(self, backend: "Backend") -> None:
+        """A device backend is given the host backend that computes, inside its MoE ops, the experts
+        it leaves in host memory (default: none needed)."""
+
+    def moe_experts(self, node: Node, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """A host backend: the routed experts of a MOE node for the pairs with ids >= 0 (ids, weights:
+        (T, top_k), core/moe.py), weighted and summed per token -> (T, n_embd) float32."""
+        raise NotImplementedError
+
     def compile_split(self, assignments: list, last_use: dict, ctx) -> list | None:
         """Optionally, a split's nodes as units: a Node runs through compute(), a core.executor.Fused
         runs a whole run of nodes in one call (the CPU's decode programs). None: op by op.

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..core.batch import UPLOAD_THRESHOLD
+from ..core.batch import EXPERT_UPLOAD_THRESHOLD, UPLOAD_THRESHOLD
 from ..core.errors import LStreamError
 from .bench_params import check_policy
 from .checks import at_least, check_threads, end_line, reset_line
@@ -89,6 +89,13 @@ def model_options(fn=None, *, n_ctx: int = 4096, min_ctx: int = 1):
                      help="quantize float (safetensors) weights to GGUF blocks at load"),
         click.option("--no-cuda-graphs", "no_cuda_graphs", is_flag=True,
                      help="run resident decode steps eagerly instead of replaying CUDA graphs"),
+        # mixtures of experts, as llama.cpp spells them
+        click.option("-ncmoe", "--n-cpu-moe", "n_cpu_moe", type=int, default=0, show_default=True,
+                     help="MoE: keep the experts of the first N layers in host memory"),
+        click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: keep every layer's experts in host memory"),
+        click.option("--expert-threshold", "expert_threshold", type=int, default=None,
+                     help=f"MoE: tokens of a ubatch routed to one host expert from which it is uploaded "
+                          f"(default {EXPERT_UPLOAD_THRESHOLD}; fewer: computed on the CPU)"),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -128,7 +135,8 @@ def choose_device(ngl=0, overrides=(), no_fit=False, names=None, **_):
 
 def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="auto",
                 threshold=UPLOAD_THRESHOLD, nopo=0, load_tokenizer=True, quantize=None, no_fit=False,
-                no_cuda_graphs=False, no_layer_major=False, choice=None, **_):
+                no_cuda_graphs=False, no_layer_major=False, choice=None, n_cpu_moe=0, cpu_moe=False,
+                expert_threshold=None, **_):
     """The one place the CLI turns its flags into a Model (run, plan, perplexity, bench).
     choice: the device rule's answer, when the caller applied it before loading the file."""
     from ..api import Model
@@ -136,12 +144,14 @@ def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides
     from ..core.policy import make_policy
     choice = choice or choose_device(ngl, overrides, no_fit)
     pol = policy if not isinstance(policy, str) else make_policy(
-        policy, threshold, bool(nopo), calibration=calibration() if policy == "cost" else None)
+        policy, threshold, bool(nopo), calibration=calibration() if policy == "cost" else None,
+        expert_threshold=expert_threshold)
     opts = Options.from_env(n_threads=threads, cuda_graphs=False if no_cuda_graphs else None,
                             layer_major=False if no_layer_major else None)
     return Model(loaded, n_gpu_layers=choice.n_gpu_layers, policy=pol, device=choice.device,
                  n_ctx=n_ctx or loaded.config.n_ctx_train, n_ubatch=n_ubatch, overrides=list(choice.overrides),
-                 load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit, options=opts)
+                 load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit, options=opts,
+                 n_cpu_moe=n_cpu_moe or 0, cpu_moe=cpu_moe)
 
 
 def load_model(model, **flags):

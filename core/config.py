@@ -25,6 +25,12 @@ class ModelConfig:
     add_bos: bool = False
     name: str = ""
     extra: dict = field(default_factory=dict)  # architecture-specific (e.g. gemma3 sliding window)
+    # mixture of experts (0: a dense model): experts per MoE layer, experts per token, the experts'
+    # FFN width, and whether the top-k routing weights are renormalized to sum to 1
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    expert_norm: bool = True
 
     def __post_init__(self):
         if not self.rope_dim:

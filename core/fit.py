@@ -9,13 +9,20 @@ Device bytes for -ngl k (the layers placed as ResidencyMap.assign places them):
   + the streaming ring: n_slots x the largest streamed layer (when any layer is streamed)
   + compute buffers (passed in; estimate_compute_bytes gives one)
 Pinned host bytes: the streamed layers' weights (one staging arena) + the host layers' K/V.
+Experts (3-D tensors): resident with their layer unless --n-cpu-moe / --cpu-moe or an -ot pattern
+keeps them in host memory; host experts the device may upload (expert by expert, per ubatch) need
+EXPERT_LAYER_SLOTS layers' worth of device slots (core/expert_streaming.py) and are pinned. A MoE
+model that does not fit keeps more layers' experts on the host before it lowers -ngl (as llama.cpp's
+fit raises --n-cpu-moe first): the attention and shared weights stay on the device.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from .errors import LStreamError
+from .expert_streaming import EXPERT_LAYER_SLOTS
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -46,10 +53,12 @@ class Needs:
     slots: int = 0
     compute: int = 0
     pinned: int = 0
+    experts: int = 0  # device slots for host experts uploaded per ubatch
+    n_cpu_moe: int = 0  # layers (from the first) whose experts stay in host memory
 
     @property
     def device(self) -> int:
-        return self.weights + self.small + self.kv + self.slots + self.compute
+        return self.weights + self.small + self.kv + self.slots + self.compute + self.experts
 
 
 @dataclass
@@ -60,6 +69,7 @@ class FitResult:
     free_device: int
     note: str | None = None  # one line when -ngl was lowered
     warnings: list[str] = field(default_factory=list)
+    n_cpu_moe: int = 0  # --n-cpu-moe to use (raised to fit a MoE model)
 
 
 def on_device(layer: int, n_layer: int, ngl: int) -> bool:
@@ -68,14 +78,18 @@ def on_device(layer: int, n_layer: int, ngl: int) -> bool:
 
 
 def needs(entries: Iterable, n_layer: int, ngl: int, kv_bytes_per_layer: int, host_kv_bytes_per_layer: int = 0,
-          compute_bytes: int = 0, n_slots: int = 3, streaming: bool = True) -> Needs:
-    """entries: objects with name, layer, shape, nbytes, alias_of (core.residency.TensorEntry)."""
+          compute_bytes: int = 0, n_slots: int = 3, streaming: bool = True, n_cpu_moe: int = 0,
+          host_patterns: Iterable[str] = ()) -> Needs:
+    """entries: objects with name, layer, shape, nbytes, alias_of (core.residency.TensorEntry).
+    host_patterns: -ot regexes of tensors kept in host memory."""
     entries = list(entries)
     by_name = {e.name: e for e in entries}
-    n = Needs(ngl=ngl, compute=compute_bytes)
+    n = Needs(ngl=ngl, compute=compute_bytes, n_cpu_moe=n_cpu_moe)
+    kept = [re.compile(p) for p in host_patterns]
     streamed: dict[int, int] = {}
+    host_experts: dict[int, int] = {}
     for e in entries:
-        vector = len(e.shape) == 1 or e.shape[0] == 1
+        vector = len(e.shape) == 1 or (len(e.shape) == 2 and e.shape[0] == 1)
         if vector:
             if e.alias_of is None:
                 count = 1
@@ -83,7 +97,14 @@ def needs(entries: Iterable, n_layer: int, ngl: int, kv_bytes_per_layer: int, ho
                     count *= d
                 n.small += 4 * count
             continue
-        if on_device(e.layer, n_layer, ngl):
+        kept_here = any(rx.search(e.name) for rx in kept)
+        if len(e.shape) == 3:  # experts: with their layer, unless --n-cpu-moe or -ot keeps them on the host
+            if on_device(e.layer, n_layer, ngl) and e.layer >= n_cpu_moe and not kept_here:
+                n.weights += e.nbytes
+            else:
+                host_experts[e.layer] = _align(host_experts.get(e.layer, 0) + e.nbytes)
+            continue
+        if on_device(e.layer, n_layer, ngl) and not kept_here:
             src = by_name.get(e.alias_of) if e.alias_of else None
             if src is None or not on_device(src.layer, n_layer, ngl):
                 n.weights += e.nbytes
@@ -94,31 +115,41 @@ def needs(entries: Iterable, n_layer: int, ngl: int, kv_bytes_per_layer: int, ho
     if streaming and streamed:
         n.slots = n_slots * max(streamed.values())
         n.pinned = sum(streamed.values()) + (n_layer - device_blocks) * host_kv_bytes_per_layer
+    if streaming and host_experts:
+        n.experts = EXPERT_LAYER_SLOTS * max(host_experts.values())
+        n.pinned += sum(host_experts.values())
     return n
 
 
 def fit(entries: Iterable, n_layer: int, ngl: int, free_device: int, kv_bytes_per_layer: int,
         host_kv_bytes_per_layer: int = 0, compute_bytes: int = 0, n_slots: int = 3, streaming: bool = True,
-        pinnable_host: int | None = None, reserve: int = DEFAULT_RESERVE, no_fit: bool = False) -> FitResult:
-    """The largest -ngl up to the requested one whose device bytes fit in free_device - reserve."""
+        pinnable_host: int | None = None, reserve: int = DEFAULT_RESERVE, no_fit: bool = False,
+        n_cpu_moe: int = 0, host_patterns: Iterable[str] = ()) -> FitResult:
+    """The largest -ngl up to the requested one whose device bytes fit in free_device - reserve (a
+    MoE model first keeps more layers' experts in host memory: the smallest --n-cpu-moe that fits)."""
     entries = list(entries)
     ngl_max = min(max(ngl, 0), n_layer + 1)
     avail = free_device - reserve
     args = dict(kv_bytes_per_layer=kv_bytes_per_layer, host_kv_bytes_per_layer=host_kv_bytes_per_layer,
-                compute_bytes=compute_bytes, n_slots=n_slots, streaming=streaming)
-    want = needs(entries, n_layer, ngl_max, **args)
+                compute_bytes=compute_bytes, n_slots=n_slots, streaming=streaming, host_patterns=tuple(host_patterns))
+    want = needs(entries, n_layer, ngl_max, n_cpu_moe=n_cpu_moe, **args)
     result = None
     if want.device <= avail:
-        result = FitResult(ngl, ngl, want, free_device)
+        result = FitResult(ngl, ngl, want, free_device, n_cpu_moe=n_cpu_moe)
     elif no_fit:
         raise FitError(f"-ngl {ngl} needs {fmt_bytes(want.device)} on the device, {fmt_bytes(free_device)} free "
                        f"(--no-fit: -ngl is not lowered; lower -ngl or -c)")
     else:
-        for k in range(ngl_max - 1, -1, -1):
-            n = needs(entries, n_layer, k, **args)
+        moe = any(len(e.shape) == 3 for e in entries)
+        tries = [(ngl_max, m) for m in range(n_cpu_moe + 1, n_layer + 1)] if moe else []
+        tries += [(k, n_layer if moe else n_cpu_moe) for k in range(ngl_max - 1, -1, -1)]
+        for k, m in tries:
+            n = needs(entries, n_layer, k, n_cpu_moe=m, **args)
             if n.device <= avail:
-                result = FitResult(k, ngl, n, free_device, note=f"-ngl {ngl} needs {fmt_bytes(want.device)}, "
-                                                               f"{fmt_bytes(free_device)} free: using -ngl {k}")
+                how = f"using -ngl {k}" if k != ngl_max else f"experts of the first {m} layers in host memory " \
+                                                             f"(--n-cpu-moe {m})"
+                result = FitResult(k, ngl, n, free_device, n_cpu_moe=m, note=f"-ngl {ngl} needs {fmt_bytes(want.device)}, "
+                                                                         f"{fmt_bytes(free_device)} free: {how}")
                 break
         if result is None:
             n = needs(entries, n_layer, 0, **args)
@@ -154,7 +185,8 @@ def host_available() -> int | None:
 
 
 def fit_model(residency, cfg, ngl: int, n_ctx: int, n_ubatch: int, free_device: int, n_slots: int = 3,
-              streaming: bool = True, no_fit: bool = False, dtype_bytes: int = 2) -> FitResult:
+              streaming: bool = True, no_fit: bool = False, dtype_bytes: int = 2, n_cpu_moe: int = 0,
+              host_patterns: Iterable[str] = ()) -> FitResult:
     """fit() with the K/V and compute sizes of a model (device K/V in the compute dtype, host K/V float32)."""
     entries = list(residency)
     kv_values = 2 * n_ctx * cfg.n_head_kv * cfg.head_dim
@@ -162,4 +194,5 @@ def fit_model(residency, cfg, ngl: int, n_ctx: int, n_ubatch: int, free_device: 
     return fit(entries, cfg.n_layer, ngl, free_device, kv_bytes_per_layer=kv_values * dtype_bytes,
                host_kv_bytes_per_layer=kv_values * 4,
                compute_bytes=estimate_compute_bytes(cfg, n_ubatch, n_ctx, largest, dtype_bytes),
-               n_slots=n_slots, streaming=streaming, pinnable_host=host_available(), no_fit=no_fit)
+               n_slots=n_slots, streaming=streaming, pinnable_host=host_available(), no_fit=no_fit,
+               n_cpu_moe=n_cpu_moe, host_patterns=host_patterns)

@@ -15,7 +15,11 @@ class Op(enum.Enum):
     ADD = "add"
     SCALE = "scale"  # x * constant
     RMS_NORM_HEADS = "rms_norm_heads"  # per-head rms_norm: x (T, n_head*head_dim), weight (head_dim,)
+    # mixture of experts: inputs (x, router logits (T, n_expert)[, shared FFN out, shared gate logit]);
+    # weights the 3-D ffn_{gate,up,down}_exps; routes each token to its top-k experts (core/moe.py)
+    # and sums their SwiGLU FFNs weighted by the routing weights (+ sigmoid(gate) * shared)
+    MOE = "moe"
 
 
 # Ops that read a weight tensor; the scheduler places them by where that weight lives.
-WEIGHT_OPS = frozenset({Op.EMBED, Op.RMS_NORM, Op.MATMUL, Op.RMS_NORM_HEADS})
+WEIGHT_OPS = frozenset({Op.EMBED, Op.RMS_NORM, Op.MATMUL, Op.RMS_NORM_HEADS, Op.MOE})

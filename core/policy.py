@@ -8,16 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .batch import UPLOAD_THRESHOLD
+from .batch import EXPERT_UPLOAD_THRESHOLD, UPLOAD_THRESHOLD
 from .ops import Op
 from .residency import TensorEntry
 
 
 class UploadPolicy:
     name = "policy"
+    # MoE: tokens routed to one expert from which it is uploaded (should_upload_expert)
+    expert_threshold = EXPERT_UPLOAD_THRESHOLD
 
     def should_upload(self, op: Op, entry: TensorEntry | None, n_tokens: int) -> bool:
         raise NotImplementedError
+
+    def should_upload_expert(self, op: Op, entry: TensorEntry, n_routed: int, n_tokens: int) -> bool:
+        """A MoE op whose experts live in host memory, on a device: upload this expert (and compute
+        it there) when n_routed of the ubatch's n_tokens are routed to it, else compute it on the CPU.
+        entry: one of the layer's 3-D expert tensors. The device asks per expert once the ubatch is
+        routed; the scheduler asks with n_routed = n_tokens (could any expert be uploaded?)."""
+        return n_routed >= self.expert_threshold
 
     def prepare(self, residency, device: str) -> None:
         """Called when the policy is given to a device backend (and after the residency changes):
@@ -59,12 +68,18 @@ class Never(UploadPolicy):
     def should_upload(self, op, entry, n_tokens):
         return False
 
+    def should_upload_expert(self, op, entry, n_routed, n_tokens):
+        return False
+
 
 class Always(UploadPolicy):
     name = "always"
 
     def should_upload(self, op, entry, n_tokens):
         return True
+
+    def should_upload_expert(self, op, entry, n_routed, n_tokens):
+        return n_routed > 0
 
 
 @dataclass
@@ -101,7 +116,7 @@ class LayerSplit(UploadPolicy):
         self.n_host = 0  # layers with weights in host memory (the output layer included)
 
     def prepare(self, residency, device: str) -> None:
-        host = sorted({e.layer for e in residency if e.layer >= 0 and e.home != device and len(e.shape) > 1})
+        host = sorted({e.layer for e in residency if e.layer >= 0 and e.home != device and len(e.shape) == 2})
         self.first_host_layer = host[0] if host else 0
         self.n_host = len(host)
 
@@ -159,7 +174,7 @@ class CostModel(UploadPolicy):
     def prepare(self, residency, device: str) -> None:
         layers: dict[int, list] = {}
         for e in residency:
-            if e.layer >= 0 and e.home != device and len(e.shape) > 1 and e.alias_of is None:
+            if e.layer >= 0 and e.home != device and len(e.shape) == 2 and e.alias_of is None:
                 layers.setdefault(e.layer, []).append(e)
         order = sorted(layers)
         cpu = [sum(self.cal.cpu_seconds(e, 1) for e in layers[k]) for k in order]
@@ -186,9 +201,18 @@ class CostModel(UploadPolicy):
 
 
 def make_policy(name: str = "auto", threshold: int = UPLOAD_THRESHOLD, no_op_offload: bool = False,
-                calibration: Calibration | None = None) -> UploadPolicy:
-    """The CLI's --policy/--threshold/-nopo flags as one policy object ("split:N" = LayerSplit(N),
-    "auto" = AutoSplit, "cost" = CostModel on a calibration)."""
+                calibration: Calibration | None = None, expert_threshold: int | None = None) -> UploadPolicy:
+    """The CLI's --policy/--threshold/--expert-threshold/-nopo flags as one policy object."""
+    pol = _make_policy(name, threshold, no_op_offload, calibration)
+    if expert_threshold is not None:
+        if expert_threshold < 1:
+            raise ValueError(f"expert threshold must be a positive token count, found {expert_threshold}")
+        pol.expert_threshold = expert_threshold
+    return pol
+
+
+def _make_policy(name: str, threshold: int, no_op_offload: bool, calibration: Calibration | None) -> UploadPolicy:
+    """("split:N" = LayerSplit(N), "auto" = AutoSplit, "cost" = CostModel on a calibration)."""
     if no_op_offload or name == "never":
         return Never()
     if name == "threshold":

@@ -37,11 +37,49 @@ class TensorEntry:
 
     @property
     def n_rows(self) -> int:
-        return self.shape[0] if len(self.shape) > 1 else 1
+        """Rows of n_cols values (a 3-D expert tensor: every expert's rows, expert after expert)."""
+        n = 1
+        for d in self.shape[:-1]:
+            n *= d
+        return n
 
     @property
     def n_cols(self) -> int:
         return self.shape[-1]
+
+    # -- experts: a 3-D tensor (n_expert, rows, cols) holds one matrix per expert ----------------
+    @property
+    def n_expert(self) -> int:
+        """Experts in this tensor (0: not an expert tensor)."""
+        return self.shape[0] if len(self.shape) == 3 else 0
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.nbytes // self.n_expert
+
+    def expert(self, e: int):
+        """Expert e's matrix: a zero-copy (rows, row bytes or cols) view. `data` is a 3-D array (GGUF)
+        or a sequence of per-expert arrays (safetensors keeps each expert's tensor where it lies)."""
+        return self.data[e]
+
+
+@dataclass(frozen=True)
+class ExpertUnit:
+    """One expert of one layer: its gate, up and down matrices, what moves and is placed as one."""
+    layer: int
+    expert: int
+    names: tuple[str, ...]  # the layer's 3-D expert tensors (canonical names)
+    nbytes: int  # this expert's bytes in all of them
+    home: str
+
+
+EXPERT_KINDS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def moe_overrides(n_cpu_moe: int) -> list[tuple[str, str]]:
+    """llama.cpp's --n-cpu-moe N as -ot patterns: the experts of the first N layers stay in host
+    memory (--cpu-moe: every layer's)."""
+    return [(rf"^blk\.{il}\.ffn_(up|down|gate)_exps", HOST) for il in range(max(n_cpu_moe, 0))]
 
 
 class ResidencyMap:
@@ -66,9 +104,20 @@ class ResidencyMap:
     def layer(self, layer: int) -> list[TensorEntry]:
         return [e for e in self.entries.values() if e.layer == layer]
 
+    def experts(self, layer: int) -> list[ExpertUnit]:
+        """The experts of a MoE layer as units (none for a dense layer)."""
+        es = [e for e in self.layer(layer) if e.n_expert]
+        if not es:
+            return []
+        kinds = {k: i for i, k in enumerate(EXPERT_KINDS)}
+        es.sort(key=lambda e: kinds.get(e.name.split(".")[2], len(kinds)))  # gate, up, down
+        return [ExpertUnit(layer, x, tuple(e.name for e in es), sum(e.expert_nbytes for e in es), es[0].home)
+                for x in range(es[0].n_expert)]
+
     def layer_home(self, layer: int) -> str:
-        """Where a layer's K/V cache and activations belong: the home of its weights."""
-        homes = {e.home for e in self.layer(layer) if e.alias_of is None} or {HOST}
+        """Where a layer's K/V cache and activations belong: the home of its weights (experts aside:
+        the layer computes where its attention is, its experts may live elsewhere, --cpu-moe)."""
+        homes = {e.home for e in self.layer(layer) if e.alias_of is None and not e.n_expert} or {HOST}
         return HOST if HOST in homes and len(homes) > 1 else homes.pop()
 
     def layer_name(self, layer: int) -> str:

@@ -18,7 +18,10 @@ from .loaded import LoadedModel
 # Types the engine computes with; others are rejected at load with a clear message.
 SUPPORTED_QTYPES = frozenset({QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0,
                               QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K})
-NEOX_ARCHS = {"qwen2", "qwen3", "gemma3", "gemma2", "phi3"}  # rotate halves; llama rotates pairs
+NEOX_ARCHS = {"qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma3", "gemma2", "phi3"}
+# MoE architectures whose top-k routing weights are not renormalized when the file does not say
+# (llama.cpp: qwen2moe passes norm_w=false; Mixtral (llama) and qwen3moe renormalize)
+_EXPERT_NO_NORM = {"qwen2moe"}  # rotate halves; llama rotates pairs
 GGUF_MAGIC = b"GGUF"
 GGML_MAX_DIMS = 4
 GGUF_DEFAULT_ALIGNMENT = 32
@@ -229,8 +232,14 @@ def config_from_gguf(path: Path, reader) -> ModelConfig:
     eog = [eos, eot]
     if arch.startswith("gemma"):  # a turn ends generation, as in llama.cpp
         eog.append(reader.string_index("tokenizer.ggml.tokens", "<end_of_turn>"))
+    n_expert = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    n_ff_exp = int(_field(reader, f"{arch}.expert_feed_forward_length", 0) or 0)
+    n_ff = _field(reader, f"{arch}.feed_forward_length") or n_ff_exp or need("feed_forward_length")
     return ModelConfig(
-        arch=arch, n_layer=int(need("block_count")), n_embd=n_embd, n_ff=int(need("feed_forward_length")),
+        arch=arch, n_layer=int(need("block_count")), n_embd=n_embd, n_ff=int(n_ff),
+        n_expert=n_expert, n_expert_used=int(_field(reader, f"{arch}.expert_used_count", 0) or 0),
+        n_ff_exp=n_ff_exp or (int(n_ff) if n_expert else 0),
+        expert_norm=bool(_field(reader, f"{arch}.expert_weights_norm", arch not in _EXPERT_NO_NORM)),
         n_head=n_head, n_head_kv=int(n_head_kv), head_dim=head_dim, vocab_size=int(vocab),
         n_ctx_train=int(_field(reader, f"{arch}.context_length", 4096)),
         rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -266,7 +275,7 @@ def load_gguf(path: Path) -> LoadedModel:
             raise ModelFormatError(path, f"unsupported tensor type {tname} for {t.name}: expected one of "
                                          + ", ".join(q.name for q in sorted(SUPPORTED_QTYPES)))
         shape = tuple(int(d) for d in reversed(list(t.shape)))
-        while len(shape) > 2 and shape[0] == 1:
+        while len(shape) > 2 and shape[0] == 1 and "_exps." not in t.name:  # (a single expert stays 3-D)
             shape = shape[1:]
         block = QTYPE_INFO[qtype].block_size
         if shape[-1] % block:
@@ -279,7 +288,10 @@ def load_gguf(path: Path) -> LoadedModel:
         if t.name in rmap:
             raise ModelFormatError(path, f"duplicate tensor name {t.name}")
         data = t.data
-        if qtype not in (QType.F32, QType.F16):
+        if len(shape) == 3:  # experts (n_expert, rows, cols): expert e is data[e]
+            data = data.reshape(shape[0], shape[1], -1)
+            data = data if qtype in (QType.F32, QType.F16) else data.view(np.uint8)
+        elif qtype not in (QType.F32, QType.F16):
             data = data.reshape(shape[0] if len(shape) > 1 else 1, -1).view(np.uint8)
         rmap.add(TensorEntry(t.name, layer_of(t.name, cfg.n_layer), shape, qtype, nbytes, data,
                              state=State.MAPPED, source=str(part)))

@@ -37,6 +37,12 @@ def _check_layer_shapes(model: LoadedModel) -> None:
                          ("attn_output", (E, Q)), ("ffn_norm", (E,)), ("ffn_gate", (F, E)), ("ffn_up", (F, E)),
                          ("ffn_down", (E, F))):
             want[f"blk.{il}.{n}.weight"] = shape
+    if cfg.n_expert:  # experts (n_expert, rows, cols) and the router (n_expert, n_embd)
+        X, FX = cfg.n_expert, cfg.n_ff_exp
+        for il in range(cfg.n_layer):
+            for n, shape in (("ffn_gate_inp", (X, E)), ("ffn_gate_exps", (X, FX, E)), ("ffn_up_exps", (X, FX, E)),
+                             ("ffn_down_exps", (X, E, FX))):
+                want[f"blk.{il}.{n}.weight"] = shape
     for name, shape in want.items():
         if name in rmap and tuple(rmap[name].shape) != shape:
             raise ModelFormatError(model.path, f"tensor {name}: expected shape {shape} from the config, "
@@ -54,8 +60,11 @@ def finish(model: LoadedModel) -> LoadedModel:
     _check_config(model)
     need = ["token_embd.weight", "output_norm.weight"]
     for il in range(cfg.n_layer):
+        # a layer with a router has experts where a dense one has its FFN
+        ffn = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if f"blk.{il}.ffn_gate_inp.weight" in rmap \
+            else ("ffn_gate", "ffn_up", "ffn_down")
         need += [f"blk.{il}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                                                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
+                                                   "ffn_norm", *ffn)]
     if cfg.arch.startswith("gemma"):
         need = [n for n in need if not n.endswith("ffn_norm.weight")]
     missing = [n for n in need if n not in rmap]
@@ -66,6 +75,14 @@ def finish(model: LoadedModel) -> LoadedModel:
               "blk.0.attn_q.weight": (cfg.n_head * cfg.head_dim, cfg.n_embd),
               "blk.0.attn_k.weight": (cfg.n_head_kv * cfg.head_dim, cfg.n_embd),
               "blk.0.ffn_gate.weight": (cfg.n_ff, cfg.n_embd)}
+    if "blk.0.ffn_gate.weight" not in rmap:  # a MoE layer 0: its experts are checked per layer below
+        del checks["blk.0.ffn_gate.weight"]
+    if any(e.n_expert for e in rmap) and not (cfg.n_expert and cfg.n_expert_used):
+        raise ModelFormatError(model.path, "expert tensors found, but the config gives no expert_count and "
+                                           "expert_used_count")
+    if cfg.n_expert_used > cfg.n_expert or cfg.n_expert_used < 0:
+        raise ModelFormatError(model.path, f"config expert_used_count: expected 0..{cfg.n_expert} (expert_count), "
+                                           f"found {cfg.n_expert_used}")
     for name, want in checks.items():
         got = rmap[name].shape
         if name == "token_embd.weight" and got[1] == want[1]:

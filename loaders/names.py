@@ -17,6 +17,13 @@ HF_BLOCK = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
     "pre_feedforward_layernorm": "ffn_norm",
+    # mixtures of experts: the router, Qwen2-MoE's shared expert and its gate (per-expert tensors: EXPERT)
+    "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
 # Gemma 3 puts a norm after attention and another before the FFN.
@@ -28,6 +35,13 @@ HF_GLOBAL = {
     "lm_head": "output",
 }
 
+# One expert's matrix (Qwen-MoE mlp.experts.E.*_proj; Mixtral block_sparse_moe.experts.E.w1/w3/w2) -> the
+# 3-D GGUF tensor it is a slice of; fused checkpoints (transformers 5's in-memory layout) hold every
+# expert in one tensor: mlp.experts.gate_up_proj (n_expert, 2*ff, n_embd), mlp.experts.down_proj.
+EXPERT = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+          "w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+_HF_EXPERT = re.compile(r"^(?:model\.)?layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_HF_FUSED = re.compile(r"^(?:model\.)?layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _HF_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -54,3 +68,18 @@ def layer_of(canonical: str, n_layer: int) -> int:
     if canonical.startswith(("token_embd", "rope_freqs")):
         return -1
     return n_layer
+
+
+def expert_from_hf(name: str) -> tuple[str, int] | None:
+    """model.layers.3.mlp.experts.17.up_proj.weight -> ("blk.3.ffn_up_exps.weight", 17); None if not one."""
+    name = name.removeprefix("model.language_model.").removeprefix("language_model.").removeprefix("model.")
+    m = _HF_EXPERT.match(name)
+    if m is None or m.group(3) not in EXPERT:
+        return None
+    return f"blk.{m.group(1)}.{EXPERT[m.group(3)]}.weight", int(m.group(2))
+
+
+def fused_experts_from_hf(name: str) -> tuple[int, str] | None:
+    """model.layers.3.mlp.experts.gate_up_proj -> (3, "gate_up_proj"); None if not one."""
+    m = _HF_FUSED.match(name.removeprefix("model.language_model.").removeprefix("model."))
+    return (int(m.group(1)), m.group(2)) if m else None

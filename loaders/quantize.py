@@ -113,10 +113,14 @@ def quantize_model(model, qtype: str | QType) -> QuantizeReport:
     rep = QuantizeReport(QType(qtype))
     t0 = time.perf_counter()
     for e in list(rmap):
-        if e.alias_of is not None or len(e.shape) != 2 or e.qtype not in FLOAT_TYPES or e.n_cols % 32:
+        if e.alias_of is not None or len(e.shape) not in (2, 3) or e.qtype not in FLOAT_TYPES or e.n_cols % 32:
             continue
         want = target_type("output.weight" if e.name in tied else e.name, qtype)
-        data = quantize_rows(want, e.qtype, e.data, e.n_rows, e.n_cols)
+        if e.n_expert:  # experts, one by one, into one (n_expert, rows, row bytes) array of blocks
+            data = np.stack([quantize_rows(want, e.qtype, e.expert(x), e.shape[1], e.n_cols)
+                             for x in range(e.n_expert)])
+        else:
+            data = quantize_rows(want, e.qtype, e.data, e.n_rows, e.n_cols)
         rep.n_tensors += 1
         rep.bytes_before += e.nbytes
         e.qtype, e.data, e.nbytes, e.state = want, data, data.nbytes, State.HOST

@@ -12,12 +12,14 @@ from ..core.config import ModelConfig
 from ..core.errors import ModelFormatError
 from ..core.qtypes import QType, tensor_bytes
 from ..core.residency import ResidencyMap, State, TensorEntry
+from .experts import ExpertGather
 from .loaded import LoadedModel
 from .names import canonical_from_hf, layer_of
 
 DTYPES = {"F32": (QType.F32, np.float32), "F16": (QType.F16, np.float16), "BF16": (QType.BF16, np.uint8)}
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-        "gemma3_text": "gemma3", "gemma3": "gemma3"}
+        "gemma3_text": "gemma3", "gemma3": "gemma3",
+        "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}  # llama.cpp names Mixtral llama
 # Bytes per value of every dtype the safetensors format defines (lstream computes with DTYPES only).
 ST_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
                   "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
@@ -81,8 +83,12 @@ def _config(path: Path) -> ModelConfig:
     eos = hf.eos_token_id if isinstance(hf.eos_token_id, (list, tuple)) else [hf.eos_token_id]
     scaling = dict(getattr(hf, "rope_scaling", None) or {})
     rope_base = getattr(hf, "rope_theta", None) or (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    n_expert = int(getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None) or 0)
     return ModelConfig(
         arch=arch, n_layer=hf.num_hidden_layers, n_embd=hf.hidden_size, n_ff=hf.intermediate_size,
+        n_expert=n_expert, n_expert_used=int(getattr(hf, "num_experts_per_tok", 0) or 0) if n_expert else 0,
+        n_ff_exp=int(getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size) if n_expert else 0,
+        expert_norm=bool(getattr(hf, "norm_topk_prob", True)),  # Mixtral has none: softmax over the top-k
         n_head=hf.num_attention_heads, n_head_kv=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
         head_dim=head_dim, vocab_size=hf.vocab_size, n_ctx_train=getattr(hf, "max_position_embeddings", 4096),
         rms_eps=getattr(hf, "rms_norm_eps", 1e-6), rope_base=float(rope_base),
@@ -137,6 +143,7 @@ def load_safetensors(path: Path) -> LoadedModel:
                                                      f"{type(e).__name__}: {e}") from None
     rmap = ResidencyMap(cfg.n_layer)
     maps = []
+    experts = ExpertGather()
     for file in _shards(path):
         if not file.exists():
             raise ModelFormatError(file, "shard listed in the index is missing")
@@ -149,7 +156,8 @@ def load_safetensors(path: Path) -> LoadedModel:
             if hf_name == "__metadata__":
                 continue
             canon = canonical_from_hf(hf_name, cfg.arch)
-            if canon is None:
+            expert = canon is None and experts.matches(hf_name)
+            if canon is None and not expert:
                 continue  # e.g. rotary inv_freq buffers
             dtype = info.get("dtype")
             if dtype not in DTYPES:
@@ -162,6 +170,9 @@ def load_safetensors(path: Path) -> LoadedModel:
                 raise ModelFormatError(file, f"tensor {hf_name}: offsets {b}..{e} do not hold {dtype} {shape} "
                                              f"within {size} bytes")
             spans.append((b, e, hf_name))
+            if expert:  # gathered into the layer's 3-D expert tensors once every shard is read
+                experts.add(hf_name, mm[start + b:start + e], shape, qtype, np_dtype, file)
+                continue
             data = mm[start + b:start + e]
             data = data.view(np_dtype).reshape(shape) if np_dtype is not np.uint8 else \
                 data.reshape(shape[0] if len(shape) > 1 else 1, -1)
@@ -179,6 +190,7 @@ def load_safetensors(path: Path) -> LoadedModel:
         for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise ModelFormatError(file, f"tensors {n0} and {n1} overlap")
+    experts.finish(rmap, path)
     template = None
     tok_cfg = path / "tokenizer_config.json"
     if tok_cfg.exists():

@@ -10,6 +10,10 @@ shape passes float16's 65504; llama.cpp runs such a file at every -ngl).
     python -m lstream.tools.synth_model llama3-8b Q4_0 out/llama3-8b-q4_0.gguf
     python -m lstream.tools.synth_model llama-70b Q4_K out/70b-4l.gguf --layers 4
     python -m lstream.tools.synth_model llama3-8b Q4_0 out/l8b-large.gguf --scale 0.02
+    python -m lstream.tools.synth_model qwen3-30b-a3b Q4_K out/q3moe-2l.gguf --layers 2
+
+Mixtures of experts (qwen3-30b-a3b, mixtral-8x7b): 3-D ffn_{gate,up,down}_exps tensors and a float32
+router (ffn_gate_inp), as llama.cpp's converter writes them.
 """
 from __future__ import annotations
 
@@ -43,16 +47,29 @@ class Preset:
     ctx: int
     qkv_bias: bool = False
     tied_output: bool = False
+    head_dim_: int = 0  # when not dim / n_heads (Qwen3: 128 with 2048 / 32)
+    qk_norm: bool = False  # per-head q/k RMS norms (Qwen3)
+    n_expert: int = 0  # mixture of experts: experts per layer (every layer), experts per token, their FFN width
+    n_expert_used: int = 0
+    ffn_exp: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_ or self.dim // self.n_heads
 
 
 PRESETS: dict[str, Preset] = {
     "llama3-8b": Preset("llama", 32, 4096, 14336, 32, 8, 128256, 500000.0, 1e-5, 8192),
     "qwen2.5-14b": Preset("qwen2", 48, 5120, 13824, 40, 8, 152064, 1000000.0, 1e-6, 32768, qkv_bias=True),
     "llama-70b": Preset("llama", 80, 8192, 28672, 64, 8, 128256, 500000.0, 1e-5, 8192),
+    # mixtures of experts: Qwen3-30B-A3B (128 experts of 768, top-8; q/k norms) and Mixtral 8x7B (8 of
+    # 14336, top-2: llama.cpp's "llama" with experts)
+    "qwen3-30b-a3b": Preset("qwen3moe", 48, 2048, 6144, 32, 4, 151936, 1000000.0, 1e-6, 40960, head_dim_=128,
+                            qk_norm=True, n_expert=128, n_expert_used=8, ffn_exp=768),
+    "mixtral-8x7b": Preset("llama", 32, 4096, 14336, 32, 8, 32000, 1000000.0, 1e-5, 32768, n_expert=8,
+                           n_expert_used=2, ffn_exp=14336),
+    "tiny-moe": Preset("qwen3moe", 2, 256, 512, 4, 2, 512, 10000.0, 1e-6, 512, head_dim_=64, qk_norm=True,
+                       n_expert=8, n_expert_used=2, ffn_exp=256),
     # the 8B layers with a 4096-token vocabulary: a small file for tests of the layers' numerics
     "llama3-8b-v4k": Preset("llama", 32, 4096, 14336, 32, 8, 4096, 500000.0, 1e-5, 8192),
     # small shapes for tests (not real models)
@@ -79,23 +96,34 @@ _SCALES: dict[QType, list[tuple[int, float]]] = {
 
 
 def tensor_plan(p: Preset, wtype: QType, embd_type: QType, out_type: QType) -> list[tuple[str, tuple[int, ...], QType]]:
-    """(name, numpy-order shape (rows, cols), type) for every tensor, in file order."""
-    kv = p.n_kv_heads * p.head_dim
+    """(name, numpy-order shape (rows, cols), or (n_expert, rows, cols) for experts, type) for every
+    tensor, in file order."""
+    kv, q = p.n_kv_heads * p.head_dim, p.n_heads * p.head_dim
     plan: list[tuple[str, tuple[int, ...], QType]] = [("token_embd.weight", (p.vocab, p.dim), embd_type)]
     for i in range(p.n_layers):
         b = f"blk.{i}."
         plan += [(b + "attn_norm.weight", (p.dim,), QType.F32),
-                 (b + "attn_q.weight", (p.dim, p.dim), wtype),
+                 (b + "attn_q.weight", (q, p.dim), wtype),
                  (b + "attn_k.weight", (kv, p.dim), wtype),
                  (b + "attn_v.weight", (kv, p.dim), wtype)]
         if p.qkv_bias:
-            plan += [(b + "attn_q.bias", (p.dim,), QType.F32), (b + "attn_k.bias", (kv,), QType.F32),
+            plan += [(b + "attn_q.bias", (q,), QType.F32), (b + "attn_k.bias", (kv,), QType.F32),
                      (b + "attn_v.bias", (kv,), QType.F32)]
-        plan += [(b + "attn_output.weight", (p.dim, p.dim), wtype),
-                 (b + "ffn_norm.weight", (p.dim,), QType.F32),
-                 (b + "ffn_gate.weight", (p.ffn, p.dim), wtype),
-                 (b + "ffn_up.weight", (p.ffn, p.dim), wtype),
-                 (b + "ffn_down.weight", (p.dim, p.ffn), wtype)]
+        if p.qk_norm:
+            plan += [(b + "attn_q_norm.weight", (p.head_dim,), QType.F32),
+                     (b + "attn_k_norm.weight", (p.head_dim,), QType.F32)]
+        plan += [(b + "attn_output.weight", (p.dim, q), wtype),
+                 (b + "ffn_norm.weight", (p.dim,), QType.F32)]
+        if p.n_expert:
+            x, f = p.n_expert, p.ffn_exp
+            plan += [(b + "ffn_gate_inp.weight", (x, p.dim), QType.F32),
+                     (b + "ffn_gate_exps.weight", (x, f, p.dim), wtype),
+                     (b + "ffn_up_exps.weight", (x, f, p.dim), wtype),
+                     (b + "ffn_down_exps.weight", (x, p.dim, f), wtype)]
+        else:
+            plan += [(b + "ffn_gate.weight", (p.ffn, p.dim), wtype),
+                     (b + "ffn_up.weight", (p.ffn, p.dim), wtype),
+                     (b + "ffn_down.weight", (p.dim, p.ffn), wtype)]
     plan.append(("output_norm.weight", (p.dim,), QType.F32))
     if not p.tied_output:
         plan.append(("output.weight", (p.vocab, p.dim), out_type))
@@ -125,7 +153,7 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], q
         else:  # |scale| in [0.5, 1.5] * mag
             s = (mag * (0.5 + rng.random(blocks.shape[0], dtype=np.float32))).astype(np.float16)
         blocks[:, off:off + 2] = s.view(np.uint8).reshape(-1, 2)
-    return data.reshape(shape[0] if len(shape) > 1 else 1, -1)
+    return data.reshape(*shape[:-1], -1) if len(shape) > 1 else data.reshape(1, -1)
 
 
 def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QType.Q4_0, *,
@@ -159,6 +187,14 @@ def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QTy
     w.add_rope_dimension_count(p.head_dim)
     w.add_layer_norm_rms_eps(p.eps)
     w.add_vocab_size(p.vocab)
+    if p.head_dim_:
+        w.add_key_length(p.head_dim)
+        w.add_value_length(p.head_dim)
+    if p.n_expert:
+        w.add_expert_count(p.n_expert)
+        w.add_expert_used_count(p.n_expert_used)
+        if p.arch != "llama":  # Mixtral's experts are feed_forward_length wide
+            w.add_expert_feed_forward_length(p.ffn_exp)
     _add_tokenizer(w, p.vocab)
 
     for tname, shape, qt in plan:
@@ -169,7 +205,8 @@ def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QTy
                               raw_dtype=gguf.GGMLQuantizationType.BF16 if qt == QType.BF16 else None)
         else:
             nb = tensor_bytes(qt, shape)
-            w.add_tensor_info(tname, (shape[0], nb // shape[0]), np.dtype(np.uint8), nb,
+            rows = int(np.prod(shape[:-1]))
+            w.add_tensor_info(tname, (*shape[:-1], nb // rows), np.dtype(np.uint8), nb,
                               raw_dtype=gguf.GGMLQuantizationType(int(qt)))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -17,6 +17,7 @@ from ...core.residency import HOST, ResidencyMap, TensorEntry
 from ...core.rope import cos_sin, inv_freq
 from ..base import Backend
 from . import attention as A
+from . import moe
 from . import ops as O
 from .dequant import dequantize
 from .llvm_ir import HAVE_AVX2
@@ -72,6 +73,7 @@ class CPUBackend(Backend):
         self._freqs: dict[tuple, np.ndarray] = {}
         self._f32s: dict[float, np.float32] = {}
         self._stacks: dict[str, Stack] = {}  # weight name -> its stack
+        self._experts: dict = {}  # 3-D expert tensor name -> moe.Experts (packed at load)
         # Sibling outputs of a stacked matmul, waiting for their node: weight name -> (input, output)
         self._pending: dict[str, tuple] = {}
         self._cs = None  # (positions array, freqs key, cos, sin) of the current run
@@ -97,6 +99,8 @@ class CPUBackend(Backend):
         for e in residency:  # repack what this backend computes with, before the first token
             if e.home == HOST and len(e.shape) == 2:
                 self.weight(e.name)
+            elif e.home == HOST and e.n_expert:
+                moe.experts_of(self, e.name)
         self._stack_projections()
 
     def _stack_projections(self) -> None:
@@ -192,6 +196,7 @@ class CPUBackend(Backend):
 
     def unload(self) -> None:
         self._packed.clear()
+        self._experts.clear()
         self._vectors.clear()
         self.residency = None
 
@@ -343,9 +348,15 @@ class CPUBackend(Backend):
         return A.attention(q, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, p["scale"], p.get("window", 0),
                            use_blas=self.blas)
 
+    def _moe(self, node, inputs, ctx):
+        return moe.compute(self, node, inputs, ctx)
+
+    def moe_experts(self, node, x, ids, weights):
+        return moe.experts_ffn(self, node, x, ids, weights)
+
     def _embed(self, node, inputs, ctx):
         return get_rows(self.weight(node.weights[0]), np.asarray(inputs[0]))
 
     _OPS = {Op.MATMUL: _matmul, Op.RMS_NORM: _rms_norm, Op.RMS_NORM_HEADS: _rms_norm_heads, Op.ADD: _add,
             Op.SWIGLU: _gated, Op.GEGLU: _gated, Op.SCALE: _scale, Op.ROPE: _rope, Op.ATTENTION: _attention,
-            Op.EMBED: _embed}
+            Op.EMBED: _embed, Op.MOE: _moe}

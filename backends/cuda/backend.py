@@ -34,6 +34,7 @@ from . import gemv as cg
 from . import gemv_q8, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
 from .graphs import GraphsMixin
+from .moe import MoEMixin
 from .norm_rope import rms_norm, rope
 from .runtime import CudaRuntime
 from .stream_run import StreamRunMixin
@@ -43,10 +44,10 @@ _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat
            "fp32": torch.float32, "float32": torch.float32}
 
 
-class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
+class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend):
     name = "cuda"
     OPS = frozenset({Op.EMBED, Op.MATMUL, Op.RMS_NORM, Op.RMS_NORM_HEADS, Op.ADD, Op.SWIGLU, Op.GEGLU,
-                      Op.SCALE, Op.ROPE, Op.ATTENTION})
+                      Op.SCALE, Op.ROPE, Op.ATTENTION, Op.MOE})
 
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
@@ -96,6 +97,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
         return True
 
     def offload_op(self, node: Node, n_tokens: int, residency: ResidencyMap) -> tuple[bool, str]:
+        if node.op is Op.MOE:  # experts in host memory: decided per expert once routed (moe.py)
+            return self.offload_moe(node, n_tokens, residency)
         entry = residency[node.weight] if node.weight is not None else None
         if entry is not None and entry.qtype not in ck.SUPPORTED:
             return False, f"no GPU kernel for {entry.qtype.name}"
@@ -128,8 +131,11 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
         self.residency = residency
         self.prepare_policy()
         rt = self.rt
+        self._reset_experts()
         for e in residency:
-            if len(e.shape) == 1 or e.n_rows == 1:
+            if e.n_expert:  # 3-D expert tensors: resident, or uploaded expert by expert (moe.py)
+                self._load_experts(e)
+            elif len(e.shape) == 1 or e.n_rows == 1:
                 if e.alias_of is None:
                     self._small[e.name] = ck.dequantize(rt.host_view(e.data).to(self.device), e.qtype, e.n_cols,
                                                         dtype=torch.float32, use_triton=self.use_triton).reshape(-1)
@@ -198,6 +204,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
         self._scratch = None
         self._kv_pending.clear()
         self._pinned_kv.clear()
+        self._reset_experts()
 
     def alloc_kv(self, layer, n_ctx, n_kv_head, head_dim):
         z = lambda: torch.zeros((n_ctx, n_kv_head, head_dim), dtype=self.dtype, device=self.device)  # noqa: E731
@@ -285,6 +292,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, Backend):
             return self._rope(inputs[0], p, ctx)
         if op is Op.ATTENTION:
             return self._attention(node, inputs, ctx)
+        if op is Op.MOE:
+            return self._moe(node, inputs, ctx)
         if op is Op.EMBED:
             e = self.residency[node.weights[0]]
             if ctx.graph is not None:  # a static step: rows or ids already in device buffers

@@ -10,6 +10,10 @@ BUILDERS = {
     "mistral": llama.build,
     "qwen2": llama.build,  # llama with q/k/v biases (picked up from the tensors present)
     "qwen3": qwen3.build,  # llama with per-head q/k RMS norms, no biases
+    # mixtures of experts: Mixtral is "llama" with experts (llama.cpp names it so); the FFN of a
+    # layer with a router becomes the experts (core/arch/moe.py)
+    "qwen3moe": qwen3.build,  # qwen3 with experts (128, top-8, renormalized weights)
+    "qwen2moe": llama.build,  # qwen2 with experts and a sigmoid-gated shared expert
     "gemma3": gemma3.build,
 }
 

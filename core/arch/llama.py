@@ -1,10 +1,12 @@
-"""Llama-family graph (Llama 2/3, Mistral, SmolLM, Qwen2 with q/k/v biases, Qwen3 with q/k norms).
+"""Llama-family graph (Llama 2/3, Mistral, SmolLM, Qwen2 with q/k/v biases, Qwen3 with q/k norms;
+Mixtral, Qwen3-MoE and Qwen2-MoE with experts in place of the FFN).
 `attention_block` and `output_head` are shared by the other architectures (gemma3)."""
 from __future__ import annotations
 
 from ..config import ModelConfig
 from ..graph import INPUT, Graph
 from ..ops import Op
+from .moe import ffn_block
 
 
 def _opt(name: str, names: set[str]) -> str | None:
@@ -50,10 +52,7 @@ def build(cfg: ModelConfig, names: set[str]) -> Graph:
         h = attention_block(g, cfg, il, h, names)
         x = g.add(Op.ADD, f"{p}attn_residual", (x, h), il)
         h = g.add(Op.RMS_NORM, f"{p}ffn_norm", (x,), il, (p + "ffn_norm.weight",), eps=cfg.rms_eps)
-        gate = g.add(Op.MATMUL, f"{p}gate", (h,), il, (p + "ffn_gate.weight",))
-        up = g.add(Op.MATMUL, f"{p}up", (h,), il, (p + "ffn_up.weight",))
-        h = g.add(Op.SWIGLU, f"{p}swiglu", (gate, up), il)
-        h = g.add(Op.MATMUL, f"{p}down", (h,), il, (p + "ffn_down.weight",))
+        h = ffn_block(g, cfg, il, h, names)  # SwiGLU, or experts (Mixtral, Qwen MoE: core/arch/moe.py)
         x = g.add(Op.ADD, f"{p}ffn_residual", (x, h), il)
     g.output = output_head(g, cfg, x, names)
     return g

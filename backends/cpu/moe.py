@@ -1,0 +1,108 @@
+"""The MOE op on the CPU: route (core/moe.py), then the selected experts' SwiGLU FFNs, weighted and
+summed per token. Decode (up to SMALL_BATCH tokens, quantized experts): every (token, expert) pair
+through the grouped matvec kernels (moe_kernels.py), one parallel call for gate+up, one for down.
+Larger batches: tokens grouped by expert, each expert's rows through matmul() (int16 kernels or
+dequantized tiles + sgemm, as any weight). Float experts (safetensors) take the grouped path."""
+from __future__ import annotations
+
+import numpy as np
+
+from ...core.batch import is_small_batch
+from ...core.moe import group, route
+from ...core.residency import TensorEntry
+from . import matmul_int
+from . import moe_kernels as K
+from . import ops as O
+from .matmul import matmul
+from .weights import PackedWeight, pack, row_view
+
+
+class Experts:
+    """One 3-D expert tensor packed for the kernels: `whole` (every expert's rows back to back, one
+    weight: the grouped kernels' input) when the data is one array of blocks, and `per[e]`."""
+
+    def __init__(self, e: TensorEntry, blk_types):
+        self.n_expert, self.rows, self.cols = e.shape
+        self.whole: PackedWeight | None = None
+        if isinstance(e.data, np.ndarray):  # GGUF (or quantized at load): one array
+            self.whole = pack(e.qtype, e.data, e.n_rows, e.n_cols, blk_types)
+            self.per = [row_view(self.whole, x * self.rows, (x + 1) * self.rows) for x in range(self.n_expert)]
+        else:  # safetensors: each expert's matrix where it lies in the file
+            self.per = [pack(e.qtype, e.expert(x), self.rows, self.cols, blk_types) for x in range(self.n_expert)]
+
+    @property
+    def grouped(self) -> bool:
+        return self.whole is not None and self.whole.layout in matmul_int.LAYOUT_ID
+
+
+def experts_of(backend, name: str) -> Experts:
+    ex = backend._experts.get(name)
+    if ex is None:
+        e = backend.residency[name]
+        if not e.n_expert:
+            raise ValueError(f"{name}: not an expert tensor")
+        ex = backend._experts[name] = Experts(e, backend.blk_types)
+    return ex
+
+
+def compute(backend, node, inputs, ctx) -> np.ndarray:
+    """inputs: x (T, n_embd), router logits (T, n_expert)[, shared expert's output]."""
+    p = node.params
+    x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+    ids, w = route(inputs[1], p["top_k"], p["norm"])
+    out = experts_ffn(backend, node, x, ids, w)
+    if len(inputs) > 2:  # Qwen2-MoE: + sigmoid(x . w_gate) * shared expert
+        g = x @ backend.vector(node.weights[3])
+        out += (1.0 / (1.0 + np.exp(-g)))[:, None].astype(np.float32) * np.asarray(inputs[2], np.float32)
+    return out
+
+
+def experts_ffn(backend, node, x: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """sum_j w[t, j] * FFN_ids[t, j](x[t]) for every token t; pairs with ids < 0 are skipped (the
+    experts a device computes itself)."""
+    gate, up, down = (experts_of(backend, n) for n in node.weights[:3])
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if is_small_batch(x.shape[0]) and gate.grouped and up.grouped and down.grouped:
+        return _pairs(gate, up, down, x, ids, w)
+    return _by_expert(backend, gate, up, down, x, ids, w)
+
+
+def _pairs(gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
+    k = ids.shape[1]
+    flat = np.nonzero(ids.reshape(-1) >= 0)[0]
+    tok = (flat // k).astype(np.int64)
+    exp = ids.reshape(-1)[flat].astype(np.int64)
+    out = np.zeros(x.shape, np.float32)
+    if len(flat) == 0:
+        return out
+    nb = x.shape[1] // 32
+    xq, xd, xs = np.empty(x.shape, np.int16), np.empty((len(x), nb), np.float32), np.empty((len(x), nb), np.float32)
+    matmul_int.quant_x(x, xq, xd, xs)
+    h = np.empty((len(flat), gate.rows), np.float32)
+    K.gate_up_pairs(*gate.whole.kernel_args(), *up.whole.kernel_args(), xq, xd, xs, tok, exp, gate.rows, h)
+    nb = gate.rows // 32
+    hq, hd, hs = np.empty(h.shape, np.int16), np.empty((len(h), nb), np.float32), np.empty((len(h), nb), np.float32)
+    matmul_int.quant_x(h, hq, hd, hs)
+    y = np.empty((len(flat), down.rows), np.float32)
+    K.down_pairs(*down.whole.kernel_args(), hq, hd, hs, exp, down.rows, y)
+    y *= w.reshape(-1)[flat][:, None]
+    np.add.at(out, tok, y)
+    return out
+
+
+def _by_expert(backend, gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
+    k = ids.shape[1]
+    groups = group(ids, gate.n_expert)
+    wflat = w.reshape(-1)
+    out = np.zeros(x.shape, np.float32)
+    use_blas, gmin = backend.blas, backend.gemm_min_tokens
+    for j, e in enumerate(groups.experts):
+        pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
+        tok = pairs // k
+        xe = np.ascontiguousarray(x[tok])
+        g = matmul(gate.per[e], xe, None, use_blas, gmin)
+        u = matmul(up.per[e], xe, None, use_blas, gmin)
+        h = O.swiglu(g, u)
+        y = matmul(down.per[e], np.ascontiguousarray(h, dtype=np.float32), None, use_blas, gmin)
+        out[tok] += y * wflat[pairs][:, None]  # a token meets an expert at most once
+    return out

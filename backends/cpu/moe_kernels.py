@@ -1,0 +1,58 @@
+"""Grouped quantized matrix-vector products for the experts of a decode step: every (token, expert)
+pair of a MoE layer in one parallel call (gate and up with the SwiGLU, then down), on the 3-D expert
+tensor packed as one weight whose expert e is rows [e*rows, (e+1)*rows)."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .blocks import dot_blk
+from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, ROWS, _m_term
+from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+
+
+@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+def _dot(wk, qs, qi, qh, d, m, xq, xd, xs, r, t):
+    """Row r of a packed weight . row t of the int16 activations (matmul_int._tile's products)."""
+    layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0
+    off = (r * nb, nb)
+    if layout == L_NIB:
+        return dot_nib_row(qs, d, m, xq[t], xd[t], xs[t], off)
+    if layout == L_NIB5:
+        return dot_nib5_row(qs, qh, d, m, xq[t], xd[t], xs[t], off)
+    if layout == L_BLK:
+        return dot_blk(fmt, qs, xq[t], xd[t], xs[t], off)
+    if layout == L_I8:
+        return _m_term(dot_i8_row(qi, d, xq[t], xd[t], off), has_m, m, xs[t], r, nb)
+    return _m_term(dot_i8s16_row(qi, d, xq[t], xd[t], off), has_m, m, xs[t], r, nb)
+
+
+@njit(**_JIT)
+def gate_up_pairs(wg, qsg, qhg, dg, mg, wu, qsu, qhu, du, mu, xq, xd, xs, tok, exp, rows, out):
+    """out[p, r] = silu(G[exp[p]] row r . x[tok[p]]) * (U[exp[p]] row r . x[tok[p]]): prange over
+    (pair, group of ROWS rows), so a step's 8 experts share one launch."""
+    qig, qiu = qsg.view(np.int8), qsu.view(np.int8)
+    n_groups = (rows + ROWS - 1) // ROWS
+    for g in prange(len(tok) * n_groups):
+        p = g // n_groups
+        r0 = (g - p * n_groups) * ROWS
+        t, base = tok[p], exp[p] * rows
+        for r in range(r0, min(rows, r0 + ROWS)):
+            a = _dot(wg, qsg, qig, qhg, dg, mg, xq, xd, xs, base + r, t)
+            b = _dot(wu, qsu, qiu, qhu, du, mu, xq, xd, xs, base + r, t)
+            out[p, r] = a / (np.float32(1.0) + np.exp(-a)) * b
+
+
+@njit(**_JIT)
+def down_pairs(wk, qs, qh, d, m, hq, hd, hs, exp, rows, out):
+    """out[p, r] = D[exp[p]] row r . h[p] (h: the pairs' SwiGLU outputs, quantized)."""
+    qi = qs.view(np.int8)
+    n_groups = (rows + ROWS - 1) // ROWS
+    for g in prange(len(exp) * n_groups):
+        p = g // n_groups
+        r0 = (g - p * n_groups) * ROWS
+        base = exp[p] * rows
+        for r in range(r0, min(rows, r0 + ROWS)):
+            out[p, r] = _dot(wk, qs, qi, qh, d, m, hq, hd, hs, base + r, p)

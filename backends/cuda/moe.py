@@ -1,0 +1,155 @@
+"""The MOE op on the CUDA backend (a mixin of CUDABackend), simple and correct; the fast kernels
+come later.
+
+Experts resident here: routed on the device (no host sync: a static decode step stays capturable);
+a few tokens gather their experts' blocks by id and multiply them batched, larger batches dequantize
+each used expert once for its tokens. Experts in host memory (--cpu-moe, --n-cpu-moe, -ot exps=cpu):
+the scheduler gives the op to this backend when the policy could upload one of them at this batch
+size; then the ubatch is routed (its logits read back), every expert with enough routed tokens
+(UploadPolicy.should_upload_expert) is uploaded through the expert slots (core/expert_streaming.py)
+and computed here, and the others are computed by the host backend meanwhile (one hop each way)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...core.batch import is_small_batch
+from ...core.moe import expert_counts, group, route
+from ...core.ops import Op
+from ...core.residency import HOST, State
+from . import dequant as ck
+
+
+class MoEMixin:
+    host = None  # the backend computing the experts left in host memory (Model attaches the CPU's)
+
+    def attach_host(self, backend) -> None:
+        self.host = backend
+
+    def _reset_experts(self) -> None:
+        self._experts_dev: dict[str, torch.Tensor] = {}  # resident: (n_expert, expert bytes) uint8
+        self._host_experts: list[str] = []  # in host memory, may be uploaded expert by expert
+        self.expert_streamer = None
+
+    def _load_experts(self, e) -> None:
+        if e.home == self.name:
+            t = torch.empty((e.n_expert, e.expert_nbytes), dtype=torch.uint8, device=self.device)
+            for x in range(e.n_expert):
+                t[x].copy_(self.rt.host_view(e.expert(x)))
+            self._experts_dev[e.name] = t
+            e.state = State.RESIDENT
+        elif e.home == HOST and e.qtype in ck.SUPPORTED:
+            self._host_experts.append(e.name)
+
+    def offload_moe(self, node, n_tokens: int, residency) -> tuple[bool, str]:
+        entry = residency[node.weight]
+        if node.weight not in self._host_experts:
+            return False, f"no GPU kernel for {entry.qtype.name} experts"
+        pol = self.policy
+        want = pol.should_upload_expert(Op.MOE, entry, n_tokens, n_tokens)
+        thr = f"expert threshold {pol.expert_threshold} tokens"
+        if want:
+            return True, (f"{pol.describe()}, {thr}: routed first, experts with enough of the {n_tokens} tokens "
+                          f"uploaded, the others on the CPU")
+        return False, f"{pol.describe()}, {thr}: no expert reaches it at {n_tokens} tokens"
+
+    def _expert_streamer(self):
+        if self.expert_streamer is None:
+            from ...core.expert_streaming import ExpertStreamer
+            self.expert_streamer = ExpertStreamer(self.rt, self.residency, self._host_experts)
+        return self.expert_streamer
+
+    # -- compute -----------------------------------------------------------------------------------
+    def _moe(self, node, inputs, ctx):
+        x, logits = inputs[0], inputs[1]
+        if node.weights[0] in self._experts_dev:
+            y = self._moe_resident(node, x, logits)
+        else:
+            y = self._moe_streamed(node, x, logits, ctx)
+        if len(inputs) > 2:  # Qwen2-MoE: + sigmoid(x . w_gate) * shared expert
+            g = x.float() @ self._small[node.weights[3]]
+            y = y + torch.sigmoid(g)[:, None] * inputs[2].float()
+        return y
+
+    def _deq(self, raw: torch.Tensor, name: str) -> torch.Tensor:
+        e = self.residency[name]
+        return ck.dequantize(raw, e.qtype, e.n_cols, dtype=self.dtype, use_triton=self.use_triton)
+
+    def _ffn(self, names, xe: torch.Tensor, raws) -> torch.Tensor:
+        """One expert's SwiGLU FFN on its tokens' rows: raws = its gate, up, down blocks."""
+        xe = xe.to(self.dtype)
+        g = xe @ self._deq(raws[0], names[0]).t()
+        u = xe @ self._deq(raws[1], names[1]).t()
+        h = (F.silu(g.float()) * u.float()).to(self.dtype)
+        return (h @ self._deq(raws[2], names[2]).t()).float()
+
+    def _moe_resident(self, node, x, logits):
+        p, names = node.params, node.weights[:3]
+        k, n_exp = p["top_k"], p["n_expert"]
+        prob = torch.softmax(logits.double(), dim=-1)
+        w, ids = torch.topk(prob, k, dim=-1)
+        if p["norm"]:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.float()
+        T = x.shape[0]
+        if is_small_batch(T):  # every (token, expert) pair: its blocks gathered by id, one batched product
+            flat = ids.reshape(-1)
+            mats = []
+            for n in names:
+                e, blk = self.residency[n], self._experts_dev[n][flat]
+                mats.append(self._deq(blk, n).view(len(flat), e.shape[1], e.shape[2]))
+            xp = x.to(self.dtype).repeat_interleave(k, dim=0)[:, :, None]
+            g, u = torch.bmm(mats[0], xp)[..., 0], torch.bmm(mats[1], xp)[..., 0]
+            h = (F.silu(g.float()) * u.float()).to(self.dtype)[:, :, None]
+            y = torch.bmm(mats[2], h)[..., 0].float().view(T, k, -1)
+            return (y * w[..., None]).sum(dim=1)
+        ids_np, w_dev = ids.cpu().numpy(), w.reshape(-1)
+        out = torch.zeros((T, x.shape[1]), dtype=torch.float32, device=self.device)
+        groups = group(ids_np, n_exp)
+        for j, e in enumerate(groups.experts):
+            pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
+            tok = torch.as_tensor(pairs // k, device=self.device)
+            y = self._ffn(names, x[tok], [self._experts_dev[n][e] for n in names])
+            out.index_add_(0, tok, y * w_dev[torch.as_tensor(pairs, device=self.device)][:, None])
+        return out
+
+    def _moe_streamed(self, node, x, logits, ctx):
+        """Experts in host memory: route, upload those the policy wants (copies start now), let the host
+        backend compute the others meanwhile, then compute the uploaded ones here."""
+        p, names = node.params, node.weights[:3]
+        k, n_exp, T = p["top_k"], p["n_expert"], x.shape[0]
+        entry = self.residency[names[0]]
+        ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
+        counts = expert_counts(ids, n_exp)
+        up = [int(e) for e in np.nonzero(counts)[0]
+              if self.policy.should_upload_expert(Op.MOE, entry, int(counts[e]), T)]
+        st = self._expert_streamer()
+        before = st.stats.bytes_streamed
+        views = st.acquire(node.layer, up) if up else {}
+        on_dev = np.zeros(n_exp, dtype=bool)
+        on_dev[up] = True
+        host_pairs = ~on_dev[ids]
+        out = torch.zeros((T, x.shape[1]), dtype=torch.float32, device=self.device)
+        prof = ctx.profile
+        if host_pairs.any():
+            t0 = time.perf_counter()
+            y = self.host.moe_experts(node, x.float().cpu().numpy(), np.where(host_pairs, ids, -1), w)
+            out += self.from_host(y)
+            if prof is not None:
+                prof.add("cpu experts (for the device)", time.perf_counter() - t0, int(np.unique(ids[host_pairs]).size))
+        groups = group(ids, n_exp, keep=~host_pairs)
+        wflat = w.reshape(-1)
+        for j, e in enumerate(groups.experts):
+            pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
+            tok = torch.as_tensor(pairs // k, device=self.device)
+            y = self._ffn(names, x[tok], [views[int(e)][n] for n in names])
+            out.index_add_(0, tok, y * torch.as_tensor(wflat[pairs], device=self.device)[:, None])
+        if up:
+            st.release(node.layer)
+        if prof is not None:
+            prof.bytes_uploaded += st.stats.bytes_streamed - before
+            prof.add(f"{self.name} experts uploaded", 0.0, len(up))
+        return out

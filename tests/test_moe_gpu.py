@@ -1,0 +1,100 @@
+"""Mixtures of experts on the real CUDA backend (marker gpu; skipped without a GPU): the CPU, experts
+resident on the GPU, every layer's experts in host memory (--cpu-moe) and the first layer's
+(--n-cpu-moe 1) give the same greedy tokens (fp32 compute) and close logits (bf16). The bf16 test body also runs on
+the fake device (the CUDA backend's code on CPU tensors; the greedy one is test_moe_device.py's), so
+they are known to hold before a GPU session runs them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lstream.api import Model  # noqa: E402
+from lstream.core.policy import BatchThreshold  # noqa: E402
+from lstream.loaders.model_file import load_model  # noqa: E402
+from lstream.tools import tiny_moe  # noqa: E402
+
+GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs a CUDA device")])
+KINDS = [GPU, "fake"]
+PLACEMENTS = ({}, {"cpu_moe": True}, {"n_cpu_moe": 1}, {"overrides": [("exps", "cpu")]})
+
+
+def _device(kind: str, dtype: str):
+    if kind == "cuda":
+        from lstream.backends.cuda import CUDABackend
+        return CUDABackend(policy=BatchThreshold(), dtype=dtype)
+    from fake_device import FakeDeviceBackend
+    return FakeDeviceBackend(BatchThreshold(), dtype=dtype)
+
+
+@pytest.fixture(scope="module", params=tiny_moe.ARCHS)
+def tiny(request, tmp_path_factory):
+    arch = request.param
+    d, ids, ref = tiny_moe.write(arch, tmp_path_factory.mktemp(arch), n_tokens=40, gguf_types=("Q8_0",))
+    return arch, d / f"{arch}-Q8_0.gguf", ids
+
+
+def _run(path, ids, dev=None, **kw):
+    m = Model(load_model(path), n_gpu_layers=99 if dev else 0, device_backend=dev, device=None, n_ctx=128,
+              n_ubatch=16, load_tokenizer=False, **kw)
+    try:
+        gen = list(m.generate_tokens(ids[:24], 12, stop_at_eos=False))
+        m.reset()
+        logits = m.eval(ids[:24] + gen[:-1], logits="all")
+        return gen, logits
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("kind", [GPU])  # on the fake device: test_moe_device.py's test_greedy_tokens_equal_cpu
+def test_paths_give_the_cpus_greedy_tokens(tiny, kind):
+    arch, path, ids = tiny
+    want, ref = _run(path, ids)
+    for kw in PLACEMENTS:
+        gen, logits = _run(path, ids, _device(kind, "fp32"), **kw)
+        assert gen == want, (arch, kw)
+        nmse = float(((logits - ref) ** 2).sum() / (ref ** 2).sum())
+        assert nmse < 1e-8, (arch, kw, nmse)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_close_to_the_cpu(tiny, kind):
+    arch, path, ids = tiny
+    ref = None
+    for dev, kw in ((None, {}), (_device(kind, "bf16"), {}), (_device(kind, "bf16"), {"cpu_moe": True})):
+        m = Model(load_model(path), n_gpu_layers=99 if dev else 0, device_backend=dev, device=None, n_ctx=128,
+                  n_ubatch=16, load_tokenizer=False, **kw)
+        try:
+            logits = m.eval(ids[:35], logits="all")
+        finally:
+            m.close()
+        if ref is None:
+            ref = logits
+            continue
+        nmse = float(((logits - ref) ** 2).sum() / (ref ** 2).sum())
+        assert nmse < 1e-3, (arch, kw, nmse)  # bf16 matmul inputs (the CPU: int16 activations)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qwen3_30b_shapes_two_layers(tmp_path):
+    """Real Qwen3-30B-A3B layer shapes (2 layers, synthetic Q4_K): resident and --cpu-moe against the CPU,
+    a 512-token prompt (experts uploaded per ubatch) and decode steps (experts on the CPU)."""
+    from lstream.tools.synth_model import write_model
+    path = write_model(tmp_path / "q3moe-2l.gguf", "qwen3-30b-a3b", "Q4_K", layers=2)
+    prompt = np.random.default_rng(0).integers(0, 151000, 512).tolist()
+    outs = {}
+    for name, kw in (("cpu", {}), ("resident", {"n_gpu_layers": 99}), ("cpu-moe", {"n_gpu_layers": 99, "cpu_moe": True})):
+        dev = None if name == "cpu" else _device("cuda", "bf16")
+        m = Model(load_model(path), device_backend=dev, device=None, n_ctx=1024, n_ubatch=512, load_tokenizer=False, **kw)
+        try:
+            m.eval(prompt)
+            outs[name] = np.stack([m.eval([t]) for t in (11, 12, 13, 14)])
+        finally:
+            m.close()
+    for name in ("resident", "cpu-moe"):
+        ref = outs["cpu"]
+        assert float(((outs[name] - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3, name

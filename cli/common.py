@@ -23,16 +23,16 @@ def one_line_errors(fn):
     return wrapper
 
 
-def model_options(fn=None, *, n_ctx: int = 4096):
+def model_options(fn=None, *, n_ctx: int = 4096, n_ubatch: int = 512):
     """-m/-ngl/-t/-c/-ub and the upload-policy flags, as llama.cpp spells them."""
     if fn is None:
-        return lambda f: model_options(f, n_ctx=n_ctx)
+        return lambda f: model_options(f, n_ctx=n_ctx, n_ubatch=n_ubatch)
     opts = [
         click.option("-m", "--model", default=None, help="GGUF file, safetensors directory or short name (default smollm2-135m)"),
         click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=0, show_default=True, help="layers resident on the GPU"),
         click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: physical cores)"),
         click.option("-c", "--ctx-size", "n_ctx", type=int, default=n_ctx, show_default=True),
-        click.option("-ub", "--ubatch-size", "n_ubatch", type=int, default=512, show_default=True),
+        click.option("-ub", "--ubatch-size", "n_ubatch", type=int, default=n_ubatch, show_default=True),
         click.option("-ot", "--override-tensor", "overrides", multiple=True, help="REGEX=DEVICE (cpu or cuda)"),
         click.option("--policy", default="auto", show_default=True,
                      help="upload policy for non-resident weights: auto (prefill streams from --threshold "

@@ -82,9 +82,10 @@ class Engine:
         with self.cond:
             if not self.accepting:
                 raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.max_queue and len(self.active) + len(self.waiting) >= self.n_slots:
+            if len(self.active) + len(self.waiting) >= self.n_slots + self.max_queue:
                 self.stats.rejected += 1
-                raise QueueFull(f"all {self.n_slots} slots are busy and {len(self.waiting)} requests are waiting")
+                raise QueueFull(f"all {self.n_slots} slots are busy and the queue is full ({len(self.waiting)} "
+                                f"requests waiting, --queue-size {self.max_queue})")
             self.waiting.append(req)
             self.cond.notify()
 
@@ -114,6 +115,24 @@ class Engine:
     @property
     def queue_len(self) -> int:
         return len(self.waiting)
+
+    def warmup(self, sizes=None) -> float:
+        """Evaluate ubatches of each size a step may take first (1..8: the CPU compiles decode programs
+        per size; 16: the op-by-op kernels), so no client pays for it. Nothing stays cached."""
+        t0 = time.perf_counter()
+        sizes = sizes or sorted({*range(1, min(self.n_slots, 8) + 1), min(self.chunk + self.n_slots, 16)})
+        tok = int(self.model.config.bos_id or 0)
+        for n in sizes:
+            seq = SeqKV()
+            self.paged.reserve(seq, n)
+            try:
+                batch = SeqBatch.build(self.paged, [seq], [n], np.asarray([n - 1], dtype=np.int64))
+                ctx = RunContext(np.full(n, tok, np.int32), np.arange(n), 0, self.paged, self.model.residency,
+                                 "all", None, batch=batch)
+                self.ex.run(self.model.plan(n), ctx, to_host=True)
+            finally:
+                self.paged.close(seq)
+        return time.perf_counter() - t0
 
     # -- the engine thread -------------------------------------------------------------------
     def run(self) -> None:

@@ -254,7 +254,14 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8080, grace: fl
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            service.engine.stop_accepting()  # waiting requests: 503 at once; running ones go on
+            if not self.should_exit:
+                # waiting requests: 503 at once; running ones go on until shortly before uvicorn's
+                # grace period ends, then they are cancelled here, so every stream still ends
+                # with its error chunk and [DONE] instead of a cut connection
+                service.engine.stop_accepting()
+                t = threading.Timer(max(grace - 1.0, 0.0), service.engine.cancel_running)
+                t.daemon = True
+                t.start()
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets=None):

@@ -103,13 +103,19 @@ class Engine:
         for r in waiting:
             r.emit(Event("error", "the server is shutting down", status=503))
 
+    def cancel_running(self) -> None:
+        """Every running request ends at the next step (finish reason "cancelled")."""
+        with self.cond:
+            for a in list(self.active):
+                a.req.cancelled = True
+            self.cond.notify()
+
     def stop(self) -> None:
         """Shutdown, last part: running requests are cancelled and the loop ends."""
         self.stop_accepting()
+        self.cancel_running()
         with self.cond:
             self.stopped = True
-            for a in self.active:
-                a.req.cancelled = True
             self.cond.notify()
 
     @property

@@ -7,6 +7,7 @@ the first one; --json keeps the numbers and --plot draws throughput against conc
 per JSON file given to --plot-from: lstream against llama-server).
 
     python tools/load_test.py --base-url http://127.0.0.1:8080/v1 -c 32 -r 8           # 32 x 8
+    python tools/load_test.py --base-url URL -c 1,8 --total 8 --same             # alone, then 8 at once
     python tools/load_test.py --base-url URL -c 1,2,4,8 -r 2 --same --json lstream.json --label lstream
     python tools/load_test.py --plot-from lstream.json llama.json --plot throughput.png
 
@@ -125,6 +126,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("-c", "--clients", default="32", help="concurrency levels, comma-separated")
     ap.add_argument("-r", "--requests", type=int, default=8, help="requests per client at each level")
+    ap.add_argument("--total", type=int, default=None,
+                    help="requests per level, shared by its clients (-c 1,8 --total 8: the same 8 prompts one "
+                         "at a time, then all at once)")
     ap.add_argument("-n", "--max-tokens", type=int, default=48)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ap.add_argument("--completions", action="store_true", help="/v1/completions instead of chat")
@@ -139,9 +143,10 @@ def main(argv=None) -> int:
         return 0
     levels = []
     for c in [int(x) for x in a.clients.split(",")]:
-        lv = run_level(a.base_url, a.model, c, a.requests, a.max_tokens, a.timeout, not a.completions)
+        per = a.requests if a.total is None else max(1, a.total // c)
+        lv = run_level(a.base_url, a.model, c, per, a.max_tokens, a.timeout, not a.completions)
         levels.append(lv)
-        print(f"{c:3d} clients x {a.requests} requests: {lv['done']}/{lv['requests']} done, {lv['errors']} errors, "
+        print(f"{c:3d} clients x {per} requests: {lv['done']}/{lv['requests']} done, {lv['errors']} errors, "
               f"{lv['incomplete']} incomplete, {lv['tokens']} tokens in {lv['wall_s']:.1f} s = "
               f"{lv['tokens_per_s']:.1f} t/s, latency p50 {lv['p50_s']:.2f} s p99 {lv['p99_s']:.2f} s", flush=True)
         for e in lv["error_samples"]:

@@ -133,7 +133,7 @@ def attention_paged(backend, node, inputs, ctx) -> torch.Tensor:
     store = ctx.kv.layers[node.layer]
     k = k.to(backend.dtype).reshape(t, n_kv, hd)
     v = v.to(backend.dtype).reshape(t, n_kv, hd)
-    qo = q.float().reshape(t, n_head, hd)
+    qo = q.float().reshape(t, n_head, hd).contiguous()  # the kernel reads it densely
     window = int(p.get("window", 0) or 0)
     if isinstance(store, DeviceKV):
         store.k.index_copy_(0, c["slots"], k)

@@ -57,7 +57,12 @@ class Service:
     def tokens(self, parsed: P.Parsed) -> list[int]:
         tok = self.model.tokenizer
         if parsed.messages is not None:
-            return tok.encode(tok.apply_chat(parsed.messages), bos=False)
+            try:
+                text = tok.apply_chat(parsed.messages)
+            except Exception as e:  # noqa: BLE001 - jinja raises many kinds (a template's own checks)
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise P.BadRequest(f"the chat template cannot render these messages: {msg}") from None
+            return tok.encode(text, bos=False)
         if isinstance(parsed.prompt, str):
             return tok.encode(parsed.prompt)
         vocab = self.model.config.vocab_size

@@ -148,7 +148,11 @@ class Engine:
                     self.cond.wait()
                 if self.stopped and not self.active:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 - a bug outside a run: fail the running requests, go on
+                for a in list(self.active):
+                    self._finish(a, None, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
     def step(self) -> None:
         self._reap()

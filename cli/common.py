@@ -56,11 +56,11 @@ MODEL_HELP = ("GGUF file (or the first part of a split one), safetensors directo
               "smollm2-135m (default), gemma3-270m")
 
 
-def model_options(fn=None, *, n_ctx: int = 4096, min_ctx: int = 1):
+def model_options(fn=None, *, n_ctx: int = 4096, min_ctx: int = 1, n_ubatch: int = 512):
     """-m/-ngl/-t/-c/-ub and the upload-policy flags, as llama.cpp spells them. -c takes 0 (the
     model's training context) or at least min_ctx."""
     if fn is None:
-        return lambda f: model_options(f, n_ctx=n_ctx, min_ctx=min_ctx)
+        return lambda f: model_options(f, n_ctx=n_ctx, min_ctx=min_ctx, n_ubatch=n_ubatch)
 
     def check_ctx(ctx, param, value):
         if 0 < value < min_ctx:
@@ -74,7 +74,7 @@ def model_options(fn=None, *, n_ctx: int = 4096, min_ctx: int = 1):
                      help="CPU threads (default: physical cores)"),
         click.option("-c", "--ctx-size", "n_ctx", type=at_least(0), default=n_ctx, show_default=True, callback=check_ctx,
                      help="context size in tokens (0: the model's training context)"),
-        click.option("-ub", "--ubatch-size", "n_ubatch", type=at_least(1), default=512, show_default=True),
+        click.option("-ub", "--ubatch-size", "n_ubatch", type=at_least(1), default=n_ubatch, show_default=True),
         click.option("-ot", "--override-tensor", "overrides", multiple=True,
                      help="REGEX=DEVICE (cpu or cuda; cuda without a GPU is an error)"),
         click.option("--policy", default="auto", show_default=True, callback=check_policy,

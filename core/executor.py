@@ -63,6 +63,9 @@ class RunContext:
     more_ubatches: bool = False  # another ubatch of the same prompt follows (a streamer may prefetch)
     ubatch: int = 0  # index of this ubatch in a layer-major group (core/runner.py)
     graph: object = None  # static inputs of a replayable step (core/replay.py, Backend.step_inputs)
+    # Several sequences in one ubatch (continuous batching): a core.paged_kv.SeqBatch (each token's
+    # sequence, K/V slot and block table); kv is then a PagedKVCache and attention reads through it
+    batch: object = None
 
 
 class Fused:

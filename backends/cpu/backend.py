@@ -19,6 +19,7 @@ from ..base import Backend
 from . import attention as A
 from . import moe
 from . import ops as O
+from .attention_paged import attention_paged
 from .dequant import dequantize
 from .llvm_ir import HAVE_AVX2
 from .matmul import BLAS_USABLE, NEVER, matmul
@@ -266,19 +267,22 @@ class CPUBackend(Backend):
             self._run_limit = None
         name = node.weights[0]
         pend = self._pending.pop(name, None)
+        # several sequences (continuous batching): per-token kernels at any size, never sgemm, so a
+        # token's result does not depend on the ubatch it is in
+        gemm_min = NEVER if ctx.batch is not None else self.gemm_min_tokens
         if pend is not None and pend[0] is inputs[0]:  # computed by a sibling's stacked matmul
             y = pend[1]
         else:
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
             st = self._stacks.get(name)
             if st is not None:
-                yy = matmul(st.weight, x, None, self.blas, self.gemm_min_tokens)
+                yy = matmul(st.weight, x, None, self.blas, gemm_min)
                 for n in st.names:
                     if n != name:
                         self._pending[n] = (inputs[0], yy[:, self._stacks[n].cols])
                 y = yy[:, st.cols]
             else:
-                y = matmul(self.weight(name), x, None, self.blas, self.gemm_min_tokens)
+                y = matmul(self.weight(name), x, None, self.blas, gemm_min)
         if len(node.weights) > 1:
             y += self.vector(node.weights[1])
         return y
@@ -288,6 +292,8 @@ class CPUBackend(Backend):
         x = inputs[0]
         if p.get("select_output") and ctx.logits == "last":
             x = x[-1:]
+        elif p.get("select_output") and ctx.batch is not None and ctx.batch.out_rows is not None:
+            x = x[ctx.batch.out_rows]  # several sequences: the rows that need logits
         w = self.vector(node.weights[0])
         if x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:  # the usual case: no wrapper
             out = np.empty_like(x)
@@ -331,6 +337,9 @@ class CPUBackend(Backend):
         p = node.params
         q, k, v = inputs
         kv: HostKV = ctx.kv.layers[node.layer]
+        if ctx.batch is not None:  # several sequences over the paged K/V cache
+            return attention_paged(q, k, v, kv, ctx.batch, ctx.positions, p["n_head"], p["n_head_kv"],
+                                   p["head_dim"], p["scale"], p.get("window", 0))
         n_kv, hd, t = p["n_head_kv"], p["head_dim"], q.shape[0]
         n_head = p["n_head"]
         if (t < A.ATT_SGEMM_MIN_TOK or not self.blas) and q.ndim == k.ndim == v.ndim == 2 \

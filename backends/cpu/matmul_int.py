@@ -8,6 +8,7 @@ from numba import njit, prange
 
 from .blocks import dot_blk
 from .jit import INLINE, PAR, SER as _SER
+from .matmul_multi import N_MULTI, tile_blk, tile_nib
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 # One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
@@ -64,7 +65,11 @@ def _m_term(v, has_m, m, xst, r, nb):
 @njit(**INLINE)
 def _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, t1, out):
     """out[t0:t1, r0:r1]: one loop per layout, so the layout test stays out of the row loop."""
-    if layout == L_NIB:
+    if layout == L_NIB and t1 - t0 >= N_MULTI:  # a few tokens: 4 per pass over a row (matmul_multi)
+        tile_nib(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, out)
+    elif layout == L_BLK and t1 - t0 >= N_MULTI:
+        tile_blk(fmt, qs, xq, xd, xs, nb, r0, r1, t0, t1, out)
+    elif layout == L_NIB:
         for r in range(r0, r1):
             for t in range(t0, t1):
                 out[t, r] = dot_nib_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb))

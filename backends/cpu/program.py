@@ -242,6 +242,8 @@ def supports(backend, node, ctx) -> bool:
     if op is Op.MATMUL:
         w = backend.weight(node.weights[0])
         return w.layout in LAYOUT_ID
+    if ctx.batch is not None and (op is Op.ATTENTION or node.params.get("select_output")):
+        return False  # several sequences: paged attention and the logits rows op by op (backend.py)
     if op is Op.ATTENTION:
         kv = ctx.kv.layers[node.layer]
         k = getattr(kv, "k", None)

@@ -33,6 +33,7 @@ from . import fused
 from . import gemv as cg
 from . import gemv_q8, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
+from .attention_paged import attention_paged, batch_tensors
 from .graphs import GraphsMixin
 from .moe import MoEMixin
 from .norm_rope import rms_norm, rope
@@ -271,6 +272,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
             x = inputs[0]
             if p.get("select_output") and ctx.logits == "last":
                 x = x[-1:]
+            elif p.get("select_output") and ctx.batch is not None and ctx.batch.out_rows is not None:
+                x = x[batch_tensors(self, ctx.batch, ctx.positions)["rows"]]  # the rows that need logits
             return rms_norm(x.contiguous(), self._small[node.weights[0]], p["eps"], self.dtype, self.use_triton)
         if op is Op.RMS_NORM_HEADS:  # q/k norms (Qwen3, Gemma 3): each head normalized on its own
             x = inputs[0].contiguous()
@@ -291,6 +294,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         if op is Op.ROPE:
             return self._rope(inputs[0], p, ctx)
         if op is Op.ATTENTION:
+            if ctx.batch is not None:  # several sequences over the paged K/V cache
+                return attention_paged(self, node, inputs, ctx)
             return self._attention(node, inputs, ctx)
         if op is Op.MOE:
             return self._moe(node, inputs, ctx)

@@ -83,6 +83,9 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
               callback=values_option(0, 1))
 @click.option("-fa", "--flash-attn", "fa", multiple=True, default=["0"], show_default=True, callback=values_option(0, 1))
 @click.option("-ot", "--override-tensor", "ot", default=None, help="REGEX=DEVICE[;REGEX=DEVICE...]")
+@click.option("-ncmoe", "--n-cpu-moe", "ncmoe", multiple=True, default=["0"], show_default=True,
+              callback=values_option(0), help="MoE: the experts of the first N layers stay on the host")
+@click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: every layer's experts stay on the host")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
               help="auto|threshold|never|always|split:N|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
@@ -99,7 +102,8 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @profile_options
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
-          progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False):
+          progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False, ncmoe=("0",),
+          cpu_moe=False):
     """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
 
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
@@ -110,19 +114,20 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
 
     gpu = cuda_available()
     grid, tests, ds = _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu)
+    moe = [10 ** 6] if cpu_moe else [v for text in ncmoe for v in parse_values(text, "-ncmoe")]
     choose_device(0, ot.split(";") if ot else ())  # a bad -ot, or cuda without a GPU, fails before any load
-    varied = [k for k, v in grid.items() if len(v) > 1]
+    varied = [k for k, v in grid.items() if len(v) > 1] + ["n_cpu_moe"] * (len(moe) > 1 or cpu_moe)
     printers = [Printer(fmt, sys.stdout, varied, gpu)] + ([Printer(fmt_err, sys.stderr, varied, gpu)]
                                                          if fmt_err != "none" else [])
     for pr in printers:
         pr.start()
     run = _Run(grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs, no_layer_major,
-               n_total=len(models or [None]) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
+               n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
     try:
         for model_path in (models or [None]):
             path = resolve(model_path)
-            for n_gpu in grid["n_gpu_layers"]:
-                for row, name in run.model_rows(path, n_gpu):
+            for n_gpu, n_moe in itertools.product(grid["n_gpu_layers"], moe):  # each reloads the model
+                for row, name in run.model_rows(path, n_gpu, n_moe):
                     for pr in printers:
                         pr.row(row, name)
     except KeyboardInterrupt:
@@ -170,7 +175,7 @@ class _Run:
         self.no_cuda_graphs, self.no_layer_major, self.n_total, self.done = no_cuda_graphs, no_layer_major, n_total, 0
         self.n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
 
-    def model_rows(self, path, n_gpu):
+    def model_rows(self, path, n_gpu, n_cpu_moe=0):
         import time
 
         from ..core.policy import make_policy
@@ -179,7 +184,8 @@ class _Run:
         loaded = load_model(path)
         model = build_model(loaded, n_gpu, self.grid["n_threads"][0], self.n_ctx,
                             overrides=self.ot.split(";") if self.ot else (), load_tokenizer=False,
-                            no_cuda_graphs=self.no_cuda_graphs, no_layer_major=self.no_layer_major)
+                            no_cuda_graphs=self.no_cuda_graphs, no_layer_major=self.no_layer_major,
+                            n_cpu_moe=min(n_cpu_moe, loaded.config.n_layer))
         if self.verbose:
             click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
                        f"{' + '.join(b.describe() for b in model.backends)}) in "
@@ -237,7 +243,8 @@ def _row(model, loaded, path, r, nb, nub, threads, n_gpu, no_off, flash, pp, tg,
         test_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         avg_ns=int(r.avg_ns), stddev_ns=int(r.stddev_ns), avg_ts=r.avg_ts,
         stddev_ts=r.stddev_ts, samples_ns=r.samples_ns, samples_ts=r.samples_ts,
-        policy=model.policy.describe(), threshold=thr, **stream_fields(model))
+        n_cpu_moe=model.n_cpu_moe, policy=model.policy.describe(), threshold=thr,
+        **stream_fields(model))
 
 
 def stream_fields(model) -> dict:

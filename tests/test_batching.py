@@ -5,6 +5,8 @@ with the CPU; a cancelled request frees its blocks; a failing step fails its req
 engine; a full queue refuses."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,9 @@ N_GEN = 10
 def model():
     import lstream
     from lstream.loaders.registry import pull
-    m = lstream.load(str(pull("smollm2-135m", quiet=True)), n_ctx=1024, n_threads=1)
+    # on the GPU machine (no model hub): SmolLM2's first layers, carried (tools/h200_check.sh)
+    path = os.environ.get("LSTREAM_SMOL") or str(pull("smollm2-135m", quiet=True))
+    m = lstream.load(path, n_ctx=1024, n_threads=1)
     yield m
     m.close()
 
@@ -183,9 +187,9 @@ def test_device_path_agrees_with_cpu(tmp_path_factory, ngl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ngl", [999, 10])
+@pytest.mark.parametrize("ngl", [999, 4])
 def test_cuda_engine_agrees_with_cpu(model, prompts, ngl):
-    """On a GPU: the engine with the CUDA backend (all layers resident: paged K/V in VRAM; 10:
+    """On a GPU: the engine with the CUDA backend (all layers resident: paged K/V in VRAM; 4:
     host layers streamed or computed on the CPU as the policy decides per ubatch) against the CPU
     engine: each prompt's first logits within NMSE 1e-3 (bf16), and most greedy tokens equal."""
     import torch

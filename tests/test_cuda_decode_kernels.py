@@ -117,3 +117,12 @@ def test_selfcheck_passes_on_this_gpu():
     """The backend's self-check (backends/cuda/selfcheck.py) accepts the new kernels on the GPU."""
     from lstream.backends.cuda import selfcheck
     assert selfcheck.kernels_ok(torch.device("cuda")) == {"gemv_q8": True, "decode": True}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton interpreter not enabled")
+def test_selfcheck_passes_in_the_interpreter():
+    """The self-check's own cases run through the kernels here (kernels_ok skips them off a GPU):
+    a wrong check would otherwise only show on the GPU machine, as the older path taken there."""
+    from lstream.backends.cuda import selfcheck
+    cpu = torch.device("cpu")
+    assert all(fn(cpu) for fn in selfcheck.CHECKS.values())

@@ -45,6 +45,9 @@ def main(model, ngl, policy, n, top, kernels):
             prof.disable()
         dt = (time.perf_counter() - t0) / n
         print(f"graphs={graphs}: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} t/s), policy {m.policy.describe()}")
+        if not graphs:
+            from ..backends.cuda import selfcheck
+            print(f"kernels proven here: {selfcheck._RESULTS}, timed (us): {selfcheck.TIMES}")
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
         if kernels and not graphs:

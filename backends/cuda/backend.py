@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ...core.batch import UPLOAD_THRESHOLD, is_small_batch
 from ...core.graph import STACKED_PROJECTIONS, Node
 from ...core.ops import Op
+from ...core.qtypes import QTYPE_INFO
 from ...core.policy import BatchThreshold, UploadPolicy
 from ...core.residency import HOST, ResidencyMap, State
 from ...core.rope import cos_sin, inv_freq
@@ -84,7 +85,9 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         # resident 32-weight-block matmul weights in an aligned layout for the int8 GEMV (repack.py);
         # None: where that GEMV runs (a GPU with Triton). The newer kernels are proven on the device first.
         ok = selfcheck.kernels_ok(self.device) if self._gemv_ok else {"gemv_q8": False, "decode": False}
-        self._repack = (self._gemv_ok and ok["gemv_q8"]) if repack_resident is None else repack_resident
+        # (not in fp32, the reference precision: int8 activations would round what it promises to keep)
+        self._repack = (self._gemv_ok and ok["gemv_q8"] and self.dtype != torch.float32) \
+            if repack_resident is None else repack_resident
         # decode steps: fused kernels (fused.py) where a pattern of nodes allows, split-K attention
         self.decode_kernels = ok["decode"] or self.device.type != "cuda"
         self.fuse = fuse and self.decode_kernels
@@ -233,7 +236,10 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         """Decode matmul in fp32: repacked weights by the int8 GEMV, GGUF blocks by the Gluon one."""
         if isinstance(w, repack.Packed):
             return gemv_q8.gemv(x, w, out=self._f32_out(x, w.n_rows))
-        return cg.gemv(x.to(self.dtype), w, src.qtype, w.shape[0], src.n_cols, out=self._f32_out(x, w.shape[0]))
+        # streamed weights arrive as flat slot bytes: the rows follow from the row size, not the shape
+        info = QTYPE_INFO[src.qtype]
+        n_rows = w.shape[0] if w.dim() == 2 else w.numel() // (src.n_cols // info.block_size * info.type_size)
+        return cg.gemv(x.to(self.dtype), w, src.qtype, n_rows, src.n_cols, out=self._f32_out(x, n_rows))
 
     def compile_split(self, assignments, last_use: dict, ctx):
         return fused.compile_split(self, assignments, last_use, ctx) if self.fuse else None

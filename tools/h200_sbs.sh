@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
+# llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
+# Sections by argument: tests decode depth prefill large moe. Output: $OUT/sbs.log.
+. tools/gpu_setup.sh
+exec > >(tee -a $OUT/sbs.log) 2>&1
+llama_cpp
+synth l8b llama3-8b Q4_0
+B="python3 -m lstream.cli bench -m $M/l8b.gguf"
+L="$LB -m $M/l8b.gguf -o md"
+T0=$(date +%s)
+s() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+for sec in "$@"; do case $sec in
+tests)
+  s "GPU tests that failed last call"
+  export LSTREAM_SMOL=$PWD/.carry/smollm2-8l.gguf
+  timeout ${GPU_TESTS_S:-200} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_cuda_backend.py \
+    tests/test_large_activations.py tests/test_moe_gpu.py tests/test_batching.py tests/test_cuda_decode_kernels.py 2>&1 | tail -25 ;;
+profile)
+  s "resident step: where the GPU time goes"
+  timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 18 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;
+decode)
+  s "decode -p 0 -n 32"
+  $L -p 0 -n 32 -ngl 33,16,0 -fa 0,1 -r 3
+  $B -p 0 -n 32 -ngl 33,16,0 -r 3 2>&1 ;;
+depth)
+  s "decode at depth 4096"
+  $L -p 0 -n 32 -d 4096 -ngl 33,16 -fa 1 -r 2
+  $B -p 0 -n 32 -d 4096 -ngl 33,16 -r 2 2>&1 ;;
+prefill)
+  s "prefill -p 2048"
+  $L -p 2048 -n 0 -ub 512,2048 -b 2048 -ngl 33,16,0 -fa 1 -r 2
+  $B -p 2048 -n 0 -ub 512,2048 -ngl 33,16,0 -r 2 2>&1 ;;
+large)
+  s "activations past fp16: mixed decode of the scale-0.02 8B (every block scale 0.02)"
+  synth l8b-large llama3-8b Q4_0 --scale 0.02
+  $LB -m $M/l8b-large.gguf -p 0 -n 16 -ngl 16 -r 1 -o md
+  python3 -m lstream.cli bench -m $M/l8b-large.gguf -p 0 -n 16 -ngl 33,16,0 -r 1 2>&1
+  python3 -m lstream.cli run -m $M/l8b-large.gguf -p "Hi" -n 8 -ngl 16 --temp 0 2>&1 | tail -3 ;;
+moe)
+  s "MoE qwen3-30b-a3b Q4_0"
+  synth q3moe qwen3-30b-a3b Q4_0
+  $LB -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -fa 1 -r 2 -o md
+  $LB -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -ncmoe 48 -fa 1 -r 2 -o md 2>&1 | tail -3
+  python3 -m lstream.cli bench -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -r 2 2>&1
+  python3 -m lstream.cli bench -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 --cpu-moe -r 2 2>&1 ;;
+esac; done
+s done

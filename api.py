@@ -57,7 +57,12 @@ class Model:
         self.loaded = loaded
         self.config = cfg = loaded.config
         self.residency = loaded.residency
-        self.policy = policy or AutoSplit(UPLOAD_THRESHOLD)
+        # one policy for the model and its device backend: a backend passed in without a policy for
+        # the model keeps its own, else the model's (AutoSplit by default) is given to it
+        own = getattr(device_backend, "policy", None) if policy is None else None
+        self.policy = policy or own or AutoSplit(UPLOAD_THRESHOLD)
+        if device_backend is not None and own is None:
+            device_backend.set_policy(self.policy)
         self.n_ubatch = n_ubatch
         self.graph = build_graph(cfg, set(e.name for e in self.residency))
         self.cpu = make_cpu_backend(opts)

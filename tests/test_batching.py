@@ -47,8 +47,8 @@ def _run(engine, prompts, n=N_GEN, together=True, **kw) -> list[list[int]]:
     for group in batches:
         for r in group:
             engine.submit(r)
-        while any(r.finish_reason is None for r in group):
-            engine.step()
+        while any(r.finish_reason is None for r in group) and (engine.active or engine.waiting):
+            engine.step()  # (a failed request ends with no finish reason: the assert below names it)
     for r in reqs:
         assert r.finish_reason == "length", r.finish_reason
         out[r.id] = r

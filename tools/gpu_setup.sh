@@ -4,7 +4,7 @@
 # Carry: .carry/ with gguf-*.whl, llama.cpp-src.tgz and, once built, llama-cuda.tar.xz.
 set -u
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/gguf-*.whl >/dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry*/gguf-*.whl >/dev/null 2>&1
 mkdir -p /tmp/p && ln -sfn "$PWD" /tmp/p/lstream
 export PYTHONPATH=/tmp/site:/tmp/p
 M=/root/models; mkdir -p $M
@@ -15,7 +15,7 @@ synth() {  # synth NAME PRESET TYPE [args]: write once per machine
 llama_cpp() {  # a CUDA llama.cpp for sm_90 in /root/lc/bin (shared libs: one copy of ggml-cuda)
   [ -x /root/lc/bin/llama-bench ] && return
   mkdir -p /root/lc
-  if ls .carry/llama-cuda.tar.xz.* >/dev/null 2>&1; then cat .carry/llama-cuda.tar.xz.* | tar xJf - -C /root/lc; return; fi
+  if ls .carry*/llama-cuda.tar.xz.* >/dev/null 2>&1; then cat .carry*/llama-cuda.tar.xz.* | tar xJf - -C /root/lc; return; fi
   local t0=$(date +%s)
   tar xzf .carry/llama.cpp-src.tgz -C /root/lc && cd /root/lc && \
   cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON \

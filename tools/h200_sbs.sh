@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests decode depth prefill large moe. Output: $OUT/sbs.log.
+# Sections by argument: tests profile decode depth prefill large moe (llama.cpp carried as
+# .carry2/llama-cuda.tar.xz.*, else built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
-llama_cpp
 synth l8b llama3-8b Q4_0
 B="python3 -m lstream.cli bench -m $M/l8b.gguf"
 L="$LB -m $M/l8b.gguf -o md"
@@ -20,24 +20,28 @@ profile)
   s "resident step: where the GPU time goes"
   timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 18 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;
 decode)
+  llama_cpp
   s "decode -p 0 -n 32"
   $L -p 0 -n 32 -ngl 33,16,0 -fa 0,1 -r 3
   $B -p 0 -n 32 -ngl 33,16,0 -r 3 2>&1 ;;
 depth)
+  llama_cpp
   s "decode at depth 4096"
   $L -p 0 -n 32 -d 4096 -ngl 33,16 -fa 1 -r 2
   $B -p 0 -n 32 -d 4096 -ngl 33,16 -r 2 2>&1 ;;
 prefill)
+  llama_cpp
   s "prefill -p 2048"
   $L -p 2048 -n 0 -ub 512,2048 -b 2048 -ngl 33,16,0 -fa 1 -r 2
   $B -p 2048 -n 0 -ub 512,2048 -ngl 33,16,0 -r 2 2>&1 ;;
 large)
   s "activations past fp16: mixed decode of the scale-0.02 8B (every block scale 0.02)"
   synth l8b-large llama3-8b Q4_0 --scale 0.02
-  $LB -m $M/l8b-large.gguf -p 0 -n 16 -ngl 16 -r 1 -o md
+  [ -x /root/lc/bin/llama-bench ] && $LB -m $M/l8b-large.gguf -p 0 -n 16 -ngl 16 -r 1 -o md
   python3 -m lstream.cli bench -m $M/l8b-large.gguf -p 0 -n 16 -ngl 33,16,0 -r 1 2>&1
   python3 -m lstream.cli run -m $M/l8b-large.gguf -p "Hi" -n 8 -ngl 16 --temp 0 2>&1 | tail -3 ;;
 moe)
+  llama_cpp
   s "MoE qwen3-30b-a3b Q4_0"
   synth q3moe qwen3-30b-a3b Q4_0
   $LB -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -fa 1 -r 2 -o md

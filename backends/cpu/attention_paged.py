@@ -13,11 +13,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import attention as A
 from .vmath import vexp
 
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
-_SER = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+from .jit import PAR as _JIT
+from .jit import SER as _SER
+
+PAGED_PAR_MIN = 32  # query rows x heads from which the rows are spread over the thread pool
 
 
 @njit(**_SER)
@@ -138,7 +139,7 @@ def attention_paged(q, k, v, store, batch, positions, n_head: int, n_kv: int, hd
     k, v = _f32_rows(k), _f32_rows(v)
     pos = np.asarray(positions, dtype=np.int64)
     out = np.empty_like(q)
-    fn = paged_parallel if q.shape[0] * n_head >= A.ATT_PAR_MIN else paged_serial
+    fn = paged_parallel if q.shape[0] * n_head >= PAGED_PAR_MIN else paged_serial
     fn(q, k, v, store.k, store.v, batch.slots, batch.seq, pos, batch.tables, batch.block_size, n_head, n_kv, hd,
        np.float32(scale), int(window or 0), out)
     return out

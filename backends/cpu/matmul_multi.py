@@ -19,6 +19,7 @@ from numba.extending import intrinsic
 from .blocks import FMT, _block_vals, dot_blk
 from .llvm_ir import (F32, I8, V8F, V8I32, V16I16, array_data, counted_loop, declare, hsum8, i64, nibbles,
                       splat)
+from .jit import INLINE
 from .simd import dot_nib_row
 
 N_MULTI = 4  # tokens per multi-token dot
@@ -142,7 +143,7 @@ def _dot4_blk(fmt, blk, xq, xd, xs, t0, off):
     return dot4_q8_0(blk, xq, xd, xs, t0, off)
 
 
-@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+@njit(**INLINE)
 def tile_nib(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, out):
     """out[t0:t1, r0:r1] for the nib layout: 4 tokens per row pass, the rest one by one."""
     for r in range(r0, r1):
@@ -159,7 +160,7 @@ def tile_nib(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, out):
             t += 1
 
 
-@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+@njit(**INLINE)
 def tile_blk(fmt, qs, xq, xd, xs, nb, r0, r1, t0, t1, out):
     """out[t0:t1, r0:r1] for GGUF blocks of type fmt (blocks.FMT_ID), 4 tokens per row pass."""
     for r in range(r0, r1):

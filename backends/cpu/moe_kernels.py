@@ -10,10 +10,11 @@ from .blocks import dot_blk
 from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, ROWS, _m_term
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
-_JIT = dict(cache=True, nogil=True, fastmath=True, parallel=True, boundscheck=False)
+from .jit import INLINE
+from .jit import PAR as _JIT
 
 
-@njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
+@njit(**INLINE)
 def _dot(wk, qs, qi, qh, d, m, xq, xd, xs, r, t):
     """Row r of a packed weight . row t of the int16 activations (matmul_int._tile's products)."""
     layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0

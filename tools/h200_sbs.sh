@@ -22,13 +22,13 @@ profile)
 decode)
   llama_cpp
   s "decode -p 0 -n 32"
-  $L -p 0 -n 32 -ngl 33,16,0 -fa 0,1 -r 3
-  $B -p 0 -n 32 -ngl 33,16,0 -r 3 2>&1 ;;
+  timeout 150 $L -p 0 -n 32 -ngl 33,16,0 -fa 0,1 -r 3
+  timeout 150 $B -p 0 -n 32 -ngl 33,16,0 -r 3 2>&1 ;;
 depth)
   llama_cpp
   s "decode at depth 4096"
-  $L -p 0 -n 32 -d 4096 -ngl 33,16 -fa 1 -r 2
-  $B -p 0 -n 32 -d 4096 -ngl 33,16 -r 2 2>&1 ;;
+  timeout 120 $L -p 0 -n 32 -d 4096 -ngl 33,16 -fa 1 -r 2
+  timeout 150 $B -p 0 -n 32 -d 4096 -ngl 33,16 -r 2 2>&1 ;;
 prefill)
   llama_cpp
   s "prefill -p 2048"
@@ -42,11 +42,9 @@ large)
   python3 -m lstream.cli run -m $M/l8b-large.gguf -p "Hi" -n 8 -ngl 16 --temp 0 2>&1 | tail -3 ;;
 moe)
   llama_cpp
-  s "MoE qwen3-30b-a3b Q4_0"
+  s "MoE qwen3-30b-a3b Q4_0, -ngl 99 with the experts of N layers on the host"
   synth q3moe qwen3-30b-a3b Q4_0
-  $LB -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -fa 1 -r 2 -o md
-  $LB -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -ncmoe 48 -fa 1 -r 2 -o md 2>&1 | tail -3
-  python3 -m lstream.cli bench -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 -r 2 2>&1
-  python3 -m lstream.cli bench -m $M/q3moe.gguf -p 512 -n 32 -ngl 99 --cpu-moe -r 2 2>&1 ;;
+  timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md
+  timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
 esac; done
 s done

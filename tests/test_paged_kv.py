@@ -74,9 +74,11 @@ def test_seq_batch_slots_and_tables():
 
 
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention_bitwise_as_contiguous(window):
+def test_paged_attention_matches_contiguous(window):
     """Three sequences in one ubatch (a 9-token chunk, two decode tokens) over scattered blocks: each
-    row equals the contiguous cache's attention of that sequence alone, bit for bit."""
+    row is the contiguous cache's attention of that sequence alone, to float32 rounding (the
+    contiguous decode kernel sums 8 keys per vector lane, the paged one key after key; that the
+    paged rows do not depend on the rest of the batch is test_batching's bit-for-bit test)."""
     from lstream.backends.cpu import attention as A
     from lstream.backends.cpu.attention_paged import attention_paged
     rng = np.random.default_rng(0)
@@ -113,7 +115,7 @@ def test_paged_attention_bitwise_as_contiguous(window):
         ref = np.empty((c, n_head * hd), np.float32)
         A.attention_decode(q[r0:r0 + c], k_new[r0:r0 + c], v_new[r0:r0 + c], kc, vc, n_past, n_head, n_kv, hd,
                            np.float32(hd ** -0.5), window, ref)
-        np.testing.assert_array_equal(out[r0:r0 + c], ref)
+        np.testing.assert_allclose(out[r0:r0 + c], ref, rtol=1e-5, atol=1e-6)
         r0 += c
 
 

@@ -24,6 +24,7 @@ GPU = cuda_available()
 def shell_examples() -> list[str]:
     out = []
     for block in re.findall(r"```sh\n(.*?)```", TEXT, re.S):
+        block = re.sub(r"\\\n\s*", "", block)  # a line continued with a backslash is one command
         for line in block.splitlines():
             line = re.sub(r"\s{2,}#.*$", "", line).strip()  # a trailing comment
             if line and not line.startswith("#") and not any(s in line for s in SKIP) and line not in out:
@@ -55,6 +56,8 @@ def quick(line: str) -> tuple[str, str | None]:
         line = _sub(line, "-r", "1", keep_zero=False) if " -r " in line else line + " -r 1"
     if words[:2] == ["lstream", "perplexity"]:
         line += " --chunks 2"
+    if words[:2] == ["python", "tools/load_test.py"] and "--base-url" in line:
+        line = _sub(_sub(_sub(line, "-c", "1,2"), "-r", "1"), "-n", "4")
     line += tail
     if shutil.which("sqlite3") is None:
         line = line.replace("| sqlite3 bench.db", "| python -c \"import sqlite3, sys; "
@@ -73,16 +76,52 @@ def workdir(tmp_path_factory, smollm2_path):
 
 
 DONE: dict[int, subprocess.CompletedProcess] = {}
+SERVER: dict[str, subprocess.Popen] = {}
+SERVE_URL = "http://127.0.0.1:8080"
+
+
+def _start_server(cmd: str, workdir: Path) -> subprocess.CompletedProcess:
+    """`lstream serve` runs until stopped: started in the background, ready once /health answers;
+    the examples that talk to it run against it, and it is stopped (SIGINT, exit 0) at the end."""
+    import time
+    import urllib.request
+    proc = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    SERVER["proc"] = proc
+    t_end = time.time() + 300
+    while time.time() < t_end and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(SERVE_URL + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return subprocess.CompletedProcess(cmd, 0, "", "")
+        except OSError:
+            time.sleep(1)
+    out, err = (proc.communicate(timeout=30) if proc.poll() is not None else ("", "not ready in 300 s"))
+    return subprocess.CompletedProcess(cmd, proc.returncode if proc.returncode is not None else 1, out, err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_server():
+    yield
+    proc = SERVER.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(2)
+        proc.communicate(timeout=60)
 
 
 def run_example(i: int, workdir: Path) -> subprocess.CompletedProcess:
     if i not in DONE:
         line = EXAMPLES[i]
+        if "127.0.0.1:8080" in line and not line.startswith("lstream serve"):
+            run_example(next(j for j, e in enumerate(EXAMPLES) if e.startswith("lstream serve")), workdir)
         for j, other in enumerate(EXAMPLES[:i]):  # what it reads (bench.json) is written first
             m = re.search(r">\s*(\S+)", other)
             if m and m[1] in line:
                 run_example(j, workdir)
         cmd, stdin = quick(line)
+        if line.startswith("lstream serve"):
+            DONE[i] = _start_server(cmd, workdir)
+            return DONE[i]
         DONE[i] = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=workdir, input=stdin,
                                  capture_output=True, text=True, timeout=600)
     return DONE[i]
@@ -108,12 +147,12 @@ def test_shell_example(i, workdir):
 
 def test_every_command_of_the_readme_is_covered():
     cmds = {e.split()[1] for e in EXAMPLES if e.startswith("lstream ")}
-    assert cmds == {"run", "bench", "perplexity", "info", "plan", "pull"}, cmds
+    assert cmds == {"run", "bench", "perplexity", "info", "plan", "pull", "serve"}, cmds
     assert any(e.startswith("python tools/plot_bench.py") for e in EXAMPLES)
 
 
 def test_python_api_snippet(workdir):
-    code = re.search(r"```python\n(.*?)```", TEXT, re.S)[1]
+    code = next(c for c in re.findall(r"```python\n(.*?)```", TEXT, re.S) if "import lstream" in c)
     for old, new in (("n_prompt=512, n_gen=128, reps=3", "n_prompt=8, n_gen=4, reps=1"),
                      ("n_predict=64", "n_predict=8"), ("n_predict=32", "n_predict=8"), ("n_predict=16", "n_predict=8"),
                      (".read()", ".read()[:2500]")):

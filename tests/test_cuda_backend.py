@@ -56,9 +56,12 @@ def _nmse(a, b):
     return float(((a - b) ** 2).sum() / (b ** 2).sum())
 
 
-@pytest.mark.parametrize("ngl,policy", [(999, "threshold"), (10, "threshold"), (0, "always")])
+@pytest.mark.parametrize("ngl,policy", [(999, "threshold"), ("half", "threshold"), (0, "always")])
 def test_matches_cpu(cpu_ref, ngl, policy):
     from lstream.core.policy import make_policy
+    from lstream.loaders.model_file import load_model
+    if ngl == "half":  # mixed: half the layers resident, the rest streamed (whatever the file's depth)
+        ngl = load_model(_model_path()).config.n_layer // 2
     prompt, ref_gen, ref_final = cpu_ref
     gen, final, stats = _run(ngl, make_policy(policy, 32), prompt, ref_gen=ref_gen)
     nmse = _nmse(final, ref_final)

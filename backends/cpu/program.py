@@ -15,12 +15,17 @@ from .matmul_int import LAYOUT_ID
 # table (program_kernels.py) over preallocated buffers; a run copies its inputs in, makes one call
 # and copies out the values later nodes read.
 
-def _table(arrays, ndim: int) -> np.ndarray:
-    """The arrays as program_kernels.run takes them: one row [address, shape...] each (C-contiguous,
-    kept alive by the built program).  Plain int64 arrays, so run loads from numba's disk cache."""
+F32 = np.float32
+
+
+def _table(arrays, ndim: int, dtype) -> np.ndarray:
+    """The arrays as program_kernels.run takes them: one row [address, shape...] each (kept alive by
+    the built program).  Plain int64 arrays, so run loads from numba's disk cache."""
     tab = np.zeros((len(arrays), 1 + ndim), np.int64)
     for i, a in enumerate(arrays):
-        assert a.ndim == ndim and a.flags.c_contiguous, (a.shape, a.strides)
+        # the kernel sees raw memory: anything else would be read wrongly, not rejected
+        if a.ndim != ndim or a.dtype != dtype or not a.flags.c_contiguous:
+            raise TypeError(f"program array {a.dtype} {a.shape} {a.strides}: want C-contiguous {ndim}-D {dtype}")
         tab[i, 0] = a.ctypes.data
         tab[i, 1:] = a.shape
     return tab
@@ -162,14 +167,14 @@ class _Assembler:
         kc, vc = [kv.k for kv in self.kvs], [kv.v for kv in self.kvs]
         return dict(
             code=np.array(self.code, np.int64).reshape(-1, P.N_COLS),
-            fpar=np.array(self.fpar, np.float32).reshape(-1, 1), bufs=_table(bufs, 2),
+            fpar=np.array(self.fpar, np.float32).reshape(-1, 1), bufs=_table(bufs, 2, F32),
             wk=np.array(self.wk, np.int64).reshape(-1, 4) if self.wk else np.zeros((1, 4), np.int64),
             # a weight may be the file's memory map itself (Q8_0 blocks in place): the kernels only read it
-            wq=_table([w[0] for w in ws], 1), wh=_table([w[1] for w in ws], 1),
-            wd=_table([w[2] for w in ws], 1), wm=_table([w[3] for w in ws], 1),
-            vec=_table(self.vecs, 1), kc=_table(kc, 3), vc=_table(vc, 3),
+            wq=_table([w[0] for w in ws], 1, np.uint8), wh=_table([w[1] for w in ws], 1, np.uint32),
+            wd=_table([w[2] for w in ws], 1, F32), wm=_table([w[3] for w in ws], 1, F32),
+            vec=_table(self.vecs, 1, F32), kc=_table(kc, 3, F32), vc=_table(vc, 3, F32),
             cos=cos, sin=np.zeros_like(cos), ropes=[p for _, p in sorted(self.ropes.values(), key=lambda r: r[0])],
-            xq=_table(xq, 2), xd=_table(xd, 2), xs=_table(xs, 2),
+            xq=_table(xq, 2, np.int16), xd=_table(xd, 2, F32), xs=_table(xs, 2, F32),
             # the arrays behind the tables' addresses: alive as long as the program
             alive=(bufs, list(ws), list(self.vecs), kc, vc, xq, xd, xs),
             in_bufs=[bufs[b] for b in in_bufs],

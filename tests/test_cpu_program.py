@@ -124,3 +124,20 @@ def test_tiny_architectures_equal_op_by_op(arch, tmp_path):
         _same(ref, got)
     finally:
         m.close()
+
+
+def test_program_takes_plain_arrays(smol):
+    """program_kernels.run takes only ndarrays and integers (typed Lists compiled their methods in
+    every new process, seconds before the first token); its tables hold [address, shape] per array."""
+    from numba import types
+    from lstream.backends.cpu import program_kernels as P
+    from lstream.backends.cpu.program import _table
+    _decode(smol, [1, 2, 3], 1, True)
+    assert P.run.signatures
+    for sig in P.run.signatures:
+        assert all(isinstance(t, (types.Array, types.Integer)) for t in sig), sig
+    a = np.zeros((3, 4), np.float32)
+    np.testing.assert_array_equal(_table([a], 2, np.float32), [[a.ctypes.data, 3, 4]])
+    for bad in (a[:, ::2], a.astype(np.float64), a.reshape(-1)):  # strided, wrong dtype, wrong ndim
+        with pytest.raises(TypeError):
+            _table([bad], 2, np.float32)

@@ -3,8 +3,6 @@ a run of a split's nodes becomes an instruction table that program_kernels.run e
 from __future__ import annotations
 
 import numpy as np
-from numba import types
-from numba.typed import List
 
 from ...core.executor import Fused
 from ...core.ops import Op
@@ -17,18 +15,20 @@ from .matmul_int import LAYOUT_ID
 # table (program_kernels.py) over preallocated buffers; a run copies its inputs in, makes one call
 # and copies out the values later nodes read.
 
-_EMPTY_F32 = np.zeros(1, np.float32)
+F32 = np.float32
 
 
-def _RO(dtype):
-    return types.Array(dtype, 1, "C", readonly=True)
-
-
-def _typed(arrays, nbtype):
-    out = List.empty_list(nbtype)
-    for a in arrays:
-        out.append(a)
-    return out
+def _table(arrays, ndim: int, dtype) -> np.ndarray:
+    """The arrays as program_kernels.run takes them: one row [address, shape...] each (kept alive by
+    the built program).  Plain int64 arrays, so run loads from numba's disk cache."""
+    tab = np.zeros((len(arrays), 1 + ndim), np.int64)
+    for i, a in enumerate(arrays):
+        # the kernel sees raw memory: anything else would be read wrongly, not rejected
+        if a.ndim != ndim or a.dtype != dtype or not a.flags.c_contiguous:
+            raise TypeError(f"program array {a.dtype} {a.shape} {a.strides}: want C-contiguous {ndim}-D {dtype}")
+        tab[i, 0] = a.ctypes.data
+        tab[i, 1:] = a.shape
+    return tab
 
 
 class _Assembler:
@@ -159,22 +159,24 @@ class _Assembler:
         bufs = [np.zeros(s, np.float32) for s in self.shapes]
         half = max([p["n_rot"] // 2 for _, p in self.ropes.values()], default=1)
         cos = np.zeros((max(1, len(self.ropes)), n_tok, half), np.float32)
-        f32_2, f32_3 = types.float32[:, ::1], types.float32[:, :, ::1]
         qkeys = sorted(self.quant, key=self.quant.get)
-        ws, empty3 = self.weights, [np.zeros((1, 1, 1), np.float32)]
+        ws = self.weights
+        xq = [np.zeros(k, np.int16) for k in qkeys]
+        xd = [np.zeros((k[0], k[1] // 32), np.float32) for k in qkeys]
+        xs = [np.zeros((k[0], k[1] // 32), np.float32) for k in qkeys]
+        kc, vc = [kv.k for kv in self.kvs], [kv.v for kv in self.kvs]
         return dict(
             code=np.array(self.code, np.int64).reshape(-1, P.N_COLS),
-            fpar=np.array(self.fpar, np.float32).reshape(-1, 1), bufs=_typed(bufs, f32_2),
+            fpar=np.array(self.fpar, np.float32).reshape(-1, 1), bufs=_table(bufs, 2, F32),
             wk=np.array(self.wk, np.int64).reshape(-1, 4) if self.wk else np.zeros((1, 4), np.int64),
-            # read-only types: a weight may be the file's memory map itself (Q8_0 blocks in place)
-            wq=_typed([w[0] for w in ws], _RO(types.uint8)), wh=_typed([w[1] for w in ws], _RO(types.uint32)),
-            wd=_typed([w[2] for w in ws], _RO(types.float32)), wm=_typed([w[3] for w in ws], _RO(types.float32)),
-            vec=_typed(self.vecs or [_EMPTY_F32], _RO(types.float32)),
-            kc=_typed([kv.k for kv in self.kvs] or empty3, f32_3), vc=_typed([kv.v for kv in self.kvs] or empty3, f32_3),
+            # a weight may be the file's memory map itself (Q8_0 blocks in place): the kernels only read it
+            wq=_table([w[0] for w in ws], 1, np.uint8), wh=_table([w[1] for w in ws], 1, np.uint32),
+            wd=_table([w[2] for w in ws], 1, F32), wm=_table([w[3] for w in ws], 1, F32),
+            vec=_table(self.vecs, 1, F32), kc=_table(kc, 3, F32), vc=_table(vc, 3, F32),
             cos=cos, sin=np.zeros_like(cos), ropes=[p for _, p in sorted(self.ropes.values(), key=lambda r: r[0])],
-            xq=_typed([np.zeros(k, np.int16) for k in qkeys], types.int16[:, ::1]),
-            xd=_typed([np.zeros((k[0], k[1] // 32), np.float32) for k in qkeys], f32_2),
-            xs=_typed([np.zeros((k[0], k[1] // 32), np.float32) for k in qkeys], f32_2),
+            xq=_table(xq, 2, np.int16), xd=_table(xd, 2, F32), xs=_table(xs, 2, F32),
+            # the arrays behind the tables' addresses: alive as long as the program
+            alive=(bufs, list(ws), list(self.vecs), kc, vc, xq, xd, xs),
             in_bufs=[bufs[b] for b in in_bufs],
             out_views=[bufs[self.val[i][0]][:, self.val[i][1]:self.val[i][2]] for i in outputs],
             kv=ctx.kv)

@@ -3,11 +3,12 @@ decode step's nodes with the op-by-op kernels, one Python -> numba transition in
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import carray, njit, types
+from numba.extending import intrinsic
 
 from . import ops as O
 from .attention import attention_decode
-from .jit import SER as _SER
+from .jit import INLINE, SER as _SER
 from .matmul_int import mm_dec
 
 # A program is an int64 table, one row per instruction:
@@ -15,11 +16,42 @@ from .matmul_int import mm_dec
 # and one float32 row of parameters.  Operands are column ranges of 2-D float32 buffers (the siblings
 # of a stacked q|k|v or gate|up matmul are column ranges of its output).  The kernels are the ones
 # the op-by-op path calls, so both paths compute the same numbers.
+#
+# The arrays (buffers, weights, vectors, K/V caches, activation buffers) come as int64 tables, one row
+# per array: [address, shape...] (program.py's _table), rebuilt here with carray.  numba typed Lists
+# of arrays instead compiled their methods in every new process (~4 s before the first token).
 
 OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
 N_COLS = 20
 P0 = 13
+F32, U8, U32, I16 = np.float32, np.uint8, np.uint32, np.int16
 
+
+@intrinsic
+def _ptr(typingctx, addr, dtype):
+    """int64 address -> pointer to dtype (dtype: a numpy scalar type such as np.float32)."""
+    if not isinstance(addr, types.Integer) or not isinstance(dtype, types.NumberClass):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return types.CPointer(dtype.dtype)(addr, dtype), codegen
+
+
+@njit(**INLINE)
+def _a1(tab, i, dt):
+    return carray(_ptr(tab[i, 0], dt), (tab[i, 1],))
+
+
+@njit(**INLINE)
+def _a2(tab, i, dt):
+    return carray(_ptr(tab[i, 0], dt), (tab[i, 1], tab[i, 2]))
+
+
+@njit(**INLINE)
+def _a3(tab, i, dt):
+    return carray(_ptr(tab[i, 0], dt), (tab[i, 1], tab[i, 2], tab[i, 3]))
 
 
 @njit(**_SER)
@@ -42,32 +74,33 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
     for i in range(code.shape[0]):
         c = code[i]
         op = c[0]
-        out = bufs[c[1]][:, c[2]:c[3]]
-        a = bufs[c[4]][:, c[5]:c[6]]
+        out = _a2(bufs, c[1], F32)[:, c[2]:c[3]]
+        a = _a2(bufs, c[4], F32)[:, c[5]:c[6]]
         p = c[P0:]
         if op == OP_MM:
             j = p[1]  # activation quantization buffers for this (rows, n_cols)
             w = p[0]
-            mm_dec(wk[w], wq[w], wh[w], wd[w], wm[w], bufs[c[4]], xq[j], xd[j], xs[j], bufs[c[1]])
+            mm_dec(wk[w], _a1(wq, w, U8), _a1(wh, w, U32), _a1(wd, w, F32), _a1(wm, w, F32), _a2(bufs, c[4], F32),
+                   _a2(xq, j, I16), _a2(xd, j, F32), _a2(xs, j, F32), _a2(bufs, c[1], F32))
         elif op == OP_NORM:  # its input is a whole buffer (C layout: the sum vectorizes as op by op)
-            x = bufs[c[4]]
+            x = _a2(bufs, c[4], F32)
             if p[1] != 0:  # only the last row (the logits of the last token)
                 x = x[x.shape[0] - 1:]
-            O.rms_norm_serial(x, vec[p[0]], fpar[i, 0], out)
+            O.rms_norm_serial(x, _a1(vec, p[0], F32), fpar[i, 0], out)
         elif op == OP_NORM_HEADS:
-            _norm_heads(a, vec[p[0]], p[1], fpar[i, 0], out)
+            _norm_heads(a, _a1(vec, p[0], F32), p[1], fpar[i, 0], out)
         elif op == OP_BIAS:
-            v = vec[p[0]]
+            v = _a1(vec, p[0], F32)
             for t in range(out.shape[0]):
                 for k in range(out.shape[1]):
                     out[t, k] += v[k]
         elif op == OP_ADD:
-            b = bufs[c[7]][:, c[8]:c[9]]
+            b = _a2(bufs, c[7], F32)[:, c[8]:c[9]]
             for t in range(out.shape[0]):
                 for k in range(out.shape[1]):
                     out[t, k] = a[t, k] + b[t, k]
         elif op == OP_ACT:
-            b = bufs[c[7]][:, c[8]:c[9]]
+            b = _a2(bufs, c[7], F32)[:, c[8]:c[9]]
             O.act_serial(p[0], a, b, True, out)
         elif op == OP_SCALE:
             s = fpar[i, 0]
@@ -75,17 +108,17 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
                 for k in range(out.shape[1]):
                     out[t, k] = a[t, k] * s
         elif op == OP_ROPE:
-            o = bufs[c[1]]
+            o = _a2(bufs, c[1], F32)
             o3 = o.reshape(o.shape[0], p[1], p[2])
             O.rope_out_serial(a, o3, cos[p[0]], sin[p[0]], p[3], p[4] != 0)
         elif op == OP_ATTN:
-            b = bufs[c[7]][:, c[8]:c[9]]
-            v = bufs[c[10]][:, c[11]:c[12]]
+            b = _a2(bufs, c[7], F32)[:, c[8]:c[9]]
+            v = _a2(bufs, c[10], F32)[:, c[11]:c[12]]
             # q: a whole buffer (C layout, as op by op).  One thread, as op by op: spreading the heads
             # over 2 threads measured no faster (21.2 vs 22.1 ms/token at 1500 tokens) and compiles
             # another parallel kernel (~1.7 s cold)
-            attention_decode(bufs[c[4]], b, v, kc[p[0]], vc[p[0]], n_past, p[1], p[2], p[3], fpar[i, 0], p[4],
-                              bufs[c[1]])
+            attention_decode(_a2(bufs, c[4], F32), b, v, _a3(kc, p[0], F32), _a3(vc, p[0], F32), n_past,
+                             p[1], p[2], p[3], fpar[i, 0], p[4], _a2(bufs, c[1], F32))
         elif op == OP_COPY:
             for t in range(out.shape[0]):
                 for k in range(out.shape[1]):

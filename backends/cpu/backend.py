@@ -33,9 +33,9 @@ def physical_cores() -> int:
         allowed = os.sched_getaffinity(0)
         cores = set()
         for cpu in allowed:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
-                pkg = open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id").read()
-                cores.add((pkg.strip(), f.read().strip()))
+            topo = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+            with open(topo + "core_id") as core, open(topo + "physical_package_id") as pkg:
+                cores.add((pkg.read().strip(), core.read().strip()))
         return max(1, len(cores))
     except (OSError, AttributeError):
         return max(1, (os.cpu_count() or 2) // 2)

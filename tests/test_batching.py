@@ -29,6 +29,14 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def text_tokens(model):
+    """The test text through this model's tokenizer (not conftest's, which pulls the model: the GPU
+    machine has no hub)."""
+    from pathlib import Path
+    return model.tokenize((Path(__file__).parent / "data" / "declaration.txt").read_text(), bos=False)
+
+
+@pytest.fixture(scope="module")
 def prompts(model, text_tokens):
     return [text_tokens[:5], text_tokens[40:80], text_tokens[100:170], [model.config.bos_id or 1] + text_tokens[7:30]]
 

@@ -237,8 +237,9 @@ def _add_tokenizer(w, vocab: int) -> None:
             n += 1
     byte_tokens = [chr(c) for c in cs]
     n_special = 2
-    # one merge ("!" + "!" -> "!!"): llama.cpp refuses a BPE vocabulary without merges
-    toks = byte_tokens + ["!!"] + [f"<|synth_{i}|>" for i in range(vocab - 257 - n_special)]
+    # two merges ("!" + "!" -> "!!", "!!" + "!" -> "!!!"): llama.cpp refuses a BPE vocabulary without
+    # merges, and transformers' GGUF reader (5.17) unwraps a one-element array into a bare string
+    toks = byte_tokens + ["!!", "!!!"] + [f"<|synth_{i}|>" for i in range(vocab - 258 - n_special)]
     toks += ["<|begin_of_text|>", "<|end_of_text|>"]
     toks = toks[:vocab]
     types = [1] * len(toks)
@@ -248,7 +249,7 @@ def _add_tokenizer(w, vocab: int) -> None:
     w.add_tokenizer_pre("default")
     w.add_token_list(toks)
     w.add_token_types(types)
-    w.add_token_merges(["! !"])
+    w.add_token_merges(["! !", "!! !"])
     w.add_bos_token_id(max(vocab - 2, 0))
     w.add_eos_token_id(max(vocab - 1, 0))
 

@@ -9,6 +9,7 @@ from numba import njit, prange
 
 from . import blas
 from .attn_simd import add_values, scores8
+from .attention_paged import _row as paged_row
 from .attention_sgemm import ATT_SGEMM_MIN_TOK, attention_sgemm
 from .jit import INLINE as _INLINE, PAR, SER as _SER
 from .llvm_ir import HAVE_AVX2
@@ -18,77 +19,16 @@ _JIT = PAR
 
 
 @njit(**_SER)
-def _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out):
-    """One query row t of head h over cache rows [lo, n_past + t]: softmax(q.k * scale) @ v.
-    Everything float32 (a float64 constant here would turn the loops scalar)."""
-    kh = h // g
-    pos = n_past + t
-    lo = 0
-    if window > 0:
-        lo = max(0, pos - window + 1)
-    qv = q[t, h * hd:(h + 1) * hd]
-    mx = np.float32(-3.0e38)
-    s = lo
-    while s + 3 <= pos:  # 4 keys at a time: 4 independent reductions (latency-bound otherwise)
-        k0 = kc[s, kh]
-        k1 = kc[s + 1, kh]
-        k2 = kc[s + 2, kh]
-        k3 = kc[s + 3, kh]
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        for d in range(hd):
-            x = qv[d]
-            a0 += x * k0[d]
-            a1 += x * k1[d]
-            a2 += x * k2[d]
-            a3 += x * k3[d]
-        sc[s - lo] = a0 * scale
-        sc[s + 1 - lo] = a1 * scale
-        sc[s + 2 - lo] = a2 * scale
-        sc[s + 3 - lo] = a3 * scale
-        s += 4
-    while s <= pos:
-        kv = kc[s, kh]
-        a = np.float32(0.0)
-        for d in range(hd):
-            a += qv[d] * kv[d]
-        sc[s - lo] = a * scale
-        s += 1
-    for s in range(lo, pos + 1):
-        if sc[s - lo] > mx:
-            mx = sc[s - lo]
-    n = pos + 1 - lo
-    for s in range(n):
-        sc[s] -= mx
-    vexp(sc, 0, n)  # vectorized (np.exp here is a scalar libm call per key)
-    tot = np.float32(0.0)
-    for s in range(n):
-        tot += sc[s]
-    inv = np.float32(1.0) / tot
-    for d in range(hd):
-        acc[d] = np.float32(0.0)
-    for s in range(lo, pos + 1):
-        p = sc[s - lo] * inv
-        vv = vc[s, kh]
-        for d in range(hd):
-            acc[d] += p * vv[d]
-    o = out[t, h * hd:(h + 1) * hd]
-    for d in range(hd):
-        o[d] = acc[d]
-
-
-@njit(**_SER)
 def attention_serial(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
     """Row by row, head by head (the simple kernel: the reference of the tests)."""
     n_tok = q.shape[0]
     g = n_head // n_kv
     sc = np.empty(n_past + n_tok, np.float32)
     acc = np.empty(hd, np.float32)
+    one_block = np.zeros((1, 1), np.int64)  # the contiguous cache as one block of the paged row kernel
     for t in range(n_tok):
         for h in range(n_head):
-            _attn_row(q, kc, vc, n_past, g, hd, scale, window, t, h, sc, acc, out)
+            paged_row(q, kc, vc, one_block, kc.shape[0], 0, n_past + t, g, hd, scale, window, t, h, sc, acc, out)
 
 
 # Decode attention in parallel (split-K, "flash decoding"): the keys [0, n_past + n_tok) are cut into

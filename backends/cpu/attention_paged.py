@@ -2,9 +2,8 @@
 to several sequences (a continuous-batching decode step) or a chunk of one sequence's prompt.
 
 Each token's K/V are written into its slot, then each (token, head) row attends to its own
-sequence's positions, read through the block table. The row kernel is attention._attn_row with the
-slot lookup added and nothing else changed: same loops, same float32 operations in the same order,
-so a token's attention output is bitwise the one the contiguous cache gives (tests compare them).
+sequence's positions, read through the block table. The same row kernel is attention_serial's
+(the contiguous cache as one block), the tests' reference.
 Prompt chunks take the same row kernel (not attention.attention's sgemm path for long prompts):
 a token's result never depends on what else is in the ubatch.
 """
@@ -32,7 +31,7 @@ def _row(q, kc, vc, tables, bs, srow, pos, g, hd, scale, window, t, h, sc, acc, 
     qv = q[t, h * hd:(h + 1) * hd]
     mx = np.float32(-3.0e38)
     s = lo
-    while s + 3 <= pos:  # 4 keys at a time, as _attn_row
+    while s + 3 <= pos:  # 4 keys at a time: 4 independent reductions (latency-bound otherwise)
         k0 = kc[tab[s // bs] * bs + s % bs, kh]
         k1 = kc[tab[(s + 1) // bs] * bs + (s + 1) % bs, kh]
         k2 = kc[tab[(s + 2) // bs] * bs + (s + 2) % bs, kh]

@@ -27,12 +27,14 @@ import torch
 try:
     from lstream.backends.cuda import gemv as cg
     from lstream.backends.cuda import dequant as ck
+    from lstream.backends.cuda import gemv_q8, repack
     from lstream.core.qtypes import QTYPE_INFO, QType
     from lstream.tools.synth_model import _SCALES
 except ImportError:  # pragma: no cover - run as a plain script from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from lstream.backends.cuda import gemv as cg
     from lstream.backends.cuda import dequant as ck
+    from lstream.backends.cuda import gemv_q8, repack
     from lstream.core.qtypes import QTYPE_INFO, QType
     from lstream.tools.synth_model import _SCALES
 
@@ -96,6 +98,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time every candidate config, print the best")
     ap.add_argument("--cand", default="", help='limit the sweep, e.g. "bn=4,8 ti=2,4 nw=4 mult=1"')
     ap.add_argument("--no-ref", action="store_true", help="skip dequantize + cuBLAS")
+    ap.add_argument("--q8", action="store_true",
+                    help="also time the int8 GEMV on repacked rows (gemv_q8) for the 32-weight-block types")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
     import triton
@@ -142,17 +146,27 @@ def main() -> None:
                     ref(copies[0])
                     err = float(((y.float() - yh.float()) ** 2).sum() / (yh.float() ** 2).sum())
                     del scratch
+                tq = None
+                if args.q8 and qt in repack.TYPES:  # the same weights repacked, timed the same way
+                    packs = [repack.repack(c, qt, n, k) for c in copies]
+                    xf = x.float()
+                    yf = torch.empty(batch, n, device="cuda")
+                    tq = time_calls([(lambda p=packs[i % len(packs)]: gemv_q8.gemv(xf, p, out=yf))
+                                     for i in range(ncalls)], args.reps)
+                    del packs
                 gbs = nbytes / t / 1e9
                 line = (f"{tname:5} {n:>6}x{k:<6} {batch:>2} {nbytes / 1e6:7.1f} | {t * 1e6:8.1f} {gbs:6.0f} "
                         f"{str(cfg0):>15} | ")
                 line += f"{tr * 1e6:13.1f} {tr / t:6.2f}x | {err:7.1e}" if tr else f"{'-':>13} {'-':>7} |"
+                if tq:
+                    line += f" | q8 {tq * 1e6:.1f} us {nbytes / tq / 1e9:.0f} GB/s"
                 print(line, flush=True)
                 if sweep:
                     print("      best: " + "  ".join(f"{c} {nbytes / s / 1e9:.0f}GB/s" for s, c in sweep[:4])
                           + f"  (worst {nbytes / sweep[-1][0] / 1e9:.0f})", flush=True)
                 results.append(dict(type=tname, n=n, k=k, batch=batch, bytes=nbytes, us=t * 1e6, gbs=gbs,
                                     config=cfg0, ref_us=tr and tr * 1e6, nmse_vs_ref=err,
-                                    best=best[1], best_us=best[0] * 1e6,
+                                    best=best[1], best_us=best[0] * 1e6, q8_us=tq and tq * 1e6,
                                     sweep=[(c, s * 1e6) for s, c in sweep]))
             del copies
             torch.cuda.empty_cache()

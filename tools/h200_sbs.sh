@@ -20,14 +20,14 @@ readme)
   s "the README's examples with a GPU (SmolLM2's first 8 layers stand in for the 30-layer file)"
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl .carry/p*.whl 2>&1 | tail -2
   mkdir -p /tmp/lcache && ln -sf $PWD/.carry/smollm2-8l.gguf /tmp/lcache/SmolLM2-135M-Instruct.Q4_1.gguf
-  LSTREAM_CACHE=/tmp/lcache timeout ${README_S:-200} python3 -m pytest -q -p no:cacheprovider -rfE tests/test_readme.py 2>&1 | tail -25 ;;
+  LSTREAM_CACHE=/tmp/lcache timeout ${README_S:-200} python3 -m pytest -q -p no:cacheprovider -rfE tests/test_readme.py 2>&1 | tee $OUT/readme.log | tail -40 ;;
 gemv)
   s "decode GEMV: GGUF blocks (Gluon) vs int8 on repacked rows, graph-timed"
   timeout 120 python3 -m lstream.tools.bench_gemv --types Q4_0,Q8_0 --shapes 4096x4096,1024x4096,28672x4096,4096x14336,128256x4096 --dtype bf16 --q8 --no-ref 2>&1 | tail -14 ;;
 oldnew)
   s "old (0dc9b70, before the restructure) vs new, default policy, same model"
   mkdir -p /tmp/o && ln -sfn $PWD/.carry/old/lstream /tmp/o/lstream
-  for i in 1 2; do
+  for i in $(seq ${OLDNEW_PAIRS:-2}); do
     PYTHONPATH=/tmp/site:/tmp/o timeout 200 python3 -m lstream.cli bench -m $M/l8b.gguf -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
     timeout 200 $B -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
   done ;;

@@ -138,6 +138,14 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="PNG of tokens/s against concurrency")
     ap.add_argument("--plot-from", nargs="*", default=None, help="JSON files to plot (instead of running)")
     a = ap.parse_args(argv)
+    need = (["matplotlib"] if a.plot or a.plot_from else []) + ([] if a.plot_from else ["openai"])
+    for mod in need:  # one line, not a traceback, where the test extra is not installed
+        try:
+            __import__(mod)
+        except ImportError:
+            print(f"error: tools/load_test.py needs {mod}: pip install -e '.[test]' (or pip install {mod})",
+                  file=sys.stderr)
+            return 1
     if a.plot_from:
         plot(a.plot_from, a.plot or "throughput.png")
         return 0

@@ -92,15 +92,15 @@ def gemv_q8_faster(dev) -> bool:
     the 50-60 MB L2 cannot hold it), each as decode runs it: replayed from a CUDA graph."""
     from . import gemv as cg
     from . import gemv_q8, repack
-    g = torch.Generator(device="cpu").manual_seed(2)
+    g = torch.Generator(device=dev).manual_seed(2)  # made on the device: no host work at start-up
     n_rows, n_cols = 28672, 4096
     raws, packs = [], []
     for _ in range(2):
-        raw = torch.randint(0, 256, (n_rows * n_cols // 32, 18), generator=g, dtype=torch.uint8)
-        raw[:, 0:2] = torch.full((1,), 0.01, dtype=torch.float16).view(torch.uint8)
-        raws.append(raw.to(dev))
-        packs.append(repack.repack(raws[-1], QType.Q4_0, n_rows, n_cols))
-    x = torch.randn(1, n_cols, generator=g).to(dev)
+        raw = torch.randint(0, 256, (n_rows * n_cols // 32, 18), generator=g, dtype=torch.uint8, device=dev)
+        raw[:, 0:2] = torch.full((1,), 0.01, dtype=torch.float16, device=dev).view(torch.uint8)
+        raws.append(raw)
+        packs.append(repack.repack(raw, QType.Q4_0, n_rows, n_cols))
+    x = torch.randn(1, n_cols, generator=g, device=dev)
     xb, out = x.to(torch.bfloat16), torch.empty(1, n_rows, device=dev)
     q8 = [lambda p=p: gemv_q8.gemv(x, p, out=out) for p in packs] * 8
     gg = [lambda r=r: cg.gemv(xb, r, QType.Q4_0, n_rows, n_cols, out=out) for r in raws] * 8

@@ -3,7 +3,8 @@
 repack -> to_blocks is the identity on GGUF bytes, and the repacked weight dequantizes bit-exactly
 as gguf.quants.dequantize. The GEMV against x @ dequantize(W)^T in float64: normalized MSE under
 5e-4 (ggml's bound for quantized matmuls; x quantized to int8 per 32 values, as llama.cpp's MMVQ).
-On a GPU (marker gpu) and, with TRITON_INTERPRET=1, in the Triton interpreter (dp4a emulated)."""
+On a GPU (marker gpu: the Gluon kernel, gemv_q8_gluon.py) and, with TRITON_INTERPRET=1, in the
+Triton interpreter (the Triton kernel, dp4a emulated)."""
 from __future__ import annotations
 
 import os
@@ -48,7 +49,7 @@ def test_repack_roundtrip_and_dequantize(qt):
 
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 8])
 def test_gemv_q8(dev, qt, batch):
     n_rows, n_cols = (300, 512) if dev == "cpu" else (4096, 4096)
     raw = torch.from_numpy(_blocks(qt, n_rows, n_cols, 3)).to(dev)
@@ -61,6 +62,22 @@ def test_gemv_q8(dev, qt, batch):
     got = gemv_q8.gemv(x, p).double().cpu()
     nmse = float(((got - ref) ** 2).sum() / (ref ** 2).sum())
     assert got.shape == (batch, n_rows) and nmse < 5e-4, nmse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qt", [QType.Q4_0, QType.Q5_1, QType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", [(300, 576), (1000, 14336), (7, 1536)], ids=str)
+def test_gemv_q8_odd_shapes(qt, shape):
+    """Rows not a multiple of a program's rows; 18, 448 and 48 blocks per row (fewer blocks per
+    step than threads, several steps): the GPU kernel's shape handling, batch 1 and 5."""
+    n_rows, n_cols = shape
+    p = repack.repack(torch.from_numpy(_blocks(qt, n_rows, n_cols, 4)).cuda(), qt, n_rows, n_cols)
+    for batch in (1, 5):
+        x = torch.randn(batch, n_cols, generator=torch.Generator().manual_seed(batch)).cuda()
+        ref = x.double().cpu() @ gemv_q8.dequantize(p).double().cpu().t()
+        got = gemv_q8.gemv(x.bfloat16(), p).double().cpu()
+        nmse = float(((got - ref) ** 2).sum() / (ref ** 2).sum())
+        assert got.shape == (batch, n_rows) and nmse < 5e-4, (batch, nmse)
 
 
 @pytest.mark.parametrize("dev", DEVICES)

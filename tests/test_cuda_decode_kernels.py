@@ -73,10 +73,12 @@ def test_rope_store(dev, neox, n_rot):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-@pytest.mark.parametrize("g,window,positions", [(4, 0, [150, 151]), (1, 0, [0]), (2, 40, [97]), (8, 0, [300])])
-def test_attention(dev, g, window, positions):
+@pytest.mark.parametrize("g,window,positions,n_ctx", [(4, 0, [150, 151], 320), (1, 0, [0], 320), (2, 40, [97], 320),
+                                                     (8, 0, [300], 320), (4, 0, [4100, 30], 4200)])
+def test_attention(dev, g, window, positions, n_ctx):
+    """n_ctx 4200: 64 splits (n_splits_for), a deep position and a shallow one in one call."""
     gen = torch.Generator().manual_seed(4)
-    n_kv, hd, n_ctx = 2, 64, 320
+    n_kv, hd = 2, 64
     n_head = n_kv * g
     kc = (torch.randn(n_ctx, n_kv, hd, generator=gen)).to(torch.bfloat16).to(dev)
     vc = (torch.randn(n_ctx, n_kv, hd, generator=gen)).to(torch.bfloat16).to(dev)

@@ -1,0 +1,168 @@
+"""The fused dequantizing GEMM (backends/cuda/qgemm.py).
+
+Oracle: gguf.quants.dequantize, then x @ W^T in float64. Tolerance: normalized MSE
+sum((y - ref)^2) / sum(ref^2) <= 1e-4 (NMSE_TOL). Both operands are rounded to bf16 (8
+significant bits: relative error <= 2^-8 rounding to nearest on the GPU, < 2^-7 truncating in the
+interpreter), so each product carries that much noise: NMSE ~3e-6 on the GPU, ~1e-5 in the
+interpreter; the fp32 sums add ~1e-12. A wrong bit in the unpacking can hide under such a bound,
+so a second check multiplies by the identity: every output is then one weight, which must equal
+the oracle's to bf16 precision (|y - w| < 2^-7 |w|).
+
+CPU: the kernel runs in Triton's interpreter (the `interp` fixture installs interpreted copies of
+the kernels and sets TRITON_INTERPRET=1, whatever the environment held at import) on small
+shapes: M not a multiple of BM, N not a multiple of BN, K of several blocks. GPU (marker gpu):
+Llama-sized shapes, every candidate config, the backend's choice.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lstream.backends.cuda import qgemm as qg
+from lstream.backends.cuda import repack
+from lstream.core.qtypes import QTYPE_INFO, QType
+from test_cuda_kernels import _data  # random GGUF blocks with random finite fp16 scales
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(not qg.HAVE_TRITON, reason="needs triton")
+
+NMSE_TOL = 1e-4
+TYPES = sorted(qg.TYPES)
+PACKED = sorted(repack.TYPES)
+# (BM, BN, BK, SWAP, SPLIT): W as the dot's first operand or second, K split or not; BK 64 for the
+# K-quants is a quarter super-block (tiles start inside one)
+SMALL_CFGS = [qg.Cfg(16, 32, 64, 1, 1, 4, 2), qg.Cfg(32, 16, 128, 0, 2, 4, 2)]
+
+
+def nmse(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(y).all()
+    return float(((y - ref) ** 2).sum() / (ref ** 2).sum())
+
+
+def oracle(a: np.ndarray, qt: QType, n: int, k: int) -> torch.Tensor:
+    w = gguf.quants.dequantize(a, gguf.GGMLQuantizationType(int(qt)))
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)).reshape(n, k)
+
+
+def weight(a: np.ndarray, qt: QType, n: int, k: int, packed: bool, dev="cpu"):
+    t = torch.from_numpy(a).to(dev)
+    return repack.repack(t, qt, n, k) if packed else t
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    """Interpreted copies of every Triton function of qgemm (their calls resolve through the
+    module, so the kernel's helpers are the interpreted ones too)."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name, v in list(vars(qg).items()):
+        if isinstance(v, (triton.runtime.JITFunction, InterpretedFunction)):
+            monkeypatch.setattr(qg, name, InterpretedFunction(v.fn))
+
+
+def _cases():
+    for qt in TYPES:
+        yield pytest.param(qt, False, id=f"{qt.name}")
+        if qt in repack.TYPES:
+            yield pytest.param(qt, True, id=f"{qt.name}-packed")
+
+
+@pytest.mark.parametrize("qt,packed", list(_cases()))
+def test_matches_gguf(interp, qt, packed):
+    bs = QTYPE_INFO[qt].block_size
+    n, k, m = 40, 2 * max(bs, 128), 21  # 8 blocks of 32 / 2 super-blocks
+    a = _data(qt, n, k, seed=int(qt))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ oracle(a, qt, n, k).t()
+    for cfg in SMALL_CFGS:
+        y = qg.qgemm(x, weight(a, qt, n, k, packed), qt, n, k, out_dtype=torch.float32, cfg=cfg)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert nmse(y, ref) <= NMSE_TOL, cfg
+
+
+@pytest.mark.parametrize("qt,packed", list(_cases()))
+def test_every_weight_exact(interp, qt, packed):
+    """x = I: y[j, r] = W[r, j], one product each; every unpacked value must be the oracle's."""
+    k = 256
+    n = 24
+    a = _data(qt, n, k, seed=int(qt) + 50)
+    y = qg.qgemm(torch.eye(k), weight(a, qt, n, k, packed), qt, n, k, out_dtype=torch.float32,
+                 cfg=qg.Cfg(64, 32, 64, 1, 1, 4, 2))
+    w = oracle(a, qt, n, k).float()
+    assert torch.all((y.t() - w).abs() <= w.abs() * 2.0 ** -7), (y.t() - w).abs().max()
+
+
+@pytest.mark.parametrize("qt", [QType.Q8_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+def test_large_values(interp, qt):
+    """Scales near 1 and activations in the thousands: |y| ~ 1e6..1e7 stays finite and accurate
+    in bf16 out (fp32 accumulation; fp16 operands or sums would overflow at 65504)."""
+    n, k, m = 33, 512, 17
+    rng = np.random.default_rng(3)
+    info = QTYPE_INFO[qt]
+    a = _data(qt, n, k, seed=9)
+    blk = a.reshape(-1, info.type_size)
+    off = 208 if qt == QType.Q6_K else 0
+    blk[:, off:off + 2] = rng.uniform(0.5, 2.0, blk.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(2)) * 3000.0
+    ref = x.double() @ oracle(a, qt, n, k).t()
+    assert ref.abs().max() > 1e5
+    for out_dtype in (torch.float32, torch.bfloat16):
+        y = qg.qgemm(x.bfloat16(), torch.from_numpy(a), qt, n, k, out_dtype=out_dtype, cfg=SMALL_CFGS[1])
+        assert y.dtype == out_dtype and nmse(y, ref) <= NMSE_TOL
+
+
+def test_default_configs_and_packed_rows(interp):
+    """The table's configs (128-wide tiles over 40 rows) and a Packed row view of a stack."""
+    qt, n, k = QType.Q4_0, 40, 512
+    a = _data(qt, n, k, seed=11)
+    big = repack.repack(torch.from_numpy(_data(qt, n + 7, k, seed=12)), qt, n + 7, k)
+    stack = repack.concat([big, repack.repack(torch.from_numpy(a), qt, n, k)])
+    ref = oracle(a, qt, n, k)
+    for m in (9, 70):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+        cfg = qg.candidates(qt, n, k, m)[0]
+        y = qg.qgemm(x, stack.rows(n + 7, 2 * n + 7), qt, n, k)
+        assert y.dtype == torch.bfloat16 and cfg.bn > n  # a tile wider than the weight
+        assert nmse(y, x.double() @ ref.t()) <= NMSE_TOL
+
+
+def test_candidates_tile_k():
+    for qt, k in [(QType.Q4_0, 4096), (QType.Q4_0, 14336), (QType.Q8_0, 2880), (QType.Q6_K, 4096)]:
+        for m in (9, 16, 64, 512, 4096):
+            for c in qg.candidates(qt, 1024, k, m):
+                assert c.bk % 32 == 0 and k % (c.bk * c.split) == 0
+                assert QTYPE_INFO[qt].block_size != 256 or 256 % c.bk == 0
+    assert qg.candidates(QType.Q4_0, 1024, 4096, 16)[0].split > 1  # 16 tiles: split K
+    assert qg.candidates(QType.Q4_0, 14336, 4096, 2048)[0].split == 1
+
+
+def test_bad_arguments():
+    a = torch.from_numpy(_data(QType.Q4_0, 4, 64, seed=1))
+    with pytest.raises(ValueError, match="x must be"):
+        qg.qgemm(torch.randn(3, 32), a, QType.Q4_0, 4, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        qg.qgemm(torch.randn(3, 64), a, QType.Q4_0, 5, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        qg.qgemm(torch.randn(3, 64), a, QType.Q2_K, 4, 64)
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qt,packed", list(_cases()))
+@pytest.mark.parametrize("m", [9, 64, 300])
+@pytest.mark.parametrize("shape", [(1000, 4096), (4096, 2816)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_candidates(qt, packed, m, shape):
+    n, k = shape
+    if k % QTYPE_INFO[qt].block_size:
+        pytest.skip("K is not whole blocks")
+    a = _data(qt, n, k, seed=m)
+    w = weight(a, qt, n, k, packed, "cuda")
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    ref = x.double().cpu() @ oracle(a, qt, n, k).t()
+    for cfg in qg.candidates(qt, n, k, m, "cuda"):
+        y = qg.qgemm(x, w, qt, n, k, out_dtype=torch.float32, cfg=cfg)
+        assert nmse(y, ref) <= 1e-5, cfg  # round to nearest: ~2e-6

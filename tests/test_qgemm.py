@@ -1,4 +1,4 @@
-"""The fused dequantizing GEMM (backends/cuda/qgemm.py).
+"""The fused dequantizing GEMM (backends/cuda/qgemm.py) and its selection (matmul_choice.py).
 
 Oracle: gguf.quants.dequantize, then x @ W^T in float64. Tolerance: normalized MSE
 sum((y - ref)^2) / sum(ref^2) <= 1e-4 (NMSE_TOL). Both operands are rounded to bf16 (8
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from lstream.backends.cuda import matmul_choice as mc
 from lstream.backends.cuda import qgemm as qg
 from lstream.backends.cuda import repack
 from lstream.core.qtypes import QTYPE_INFO, QType
@@ -149,6 +150,37 @@ def test_bad_arguments():
         qg.qgemm(torch.randn(3, 64), a, QType.Q2_K, 4, 64)
 
 
+def test_choice_cached_and_not_during_capture(interp, monkeypatch):
+    """The measured winner is kept per key; a capture with no choice yet takes the current path."""
+    qt, n, k = QType.Q4_K, 40, 256
+    a = torch.from_numpy(_data(qt, n, k, seed=5))
+    x = torch.randn(20, k, generator=torch.Generator().manual_seed(4))
+    ref = x.double() @ oracle(a.numpy(), qt, n, k).t()
+    calls = []
+
+    def dequant():
+        calls.append(1)
+        return torch.from_numpy(gguf.quants.dequantize(a.numpy(), gguf.GGMLQuantizationType(int(qt)))).bfloat16()
+
+    monkeypatch.setattr(mc, "_choice", {})
+    monkeypatch.setattr(mc, "_capturing", lambda x: True)
+    monkeypatch.setattr(mc, "_time", lambda fn, dev: pytest.fail("timed during capture"))
+    assert nmse(mc.matmul(x, a, qt, n, k, torch.bfloat16, dequant), ref) <= NMSE_TOL
+    assert mc.choices() == {} and calls  # the current path, nothing decided
+    monkeypatch.setattr(mc, "_capturing", lambda x: False)
+    times = iter([2.0, 1.0, 3.0])  # cuBLAS, then the candidates: the first wins
+    monkeypatch.setattr(mc, "_time", lambda fn, dev: (fn(), next(times))[1])
+    y = mc.matmul(x, a, qt, n, k, torch.bfloat16, dequant)
+    (key, cfg), = mc.choices().items()
+    assert cfg == qg.candidates(qt, n, k, 20)[0] and key[4] == 32 and y.dtype == torch.bfloat16
+    calls.clear()
+    y = mc.matmul(x[:17], a, qt, n, k, torch.bfloat16, dequant)  # same bucket: no timing, no dequantize
+    assert not calls and nmse(y, ref[:17]) <= NMSE_TOL
+    y = mc.matmul(x, a, qt, n, k, torch.float32, lambda: dequant().float())  # fp32: always the float matmul
+    assert y.dtype == torch.float32 and nmse(y, ref) <= NMSE_TOL
+    assert len(mc.choices()) == 1
+
+
 # --- GPU ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -166,3 +198,26 @@ def test_gpu_candidates(qt, packed, m, shape):
     for cfg in qg.candidates(qt, n, k, m, "cuda"):
         y = qg.qgemm(x, w, qt, n, k, out_dtype=torch.float32, cfg=cfg)
         assert nmse(y, ref) <= 1e-5, cfg  # round to nearest: ~2e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qt", [QType.Q4_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+def test_gpu_choice(qt, monkeypatch):
+    """The backend's path: a measured choice, the same numbers either way, then graph capture."""
+    from lstream.backends.cuda import dequant as ck
+    monkeypatch.setattr(mc, "_choice", {})
+    n, k, m = 4096, 4096, 512
+    a = _data(qt, n, k, seed=7)
+    w = torch.from_numpy(a).cuda()
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    deq = lambda: ck.dequantize(w, qt, k, dtype=torch.bfloat16)  # noqa: E731
+    y = mc.matmul(x, w, qt, n, k, torch.bfloat16, deq)
+    assert len(mc.choices()) == 1 and y.dtype == torch.bfloat16
+    assert nmse(y, x.double().cpu() @ oracle(a, qt, n, k).t()) <= 1e-5
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = mc.matmul(x, w, qt, n, k, torch.bfloat16, deq)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, y)

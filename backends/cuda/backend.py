@@ -32,7 +32,7 @@ from . import decode_kernels as dk
 from . import dequant as ck
 from . import fused
 from . import gemv as cg
-from . import gemv_q8, repack, selfcheck
+from . import gemv_q8, matmul_choice, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
 from .attention_paged import attention_paged, batch_tensors
 from .graphs import GraphsMixin
@@ -54,7 +54,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
                  speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True,
-                 repack_resident: bool | None = None):
+                 repack_resident: bool | None = None, qgemm: bool | None = None):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -91,6 +91,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         # decode steps: fused kernels (fused.py) where a pattern of nodes allows, split-K attention
         self.decode_kernels = ok["decode"] or self.device.type != "cuda"
         self.fuse = fuse and self.decode_kernels
+        # prefill matmuls straight from the quantized weight where that measures faster (matmul_choice.py)
+        self._qgemm = qgemm is not False and use_triton is not False and self.device.type == "cuda" and ck.HAVE_TRITON
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -266,6 +268,11 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
                     y = yy[:, rows]
                 else:
                     y = self._gemv(x, self._weight_bytes(name), src)
+                self._after(node, ctx)
+            elif self._qgemm:  # the fused dequantizing GEMM or dequantize + cuBLAS, whichever measured faster
+                name = node.weights[0]
+                y = matmul_choice.matmul(x, self._weight_bytes(name), src.qtype, src.n_rows, src.n_cols, self.dtype,
+                                         lambda: self._dequant(name))
                 self._after(node, ctx)
             else:
                 w = self._dequant(node.weights[0])

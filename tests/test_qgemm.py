@@ -6,7 +6,9 @@ significant bits: relative error <= 2^-8 rounding to nearest on the GPU, < 2^-7 
 interpreter), so each product carries that much noise: NMSE ~3e-6 on the GPU, ~1e-5 in the
 interpreter; the fp32 sums add ~1e-12. A wrong bit in the unpacking can hide under such a bound,
 so a second check multiplies by the identity: every output is then one weight, which must equal
-the oracle's to bf16 precision (|y - w| < 2^-7 |w|).
+the oracle's to bf16 precision (|y - w| < 2^-7 |w|), plus 2^-14 of the largest |w| of its 16
+(the kernel adds a block's min, or subtracts K-quants' dmin * min, with one more fp32 rounding
+than gguf: near-cancelling values can move by ~2^-22 of their block; one quant step is >= 2^-8).
 
 CPU: the kernel runs in Triton's interpreter (the `interp` fixture installs interpreted copies of
 the kernels and sets TRITON_INTERPRET=1, whatever the environment held at import) on small
@@ -31,8 +33,8 @@ pytestmark = pytest.mark.skipif(not qg.HAVE_TRITON, reason="needs triton")
 NMSE_TOL = 1e-4
 TYPES = sorted(qg.TYPES)
 PACKED = sorted(repack.TYPES)
-# (BM, BN, BK, SWAP, SPLIT): W as the dot's first operand or second, K split or not; BK 64 for the
-# K-quants is a quarter super-block (tiles start inside one)
+# (BM, BN, BK, SWAP, SPLIT): W as the dot's first operand or second, K split or not (qg.fit makes BK
+# legal: Q4_K/Q5_K tiles of 64 start inside a super-block, Q6_K's are halves)
 SMALL_CFGS = [qg.Cfg(16, 32, 64, 1, 1, 4, 2), qg.Cfg(32, 16, 128, 0, 2, 4, 2)]
 
 
@@ -79,7 +81,7 @@ def test_matches_gguf(interp, qt, packed):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     ref = x.double() @ oracle(a, qt, n, k).t()
     for cfg in SMALL_CFGS:
-        y = qg.qgemm(x, weight(a, qt, n, k, packed), qt, n, k, out_dtype=torch.float32, cfg=cfg)
+        y = qg.qgemm(x, weight(a, qt, n, k, packed), qt, n, k, out_dtype=torch.float32, cfg=qg.fit(cfg, qt, k))
         assert y.shape == (m, n) and y.dtype == torch.float32
         assert nmse(y, ref) <= NMSE_TOL, cfg
 
@@ -91,9 +93,10 @@ def test_every_weight_exact(interp, qt, packed):
     n = 24
     a = _data(qt, n, k, seed=int(qt) + 50)
     y = qg.qgemm(torch.eye(k), weight(a, qt, n, k, packed), qt, n, k, out_dtype=torch.float32,
-                 cfg=qg.Cfg(64, 32, 64, 1, 1, 4, 2))
+                 cfg=qg.fit(qg.Cfg(64, 32, 64, 1, 1, 4, 2), qt, k))
     w = oracle(a, qt, n, k).float()
-    assert torch.all((y.t() - w).abs() <= w.abs() * 2.0 ** -7), (y.t() - w).abs().max()
+    tol = w.abs() * 2.0 ** -7 + w.abs().reshape(n, k // 16, 16).amax(2).repeat_interleave(16, 1) * 2.0 ** -14
+    assert torch.all((y.t() - w).abs() <= tol), ((y.t() - w).abs() - tol).max()
 
 
 @pytest.mark.parametrize("qt", [QType.Q8_0, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
@@ -111,7 +114,7 @@ def test_large_values(interp, qt):
     ref = x.double() @ oracle(a, qt, n, k).t()
     assert ref.abs().max() > 1e5
     for out_dtype in (torch.float32, torch.bfloat16):
-        y = qg.qgemm(x.bfloat16(), torch.from_numpy(a), qt, n, k, out_dtype=out_dtype, cfg=SMALL_CFGS[1])
+        y = qg.qgemm(x.bfloat16(), torch.from_numpy(a), qt, n, k, out_dtype=out_dtype, cfg=qg.fit(SMALL_CFGS[1], qt, k))
         assert y.dtype == out_dtype and nmse(y, ref) <= NMSE_TOL
 
 

@@ -7,15 +7,15 @@ cores: wgmma on Hopper) against a [BM, BK] tile of x; no float copy of W is ever
 
 Formats (FMT): 0 GGUF 32-weight blocks (Q4_0..Q8_0, 2-byte aligned: uint16 words), 1 the
 repacked resident layout (repack.Packed: int32 words, 16-byte loads), 2 Q4_K/Q5_K (16-byte
-aligned blocks: int32 words), 3 Q6_K (uint16 words). A word is expanded into its values by
-broadcasting it against a vector of shifts; the values come out in the block's own order, so the
-tile is reshaped to [BN, BK] in natural k order and x is loaded plainly (contiguous, pipelined).
-A b-bit value v becomes fp32 through the bits 0x4B000000 | v (the float 2^23 + v) minus a
-constant: one LOP3 and one FADD, where an int->float convert issues at 1/8 of the FMA rate. Each
-value is then scaled in fp32 exactly as gguf.quants does (d * q (+ m), (d*sc) * q - dmin*mn) and
-rounded to bf16, so the operand equals what dequantize + cuBLAS multiplies.
+aligned blocks: int32 words), 3 Q6_K (uint16 words). Words expand into their values with
+tl.join, which keeps a word's values in the thread that loaded it, in the block's own order, so
+the tile is [BN, BK] in natural k order and x is loaded plainly (contiguous, pipelined). A b-bit
+value v is moved to the top mantissa bits of 1.0f (the float 1 + v/2^b: no int->float convert,
+which issues at 1/8 of the FMA rate) and scaled with one FMA per weight; the products are exact
+for 4/5-bit quants and fp16 scales, so the bf16 operand is what dequantize + cuBLAS multiplies
+(up to one fp32 rounding of the added min terms).
 
-SWAP=1 computes y^T = W x^T: the dequantized tile is the dot's first operand, which wgmma may take
+SWAP=1 computes y^T = W x^T: the dequantized tile is the dot's first operand, which wgmma takes
 from registers, and the token count is the MMA's N (16..256): small M wastes nothing. SPLIT > 1
 splits K over programs (few output tiles: k/v projections, small M) into fp32 partials that torch
 sums. Offsets that scale with rows or tokens are int64. Without a GPU the kernel runs in Triton's
@@ -55,66 +55,93 @@ class Cfg(NamedTuple):
 if HAVE_TRITON:
 
     @triton.jit
-    def _f(u, OFF: tl.constexpr):
-        """u - OFF in fp32 for int32 0 <= u < 2^23, without an int->float convert."""
-        return (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFF)
-
-    @triton.jit
-    def _w_g32(q_ptr, h_ptr, rows, RS, kb0, BN: tl.constexpr, BK: tl.constexpr, TS: tl.constexpr,
-               BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr):
-        """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tile [BN, BK] fp32; q_ptr/h_ptr: uint16/fp16 views, RS words per row."""
-        KB: tl.constexpr = BK // 32
-        base = rows[:, None] * RS + (kb0 + tl.arange(0, KB))[None, :] * (TS // 2)  # [BN, KB] block's first word
-        d = tl.load(h_ptr + base).to(tl.float32)
-        if BITS == 8:
-            w = tl.load(q_ptr + base[:, :, None] + QS // 2 + tl.arange(0, 16)[None, None, :]).to(tl.int32)
-            t = tl.arange(0, 2)[None, None, None, :]
-            u = ((w[:, :, :, None] >> (8 * t)) & 255) ^ 128  # value 2i + t, offset by 128 (signed)
-            f = _f(tl.reshape(u, (BN, KB, 32)), OFF)
+    def _place(w, SH: tl.constexpr, FB: tl.constexpr, AT: tl.constexpr):
+        """Bits SH..SH+FB-1 of the uint32 words w moved to bits AT..AT+FB-1, the rest zero."""
+        if SH >= AT:
+            t = w >> (SH - AT)
         else:
-            w = tl.load(q_ptr + base[:, :, None] + QS // 2 + tl.arange(0, 8)[None, None, :]).to(tl.int32)
-            h = tl.arange(0, 2)[None, None, :, None, None]
-            t = tl.arange(0, 2)[None, None, None, None, :]
-            u = tl.reshape((w[:, :, None, :, None] >> (4 * h + 8 * t)) & 15, (BN, KB, 32))  # 16h + 2i + t
-            if QH >= 0:  # fifth bits: bit j of a 32-bit field (two words) for value j
-                qh = tl.load(q_ptr + base + QH // 2).to(tl.int32) | (tl.load(q_ptr + base + QH // 2 + 1).to(tl.int32) << 16)
-                u = u | (((qh[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1) << 4)
-            f = _f(u, OFF)
-        v = f * d[:, :, None]
-        if HAS_MIN:
-            v += tl.load(h_ptr + base + 1).to(tl.float32)[:, :, None]
-        return tl.reshape(v, (BN, BK))
+            t = w << (AT - SH)
+        return t & (((1 << FB) - 1) << AT)
 
     @triton.jit
-    def _w_packed(q_ptr, d_ptr, m_ptr, qh_ptr, rows, RS, HS, kb0, BN: tl.constexpr, BK: tl.constexpr,
-                  BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, HAS_QH: tl.constexpr):
-        """repack.Packed tile [BN, BK] fp32: qs int32 (RS words per row), d/m/qh (HS per row)."""
-        KB: tl.constexpr = BK // 32
-        blk = rows[:, None] * HS + (kb0 + tl.arange(0, KB))[None, :]  # [BN, KB]
-        d = tl.load(d_ptr + blk).to(tl.float32)
-        wo = rows[:, None, None] * RS + (kb0 + tl.arange(0, KB))[None, :, None] * BITS  # BITS words per block
-        w = tl.load(q_ptr + wo + tl.arange(0, BITS)[None, None, :])  # 16- or 32-byte runs
-        if BITS == 8:
-            t = tl.arange(0, 4)[None, None, None, :]
-            f = _f(tl.reshape(((w[:, :, :, None] >> (8 * t)) & 255) ^ 128, (BN, KB, 32)), OFF)  # value 4i + t
+    def _field(w, SH: tl.constexpr, FB: tl.constexpr, AT: tl.constexpr, BPW: tl.constexpr, R: tl.constexpr,
+               NB: tl.constexpr):
+        """Bits SH..SH+FB-1 of every byte of the [R, NB // BPW] words w (BPW bytes each, little endian)
+        at bit AT: [R, NB] in byte order (a broadcast against shifts made each thread reload the word)."""
+        if BPW == 4:
+            v = tl.join(tl.join(_place(w, SH, FB, AT), _place(w, SH + 16, FB, AT)),
+                        tl.join(_place(w, SH + 8, FB, AT), _place(w, SH + 24, FB, AT)))
         else:
-            h = tl.arange(0, 2)[None, None, :, None, None]
-            t = tl.arange(0, 4)[None, None, None, None, :]
-            u = tl.reshape((w[:, :, None, :, None] >> (4 * h + 8 * t)) & 15, (BN, KB, 32))  # 16h + 4i + t
-            if HAS_QH:
-                qh = tl.load(qh_ptr + blk)
-                u = u | (((qh[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1) << 4)
-            f = _f(u, OFF)
-        v = f * d[:, :, None]
-        if HAS_MIN:
-            v += tl.load(m_ptr + blk).to(tl.float32)[:, :, None]
-        return tl.reshape(v, (BN, BK))
+            v = tl.join(_place(w, SH, FB, AT), _place(w, SH + 8, FB, AT))
+        return tl.reshape(v, (R, NB))
 
     @triton.jit
-    def _w_k45(q_ptr, h_ptr, b_ptr, rows, RS, k0, BN: tl.constexpr, BK: tl.constexpr, TS: tl.constexpr,
+    def _unpack(w, FB: tl.constexpr, AT: tl.constexpr, BPW: tl.constexpr, R: tl.constexpr, NB: tl.constexpr):
+        """All 8 // FB fields of every byte, field-major ([R, 8 // FB * NB]): GGUF's order for 4-bit
+        quants (low nibbles of a run of bytes, then high) and Q6_K's 2-bit high parts."""
+        if FB == 8:
+            v = _field(w, 0, 8, AT, BPW, R, NB)
+        elif FB == 4:
+            v = tl.join(_field(w, 0, 4, AT, BPW, R, NB), _field(w, 4, 4, AT, BPW, R, NB))
+            v = tl.reshape(tl.permute(v, (0, 2, 1)), (R, 2 * NB))
+        else:  # [.., byte, j, s]: field 2j + s
+            v = tl.join(tl.join(_field(w, 0, 2, AT, BPW, R, NB), _field(w, 4, 2, AT, BPW, R, NB)),
+                        tl.join(_field(w, 2, 2, AT, BPW, R, NB), _field(w, 6, 2, AT, BPW, R, NB)))
+            v = tl.reshape(tl.permute(v, (0, 2, 3, 1)), (R, 4 * NB))
+        return v
+
+    @triton.jit
+    def _fma(u, MAGIC, a, b):
+        """u: a B-bit value at bits 23-B..22 (_place). u ^ MAGIC is the float 1 + v/2^B (MAGIC = 1.0f's
+        bits, with bit 22 flipped for int8: v = q + 128), with no int->float convert (1/8 of the FMA
+        rate); a = 2^B * scale, b = -(2^B + OFF) * scale (+ min), so a*f + b = (v - OFF) * scale
+        (+ min): exact for 4/5-bit quants and fp16 scales ((2^B + v) * d has <= 24 bits)."""
+        return (u ^ MAGIC).to(tl.float32, bitcast=True) * a + b
+
+    @triton.jit
+    def _w_q32(q_ptr, h_ptr, m_ptr, qh_ptr, rows, RS, HS, kb0, MAGIC, BN: tl.constexpr, BK: tl.constexpr,
+               FMT: tl.constexpr, TS: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr,
+               HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr):
+        """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tile [BN, BK] fp32. FMT 0, GGUF blocks: q_ptr uint16 and h_ptr
+        fp16 views (RS words per row); FMT 1, Packed: q_ptr int32 quants (RS per row), h_ptr d,
+        m_ptr m, qh_ptr qh (HS per row)."""
+        KB: tl.constexpr = BK // 32
+        B: tl.constexpr = 8 if BITS == 8 else (5 if QH >= 0 else 4)  # bits of a value
+        BPW: tl.constexpr = 4 if FMT == 1 else 2  # bytes per loaded word
+        NW: tl.constexpr = BITS * 4 // BPW  # words per block (16 or 32 quant bytes)
+        blk = kb0 + tl.arange(0, KB)[None, :]
+        if FMT == 1:
+            sb = rows[:, None] * HS + blk  # [BN, KB] scales
+            wo = rows[:, None, None] * RS + blk[:, :, None] * NW
+        else:
+            sb = rows[:, None] * RS + blk * (TS // 2)  # [BN, KB] first word of the block
+            wo = sb[:, :, None] + QS // 2
+        d = tl.load(h_ptr + sb).to(tl.float32)
+        w = tl.load(q_ptr + wo + tl.arange(0, NW)[None, None, :]).to(tl.uint32, bitcast=FMT == 1)
+        u = tl.reshape(_unpack(tl.reshape(w, (BN * KB, NW)), BITS, 23 - B, BPW, BN * KB, NW * BPW), (BN, KB, 32))
+        if QH >= 0:  # fifth bits: bit j of a 32-bit field for value j, to bit 22
+            if FMT == 1:
+                qh = tl.load(qh_ptr + sb).to(tl.uint32, bitcast=True)
+            else:
+                qh = tl.load(q_ptr + sb + QH // 2).to(tl.uint32)
+                qh = qh | (tl.load(q_ptr + sb + QH // 2 + 1).to(tl.uint32) << 16)
+            u = u | (((qh[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1) << 22)
+        a = d * (1 << B)
+        b = d * -((1 << B) + OFF)
+        if HAS_MIN:
+            if FMT == 1:
+                b += tl.load(m_ptr + sb).to(tl.float32)
+            else:
+                b += tl.load(h_ptr + sb + 1).to(tl.float32)
+        return tl.reshape(_fma(u, MAGIC, a[:, :, None], b[:, :, None]), (BN, BK))
+
+    @triton.jit
+    def _w_k45(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN: tl.constexpr, BK: tl.constexpr, TS: tl.constexpr,
                HAS_QH: tl.constexpr):
-        """Q4_K/Q5_K tile [BN, BK] (BK | 256: one super-block): q_ptr int32, h_ptr fp16, b_ptr uint8 views."""
+        """Q4_K/Q5_K tile [BN, BK] (64 <= BK <= 256, BK | 256: whole sub-block pairs of one
+        super-block): q_ptr int32, h_ptr fp16, b_ptr uint8 views, RS int32 words per row."""
         NS: tl.constexpr = BK // 32
+        B: tl.constexpr = 4 + HAS_QH
         s = ((k0 % 256) // 32 + tl.arange(0, NS))[None, :]  # [1, NS] sub-block
         bw = rows * RS + (k0 // 256) * (TS // 4)  # [BN] super-block's first word
         d = tl.load(h_ptr + bw * 2).to(tl.float32)[:, None]
@@ -124,39 +151,40 @@ if HAVE_TRITON:
         q = tl.load(b_ptr + sb + 4).to(tl.int32)
         r = tl.load(b_ptr + sb + 8).to(tl.int32)
         lo = s < 4
-        sc = tl.where(lo, p & 63, (r & 15) | ((p >> 6) << 4)).to(tl.float32)
-        mn = tl.where(lo, q & 63, (r >> 4) | ((q >> 6) << 4)).to(tl.float32)
-        QSW: tl.constexpr = 4 + 8 * HAS_QH  # first quant word
-        wo = bw[:, None, None] + QSW + (s // 2)[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-        w = tl.load(q_ptr + wo)  # [BN, NS, 8]: 32 bytes per sub-block, nibble s % 2
-        t = tl.arange(0, 4)[None, None, None, :]
-        u = (w[:, :, :, None] >> (8 * t + 4 * (s % 2)[:, :, None, None])) & 15  # value 4i + t
-        if HAS_QH:
-            hw = tl.load(q_ptr + bw[:, None, None] + 4 + tl.arange(0, 8)[None, None, :])  # 32 bytes, bit s
-            u = u | (((hw[:, :, :, None] >> (8 * t + s[:, :, None, None])) & 1) << 4)
-        v = _f(tl.reshape(u, (BN, NS, 32)), 0.0) * (d * sc)[:, :, None] - (dmin * mn)[:, :, None]
-        return tl.reshape(v, (BN, BK))
+        ds = d * tl.where(lo, p & 63, (r & 15) | ((p >> 6) << 4)).to(tl.float32)
+        dm = dmin * tl.where(lo, q & 63, (r >> 4) | ((q >> 6) << 4)).to(tl.float32)
+        # sub-blocks 2c, 2c+1: the low, then high nibbles of the same 32 bytes (8 words)
+        QSW: tl.constexpr = 4 + 8 * HAS_QH
+        c = (k0 % 256) // 64 + tl.arange(0, NS // 2)
+        w = tl.load(q_ptr + bw[:, None, None] + QSW + c[None, :, None] * 8 + tl.arange(0, 8)[None, None, :])
+        w = tl.reshape(w.to(tl.uint32, bitcast=True), (BN * NS // 2, 8))
+        u = tl.reshape(_unpack(w, 4, 23 - B, 4, BN * NS // 2, 32), (BN, NS, 32))
+        if HAS_QH:  # 32 bytes at 16: bit s of byte i is the fifth bit of value i of sub-block s
+            hw = tl.load(q_ptr + bw[:, None] + 4 + tl.arange(0, 8)[None, :]).to(tl.uint32, bitcast=True)
+            hb = tl.reshape(_field(hw, 0, 8, 0, 4, BN, 32), (BN, 1, 32))
+            u = u | (((hb >> s[:, :, None].to(tl.uint32)) & 1) << 22)
+        a = ds * (1 << B)
+        b = -(ds * (1 << B) + dm)
+        return tl.reshape(_fma(u, MAGIC, a[:, :, None], b[:, :, None]), (BN, BK))
 
     @triton.jit
-    def _w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, BN: tl.constexpr, BK: tl.constexpr):
-        """Q6_K tile [BN, BK] (BK | 256): q_ptr uint16, h_ptr fp16, b_ptr uint8 views, RS words per row."""
-        NS: tl.constexpr = BK // 32
-        s = ((k0 % 256) // 32 + tl.arange(0, NS))[None, :, None, None, None]  # 32-value run 0..7
-        bw = (rows * RS + (k0 // 256) * 105)[:, None, None, None, None]  # super-block's first word
-        d = tl.load(h_ptr + bw + 104).to(tl.float32)
-        hf = tl.arange(0, 2)[None, None, :, None, None]  # 16-value half: one int8 scale each
-        i = hf * 8 + tl.arange(0, 8)[None, None, None, :, None]  # word in the run
-        t = tl.arange(0, 2)[None, None, None, None, :]  # value 2i + t
-        c = s // 4
-        ql = tl.load(q_ptr + bw + c * 32 + (s % 2) * 16 + i).to(tl.int32)
-        qh = tl.load(q_ptr + bw + 64 + c * 16 + i).to(tl.int32)
-        u = ((ql >> (8 * t + 4 * ((s // 2) % 2))) & 15) | (((qh >> (8 * t + 2 * (s % 4))) & 3) << 4)
-        sc = tl.load(b_ptr + bw * 2 + 192 + 2 * s + hf).to(tl.int8, bitcast=True).to(tl.float32)
-        v = _f(u, 32.0) * (d * sc)
-        return tl.reshape(v, (BN, BK))
+    def _w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN: tl.constexpr):
+        """Q6_K tile [BN, 128]: half c of a super-block (4 runs of 32 values r: ql bytes
+        (r % 2) * 32 + i, nibble r // 2; qh byte i, bits 2r..2r+1; one int8 scale per 16 values).
+        q_ptr uint16, h_ptr fp16, b_ptr uint8 views, RS uint16 words per row."""
+        c = (k0 % 256) // 128
+        bw = rows * RS + (k0 // 256) * 105  # [BN] super-block's first word
+        d = tl.load(h_ptr + bw + 104).to(tl.float32)[:, None]
+        ql = tl.load(q_ptr + bw[:, None] + c * 32 + tl.arange(0, 32)[None, :]).to(tl.uint32)
+        qh = tl.load(q_ptr + bw[:, None] + 64 + c * 16 + tl.arange(0, 16)[None, :]).to(tl.uint32)
+        u = _unpack(ql, 4, 17, 2, BN, 64) | _unpack(qh, 2, 21, 2, BN, 32)  # [BN, 128]
+        sc = tl.load(b_ptr + bw[:, None] * 2 + 192 + c * 8 + tl.arange(0, 8)[None, :]).to(tl.int8, bitcast=True)
+        ds = d * sc.to(tl.float32)  # [BN, 8]
+        v = _fma(tl.reshape(u, (BN, 8, 16)), MAGIC, (ds * 64.0)[:, :, None], (ds * -96.0)[:, :, None])
+        return tl.reshape(v, (BN, 128))
 
     @triton.jit
-    def _k_qgemm(x_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, M, N, K, RS, HS, KS, GROUP_M,
+    def _k_qgemm(x_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, M, N, K, RS, HS, KS, GROUP_M, MAGIC,
                  FMT: tl.constexpr, TS: tl.constexpr, BITS: tl.constexpr, OFF: tl.constexpr,
                  HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
@@ -175,17 +203,20 @@ if HAVE_TRITON:
         rn = pid_n * BN + tl.arange(0, BN)
         xr = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * K  # clamped: loads need no masks
         rows = tl.minimum(rn, N - 1).to(tl.int64)
-        acc = tl.full([BN, BM] if SWAP else [BM, BN], 0.0, tl.float32)  # tl.zeros: a jit function too
+        if SWAP:  # (tl.zeros is a jit function too)
+            acc = tl.full([BN, BM], 0.0, tl.float32)
+        else:
+            acc = tl.full([BM, BN], 0.0, tl.float32)
         k_lo = tl.program_id(1) * KS
         if INTERP:
             k0 = k_lo
             while k0 < k_lo + KS:
-                acc = _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, FMT, TS, BITS, OFF, HAS_MIN,
+                acc = _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN,
                             QH, QS, BN, BK, SWAP, INTERP)
                 k0 += BK
         else:
             for kk in range(0, KS, BK):
-                acc = _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k_lo + kk, FMT, TS, BITS, OFF,
+                acc = _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k_lo + kk, MAGIC, FMT, TS, BITS, OFF,
                             HAS_MIN, QH, QS, BN, BK, SWAP, INTERP)
         o = out_ptr + tl.program_id(1).to(tl.int64) * M * N  # split s: its own fp32 partial
         if SWAP:
@@ -196,27 +227,29 @@ if HAVE_TRITON:
                      mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
-    def _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, FMT: tl.constexpr, TS: tl.constexpr,
+    def _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT: tl.constexpr, TS: tl.constexpr,
               BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
               BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
         x = tl.load(xr + k0 + tl.arange(0, BK)[None, :])
-        if FMT == 0:
-            w = _w_g32(q_ptr, h_ptr, rows, RS, k0 // 32, BN, BK, TS, BITS, OFF, HAS_MIN, QH, QS)
-        elif FMT == 1:
-            w = _w_packed(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0 // 32, BN, BK, BITS, OFF, HAS_MIN, QH >= 0)
+        if FMT <= 1:
+            w = _w_q32(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0 // 32, MAGIC, BN, BK, FMT, TS, BITS, OFF,
+                       HAS_MIN, QH, QS)
         elif FMT == 2:
-            w = _w_k45(q_ptr, h_ptr, b_ptr, rows, RS, k0, BN, BK, TS, QH >= 0)
+            w = _w_k45(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN, BK, TS, QH >= 0)
         else:
-            w = _w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, BN, BK)
+            w = _w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN)
         w = w.to(x.dtype)
         if INTERP:  # the interpreter's dot reads bf16 as its raw uint16: multiply the same values in fp32
             w = w.to(tl.float32)
             x = x.to(tl.float32)
         if SWAP:
-            return tl.dot(w, tl.trans(x), acc)
-        return tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        return acc
 
 
+_ONE = 0x3F800000  # 1.0f: a run-time argument, so ptxas keeps it in a register and fuses mask and xor
 _SMS = 132  # an H200's multiprocessors, off the GPU (the split heuristic's unit)
 _fast: dict = {}
 
@@ -226,11 +259,30 @@ def _sms(dev: torch.device) -> int:
 
 
 def _bk(bk: int, qtype: QType, n_cols: int) -> int:
-    """The largest k step <= bk that tiles K (32-blocks) or a super-block (K-quants)."""
-    unit = 256 if QTYPE_INFO[qtype].block_size == 256 else n_cols
-    while bk > 32 and unit % bk:
+    """The k step nearest bk that the format allows: whole 32-blocks dividing K; for Q4_K/Q5_K
+    whole sub-block pairs of one super-block (64..256); for Q6_K half a super-block (128)."""
+    if qtype == QType.Q6_K:
+        return 128
+    if QTYPE_INFO[qtype].block_size == 256:
+        return min(256, max(64, bk))
+    while bk > 32 and n_cols % bk:
         bk //= 2
     return bk
+
+
+def fit(cfg: Cfg, qtype: QType, n_cols: int) -> Cfg:
+    """cfg with its k step made legal for the format, its split dividing the k steps, at most 64
+    weights of the W tile per thread and an x tile of at most 32 KB (Q6_K's 128-wide k step:
+    fewer rows and tokens per tile; more spill registers or overflow shared memory on sm_90)."""
+    bk = _bk(cfg.bk, QType(qtype), n_cols)
+    bm, bn, split = cfg.bm, cfg.bn, cfg.split
+    while bn > 16 and bn * bk > 64 * 32 * cfg.warps:
+        bn //= 2
+    while bm > 16 and bm * bk > 256 * 64:
+        bm //= 2
+    while split > 1 and (n_cols // bk) % split:
+        split //= 2
+    return cfg._replace(bm=bm, bn=bn, bk=bk, split=split)
 
 
 def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
@@ -245,14 +297,17 @@ def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
 
 
 # (BM, BN, BK, SWAP, warps, stages) per token bucket: the first is the default, the rest are what
-# the measurement (matmul_choice.py) and tools/bench_qgemm.py also try. Few tokens: W as the MMA's
-# M side (SWAP), tokens as its N; many: 128-256 wide tiles of both.
+# the measurement (matmul_choice.py) and tools/bench_qgemm.py also try. W is the MMA's M side (SWAP:
+# its dequantized tile goes to wgmma from registers) and the tokens its N (16..256), so few tokens
+# waste no MMA work. Chosen from sm_90 builds (ptxas, no GPU): no spills; at 4 warps ptxas often
+# serializes the wgmmas of a register operand (warning C7515), at 8 rarely; loop instructions per
+# weight ~7, so the MMA covers the dequantization (MMA/issue >= 1) from 128 tokens per tile.
 _TABLE = {
-    16: [(16, 64, 128, 1, 4, 3), (16, 128, 64, 1, 4, 4)],
-    32: [(32, 64, 128, 1, 4, 3), (32, 128, 64, 1, 4, 4)],
-    64: [(64, 128, 64, 1, 4, 4), (64, 64, 128, 1, 4, 3)],
+    16: [(16, 128, 64, 1, 8, 3), (16, 64, 128, 1, 4, 3)],
+    32: [(32, 128, 64, 1, 8, 3), (32, 128, 64, 1, 4, 4)],
+    64: [(64, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4)],
     128: [(128, 128, 64, 1, 8, 3), (128, 128, 64, 0, 8, 3)],
-    256: [(128, 256, 64, 0, 8, 3), (256, 128, 64, 1, 8, 3), (128, 128, 64, 0, 4, 4)],
+    256: [(256, 128, 64, 1, 8, 3), (128, 256, 64, 0, 8, 3), (128, 128, 64, 1, 8, 3)],
 }
 
 
@@ -262,8 +317,10 @@ def candidates(qtype: QType, n_rows: int, n_cols: int, m: int, device=None) -> l
     sms = _sms(torch.device(device) if device is not None else torch.device("cpu"))
     out = []
     for bm, bn, bk, swap, nw, ns in _TABLE[bucket]:
-        bk = _bk(bk, QType(qtype), n_cols)
-        out.append(Cfg(bm, bn, bk, swap, _split(m, n_rows, n_cols, bm, bn, bk, sms), nw, ns))
+        c = fit(Cfg(bm, bn, bk, swap, 1, nw, ns), qtype, n_cols)
+        c = fit(c._replace(split=_split(m, n_rows, n_cols, bm, c.bn, c.bk, sms)), qtype, n_cols)
+        if c not in out:
+            out.append(c)
     return out
 
 
@@ -322,20 +379,19 @@ def qgemm(x: torch.Tensor, w, qtype: QType, n_rows: int, n_cols: int, out_dtype:
         return _reference(x, w, qtype, n_cols, dt).to(out_dtype)
     cfg = cfg or candidates(qtype, n_rows, n_cols, m, x.device)[0]
     bm, bn, bk, swap, split, nw, ns = cfg
-    if n_cols % (bk * split) or (QTYPE_INFO[qtype].block_size == 256 and 256 % bk) or bk % 32:
+    if n_cols % (bk * split) or bk != _bk(bk, qtype, n_cols):
         raise ValueError(f"qgemm: config {cfg} does not tile K={n_cols} of {qtype.name}")
-    xb = x.to(dt).contiguous()
-    if split > 1:
-        part = torch.empty((split, m, n_rows), dtype=torch.float32, device=x.device)
-    else:
-        part = torch.empty((m, n_rows), dtype=out_dtype, device=x.device)
     if m == 0 or n_rows == 0:
         return torch.zeros((m, n_rows), dtype=out_dtype, device=x.device)
+    xb = x.to(dt).contiguous()
+    part = torch.empty((split, m, n_rows), dtype=torch.float32, device=x.device) if split > 1 else \
+        torch.empty((m, n_rows), dtype=out_dtype, device=x.device)
     npm, npn = triton.cdiv(m, bm), triton.cdiv(n_rows, bn)
     group = max(1, min(npm, (16 << 20) // (bm * n_cols * 2)))  # token tiles whose x stays in L2
     k = _k_qgemm
     fl = _fast.get(k) or _fast.setdefault(k, FastLaunch(k))
-    fl((npm * npn, split), xb, *ptrs, part, m, n_rows, n_cols, rs, hs, n_cols // split, group,
+    magic = _ONE ^ (1 << 22) if cx["BITS"] == 8 else _ONE  # int8: q + 128, by flipping its top bit
+    fl((npm * npn, split), xb, *ptrs, part, m, n_rows, n_cols, rs, hs, n_cols // split, group, magic,
        **cx, BM=bm, BN=bn, BK=bk, SWAP=swap, INTERP=not x.is_cuda, num_warps=nw, num_stages=ns)
     if split == 1:
         return part

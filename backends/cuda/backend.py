@@ -5,9 +5,10 @@ uploads on a copy stream (core/streaming.py), K/V write-backs to host on a third
 Activations: the residual stream stays fp32; matmul inputs, attention and K/V use the compute dtype,
 bf16 by default: real models' activations reach thousands and some families pass float16's 65504,
 so fp16 (llama.cpp's cuBLAS path) would overflow where the CPU's fp32 does not. Decode matmuls
-(GEMV) accumulate and return fp32. A matmul dequantizes its
-weight (resident: quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer,
-then calls cuBLAS.
+(GEMV) accumulate and return fp32. A prefill matmul either dequantizes its weight (resident:
+quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer and calls cuBLAS,
+or runs qgemm.py's GEMM that dequantizes tiles in registers: whichever measured faster for that
+format, shape and token bucket (matmul_choice.py).
 
 Everything device-specific goes through `self.rt` (runtime.py), so tests/fake_device.py runs this
 exact code on CPU tensors in CI.

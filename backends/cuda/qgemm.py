@@ -286,12 +286,13 @@ def fit(cfg: Cfg, qtype: QType, n_cols: int) -> Cfg:
 
 
 def _split(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int) -> int:
-    """Split K while the output tiles alone leave multiprocessors idle (k/v projections, small M),
-    keeping >= 4 steps per program and the split dividing the steps."""
+    """Split K while the output tiles alone leave multiprocessors idle (k/v projections, small M)
+    but the programs stay within one wave (the fp32 partials cost traffic), keeping >= 4 steps
+    per program and the split dividing the steps."""
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     steps = k // bk
     s = 1
-    while tiles * s * 2 <= 2 * sms and steps % (s * 2) == 0 and steps // (s * 2) >= 4:
+    while tiles * s * 2 <= sms and steps % (s * 2) == 0 and steps // (s * 2) >= 4:
         s *= 2
     return s
 

@@ -133,6 +133,17 @@ def test_default_configs_and_packed_rows(interp):
         assert nmse(y, x.double() @ ref.t()) <= NMSE_TOL
 
 
+def test_torch_fallback(monkeypatch):
+    """Off the GPU without the interpreter: dequantize in torch, the same bf16 operand values."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    qt, n, k = QType.Q5_1, 12, 128
+    a = _data(qt, n, k, seed=4)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(6))
+    for packed in (False, True):
+        y = qg.qgemm(x, weight(a, qt, n, k, packed), qt, n, k)
+        assert y.dtype == torch.float32 and nmse(y, x.double() @ oracle(a, qt, n, k).t()) <= NMSE_TOL
+
+
 def test_candidates_tile_k():
     for qt, k in [(QType.Q4_0, 4096), (QType.Q4_0, 14336), (QType.Q8_0, 2880), (QType.Q6_K, 4096)]:
         for m in (9, 16, 64, 512, 4096):

@@ -169,19 +169,22 @@ if HAVE_TRITON:
 
     @triton.jit
     def _w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN: tl.constexpr):
-        """Q6_K tile [BN, 128]: half c of a super-block (4 runs of 32 values r: ql bytes
-        (r % 2) * 32 + i, nibble r // 2; qh byte i, bits 2r..2r+1; one int8 scale per 16 values).
-        q_ptr uint16, h_ptr fp16, b_ptr uint8 views, RS uint16 words per row."""
+        """Q6_K tile [BN, 128], half c of a super-block: runs r of 32 values (ql bytes (r % 2) * 32 + i,
+        nibble r // 2; qh byte i, bits 2r..2r+1), an int8 scale per 16. q_ptr uint16 (RS per row)."""
         c = (k0 % 256) // 128
         bw = rows * RS + (k0 // 256) * 105  # [BN] super-block's first word
         d = tl.load(h_ptr + bw + 104).to(tl.float32)[:, None]
         ql = tl.load(q_ptr + bw[:, None] + c * 32 + tl.arange(0, 32)[None, :]).to(tl.uint32)
         qh = tl.load(q_ptr + bw[:, None] + 64 + c * 16 + tl.arange(0, 16)[None, :]).to(tl.uint32)
         u = _unpack(ql, 4, 17, 2, BN, 64) | _unpack(qh, 2, 21, 2, BN, 32)  # [BN, 128]
-        sc = tl.load(b_ptr + bw[:, None] * 2 + 192 + c * 8 + tl.arange(0, 8)[None, :]).to(tl.int8, bitcast=True)
-        ds = d * sc.to(tl.float32)  # [BN, 8]
-        v = _fma(tl.reshape(u, (BN, 8, 16)), MAGIC, (ds * 64.0)[:, :, None], (ds * -96.0)[:, :, None])
-        return tl.reshape(v, (BN, 128))
+        # ql word i's scales (nibble h: group 4h + i // 8) in the words' shape, expanded as _unpack does
+        i = tl.arange(0, 32)[None, :] // 8
+        sb = b_ptr + bw[:, None] * 2 + 192 + c * 8 + i
+        dl = d * tl.load(sb).to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 32]
+        dh = d * tl.load(sb + 4).to(tl.int8, bitcast=True).to(tl.float32)
+        a = tl.reshape(tl.permute(tl.join(tl.reshape(tl.join(dl, dl), (BN, 64)), tl.reshape(tl.join(dh, dh), (BN, 64))),
+                                  (0, 2, 1)), (BN, 128))
+        return _fma(u, MAGIC, a * 64.0, a * -96.0)
 
     @triton.jit
     def _k_qgemm(x_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, M, N, K, RS, HS, KS, GROUP_M, MAGIC,
@@ -250,12 +253,11 @@ if HAVE_TRITON:
 
 
 _ONE = 0x3F800000  # 1.0f: a run-time argument, so ptxas keeps it in a register and fuses mask and xor
-_SMS = 132  # an H200's multiprocessors, off the GPU (the split heuristic's unit)
 _fast: dict = {}
 
 
-def _sms(dev: torch.device) -> int:
-    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else _SMS
+def _sms(dev: torch.device) -> int:  # off the GPU: an H200's (the split heuristic's unit)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
 
 
 def _bk(bk: int, qtype: QType, n_cols: int) -> int:
@@ -356,12 +358,6 @@ def _operands(w, qtype: QType, n_rows: int, n_cols: int):
     return (q, h, flat, flat), rb // (4 if wide else 2), 0, cx
 
 
-def _reference(x: torch.Tensor, w, qtype: QType, n_cols: int, dt: torch.dtype) -> torch.Tensor:
-    """Without Triton: dequantize in torch, multiply the same operand values in fp32."""
-    wf = gemv_q8.dequantize(w, dt) if isinstance(w, Packed) else ck.dequantize(w, qtype, n_cols, dt, use_triton=False)
-    return x.to(dt).float() @ wf.float().t()
-
-
 def qgemm(x: torch.Tensor, w, qtype: QType, n_rows: int, n_cols: int, out_dtype: torch.dtype | None = None,
           cfg: Cfg | None = None) -> torch.Tensor:
     """y = x @ W^T, (M, n_cols) x (n_rows, n_cols) -> (M, n_rows) in out_dtype (default x's dtype).
@@ -376,8 +372,9 @@ def qgemm(x: torch.Tensor, w, qtype: QType, n_rows: int, n_cols: int, out_dtype:
     dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     out_dtype = out_dtype or x.dtype
     ptrs, rs, hs, cx = _operands(w, qtype, n_rows, n_cols)
-    if not (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
-        return _reference(x, w, qtype, n_cols, dt).to(out_dtype)
+    if not (HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):  # torch, same operands
+        wf = gemv_q8.dequantize(w, dt) if isinstance(w, Packed) else ck.dequantize(w, qtype, n_cols, dt, use_triton=False)
+        return (x.to(dt).float() @ wf.float().t()).to(out_dtype)
     cfg = cfg or candidates(qtype, n_rows, n_cols, m, x.device)[0]
     bm, bn, bk, swap, split, nw, ns = cfg
     if n_cols % (bk * split) or bk != _bk(bk, qtype, n_cols):

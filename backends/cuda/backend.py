@@ -5,9 +5,10 @@ uploads on a copy stream (core/streaming.py), K/V write-backs to host on a third
 Activations: the residual stream stays fp32; matmul inputs, attention and K/V use the compute dtype,
 bf16 by default: real models' activations reach thousands and some families pass float16's 65504,
 so fp16 (llama.cpp's cuBLAS path) would overflow where the CPU's fp32 does not. Decode matmuls
-(GEMV) accumulate and return fp32. A matmul dequantizes its
-weight (resident: quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer,
-then calls cuBLAS.
+(GEMV) accumulate and return fp32. A prefill matmul either dequantizes its weight (resident:
+quantized in VRAM; streamed: from its ring slot) into one reused scratch buffer and calls cuBLAS,
+or runs qgemm.py's GEMM that dequantizes tiles in registers: whichever measured faster for that
+format, shape and token bucket (matmul_choice.py).
 
 Everything device-specific goes through `self.rt` (runtime.py), so tests/fake_device.py runs this
 exact code on CPU tensors in CI.
@@ -32,7 +33,7 @@ from . import decode_kernels as dk
 from . import dequant as ck
 from . import fused
 from . import gemv as cg
-from . import gemv_q8, repack, selfcheck
+from . import gemv_q8, matmul_choice, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
 from .attention_paged import attention_paged, batch_tensors
 from .graphs import GraphsMixin
@@ -54,7 +55,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
                  speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True,
-                 repack_resident: bool | None = None):
+                 repack_resident: bool | None = None, qgemm: bool | None = None):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
@@ -91,6 +92,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         # decode steps: fused kernels (fused.py) where a pattern of nodes allows, split-K attention
         self.decode_kernels = ok["decode"] or self.device.type != "cuda"
         self.fuse = fuse and self.decode_kernels
+        # prefill matmuls straight from the quantized weight where that measures faster (matmul_choice.py)
+        self._qgemm = qgemm is not False and use_triton is not False and self.device.type == "cuda" and ck.HAVE_TRITON
 
     # -- routing -------------------------------------------------------------------------------
     def supports_op(self, node: Node) -> bool:
@@ -266,6 +269,11 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
                     y = yy[:, rows]
                 else:
                     y = self._gemv(x, self._weight_bytes(name), src)
+                self._after(node, ctx)
+            elif self._qgemm:  # the fused dequantizing GEMM or dequantize + cuBLAS, whichever measured faster
+                name = node.weights[0]
+                y = matmul_choice.matmul(x, self._weight_bytes(name), src.qtype, src.n_rows, src.n_cols, self.dtype,
+                                         lambda: self._dequant(name))
                 self._after(node, ctx)
             else:
                 w = self._dequant(node.weights[0])

@@ -31,6 +31,13 @@ oldnew)
     PYTHONPATH=/tmp/site:/tmp/o timeout 200 python3 -m lstream.cli bench -m $M/l8b.gguf -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
     timeout 200 $B -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
   done ;;
+qgemm)
+  s "prefill GEMM on quantized tiles vs dequantize + cuBLAS vs the bf16 cuBLAS ceiling"
+  timeout ${QGEMM_S:-150} python3 -m lstream.tools.bench_qgemm --json $OUT/qgemm.json 2>&1 | tail -40 ;;
+ownrows)
+  s "lstream alone (no llama.cpp in this call): resident decode at depth 0 and 4096, prefill -ub 512/2048"
+  timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
+  timeout 150 $B -p 2048 -n 0 -ub 512,2048 -ngl 33,0 -r 2 2>&1 | grep -v "^ *$" ;;
 profile)
   s "resident step: where the GPU time goes"
   timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 18 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;

@@ -88,6 +88,13 @@ def _candidates(qt: QType, n_rows: int, batch: int, bn=(1, 2, 4, 8), ti=(16, 8, 
             for r in bn if r * batch <= 64 and n_rows >= r * 132]
 
 
+def time_q8(copies, qt: QType, x: torch.Tensor, n: int, k: int, ncalls: int, reps: int) -> float:
+    """The int8 GEMV (gemv_q8) on the same weights repacked, timed the same way."""
+    packs = [repack.repack(c, qt, n, k) for c in copies]
+    y = torch.empty(x.shape[0], n, device="cuda")
+    return time_calls([(lambda p=packs[i % len(packs)]: gemv_q8.gemv(x, p, out=y)) for i in range(ncalls)], reps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default=",".join(TYPES))
@@ -146,14 +153,7 @@ def main() -> None:
                     ref(copies[0])
                     err = float(((y.float() - yh.float()) ** 2).sum() / (yh.float() ** 2).sum())
                     del scratch
-                tq = None
-                if args.q8 and qt in repack.TYPES:  # the same weights repacked, timed the same way
-                    packs = [repack.repack(c, qt, n, k) for c in copies]
-                    xf = x.float()
-                    yf = torch.empty(batch, n, device="cuda")
-                    tq = time_calls([(lambda p=packs[i % len(packs)]: gemv_q8.gemv(xf, p, out=yf))
-                                     for i in range(ncalls)], args.reps)
-                    del packs
+                tq = time_q8(copies, qt, x, n, k, ncalls, args.reps) if args.q8 and qt in repack.TYPES else None
                 gbs = nbytes / t / 1e9
                 line = (f"{tname:5} {n:>6}x{k:<6} {batch:>2} {nbytes / 1e6:7.1f} | {t * 1e6:8.1f} {gbs:6.0f} "
                         f"{str(cfg0):>15} | ")

@@ -27,14 +27,14 @@ import torch
 try:
     from lstream.backends.cuda import gemv as cg
     from lstream.backends.cuda import dequant as ck
-    from lstream.backends.cuda import gemv_q8, repack
+    from lstream.backends.cuda import gemv_q8, repack, selfcheck
     from lstream.core.qtypes import QTYPE_INFO, QType
     from lstream.tools.synth_model import _SCALES
 except ImportError:  # pragma: no cover - run as a plain script from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from lstream.backends.cuda import gemv as cg
     from lstream.backends.cuda import dequant as ck
-    from lstream.backends.cuda import gemv_q8, repack
+    from lstream.backends.cuda import gemv_q8, repack, selfcheck
     from lstream.core.qtypes import QTYPE_INFO, QType
     from lstream.tools.synth_model import _SCALES
 
@@ -58,24 +58,7 @@ def random_blocks(qt: QType, n_rows: int, n_cols: int) -> torch.Tensor:
 
 def time_calls(calls, reps: int) -> float:
     """Median seconds per call over `reps` replays of a CUDA graph of all `calls`."""
-    for c in calls[:2]:  # compile / autotune nothing inside the capture
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3 / len(calls))
-    return statistics.median(ts)
+    return statistics.median(selfcheck.graph_times(calls, reps))
 
 
 def _candidates(qt: QType, n_rows: int, batch: int, bn=(1, 2, 4, 8), ti=(16, 8, 4, 2), nw=(2, 4, 8),

@@ -311,7 +311,7 @@ _Q32 = {
 _XD = {torch.float16: (0, torch.int32), torch.bfloat16: (1, torch.int32), torch.float32: (2, torch.int64)}
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
+def pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap dividing n: the K loop then needs no mask."""
     k = 1
     while k * 2 <= cap and n % (k * 2) == 0:
@@ -346,7 +346,7 @@ def _launch(x: torch.Tensor, flat: torch.Tensor, qtype: QType, n_rows: int, n_co
     nbk = n_cols // info.block_size
     bn, kb, ti, nw = cfg or config(qtype, n_rows, n_cols, b)
     ti = min(ti, 8 if qtype in _Q32 and qtype != QType.Q8_0 or qtype == QType.Q6_K else 16)  # <= words/group
-    kw = dict(XD=_XD[x.dtype][0], BN=bn, BP=triton.next_power_of_2(b), KB=_pow2_divisor(nbk, kb), TI=ti,
+    kw = dict(XD=_XD[x.dtype][0], BN=bn, BP=triton.next_power_of_2(b), KB=pow2_divisor(nbk, kb), TI=ti,
               NW=nw, num_warps=nw)
     args = (x.view(_XD[x.dtype][1]), flat.view(torch.uint16), flat, out, b, n_rows, nbk)  # u16: no sign-extend
     grid = (triton.cdiv(n_rows, bn),)

@@ -23,6 +23,7 @@ from ...core.batch import SMALL_BATCH
 from ...core.qtypes import QType
 from .dequant import HAVE_TRITON, tl, triton
 from . import gemv_q8_gluon
+from .gemv import pow2_divisor
 from .repack import Packed
 
 # type -> (bits 4 or 8, OFF, has min, has fifth bits)
@@ -124,17 +125,11 @@ if HAVE_TRITON:
         tl.store(out_ptr + bat[:, None] * N + orow[None, :], acc, mask=bm[:, None] & (orow[None, :] < N))
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    k = 1
-    while k * 2 <= cap and n % (k * 2) == 0:
-        k *= 2
-    return k
-
 
 def config(p: Packed, batch: int) -> tuple[int, int, int]:
     """(BN rows per program, KB blocks per step, num_warps), from the shape only (graph safe)."""
     nb = p.n_cols // 32
-    kb = _pow2_divisor(nb, 8)
+    kb = pow2_divisor(nb, 8)
     bn = 16 if batch <= 2 else 8
     while bn > 2 and p.n_rows // bn < 264:  # >= 2 programs per SM of an H200
         bn //= 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .gemv import pow2_divisor
 from .repack import Packed
 
 try:
@@ -125,17 +126,11 @@ if HAVE_GLUON:
         gl.store(out_ptr + bo * N + ro, y, mask=(ro < N) & (bo < B))
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-    k = 1
-    while k * 2 <= cap and n % (k * 2) == 0:
-        k *= 2
-    return k
-
 
 def config(p: Packed, batch: int) -> tuple[int, int, int]:
     """(BN rows per program, KB blocks per step, num_warps) from the shape only (graph safe): one
     block per thread; fewer rows per thread as the batch grows (registers)."""
-    kb = _pow2_divisor(p.n_cols // 32, 128)
+    kb = pow2_divisor(p.n_cols // 32, 128)
     nw = max(1, min(4, kb // 32))
     bn = 16 if batch <= 2 else 8 if batch <= 4 else 4
     while bn > 2 and p.n_rows // bn < 264:  # >= 2 programs per SM of an H200

@@ -6,6 +6,7 @@ GEMV on GGUF blocks; unfused decode ops with SDPA attention), which computes the
 """
 from __future__ import annotations
 
+import statistics
 import warnings
 
 import torch
@@ -64,11 +65,11 @@ CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode}
 TIMES: dict[str, dict[str, float]] = {}  # device -> {kernel: microseconds per call}, as measured
 
 
-def _time_us(calls, reps: int = 5) -> float:
-    """GPU microseconds per call: the calls captured once in a CUDA graph, replayed. Timing the
-    launches one by one measured the host (a ~30 us kernel costs about as much to launch from
-    Python), not the kernel that decode replays from a graph."""
-    for c in calls:  # compile outside the capture
+def graph_times(calls, reps: int) -> list[float]:
+    """Seconds per call of each of `reps` replays of one CUDA graph of all `calls` (compiled
+    before the capture). Timing launches one by one would measure the host: a ~30 us kernel costs
+    about as much to launch from Python, while decode replays them from a graph."""
+    for c in calls[:2]:
         c()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -76,14 +77,20 @@ def _time_us(calls, reps: int = 5) -> float:
         for c in calls:
             c()
     g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    start.record()
+    out = []
     for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3 / len(calls))
+    return out
+
+
+def _time_us(calls, reps: int = 5) -> float:
+    return statistics.median(graph_times(calls, reps)) * 1e6
 
 
 def gemv_q8_faster(dev) -> bool:

@@ -70,3 +70,27 @@ def test_blas_matmul_path_leaves_openblas_threads(n_tok):
     ref = x.astype(np.float64) @ dequant.dequantize(QType.Q4_K, raw, 512).astype(np.float64).T
     assert float(np.sum((y - ref) ** 2) / np.sum(ref ** 2)) < 1e-10
     assert blas.openblas_threads() == n0
+
+
+@need_blas
+def test_blas_tile_chosen_once_and_same_result():
+    """The prefill path times its tile candidates at a shape's first use and keeps the fastest:
+    later calls give the first call's output exactly; every tile agrees to fp32 rounding."""
+    from tests.test_cpu_kernels import make_raw  # noqa: E402
+    from lstream.backends.cpu import matmul as mm
+    from lstream.core.qtypes import QType
+    n_rows, n_cols = 700, 576
+    raw = make_raw(QType.Q4_1, n_rows, n_cols, seed=2)
+    w = weights.pack(QType.Q4_1, raw, n_rows, n_cols)
+    x = np.random.default_rng(1).standard_normal((48, n_cols)).astype(np.float32)
+    key = ("nib", QType.Q4_1, n_rows, n_cols, 64)
+    mm._BLAS_TILE.pop(key, None)
+    first = matmul(w, x)
+    chosen = mm._BLAS_TILE[key]
+    assert chosen in {max(16, min(256, e // n_cols)) for e in mm._BLAS_TILE_CANDIDATES}
+    np.testing.assert_array_equal(matmul(w, x), first)
+    for rows in {max(16, min(256, e // n_cols)) for e in mm._BLAS_TILE_CANDIDATES}:
+        mm._BLAS_TILE[key] = rows
+        np.testing.assert_allclose(matmul(w, x), first, rtol=0, atol=1e-4 * float(np.abs(first).max()))
+    ref = x.astype(np.float64) @ dequant.dequantize(QType.Q4_1, raw, n_cols).astype(np.float64).T
+    assert float(np.sum((first - ref) ** 2) / np.sum(ref ** 2)) < 1e-10

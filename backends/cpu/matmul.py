@@ -3,6 +3,8 @@ matmul_int.mm_dec; below GEMM_MIN_TOKENS: int16 activations (matmul_int); from i
 sgemm from numba's threads (matmul_blas); float weights: sgemm or numpy."""
 from __future__ import annotations
 
+import time
+
 import numba
 import numpy as np
 
@@ -22,7 +24,12 @@ NEVER = 1 << 62  # gemm_min_tokens that keeps every batch on the int16 kernels
 # both pools (spinning, tools/kernel_notes.md), hence _matmul_tiles is only the fallback.
 # tools/accuracy_check passes 1 for its reference path (dequantize + float32 sgemm everywhere).
 _TILE_ELEMS = 1 << 18  # float32 elements per dequantized tile (1 MiB)
-_BLAS_TILE_ELEMS = 1 << 17  # float32 weights per thread's dequantized tile (512 KiB, in L2)
+# float32 weights per thread's dequantized tile, chosen per weight shape and token count by timing
+# each once at first use (_blas_tile): on this repository's 2-core EPYC (512 KiB L2 per core)
+# SmolLM2's pp512 ran 90 t/s with 512 KiB tiles and 190-210 with 64 KiB, Gemma 3 the other way
+# round (205-217 with 64 KiB, 251-268 with 512 KiB).
+_BLAS_TILE_CANDIDATES = (1 << 12, 1 << 14, 1 << 15, 1 << 17)
+_BLAS_TILE: dict[tuple, int] = {}  # (layout, qtype, n_rows, n_cols, token bucket) -> rows per tile
 _EMPTY_U8 = np.zeros(0, dtype=np.uint8)
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
@@ -86,17 +93,38 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_bl
 
 def _matmul_blas(w: PackedWeight, x2: np.ndarray, o2: np.ndarray) -> None:
     dst = o2 if o2.flags.c_contiguous else np.empty(o2.shape, dtype=np.float32)
-    tile = max(16, min(256, _BLAS_TILE_ELEMS // w.n_cols))
     qh = w.qh if w.layout == "nib5" else _EMPTY_U32
     layout = matmul_blas.LAYOUT_CODE[w.layout]
     if w.layout == "blk":
         layout += blocks.FMT_ID[blocks.QTYPES[w.qtype]]
-    with blas.one_blas_thread():
-        matmul_blas.mm_deq_sgemm(layout, w.qs, qh, w.d if w.d is not None else _EMPTY_F32,
-                                 w.m if w.m is not None else _EMPTY_F32, _EMPTY_F32_2D, x2, dst, tile,
-                                 numba.get_num_threads())
+
+    def run(tile: int) -> None:
+        with blas.one_blas_thread():
+            matmul_blas.mm_deq_sgemm(layout, w.qs, qh, w.d if w.d is not None else _EMPTY_F32,
+                                     w.m if w.m is not None else _EMPTY_F32, _EMPTY_F32_2D, x2, dst, tile,
+                                     numba.get_num_threads())
+
+    key = (w.layout, w.qtype, w.n_rows, w.n_cols, 1 << (x2.shape[0] - 1).bit_length())
+    tile = _BLAS_TILE.get(key)
+    if tile is None:
+        tile = _BLAS_TILE[key] = _blas_tile(w.n_cols, run)
+    run(tile)  # (again after the trials: OpenBLAS rounds differently per tile width, by ~1e-7)
     if dst is not o2:
         o2[...] = dst
+
+
+def _blas_tile(n_cols: int, run) -> int:
+    """Rows per tile for this weight: each candidate run once on the real inputs (the first also
+    once before, to warm up), the fastest kept. The result's last bits depend on it (sgemm's
+    blocking), so a process keeps one tile per shape from then on."""
+    rows = sorted({max(16, min(256, e // n_cols)) for e in _BLAS_TILE_CANDIDATES})
+    run(rows[0])
+    times = {}
+    for r in rows:
+        t0 = time.perf_counter()
+        run(r)
+        times[r] = time.perf_counter() - t0
+    return min(times, key=times.get)
 
 
 def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> None:

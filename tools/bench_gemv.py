@@ -20,6 +20,7 @@ import json
 import math
 import statistics
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -71,11 +72,23 @@ def _candidates(qt: QType, n_rows: int, batch: int, bn=(1, 2, 4, 8), ti=(16, 8, 
             for r in bn if r * batch <= 64 and n_rows >= r * 132]
 
 
-def time_q8(copies, qt: QType, x: torch.Tensor, n: int, k: int, ncalls: int, reps: int) -> float:
-    """The int8 GEMV (gemv_q8) on the same weights repacked, timed the same way."""
+def gemv_q8_config(n: int, k: int, qt: QType, batch: int):
+    from lstream.backends.cuda import gemv_q8_gluon
+    return gemv_q8_gluon.config(SimpleNamespace(n_rows=n, n_cols=k), batch)
+
+
+def time_q8(copies, qt: QType, x: torch.Tensor, n: int, k: int, ncalls: int, reps: int, sweep=False):
+    """The int8 GEMV (gemv_q8) on the same weights repacked, timed the same way; with sweep, also
+    every (BN, KB, num_warps) with one or two 32-value blocks per thread: [(seconds, cfg)], best first."""
     packs = [repack.repack(c, qt, n, k) for c in copies]
     y = torch.empty(x.shape[0], n, device="cuda")
-    return time_calls([(lambda p=packs[i % len(packs)]: gemv_q8.gemv(x, p, out=y)) for i in range(ncalls)], reps)
+
+    def t(cfg):
+        return time_calls([(lambda p=packs[i % len(packs)]: gemv_q8.gemv(x, p, out=y, cfg=cfg))
+                           for i in range(ncalls)], reps)
+    cands = [(bn, kb, nw) for nw in (1, 2, 4, 8) for kb in (32 * nw, 64 * nw) if (k // 32) % kb == 0
+             for bn in (1, 2, 4, 8, 16) if n // bn >= 132] if sweep else []
+    return t(None), sorted((t(c), c) for c in cands)
 
 
 def main() -> None:
@@ -90,6 +103,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip dequantize + cuBLAS")
     ap.add_argument("--q8", action="store_true",
                     help="also time the int8 GEMV on repacked rows (gemv_q8) for the 32-weight-block types")
+    ap.add_argument("--q8-sweep", action="store_true", help="with --q8: time every int8 GEMV config too")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
     import triton
@@ -136,7 +150,8 @@ def main() -> None:
                     ref(copies[0])
                     err = float(((y.float() - yh.float()) ** 2).sum() / (yh.float() ** 2).sum())
                     del scratch
-                tq = time_q8(copies, qt, x, n, k, ncalls, args.reps) if args.q8 and qt in repack.TYPES else None
+                tq, q8s = (time_q8(copies, qt, x, n, k, ncalls, args.reps, args.q8_sweep)
+                           if args.q8 and qt in repack.TYPES else (None, []))
                 gbs = nbytes / t / 1e9
                 line = (f"{tname:5} {n:>6}x{k:<6} {batch:>2} {nbytes / 1e6:7.1f} | {t * 1e6:8.1f} {gbs:6.0f} "
                         f"{str(cfg0):>15} | ")
@@ -144,6 +159,9 @@ def main() -> None:
                 if tq:
                     line += f" | q8 {tq * 1e6:.1f} us {nbytes / tq / 1e9:.0f} GB/s"
                 print(line, flush=True)
+                if q8s:
+                    print(f"      q8 config {gemv_q8_config(n, k, qt, batch)}; best: " + "  ".join(
+                        f"{c} {nbytes / s / 1e9:.0f}GB/s" for s, c in q8s[:4]) + f"  (worst {nbytes / q8s[-1][0] / 1e9:.0f})")
                 if sweep:
                     print("      best: " + "  ".join(f"{c} {nbytes / s / 1e9:.0f}GB/s" for s, c in sweep[:4])
                           + f"  (worst {nbytes / sweep[-1][0] / 1e9:.0f})", flush=True)

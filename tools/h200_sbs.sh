@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests profile decode depth prefill large moe (llama.cpp carried as
+# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows profile pprofile decode depth prefill large moe (llama.cpp carried as
 # .carry2/llama-cuda.tar.xz.*, else built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -31,6 +31,14 @@ oldnew)
     PYTHONPATH=/tmp/site:/tmp/o timeout 200 python3 -m lstream.cli bench -m $M/l8b.gguf -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
     timeout 200 $B -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
   done ;;
+pprofile)
+  s "prefill: where the time of -p 2048 goes at -ub \${PP_UB:-512}, -ngl \${PP_NGL:-33}"
+  for ub in ${PP_UB:-512}; do for ngl in ${PP_NGL:-33}; do
+    timeout 150 python3 -m lstream.tools.profile_prefill $M/l8b.gguf -ngl $ngl -ub $ub -p 2048 --top ${PP_TOP:-30} 2>&1 | grep -v "^ *$" | tail -75
+  done; done ;;
+gemvsweep)
+  s "int8 GEMV configs per decode shape (batch 1)"
+  timeout ${SWEEP_S:-150} python3 -m lstream.tools.bench_gemv --types Q4_0 --shapes ${SWEEP_SHAPES:-4096x14336,28672x4096,6144x4096,4096x4096,128256x4096} --dtype bf16 --q8 --q8-sweep --no-ref --reps 15 2>&1 | tail -20 ;;
 qgemm)
   s "prefill GEMM on quantized tiles vs dequantize + cuBLAS vs the bf16 cuBLAS ceiling"
   timeout ${QGEMM_S:-150} python3 -m lstream.tools.bench_qgemm --json $OUT/qgemm.json 2>&1 | tail -40 ;;

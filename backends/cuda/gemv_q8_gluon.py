@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import pdl
 from .gemv import pow2_divisor
 from .repack import Packed
 
@@ -69,9 +70,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB,
                BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr,
-               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
+               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr, PDL: gl.constexpr):
         """Rows [pid*BN, +BN) of y for all BP batch rows; KB blocks per step, one per thread.
         Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word."""
+        if PDL:
+            pdl.enter()
         L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4, 4], [32, 1, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LW: gl.constexpr = gl.SliceLayout(4, L5)
         L3: gl.constexpr = gl.SliceLayout(3, LW)
@@ -129,11 +132,15 @@ if HAVE_GLUON:
 
 def config(p: Packed, batch: int) -> tuple[int, int, int]:
     """(BN rows per program, KB blocks per step, num_warps) from the shape only (graph safe): one
-    block per thread; fewer rows per thread as the batch grows (registers)."""
-    kb = pow2_divisor(p.n_cols // 32, 128)
+    block per thread; fewer rows per thread as the batch grows (registers). At batch 1-2, from the
+    H200 sweep (`bench_gemv --q8 --q8-sweep`): rows that take a thread several steps (the 14336-wide
+    down projection: 7) want more, smaller programs (BN 4: 2309 against 2002 GB/s at BN 8); the
+    128256-row head runs best at KB 64 (4046 against 3762 GB/s)."""
+    nb = p.n_cols // 32
+    kb = pow2_divisor(nb, 64 if p.n_rows >= 65536 else 128)
     nw = max(1, min(4, kb // 32))
-    bn = 16 if batch <= 2 else 8 if batch <= 4 else 4
-    while bn > 2 and p.n_rows // bn < 264:  # >= 2 programs per SM of an H200
+    bn = (4 if kb >= 32 and nb // kb >= 4 else 16) if batch <= 2 else 8 if batch <= 4 else 4
+    while bn > 2 and p.n_rows // bn < 256:  # >= ~2 programs per SM of an H200
         bn //= 2
     return bn, kb, nw
 
@@ -149,4 +156,4 @@ def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, 
     _k_q8g[((p.n_rows + bn - 1) // bn,)](
         x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
         x.shape[0], p.n_rows, p.n_cols // 32, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
-        BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)
+        BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw, **pdl.kw(x))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows pdlab profile pprofile decode depth prefill large moe (llama.cpp carried as
+# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows profile pprofile decode depth prefill large moe (llama.cpp carried as
 # .carry2/llama-cuda.tar.xz.*, else built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -31,11 +31,7 @@ oldnew)
     PYTHONPATH=/tmp/site:/tmp/o timeout 200 python3 -m lstream.cli bench -m $M/l8b.gguf -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
     timeout 200 $B -p 512 -n 32 -ngl 33,16,0 -r 2 2>&1 | grep -v "^ *$"
   done ;;
-ppdlab)
-  s "programmatic dependent launch off / on (LSTREAM_PDL), resident decode, alternated"
-  for v in 0 1 0 1; do echo "LSTREAM_PDL=$v"
-    LSTREAM_PDL=$v timeout 120 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep "tg32"; done ;;
-profile)
+pprofile)
   s "prefill: where the time of -p 2048 goes at -ub \${PP_UB:-512}, -ngl \${PP_NGL:-33}"
   for ub in ${PP_UB:-512}; do for ngl in ${PP_NGL:-33}; do
     timeout 150 python3 -m lstream.tools.profile_prefill $M/l8b.gguf -ngl $ngl -ub $ub -p 2048 --top ${PP_TOP:-30} 2>&1 | grep -v "^ *$" | tail -75
@@ -50,10 +46,6 @@ ownrows)
   s "lstream alone (no llama.cpp in this call): resident decode at depth 0 and 4096, prefill -ub 512/2048"
   timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
-pdlab)
-  s "programmatic dependent launch off / on (LSTREAM_PDL), resident decode, alternated"
-  for v in 0 1 0 1; do echo "LSTREAM_PDL=$v"
-    LSTREAM_PDL=$v timeout 120 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep "tg32"; done ;;
 profile)
   s "resident step: where the GPU time goes"
   timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 18 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from .pdl import kw as pdl_kw, tl_enter
 from .dequant import HAVE_TRITON, tl, triton, triton_usable
 
 N_SPLITS = 16  # key blocks per (token, kv head) in decode attention: ~1 wave of programs at 8 kv heads
@@ -33,10 +32,7 @@ def n_splits_for(n_ctx: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _k_add_norm(x_ptr, h_ptr, s_ptr, w_ptr, y_ptr, N, H_STRIDE, eps, BLOCK: tl.constexpr,
-                    PDL: tl.constexpr):
-        if PDL:
-            tl_enter()
+    def _k_add_norm(x_ptr, h_ptr, s_ptr, w_ptr, y_ptr, N, H_STRIDE, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, BLOCK)
         m = c < N
@@ -48,10 +44,7 @@ if HAVE_TRITON:
         tl.store(y_ptr + row * N + c, (s * r * w).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _k_act(g_ptr, u_ptr, y_ptr, F, G_STRIDE, U_STRIDE, GELU: tl.constexpr, BLOCK: tl.constexpr,
-               PDL: tl.constexpr):
-        if PDL:
-            tl_enter()
+    def _k_act(g_ptr, u_ptr, y_ptr, F, G_STRIDE, U_STRIDE, GELU: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < F
@@ -67,9 +60,7 @@ if HAVE_TRITON:
     @triton.jit
     def _k_rope_store(q_ptr, k_ptr, v_ptr, Q_STRIDE, K_STRIDE, V_STRIDE, cos_ptr, sin_ptr, pos_ptr,
                       qo_ptr, kc_ptr, vc_ptr, n_head, n_kv, HALF,
-                      HD: tl.constexpr, N_ROT: tl.constexpr, NEOX: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl_enter()
+                      HD: tl.constexpr, N_ROT: tl.constexpr, NEOX: tl.constexpr, BD: tl.constexpr):
         """Program (t, h): h < n_head rotates q head h into qo (fp32); else kv head h - n_head:
         k rotated and v copied into the caches at row pos[t]."""
         t = tl.program_id(0).to(tl.int64)
@@ -106,9 +97,7 @@ if HAVE_TRITON:
     @triton.jit
     def _k_attn_split(q_ptr, kc_ptr, vc_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr, scale, window, n_head, n_kv,
                       G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-                      BF16_DOT: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl_enter()
+                      BF16_DOT: tl.constexpr):
         """Program (kv head, split, t): the G query heads of one kv head over one split of the
         keys [lo, pos_t]; writes the split's running max, sum and unnormalized output. The dots
         take bf16 on a GPU; fp32 in the interpreter (which multiplies bf16 bit patterns)."""
@@ -153,10 +142,7 @@ if HAVE_TRITON:
         tl.store(po_ptr + slot[:, None] * HD + d[None, :], acc, mask=gm[:, None])
 
     @triton.jit
-    def _k_attn_combine(po_ptr, pm_ptr, pl_ptr, out_ptr, n_head, HD: tl.constexpr, NS: tl.constexpr,
-                        PDL: tl.constexpr):
-        if PDL:
-            tl_enter()
+    def _k_attn_combine(po_ptr, pm_ptr, pl_ptr, out_ptr, n_head, HD: tl.constexpr, NS: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         s = tl.arange(0, NS)
@@ -191,7 +177,7 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, eps: float, 
         s = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         y = torch.empty(x.shape, dtype=dtype, device=x.device)
         _k_add_norm[(x.shape[0],)](x, h, s, w, y, n, _rows(h), eps, BLOCK=triton.next_power_of_2(n),
-                                    num_warps=8 if n >= 4096 else 4, **pdl_kw(x))
+                                    num_warps=8 if n >= 4096 else 4)
         return s, y
     s = x.float() + h.float()
     return s, (s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps) * w).to(dtype)
@@ -203,8 +189,7 @@ def act(g: torch.Tensor, u: torch.Tensor, gelu: bool, dtype: torch.dtype, use_tr
     if _use(g, use_triton):
         y = torch.empty((t, f), dtype=dtype, device=g.device)
         block = 1024
-        _k_act[(t, triton.cdiv(f, block))](g, u, y, f, _rows(g), _rows(u), GELU=gelu, BLOCK=block, num_warps=4,
-                                             **pdl_kw(g))
+        _k_act[(t, triton.cdiv(f, block))](g, u, y, f, _rows(g), _rows(u), GELU=gelu, BLOCK=block, num_warps=4)
         return y
     gf = g.float()
     a = torch.nn.functional.gelu(gf, approximate="tanh") if gelu else torch.nn.functional.silu(gf)
@@ -221,8 +206,7 @@ def rope_store(q, k, v, cos, sin, positions, k_cache, v_cache, n_head: int, n_kv
     if _use(q, use_triton):
         _k_rope_store[(t, n_head + n_kv)](q, k, v, _rows(q), _rows(k), _rows(v), cos, sin, positions, qo,
                                           k_cache, v_cache, n_head, n_kv, n_rot // 2, HD=head_dim, N_ROT=n_rot,
-                                          NEOX=bool(neox), BD=triton.next_power_of_2(head_dim), num_warps=1,
-                                          **pdl_kw(q))
+                                          NEOX=bool(neox), BD=triton.next_power_of_2(head_dim), num_warps=1)
         return qo
     from .norm_rope import rope
     qo.copy_(rope(q, cos, sin, n_head, head_dim, n_rot, neox, torch.float32, False).view(t, n_head, head_dim))
@@ -245,10 +229,9 @@ def attention(qo, k_cache, v_cache, positions, scale: float, window: int, n_head
         pl = torch.empty_like(pm)
         _k_attn_split[(n_kv, n_splits, t)](qo, k_cache, v_cache, positions, po, pm, pl, scale, int(window or 0),
                                             n_head, n_kv, G=g, GP=max(16, triton.next_power_of_2(g)), HD=hd,
-                                            BN=32, NS=n_splits, BF16_DOT=qo.is_cuda, num_warps=4,
-                                            **pdl_kw(qo))
+                                            BN=32, NS=n_splits, BF16_DOT=qo.is_cuda, num_warps=4)
         out = torch.empty((t, n_head * hd), dtype=dtype, device=qo.device)
-        _k_attn_combine[(t, n_head)](po, pm, pl, out, n_head, HD=hd, NS=n_splits, num_warps=4, **pdl_kw(qo))
+        _k_attn_combine[(t, n_head)](po, pm, pl, out, n_head, HD=hd, NS=n_splits, num_warps=4)
         return out
     return attention_reference(qo, k_cache, v_cache, positions, scale, window, n_kv).to(dtype)
 

@@ -23,7 +23,7 @@ import torch
 
 from ...core.batch import SMALL_BATCH
 from ...core.qtypes import QTYPE_INFO, QType
-from . import dequant as ck, pdl
+from . import dequant as ck
 from .fast_launch import FastLaunch
 
 try:  # Gluon (Triton's explicit-layout dialect, triton >= 3.5) runs the kernels; optional like Triton
@@ -115,15 +115,12 @@ if HAVE_GLUON:
     def _k_q32(x_ptr, w_ptr, b_ptr, out_ptr, B, N, NBK, MAGIC,
                TS: gl.constexpr, QS: gl.constexpr, BITS: gl.constexpr, OFF: gl.constexpr,
                HAS_MIN: gl.constexpr, QH: gl.constexpr, XD: gl.constexpr,
-               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, TI: gl.constexpr, NW: gl.constexpr,
-               PDL: gl.constexpr):
+               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, TI: gl.constexpr, NW: gl.constexpr):
         """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: G = KB blocks of 32 weights, 2*BITS quant words each.
 
         w_ptr: the blocks as int16 words (fp16 d at word 0, m at 1); qs at byte QS; Q5: the 32-bit
         qh at byte QH, bit j = 5th bit of weight j. 4-bit: qs byte c = weights c (low nibble) and
         c + 16 (high). Q8_0: int8, MAGIC flips the sign bit: v = q + 128 (OFF 128)."""
-        if PDL:
-            pdl.enter()
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [32 // TI, 1, 1, TI], [NW, 1, 1, 1], [3, 0, 1, 2])
         SPT: gl.constexpr = 2 * BITS // TI
         NH: gl.constexpr = 8 // BITS  # x pair loads per word
@@ -181,14 +178,12 @@ if HAVE_GLUON:
     @gluon.jit
     def _k_q45k(x_ptr, w_ptr, b_ptr, out_ptr, B, N, NBK, MAGIC, TS: gl.constexpr, HAS_QH: gl.constexpr,
                 XD: gl.constexpr, BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, TI: gl.constexpr,
-                NW: gl.constexpr, PDL: gl.constexpr):
+                NW: gl.constexpr):
         """Q4_K / Q5_K: 256 weights, fp16 d and dmin, 8 sub-blocks with 6-bit scales and mins.
 
         G = KB*4 chunks of 32 qs bytes (16 words): byte u of chunk c holds weight 64c+u of sub-block
         2c (low nibble) and 64c+32+u of sub-block 2c+1 (high). Q5_K: bit s of qh byte u (qh at byte
         16) is the 5th bit of weight 32s+u."""
-        if PDL:
-            pdl.enter()
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [32 // TI, 1, 1, TI], [NW, 1, 1, 1], [3, 0, 1, 2])
         G: gl.constexpr = KB * 4
         SPT: gl.constexpr = 16 // TI
@@ -252,16 +247,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _k_q6k(x_ptr, w_ptr, b_ptr, out_ptr, B, N, NBK, MAGIC, XD: gl.constexpr,
-               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, TI: gl.constexpr, NW: gl.constexpr,
-               PDL: gl.constexpr):
+               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, TI: gl.constexpr, NW: gl.constexpr):
         """Q6_K: 256 weights: ql[128] low nibbles, qh[64] 2-bit highs, 16 int8 scales, fp16 d last.
 
         Weight 128c + 32k + u (half c, quarter k, u < 32): low 4 bits in ql byte 64c + 32(k%2) + u
         (high nibble if k >= 2), top 2 bits at bit 2k of qh byte 32c + u, scale 8c + 2k + u//16.
         G = KB*4 groups (block, c, u//16); position p < 8 of a group holds u = 16hh + 2p + {0, 1} for
         all four k: ql words 32c+8hh+p and +16, qh word 64+16c+8hh+p (8 weights, 4 scales)."""
-        if PDL:
-            pdl.enter()
         L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [32 // TI, 1, 1, TI], [NW, 1, 1, 1], [3, 0, 1, 2])
         G: gl.constexpr = KB * 4
         SPT: gl.constexpr = 8 // TI
@@ -355,7 +347,7 @@ def _launch(x: torch.Tensor, flat: torch.Tensor, qtype: QType, n_rows: int, n_co
     bn, kb, ti, nw = cfg or config(qtype, n_rows, n_cols, b)
     ti = min(ti, 8 if qtype in _Q32 and qtype != QType.Q8_0 or qtype == QType.Q6_K else 16)  # <= words/group
     kw = dict(XD=_XD[x.dtype][0], BN=bn, BP=triton.next_power_of_2(b), KB=pow2_divisor(nbk, kb), TI=ti,
-              NW=nw, num_warps=nw, **pdl.kw(x))
+              NW=nw, num_warps=nw)
     args = (x.view(_XD[x.dtype][1]), flat.view(torch.uint16), flat, out, b, n_rows, nbk)  # u16: no sign-extend
     grid = (triton.cdiv(n_rows, bn),)
     if qtype in _Q32:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from . import pdl
 from .gemv import pow2_divisor
 from .repack import Packed
 
@@ -70,11 +69,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB,
                BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr,
-               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr, PDL: gl.constexpr):
+               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
         """Rows [pid*BN, +BN) of y for all BP batch rows; KB blocks per step, one per thread.
         Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word."""
-        if PDL:
-            pdl.enter()
         L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4, 4], [32, 1, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LW: gl.constexpr = gl.SliceLayout(4, L5)
         L3: gl.constexpr = gl.SliceLayout(3, LW)
@@ -156,4 +153,4 @@ def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, 
     _k_q8g[((p.n_rows + bn - 1) // bn,)](
         x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
         x.shape[0], p.n_rows, p.n_cols // 32, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
-        BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw, **pdl.kw(x))
+        BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows profile pprofile decode depth prefill large moe (llama.cpp carried as
+# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows cpuattn profile pprofile decode depth prefill large moe (llama.cpp carried as
 # .carry2/llama-cuda.tar.xz.*, else built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -46,6 +46,14 @@ ownrows)
   s "lstream alone (no llama.cpp in this call): resident decode at depth 0 and 4096, prefill -ub 512/2048"
   timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
+cpuattn)
+  llama_cpp
+  s "host CPU and its decode attention (8B layer shape), mixed decode at depth by thread count"
+  nproc; lscpu | grep -iE "model name|^core|^socket|thread|numa node\(s\)|L3"
+  timeout 60 python3 -m lstream.tools.bench_cpu_attention --depths 512,4096 --threads 1,4,8,16 --reps 10
+  timeout 150 $L -p 0 -n 32 -d 4096 -ngl 16 -fa 1 -t 8,16 -r 2
+  timeout 200 $B -p 0 -n 32 -d 4096 -ngl 16 -t 8,16 -r 2 2>&1 | grep -v "^ *$"
+  timeout 100 $B -p 0 -n 16 -d 4096 -ngl 16 -r 1 --profile 2>&1 | grep -v "^ *$" | tail -40 ;;
 profile)
   s "resident step: where the GPU time goes"
   timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 18 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;

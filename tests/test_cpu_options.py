@@ -55,3 +55,26 @@ def test_import_leaves_the_environment_alone():
             "print(os.environ['GOMP_SPINCOUNT'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1000000"
+
+
+def _sysfs(tmp_path, siblings):
+    for cpu, sib in enumerate(siblings):
+        d = tmp_path / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "thread_siblings_list").write_text(sib + "\n")
+        (d / "core_id").write_text("0\n")  # a VM may number every vCPU core 0: not used
+    return str(tmp_path)
+
+
+def test_physical_cores_counts_sibling_sets(tmp_path, monkeypatch):
+    from lstream.backends.cpu.backend import physical_cores
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert physical_cores(_sysfs(tmp_path / "smt", ["0,2", "1,3", "0,2", "1,3"])) == 2
+    assert physical_cores(_sysfs(tmp_path / "vm", ["0", "1", "2", "3"])) == 4
+
+
+def test_physical_cores_only_counts_allowed_cpus(tmp_path, monkeypatch):
+    from lstream.backends.cpu.backend import physical_cores
+    root = _sysfs(tmp_path, ["0", "1", "2", "3"])
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {1, 3})
+    assert physical_cores(root) == 2

@@ -27,15 +27,15 @@ from .threads import set_threads
 from .weights import PackedWeight, blk_types, concat_rows, get_rows, pack
 
 
-def physical_cores() -> int:
-    """Physical cores (not SMT threads) this process may use: llama.cpp's -t default."""
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Physical cores (not SMT threads) this process may use: llama.cpp's -t default, counted as it
+    counts them, by distinct thread-sibling sets (a VM's core_id numbering need not be unique)."""
     try:
         allowed = os.sched_getaffinity(0)
         cores = set()
         for cpu in allowed:
-            topo = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
-            with open(topo + "core_id") as core, open(topo + "physical_package_id") as pkg:
-                cores.add((pkg.read().strip(), core.read().strip()))
+            with open(f"{sysfs}/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
         return max(1, len(cores))
     except (OSError, AttributeError):
         return max(1, (os.cpu_count() or 2) // 2)

@@ -56,7 +56,10 @@ cpus = sorted(os.sched_getaffinity(0))
 print('physical_cores', physical_cores(), 'cpus', len(cpus), 'core_id', [t(c, 'core_id') for c in cpus],
       'package', sorted({t(c, 'physical_package_id') for c in cpus}), 'siblings', [t(c, 'thread_siblings_list') for c in cpus])"
   timeout 200 $B -p 0 -n 32 -d 4096 -ngl 16 -r 2 2>&1 | grep -v "^ *$"
-  timeout 200 $B -p 0 -n 32 -d 4096 -ngl 16 -t 16 -r 2 2>&1 | grep -v "^ *$" ;;
+  [ -n "${THREADS_T16:-}" ] && timeout 200 $B -p 0 -n 32 -d 4096 -ngl 16 -t 16 -r 2 2>&1 | grep -v "^ *$" ;;
+tg33)
+  s "lstream alone: resident decode"
+  timeout 100 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep -v "^ *$" ;;
 cpuattn)
   llama_cpp
   s "host CPU and its decode attention (8B layer shape), mixed decode at depth by thread count"

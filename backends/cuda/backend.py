@@ -244,18 +244,6 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         n_rows = w.shape[0] if w.dim() == 2 else w.numel() // (src.n_cols // info.block_size * info.type_size)
         return cg.gemv(x.to(self.dtype), w, src.qtype, n_rows, src.n_cols, out=self._f32_out(x, n_rows))
 
-    def act_down(self, act: Node, mm: Node, g: torch.Tensor, u: torch.Tensor, ctx):
-        """The FFN's activation on the way into its down projection (fused.ActDown): a resident
-        repacked weight without bias, a decode-sized batch; None elsewhere (the nodes then run alone)."""
-        w = self._resident.get(mm.weights[0])
-        if (len(mm.weights) > 1 or not isinstance(w, repack.Packed) or g.dim() != 2
-                or g.shape[0] > gemv_q8.ACT_FUSE_MAX_BATCH or g.stride() != u.stride() or g.stride(1) != 1
-                or g.dtype != u.dtype or g.shape[1] != w.n_cols):
-            return None
-        y = gemv_q8.gemv_act(g, u, w, act.op is Op.GEGLU, out=self._f32_out(g, w.n_rows))
-        self._after(mm, ctx)
-        return y
-
     def compile_split(self, assignments, last_use: dict, ctx):
         return fused.compile_split(self, assignments, last_use, ctx) if self.fuse else None
 

@@ -2,8 +2,6 @@
 
   ADD + the RMS_NORM that reads it           -> decode_kernels.add_rms_norm (residual and norm)
   ROPE(q) + ROPE(k) + ATTENTION(q', k', v)   -> rope_store + split-K attention over the cache
-  SWIGLU/GEGLU + the MATMUL that alone reads it -> the int8 GEMV with the activation on its input
-                                                 (gemv_q8.gemv_act: one kernel fewer per layer)
 
 A unit takes the fast path in a static step (core/replay.py: positions on the device) of a layer
 whose K/V live here; anywhere else it runs its nodes one by one through compute(), so fusion
@@ -66,13 +64,6 @@ class RopeAttention(_Unit):
                              pa["n_head"], pa["n_head_kv"], self.be.dtype, use_triton=self.be.use_triton)]
 
 
-class ActDown(_Unit):
-    def fast(self, args, ctx):
-        act, mm = self.nodes
-        y = self.be.act_down(act, mm, args[0], args[1], ctx)
-        return None if y is None else [y]
-
-
 def compile_split(backend, assignments, last_use: dict, ctx) -> list | None:
     """A decode-sized split's nodes with the fusable runs as units, or None when there are none."""
     if not is_small_batch(len(ctx.tokens)):
@@ -91,10 +82,6 @@ def compile_split(backend, assignments, last_use: dict, ctx) -> list | None:
             units.append(RopeAttention(backend, [n, nxt, nx2], k, [n.inputs[0], nxt.inputs[0], nx2.inputs[2]],
                                        [nx2.id]))
             k, found = k + 3, True
-        elif (n.op in (Op.SWIGLU, Op.GEGLU) and nxt is not None and nxt.op is Op.MATMUL
-              and nxt.inputs == (n.id,) and last_use.get(n.id) == nxt.id):
-            units.append(ActDown(backend, [n, nxt], k, list(n.inputs), [nxt.id]))
-            k, found = k + 2, True
         else:
             units.append(n)
             k += 1

@@ -163,28 +163,6 @@ def gemv(x: torch.Tensor, p: Packed, out: torch.Tensor | None = None, cfg=None) 
     return out
 
 
-# Decode batches up to this take gemv_act's fused kernel (backend.act_down): built for sm_90 it keeps
-# every value in registers at batch 1-2 (80-140 of them), spills at 8 (1 KiB of stack per thread).
-ACT_FUSE_MAX_BATCH = 2
-
-
-def gemv_act(g: torch.Tensor, u: torch.Tensor, p: Packed, gelu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = act(g, u) @ W^T in fp32, act = silu(g) * u or gelu_tanh(g) * u: the FFN's activation and
-    down projection in one GPU kernel (g, u: (B, n_cols) with contiguous rows and one row stride,
-    e.g. the two halves of the stacked gate|up output); elsewhere the activation, then gemv."""
-    if g.shape != u.shape or g.dtype != u.dtype or g.stride() != u.stride() or g.stride(-1) != 1:
-        raise ValueError(f"gemv_act: gate and up must share shape, dtype and strides, found {tuple(g.shape)} "
-                         f"{g.stride()} {g.dtype} and {tuple(u.shape)} {u.stride()} {u.dtype}")
-    if not (g.is_cuda and gemv_q8_gluon.HAVE_GLUON and p.qtype in _KIND and g.shape[1] == p.n_cols):
-        a = torch.nn.functional.gelu(g.float(), approximate="tanh") if gelu else torch.nn.functional.silu(g.float())
-        return gemv(a * u.float(), p, out=out)
-    if out is None:
-        out = torch.empty((g.shape[0], p.n_rows), dtype=torch.float32, device=g.device)
-    for s in range(0, g.shape[0], SMALL_BATCH):
-        gemv_q8_gluon.launch(g[s:s + SMALL_BATCH], p, out[s:s + SMALL_BATCH], _KIND[p.qtype],
-                             u=u[s:s + SMALL_BATCH], act=2 if gelu else 1)
-    return out
-
 if HAVE_TRITON:
 
     @triton.jit

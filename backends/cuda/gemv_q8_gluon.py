@@ -67,21 +67,11 @@ if HAVE_GLUON:
         return w, s
 
     @gluon.jit
-    def _act(g, u, ACT: gl.constexpr):
-        """x of the down projection from gate and up (fp32): silu(g) * u (ACT 1) or gelu_tanh(g) * u (2)."""
-        if ACT == 2:
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            return 0.5 * g * (2.0 / (1.0 + gl.exp(-2.0 * z))) * u
-        return g / (1.0 + gl.exp(-g)) * u
-
-    @gluon.jit
-    def _k_q8g(x_ptr, u_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB, XS,
+    def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB,
                BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr,
-               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr, ACT: gl.constexpr):
+               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
         """Rows [pid*BN, +BN) of y for all BP batch rows; KB blocks per step, one per thread.
-        Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word.
-        x rows are XS values apart; ACT > 0: x is act(x, u) (the gate and up halves of the FFN), so
-        the down projection needs no kernel of its own for the activation."""
+        Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word."""
         L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4, 4], [32, 1, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LW: gl.constexpr = gl.SliceLayout(4, L5)
         L3: gl.constexpr = gl.SliceLayout(3, LW)
@@ -89,9 +79,7 @@ if HAVE_GLUON:
         pid = gl.program_id(0)
         # x: value 16h + 4*word + e of block k0 + blk, batch row bat (clamped: no masks)
         bat5 = gl.minimum(_ar(BP, 2, 5, L5), B - 1)
-        xo = bat5 * XS + _ar(KB, 0, 5, L5) * 32 + _ar(4, 3, 5, L5) * 4 + _ar(4, 4, 5, L5)
-        px = x_ptr + xo
-        pu = u_ptr + xo
+        px = x_ptr + (bat5 * (NB * 32) + _ar(KB, 0, 5, L5) * 32 + _ar(4, 3, 5, L5) * 4 + _ar(4, 4, 5, L5))
         e = _ar(4, 4, 5, L5)
         row4 = gl.minimum(pid * BN + _ar(BN, 1, 4, LW), N - 1)
         pw = qs_ptr + (row4 * (NB * WPB) + _ar(KB, 0, 4, LW) * WPB + _ar(4, 3, 4, LW))
@@ -102,10 +90,6 @@ if HAVE_GLUON:
         for k0 in range(0, NB, KB):
             xa = gl.load(px).to(gl.float32)  # values 0-15 of each block
             xb = gl.load(px + 16).to(gl.float32)  # values 16-31
-            if ACT > 0:
-                xa = _act(xa, gl.load(pu).to(gl.float32), ACT)
-                xb = _act(xb, gl.load(pu + 16).to(gl.float32), ACT)
-                pu += KB * 32
             amax = gl.maximum(gl.max(gl.max(gl.abs(xa), axis=4), axis=3), gl.max(gl.max(gl.abs(xb), axis=4), axis=3))
             inv = gl.where(amax > 0, 127.0 / amax, 0.0)
             inv5 = gl.expand_dims(gl.expand_dims(inv, 3), 4)
@@ -158,10 +142,8 @@ def config(p: Packed, batch: int) -> tuple[int, int, int]:
     return bn, kb, nw
 
 
-def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, int, int], cfg=None,
-           u: torch.Tensor | None = None, act: int = 0) -> None:
-    """out[:B] = x @ W^T for one launch (B <= SMALL_BATCH); x fp32/bf16/fp16 with contiguous rows.
-    act 1/2: out = act(x, u) @ W^T with u of x's shape, dtype and row stride (see _act)."""
+def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, int, int], cfg=None) -> None:
+    """out[:B] = x @ W^T for one launch (B <= SMALL_BATCH); x contiguous fp32/bf16/fp16."""
     bits, off, has_min, has_qh = kind
     bn, kb, nw = cfg or config(p, x.shape[0])
     dummy = p.d
@@ -169,6 +151,6 @@ def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, 
     while bp < x.shape[0]:
         bp *= 2
     _k_q8g[((p.n_rows + bn - 1) // bn,)](
-        x, u if act else x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
-        x.shape[0], p.n_rows, p.n_cols // 32, x.stride(0), BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
-        BN=bn, BP=bp, KB=kb, NW=nw, ACT=act, num_warps=nw)
+        x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
+        x.shape[0], p.n_rows, p.n_cols // 32, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
+        BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)

@@ -22,6 +22,11 @@ from .core.timings import Timings
 from .core.scheduler import Plan, schedule
 
 
+def _depth_bucket(n_past: int) -> int:
+    """0 below 1024 cached tokens, then log2 of the depth: where a decode split is measured anew."""
+    return 0 if n_past < 1024 else int(n_past).bit_length() - 1
+
+
 def check_sizes(n_ctx: int, n_ubatch: int) -> None:
     for name, v in (("n_ctx", n_ctx), ("n_ubatch", n_ubatch)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -97,6 +102,8 @@ class Model:
         self.body_executor = Executor(self.body_graph, self.by_name)
         self.runner = Runner(self.executor, self.body_executor, self.backends, opts.layer_major, opts.cuda_graphs)
         self._plans: dict[tuple[int, bool], Plan] = {}
+        self._splits: dict[int, tuple] = {}  # depth bucket -> measured decode split (_follow_depth)
+        self._depth_bucket = 0
         self.profile: Profile | None = None
         self.tokenizer = None
         if load_tokenizer:
@@ -116,6 +123,7 @@ class Model:
 
     def set_policy(self, policy: UploadPolicy) -> None:
         self.policy = policy
+        self._splits.clear()
         for b in self.backends:
             b.set_policy(policy)
         self._plans.clear()
@@ -146,10 +154,31 @@ class Model:
         from .core.tuning import tune_split
         try:
             pol.cpu_layers, pol.measured = tune_split(pol.n_host, step_seconds)
+            self._depth_bucket = _depth_bucket(start)
+            self._splits[self._depth_bucket] = (pol.cpu_layers, pol.measured)
         finally:
             self.kv.n_past = start
             self._plans.clear()
             self.runner.clear()
+
+    def _follow_depth(self) -> None:
+        """A measured decode split holds for one depth: attention over a deep cache makes the CPU's
+        layers slower, so after a prompt that ends in a new depth bucket (1K, 2K, 4K... cached
+        tokens) the split is measured again there, once per bucket; back at a known depth its split
+        returns. The measuring steps run at the cached depth and keep the cache (_tune_policy)."""
+        pol = self.policy
+        bucket = _depth_bucket(self.kv.n_past)
+        if not pol.needs_tuning or not getattr(pol, "measured", None) or bucket == self._depth_bucket:
+            return
+        hit = self._splits.get(bucket)
+        if hit is None:
+            self._tune_policy()
+        else:
+            self._depth_bucket = bucket
+            if hit[0] != pol.cpu_layers:
+                pol.cpu_layers, pol.measured = hit
+                self._plans.clear()
+                self.runner.clear()
 
     # -- evaluation --------------------------------------------------------------------------
     @property
@@ -174,7 +203,7 @@ class Model:
         self.kv.check_room(len(tokens))
         n_past = self.kv.n_past
         try:
-            return self._eval(tokens, logits)
+            out = self._eval(tokens, logits)
         except NonFiniteError as err:
             self._abort()
             raise self._locate_nonfinite(tokens, n_past, err) from None
@@ -189,6 +218,9 @@ class Model:
             raise OutOfMemory(f"out of {where} memory while evaluating {len(tokens)} tokens "
                               f"(-ub {self.n_ubatch}, -c {self.kv.n_ctx}): lower -ngl, -ub or -c; "
                               f"the model and its first {self.kv.n_past} cached tokens are kept") from None
+        if len(tokens) > 1:  # a prompt: decode from here may want another split (not per token)
+            self._follow_depth()
+        return out
 
     def _abort(self) -> None:
         """After a failed or interrupted run: wait for the work already queued, give cached device

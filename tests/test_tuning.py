@@ -49,3 +49,36 @@ def test_auto_split_measures_and_keeps_the_cache(tmp_path):
     finally:
         m.close()
         ref.close()
+
+
+def test_auto_split_is_measured_again_at_a_new_depth(tmp_path, monkeypatch):
+    """A prompt that ends past 1024 cached tokens measures the split there (once per depth bucket);
+    back at a shallow depth the first measurement returns without measuring; logits unchanged."""
+    import lstream.core.tuning as tuning
+    path = write_model(tmp_path / "tiny.gguf", "tiny", "Q4_0", layers=3, seed=4)
+    calls = []
+    real = tuning.tune_split
+
+    def counted(n_host, step):
+        calls.append(n_host)
+        return real(n_host, step)
+    monkeypatch.setattr(tuning, "tune_split", counted)
+    toks = np.arange(1100) % 200 + 5
+    ref = Model(load_model(path), n_ctx=1200, load_tokenizer=False)
+    want = [ref.eval(toks), ref.eval([3])]
+    m = Model(load_model(path), n_gpu_layers=1, device_backend=TimedFake(AutoSplit()), n_ctx=1200,
+              load_tokenizer=False)
+    try:
+        assert len(calls) == 1 and set(m._splits) == {0}
+        got = [m.eval(toks), m.eval([3])]
+        assert len(calls) == 2 and set(m._splits) == {0, 10} and m.kv.n_past == len(toks) + 1
+        for a, b in zip(got, want):
+            assert float(((a - b) ** 2).sum() / (b ** 2).sum()) < 1e-4
+        m.reset()
+        m.eval(toks[:1030])  # the same bucket again: no measuring
+        m.reset()
+        m.eval(toks[:20])  # back to the first bucket: its split, no measuring
+        assert len(calls) == 2 and m.policy.cpu_layers == m._splits[0][0]
+    finally:
+        m.close()
+        ref.close()

@@ -161,7 +161,7 @@ class Model:
             self._plans.clear()
             self.runner.clear()
 
-    def _follow_depth(self) -> None:
+    def _follow_depth(self, measure: bool = True) -> None:
         """A measured decode split holds for one depth: attention over a deep cache makes the CPU's
         layers slower, so after a prompt that ends in a new depth bucket (1K, 2K, 4K... cached
         tokens) the split is measured again there, once per bucket; back at a known depth its split
@@ -172,7 +172,8 @@ class Model:
             return
         hit = self._splits.get(bucket)
         if hit is None:
-            self._tune_policy()
+            if measure:
+                self._tune_policy()
         else:
             self._depth_bucket = bucket
             if hit[0] != pol.cpu_layers:
@@ -187,6 +188,7 @@ class Model:
 
     def reset(self) -> None:
         self.kv.reset()
+        self._follow_depth(measure=False)  # an empty cache: the shallow split, if it was changed
 
     def synchronize(self) -> None:
         for b in self.backends:

@@ -74,11 +74,12 @@ def test_auto_split_is_measured_again_at_a_new_depth(tmp_path, monkeypatch):
         assert len(calls) == 2 and set(m._splits) == {0, 10} and m.kv.n_past == len(toks) + 1
         for a, b in zip(got, want):
             assert float(((a - b) ** 2).sum() / (b ** 2).sum()) < 1e-4
-        m.reset()
-        m.eval(toks[:1030])  # the same bucket again: no measuring
-        m.reset()
-        m.eval(toks[:20])  # back to the first bucket: its split, no measuring
-        assert len(calls) == 2 and m.policy.cpu_layers == m._splits[0][0]
+        m.reset()  # an empty cache: the first bucket's split, no measuring
+        assert len(calls) == 2 and m.policy.cpu_layers == m._splits[0][0] and m._depth_bucket == 0
+        m.eval(toks[:1030])  # a measured bucket again: its split, no measuring
+        assert len(calls) == 2 and m.policy.cpu_layers == m._splits[10][0]
+        m.eval(toks[:20])  # 1050 cached: still that bucket
+        assert len(calls) == 2 and m._depth_bucket == 10
     finally:
         m.close()
         ref.close()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows threads cpuattn profile pprofile decode depth prefill large moe (llama.cpp carried as
-# .carry2/llama-cuda.tar.xz.*, else built: 6 minutes). Output: $OUT/sbs.log.
+# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
+# decode depth prefill large moe (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else built: 6
+# minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
 synth l8b llama3-8b Q4_0
@@ -46,17 +47,6 @@ ownrows)
   s "lstream alone (no llama.cpp in this call): resident decode at depth 0 and 4096, prefill -ub 512/2048"
   timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
-threads)
-  s "the default thread count against the host's topology, and -ngl 16 at depth 4096 by default and -t 16"
-  python3 -c "
-import os, glob
-from lstream.backends.cpu.backend import physical_cores
-t = lambda c, f: open(f'/sys/devices/system/cpu/cpu{c}/topology/{f}').read().strip()
-cpus = sorted(os.sched_getaffinity(0))
-print('physical_cores', physical_cores(), 'cpus', len(cpus), 'core_id', [t(c, 'core_id') for c in cpus],
-      'package', sorted({t(c, 'physical_package_id') for c in cpus}), 'siblings', [t(c, 'thread_siblings_list') for c in cpus])"
-  timeout 200 $B -p 0 -n 32 -d 4096 -ngl 16 -r 2 2>&1 | grep -v "^ *$"
-  [ -n "${THREADS_T16:-}" ] && timeout 200 $B -p 0 -n 32 -d 4096 -ngl 16 -t 16 -r 2 2>&1 | grep -v "^ *$" ;;
 tg33)
   s "lstream alone: resident decode"
   timeout 100 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep -v "^ *$" ;;

@@ -13,13 +13,16 @@ from .threads import spin_by_default
 
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
+M_MUL = {QType.Q4_0: -8, QType.Q5_0: -16}  # their m (the offset of unsigned values) is M_MUL * d: not stored
 
 
 class PackedWeight:
     """A weight tensor ready for matmul.
 
-    layout "nib":    qs uint8 (n_rows*nb*16) nibbles, d/m float32 (n_rows*nb)  (Q4_0, Q4_1, Q4_K)
+    layout "nib":    qs uint8 (n_rows*nb*16) nibbles, d/m (n_rows*nb)  (Q4_0, Q4_1, Q4_K)
     layout "nib5":   "nib" plus qh uint32 (n_rows*nb): bit j = 5th bit of value j (Q5_0, Q5_1, Q5_K)
+                     d/m float16 for the 32-blocks (the file's own scales; Q4_0/Q5_0: m None, it is
+                     -8d / -16d), float32 for the K types (d * a 6-bit scale: not exact in fp16)
     layout "i8":     qs int8 (n_rows*nb*32), d float32, optional m               (Q8_0)
     layout "i8s16":  qs int8, d per 16 values                                    (Q6_K)
     layout "blk":    qs = the GGUF blocks themselves, uint8 (n_rows*row_bytes) (Q4_0, Q4_1, Q5_0, Q5_1,
@@ -47,13 +50,27 @@ class PackedWeight:
         packing), the same types for every layout, so one compilation serves all of them."""
         a = self._args
         if a is None:
-            fmt = blocks.FMT_ID[blocks.QTYPES[self.qtype]] if self.layout == "blk" else 0
-            wk = np.array([matmul_int.LAYOUT_ID[self.layout], fmt, self.n_cols // 32, int(self.m is not None)],
-                          np.int64)
+            lid, fmt = matmul_int.LAYOUT_ID[self.layout], 0
+            if self.layout == "blk":
+                fmt = blocks.FMT_ID[blocks.QTYPES[self.qtype]]
+            elif self.d is not None and self.d.dtype == np.float16:  # fp16 scales: fmt = m's multiplier
+                lid = matmul_int.L_NIBH if self.layout == "nib" else matmul_int.L_NIB5H
+                fmt = 1 if self.m is not None else M_MUL[self.qtype]
+            wk = np.array([lid, fmt, self.n_cols // 32, int(self.m is not None)], np.int64)
+            d = self.d if self.d is not None else _EMPTY_F32
+            m = self.m if self.m is not None else (d if fmt < 0 else _EMPTY_F32)  # m = fmt*d: read d twice
+            # the scales as bytes: float32 or float16 by layout, one compiled driver for both
             a = self._args = (wk, _ro(self.qs.view(np.uint8)), _ro(self.qh if self.qh is not None else _EMPTY_U32),
-                              _ro(self.d if self.d is not None else _EMPTY_F32),
-                              _ro(self.m if self.m is not None else _EMPTY_F32))
+                              _ro(d.view(np.uint8)), _ro(m.view(np.uint8)))
         return a
+
+    def scales_f32(self) -> tuple:
+        """(d, m) as float32 arrays (m computed for Q4_0/Q5_0; None for types without one): the
+        kernels that take float32 scales (matmul._matmul_tiles' dequantization)."""
+        d = None if self.d is None else self.d.astype(np.float32)
+        if self.m is not None:
+            return d, self.m.astype(np.float32)
+        return d, (d * np.float32(M_MUL[self.qtype]) if self.qtype in M_MUL else None)
 
     def matvec1(self, x: np.ndarray) -> np.ndarray:
         """x (1, n_cols) float32 C-contiguous @ W^T, decode's fast path: the activation buffers live
@@ -90,23 +107,26 @@ def _nib_pack(lo4: np.ndarray) -> np.ndarray:
     return (lo4[..., :16] | (lo4[..., 16:] << 4)).astype(np.uint8)
 
 
+def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
+    """The fp16 field at byte offset `off` of each block, as float16 (n_blocks,)."""
+    return np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1)
+
+
 def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
     """GGUF blocks (n_blocks, type_size) -> (layout, qs, d, m) in 32-value sub-blocks."""
     f32 = np.float32
     if qtype in (QType.Q4_0, QType.Q4_1):
-        d = fp16_field(blocks, 0)
+        d = _f16(blocks, 0)
         if qtype == QType.Q4_0:
-            return "nib", np.ascontiguousarray(blocks[:, 2:18]).reshape(-1), d, (d * f32(-8)).astype(f32)
-        return "nib", np.ascontiguousarray(blocks[:, 4:20]).reshape(-1), d, fp16_field(blocks, 2)
+            return "nib", np.ascontiguousarray(blocks[:, 2:18]).reshape(-1), d, None
+        return "nib", np.ascontiguousarray(blocks[:, 4:20]).reshape(-1), d, _f16(blocks, 2)
     if qtype == QType.Q8_0:
         return "i8", np.ascontiguousarray(blocks[:, 2:34]).view(np.int8).reshape(-1), fp16_field(blocks, 0), None
     if qtype in (QType.Q5_0, QType.Q5_1):
-        d = fp16_field(blocks, 0)
         o = 0 if qtype == QType.Q5_0 else 2
         qh = np.ascontiguousarray(blocks[:, 2 + o:6 + o]).view(np.uint32).reshape(-1)
         qs = np.ascontiguousarray(blocks[:, 6 + o:22 + o]).reshape(-1)
-        m = (d * f32(-16)).astype(f32) if qtype == QType.Q5_0 else fp16_field(blocks, 2)
-        return "nib5", (qs, qh), d, m
+        return "nib5", (qs, qh), _f16(blocks, 0), None if qtype == QType.Q5_0 else _f16(blocks, 2)
     if qtype in (QType.Q4_K, QType.Q5_K):
         n = blocks.shape[0]
         ds, ms = k_block_scales(blocks)  # (n, 8)
@@ -187,8 +207,8 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int,
     if parts[0][3] is not None:
         m = np.concatenate([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]
     qs = np.ascontiguousarray(qs)
-    d = np.ascontiguousarray(d, dtype=np.float32)
-    m = None if m is None else np.ascontiguousarray(m, dtype=np.float32)
+    d = np.ascontiguousarray(d)
+    m = None if m is None else np.ascontiguousarray(m)
     return PackedWeight(qtype, raw, n_rows, n_cols, layout, qs, d, m, qh)
 
 

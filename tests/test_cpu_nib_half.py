@@ -1,7 +1,7 @@
-"""The nibble layouts with fp16 scales (Q4_0, Q4_1, Q5_0, Q5_1 repacked, backends/cpu/nib_half.py):
-the file's scales kept exactly, 20/18/24/22 bytes per 32 weights, and every kernel that reads them
-(1-token and 4-token dots, prefill's dequantized tiles, the compiled decode program's driver)
-against gguf-py's dequantization and against the same weight with float32 scales."""
+"""The nibble layouts with fp16 scales (Q4_0, Q4_1 as "nibw", Q5_0, Q5_1 as "nib5h", nib_half.py):
+the file's scales kept exactly, 18/20/22/24 bytes per 32 weights, and every kernel that reads them
+(1-token and 4-token dots, prefill's dequantized tiles with and without BLAS, the decode driver)
+against gguf-py's dequantization and against the same values through the float32-scale kernels."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,9 +21,23 @@ BYTES = {QType.Q4_0: 18, QType.Q4_1: 20, QType.Q5_0: 22, QType.Q5_1: 24}  # per 
 
 
 def _f32_twin(w: weights.PackedWeight) -> weights.PackedWeight:
-    """The same weight with float32 scales (the kernels of Q4_K / Q5_K)."""
+    """The same weight in the float32-scale layouts of Q4_K / Q5_K ("nib": GGUF nibble order)."""
     d, m = w.scales_f32()
-    return weights.PackedWeight(w.qtype, w.raw, w.n_rows, w.n_cols, w.layout, w.qs, d, m, w.qh)
+    if w.layout == "nib5h":
+        return weights.PackedWeight(w.qtype, w.raw, w.n_rows, w.n_cols, "nib5", w.qs, d, m, w.qh)
+    blocks = w.raw.reshape(w.n_rows * w.n_cols // 32, -1)
+    qs = np.ascontiguousarray(blocks[:, -16:]).reshape(-1)  # the file's nibbles
+    return weights.PackedWeight(w.qtype, w.raw, w.n_rows, w.n_cols, "nib", qs, d, m)
+
+
+def test_word_order():
+    """Word k of a "nibw" block holds values k, k+8, k+16, k+24 in its nibbles, low to high."""
+    v = np.random.default_rng(0).integers(0, 16, (5, 32)).astype(np.uint8)
+    gguf = v[:, :16] | (v[:, 16:] << 4)
+    words = weights.word_order(gguf).view(np.uint16).astype(np.int64)
+    for k in range(8):
+        for s in range(4):
+            np.testing.assert_array_equal((words[:, k] >> (4 * s)) & 15, v[:, k + 8 * s])
 
 
 def _ref(raw, qtype, n_rows, n_cols, x):
@@ -40,7 +54,7 @@ def test_scales_are_the_files_fp16(qtype):
     n_rows, n_cols = 9, 576
     raw = make_raw(qtype, n_rows, n_cols, seed=3)
     w = weights.pack(qtype, raw, n_rows, n_cols)
-    assert w.layout == ("nib" if qtype in (QType.Q4_0, QType.Q4_1) else "nib5")
+    assert w.layout == ("nibw" if qtype in (QType.Q4_0, QType.Q4_1) else "nib5h")
     assert w.d.dtype == np.float16 and (w.m is None) == (qtype in (QType.Q4_0, QType.Q5_0))
     assert w.nbytes == n_rows * n_cols // 32 * BYTES[qtype]
     blocks = raw.reshape(-1, raw.shape[1] // (n_cols // 32))

@@ -12,7 +12,7 @@ from ...core.batch import GEMM_MIN_TOKENS, is_small_batch
 from ...core.qtypes import QType
 from . import blas, blocks, dequant, matmul_blas, matmul_int
 from .llvm_ir import HAVE_AVX2
-from .weights import PackedWeight
+from .weights import HALF_LAYOUTS, PackedWeight
 
 # numba's threads can call numpy's OpenBLAS here (the backend may still turn it off: Options.blas_prefill)
 BLAS_USABLE = HAVE_AVX2 and blas.AVAILABLE
@@ -76,7 +76,7 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_bl
         return out
     nb = w.n_cols // 32
     if n_tok >= gemm_min_tokens:
-        if use_blas and w.layout in matmul_blas.LAYOUT_CODE and (w.m is None or w.layout in ("nib", "nib5", "blk")):
+        if use_blas and w.layout in matmul_blas.LAYOUT_CODE and (w.m is None or w.layout not in ("i8", "i8s16")):
             _matmul_blas(w, x2, o2)
         else:
             _matmul_tiles(w, x2, o2, nb)
@@ -102,8 +102,7 @@ def _matmul_blas(w: PackedWeight, x2: np.ndarray, o2: np.ndarray) -> None:
     layout, mmul = matmul_blas.LAYOUT_CODE[w.layout], _ONE
     if w.layout == "blk":
         layout += blocks.FMT_ID[blocks.QTYPES[w.qtype]]
-    elif wk[0] in (matmul_int.L_NIBH, matmul_int.L_NIB5H):  # fp16 scales, wk[1]: m's multiplier
-        layout = matmul_blas.NIBH if w.layout == "nib" else matmul_blas.NIB5H
+    elif w.layout in HALF_LAYOUTS:  # fp16 scales, wk[1]: m's multiplier
         mmul = np.float32(wk[1])
 
     def run(tile: int) -> None:
@@ -143,11 +142,12 @@ def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> N
         tile = buf[:r1 - r0]
         if w.layout == "blk":
             tile[...] = dequant.dequantize(w.qtype, w.qs.reshape(w.n_rows, -1)[r0:r1], w.n_cols)
-        elif w.layout in ("nib", "nib5"):
-            has_h = w.layout == "nib5"
+        elif w.layout in ("nib", "nib5", "nibw", "nib5h"):
+            has_h = w.layout in ("nib5", "nib5h")
             if scales is None:
                 scales = w.scales_f32()  # float32, m computed for Q4_0/Q5_0: what deq_nib reads
-            dequant.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, *scales, r0, r1, nb, tile)
+            dequant.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.layout == "nibw", *scales, r0, r1, nb,
+                            tile)
         else:
             has_m = w.m is not None
             dequant.deq_i8(w.qs, w.d, w.layout == "i8s16", w.m if has_m else _EMPTY_F32, has_m, r0, r1, nb, tile)

@@ -9,7 +9,8 @@ from numba.extending import intrinsic
 from .blas import sgemm_nt
 from .blocks import deq_blk
 from .jit import PAR
-from .llvm_ir import F16, F32 as F32T, V16F, array_data, counted_loop, declare, i64, load_i8x32, nibbles, splat, with_high_bits
+from .nib_half import word_nibbles
+from .llvm_ir import F16, F32 as F32T, V8F, V16F, array_data, counted_loop, declare, i64, load_i8x32, nibbles, splat, with_high_bits
 
 # Why: a float32 sgemm runs near the FMA peak (~45 G weight*tokens/s per core here) where the int16
 # dot kernels reach ~20-25, and the dequantization of a tile is paid once per ubatch, not per token.
@@ -28,7 +29,7 @@ def _gen_deq_row(kind, half=False):
             q_a, qh_a, d_a, m_a, o_a, off = args
             qh_p = array_data(context, builder, sa[1], qh_a)
             sa = [sa[0]] + sa[2:]
-        elif kind in ("nib",):
+        elif kind in ("nib", "nibw"):
             q_a, d_a, m_a, o_a, off = args
         else:
             q_a, d_a, o_a, off = args
@@ -45,13 +46,20 @@ def _gen_deq_row(kind, half=False):
         rb = builder.extract_value(off, 0)
         nb = builder.extract_value(off, 1)
         fma16 = declare(builder, "llvm.fma.v16f32", V16F, [V16F] * 3)
+        fma8 = declare(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
 
         def block(i):
             wb = builder.add(rb, i)
             op = builder.gep(o_p, [builder.mul(i, i64(32))])
             op0 = builder.bitcast(op, V16F.as_pointer())
             op1 = builder.bitcast(builder.gep(op, [i64(16)]), V16F.as_pointer())
-            if kind in ("nib", "nib5"):
+            if kind == "nibw":  # word order: values 8k .. 8k+7 in the k-th <8 x i16>
+                dv, mw = splat(builder, scale(d_p, wb), 8), scale(m_p, wb)
+                mv = splat(builder, builder.fmul(mw, mmul), 8)
+                for k, v in enumerate(word_nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))):
+                    builder.store(builder.call(fma8, [builder.uitofp(v, V8F), dv, mv]),
+                                  builder.bitcast(builder.gep(op, [i64(8 * k)]), V8F.as_pointer()), align=4)
+            elif kind in ("nib", "nib5"):
                 lo, hi = nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
                 if kind == "nib5":
                     lo, hi = with_high_bits(builder, lo, hi, builder.load(builder.gep(qh_p, [wb])))
@@ -91,8 +99,8 @@ def deq_row_nib5(typingctx, q, qh, d, m, out, off):
 
 
 @intrinsic
-def deq_row_nibh(typingctx, q, d, m, out, off, mmul):
-    return types.void(q, d, m, out, off, mmul), _gen_deq_row("nib", True)
+def deq_row_nibw(typingctx, q, d, m, out, off, mmul):
+    return types.void(q, d, m, out, off, mmul), _gen_deq_row("nibw", True)
 
 
 @intrinsic
@@ -110,9 +118,9 @@ def deq_row_i8s16(typingctx, q, d, out, off):
     return types.void(q, d, out, off), _gen_deq_row("i8s16")
 
 
-# layout codes for mm_deq_sgemm; BLK + blocks.FMT_ID: GGUF blocks in place; NIBH, NIB5H: fp16 scales
-NIB, NIB5, I8, I8S16, F32, NIBH, NIB5H, BLK = 0, 1, 2, 3, 4, 5, 6, 7
-LAYOUT_CODE = {"nib": NIB, "nib5": NIB5, "i8": I8, "i8s16": I8S16, "blk": BLK}
+# layout codes for mm_deq_sgemm; BLK + blocks.FMT_ID: GGUF blocks in place
+NIB, NIB5, I8, I8S16, F32, NIBW, NIB5H, BLK = 0, 1, 2, 3, 4, 5, 6, 7
+LAYOUT_CODE = {"nib": NIB, "nib5": NIB5, "i8": I8, "i8s16": I8S16, "blk": BLK, "nibw": NIBW, "nib5h": NIB5H}
 
 _JIT = PAR
 
@@ -142,8 +150,8 @@ def mm_deq_sgemm(layout, q, qh, d, m, mmul, wf, x, out, tile, n_threads):
             b = min(r1, a + tile)
             for r in range(a, b):
                 row = buf[r - a]
-                if layout == NIBH:
-                    deq_row_nibh(q, d, m, row, (r * nb, nb), mmul)
+                if layout == NIBW:
+                    deq_row_nibw(q, d, m, row, (r * nb, nb), mmul)
                 elif layout == NIB5H:
                     deq_row_nib5h(q, qh, d, m, row, (r * nb, nb), mmul)
                 elif layout == NIB:

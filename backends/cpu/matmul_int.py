@@ -8,8 +8,8 @@ from numba import njit, prange
 
 from .blocks import dot_blk
 from .jit import INLINE, PAR, SER as _SER
-from .matmul_multi import N_MULTI, tile_blk, tile_nib, tile_nibh
-from .nib_half import dot_nib5h_row, dot_nibh_row
+from .matmul_multi import N_MULTI, tile_blk, tile_nib, tile_nibw
+from .nib_half import dot_nib5h_row, dot_nibw_row
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 # One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
@@ -21,9 +21,9 @@ _JIT = PAR
 ROWS = 16  # rows per parallel work item
 TT = 64  # tokens per tile: one weight row stays in L1 while it meets a tile of tokens (int16, in L2)
 
-L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK, L_NIBH, L_NIB5H = range(7)
-LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK}
-# L_NIBH, L_NIB5H: "nib", "nib5" with fp16 scales (PackedWeight.kernel_args picks them by d's dtype)
+L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK, L_NIBW, L_NIB5H = range(7)
+LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK, "nibw": L_NIBW,
+             "nib5h": L_NIB5H}
 
 
 @njit(**_SER)
@@ -69,15 +69,15 @@ def _m_term(v, has_m, m, xst, r, nb):
 @njit(**INLINE)
 def _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, t1, out):
     """out[t0:t1, r0:r1]: one loop per layout, so the layout test stays out of the row loop. d, m:
-    the scales as bytes (float32, or float16 for L_NIBH / L_NIB5H, where fmt is m's multiplier)."""
-    if layout == L_NIBH:
+    the scales as bytes (float32, or float16 for L_NIBW / L_NIB5H, where fmt is m's multiplier)."""
+    if layout == L_NIBW:
         mmul = np.float32(fmt)
         if t1 - t0 >= N_MULTI:  # a few tokens: 4 per pass over a row (matmul_multi)
-            tile_nibh(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out)
+            tile_nibw(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out)
         else:
             for r in range(r0, r1):
                 for t in range(t0, t1):
-                    out[t, r] = dot_nibh_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
+                    out[t, r] = dot_nibw_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
     elif layout == L_NIB5H:
         mmul = np.float32(fmt)
         for r in range(r0, r1):

@@ -46,8 +46,8 @@ def word_nibbles(builder, p):
 
 
 def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul):
-    """Row rb/nb dotted with each token's (xq, xd, xs) (lists of per-token pointers to int16 / float32
-    / float32): a list of float32, one per token. qh_p None: 4-bit nibbles in word order ("nibw");
+    """Generated LLVM IR: row rb/nb dotted with each token's (xq, xd, xs) (lists of per-token pointers
+    to int16 / float32 / float32): a list of float32, one per token. qh_p None: 4-bit nibbles in word order ("nibw");
     else 5-bit, GGUF byte order with the uint32 high-bit words at qh_p ("nib5h"). d_p, m_p:
     byte pointers to the fp16 scales; mmul: float32 multiplier of the m sum."""
     n = len(xq)

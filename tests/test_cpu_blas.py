@@ -83,7 +83,7 @@ def test_blas_tile_chosen_once_and_same_result():
     raw = make_raw(QType.Q4_1, n_rows, n_cols, seed=2)
     w = weights.pack(QType.Q4_1, raw, n_rows, n_cols)
     x = np.random.default_rng(1).standard_normal((48, n_cols)).astype(np.float32)
-    key = ("nib", QType.Q4_1, n_rows, n_cols, 64)
+    key = ("nibw", QType.Q4_1, n_rows, n_cols, 64)
     mm._BLAS_TILE.pop(key, None)
     first = matmul(w, x)
     chosen = mm._BLAS_TILE[key]

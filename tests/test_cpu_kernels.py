@@ -68,7 +68,7 @@ def test_matmul(qtype, n_tok):
     w = weights.pack(qtype, raw, n_rows, n_cols)
     assert w.qtype == qtype and w.n_rows == n_rows and w.n_cols == n_cols and w.nbytes > 0
     if HAVE_AVX2 and qtype in QUANT:
-        assert w.layout in ("nib", "nib5", "i8", "i8s16", "blk")
+        assert w.layout in ("nib", "nib5", "nibw", "nib5h", "i8", "i8s16", "blk")
         assert w.nbytes <= 1.6 * raw.nbytes  # repacked stays near the quantized size
     wf = gq.dequantize(raw, G(int(qtype))).reshape(n_rows, n_cols).astype(np.float64)
     x = np.random.default_rng(n_tok).standard_normal((n_tok, n_cols)).astype(np.float32)

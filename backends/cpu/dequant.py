@@ -144,7 +144,7 @@ _TILE = PAR
 # numpy carries no OpenBLAS that numba's threads can call: matmul_blas does it otherwise) ----
 
 @njit(**_TILE)
-def deq_nib(q, qh, has_h, d, m, r0, r1, nb, out):
+def deq_nib(q, qh, has_h, word, d, m, r0, r1, nb, out):
     for r in prange(r0, r1):
         rr = r - r0
         for b in range(nb):
@@ -154,10 +154,13 @@ def deq_nib(q, qh, has_h, d, m, r0, r1, nb, out):
             h = np.uint32(qh[k]) if has_h else np.uint32(0)
             for j in range(16):
                 v = np.int32(q[k * 16 + j])
-                lo = (v & 15) | (np.int32((h >> j) & 1) << 4)
-                hi = (v >> 4) | (np.int32((h >> (j + 16)) & 1) << 4)
-                out[rr, b * 32 + j] = db * np.float32(lo) + mb
-                out[rr, b * 32 + 16 + j] = db * np.float32(hi) + mb
+                # byte j holds values (a, a + 16), or in word order (layout "nibw") (a, a + 8)
+                a = j // 2 + 16 * (j % 2) if word else j
+                c = a + 8 if word else a + 16
+                lo = (v & 15) | (np.int32((h >> a) & 1) << 4)
+                hi = (v >> 4) | (np.int32((h >> c) & 1) << 4)
+                out[rr, b * 32 + a] = db * np.float32(lo) + mb
+                out[rr, b * 32 + c] = db * np.float32(hi) + mb
 
 
 @njit(**_TILE)

@@ -25,6 +25,9 @@ V32I8 = ir.VectorType(I8, 32)
 V16I16 = ir.VectorType(I16, 16)
 V8I32 = ir.VectorType(I32, 8)
 V8F = ir.VectorType(F32, 8)
+V4I32 = ir.VectorType(I32, 4)
+V4F = ir.VectorType(F32, 4)
+V8I16 = ir.VectorType(I16, 8)
 V16F = ir.VectorType(F32, 16)
 
 FIRST16 = ir.Constant(ir.VectorType(I32, 16), list(range(16)))
@@ -63,6 +66,15 @@ def hsum8(builder, v):
     s2 = builder.fadd(a, b)
     return builder.fadd(builder.extract_element(s2, ir.Constant(I32, 0)),
                         builder.extract_element(s2, ir.Constant(I32, 1)))
+
+
+def hsum4(builder, v):
+    """Sum of the 4 lanes of a <4 x float>: (a0+a2, a1+a3), then the pair."""
+    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 2), [0, 1]))
+    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 2), [2, 3]))
+    s = builder.fadd(lo, hi)
+    return builder.fadd(builder.extract_element(s, ir.Constant(I32, 0)),
+                        builder.extract_element(s, ir.Constant(I32, 1)))
 
 
 def f16_at(builder, p, off: int):

@@ -12,7 +12,7 @@ from ...core.batch import GEMM_MIN_TOKENS, is_small_batch
 from ...core.qtypes import QType
 from . import blas, blocks, dequant, matmul_blas, matmul_int
 from .llvm_ir import HAVE_AVX2
-from .weights import PackedWeight
+from .weights import HALF_LAYOUTS, PackedWeight
 
 # numba's threads can call numpy's OpenBLAS here (the backend may still turn it off: Options.blas_prefill)
 BLAS_USABLE = HAVE_AVX2 and blas.AVAILABLE
@@ -34,6 +34,11 @@ _EMPTY_U8 = np.zeros(0, dtype=np.uint8)
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
 _EMPTY_F32_2D = np.zeros((1, 1), dtype=np.float32)
+_SCALES0 = np.zeros(4, dtype=np.uint8)  # no scales (the kernels take them as bytes)
+_NO_QH = np.zeros(1, dtype=np.uint32)
+for _a in (_SCALES0, _NO_QH):  # read-only like kernel_args' arrays: one compiled mm_deq_sgemm for both
+    _a.setflags(write=False)
+_ONE = np.float32(1.0)
 
 
 def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_blas: bool = BLAS_USABLE,
@@ -58,8 +63,8 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_bl
         if w.qtype == QType.F32:
             if use_blas and o2.flags.c_contiguous and w.raw.flags.c_contiguous and w.raw.dtype == np.float32:
                 with blas.one_blas_thread():
-                    matmul_blas.mm_deq_sgemm(matmul_blas.F32, _EMPTY_U8, _EMPTY_U32, _EMPTY_F32, _EMPTY_F32, w.raw, x2,
-                                             o2, 0, numba.get_num_threads())
+                    matmul_blas.mm_deq_sgemm(matmul_blas.F32, _EMPTY_U8, _NO_QH, _SCALES0, _SCALES0, _ONE,
+                                             w.raw, x2, o2, 0, numba.get_num_threads())
             else:
                 np.matmul(x2, w.raw.T, out=o2)
             return out
@@ -71,7 +76,7 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_bl
         return out
     nb = w.n_cols // 32
     if n_tok >= gemm_min_tokens:
-        if use_blas and w.layout in matmul_blas.LAYOUT_CODE and (w.m is None or w.layout in ("nib", "nib5", "blk")):
+        if use_blas and w.layout in matmul_blas.LAYOUT_CODE and (w.m is None or w.layout not in ("i8", "i8s16")):
             _matmul_blas(w, x2, o2)
         else:
             _matmul_tiles(w, x2, o2, nb)
@@ -93,15 +98,16 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_bl
 
 def _matmul_blas(w: PackedWeight, x2: np.ndarray, o2: np.ndarray) -> None:
     dst = o2 if o2.flags.c_contiguous else np.empty(o2.shape, dtype=np.float32)
-    qh = w.qh if w.layout == "nib5" else _EMPTY_U32
-    layout = matmul_blas.LAYOUT_CODE[w.layout]
+    wk, qs, qh, d, m = w.kernel_args()  # the scales as bytes
+    layout, mmul = matmul_blas.LAYOUT_CODE[w.layout], _ONE
     if w.layout == "blk":
         layout += blocks.FMT_ID[blocks.QTYPES[w.qtype]]
+    elif w.layout in HALF_LAYOUTS:  # fp16 scales, wk[1]: m's multiplier
+        mmul = np.float32(wk[1])
 
     def run(tile: int) -> None:
         with blas.one_blas_thread():
-            matmul_blas.mm_deq_sgemm(layout, w.qs, qh, w.d if w.d is not None else _EMPTY_F32,
-                                     w.m if w.m is not None else _EMPTY_F32, _EMPTY_F32_2D, x2, dst, tile,
+            matmul_blas.mm_deq_sgemm(layout, w.qs, qh, d, m, mmul, _EMPTY_F32_2D, x2, dst, tile,
                                      numba.get_num_threads())
 
     key = (w.layout, w.qtype, w.n_rows, w.n_cols, 1 << (x2.shape[0] - 1).bit_length())
@@ -130,14 +136,18 @@ def _blas_tile(n_cols: int, run) -> int:
 def _matmul_tiles(w: PackedWeight, x2: np.ndarray, o2: np.ndarray, nb: int) -> None:
     rows = max(16, _TILE_ELEMS // w.n_cols)
     buf = np.empty((min(rows, w.n_rows), w.n_cols), dtype=np.float32)
+    scales = None
     for r0 in range(0, w.n_rows, rows):
         r1 = min(w.n_rows, r0 + rows)
         tile = buf[:r1 - r0]
         if w.layout == "blk":
             tile[...] = dequant.dequantize(w.qtype, w.qs.reshape(w.n_rows, -1)[r0:r1], w.n_cols)
-        elif w.layout in ("nib", "nib5"):
-            has_h = w.layout == "nib5"
-            dequant.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.d, w.m, r0, r1, nb, tile)
+        elif w.layout in ("nib", "nib5", "nibw", "nib5h"):
+            has_h = w.layout in ("nib5", "nib5h")
+            if scales is None:
+                scales = w.scales_f32()  # float32, m computed for Q4_0/Q5_0: what deq_nib reads
+            dequant.deq_nib(w.qs, w.qh if has_h else _EMPTY_U32, has_h, w.layout == "nibw", *scales, r0, r1, nb,
+                            tile)
         else:
             has_m = w.m is not None
             dequant.deq_i8(w.qs, w.d, w.layout == "i8s16", w.m if has_m else _EMPTY_F32, has_m, r0, r1, nb, tile)

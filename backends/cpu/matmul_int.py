@@ -8,7 +8,8 @@ from numba import njit, prange
 
 from .blocks import dot_blk
 from .jit import INLINE, PAR, SER as _SER
-from .matmul_multi import N_MULTI, tile_blk, tile_nib
+from .matmul_multi import N_MULTI, tile_blk, tile_nib, tile_nibw
+from .nib_half import dot_nib5h_row, dot_nibw_row
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 # One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
@@ -20,8 +21,9 @@ _JIT = PAR
 ROWS = 16  # rows per parallel work item
 TT = 64  # tokens per tile: one weight row stays in L1 while it meets a tile of tokens (int16, in L2)
 
-L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK = range(5)
-LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK}
+L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK, L_NIBW, L_NIB5H = range(7)
+LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK, "nibw": L_NIBW,
+             "nib5h": L_NIB5H}
 
 
 @njit(**_SER)
@@ -56,16 +58,32 @@ def quant_x(x, xq, xd, xs):
 
 @njit(**INLINE)
 def _m_term(v, has_m, m, xst, r, nb):
+    """v + the row's m . xs; m: float32 scales as bytes."""
     if has_m:
+        mf = m.view(np.float32)
         for b in range(nb):
-            v += m[r * nb + b] * xst[b]
+            v += mf[r * nb + b] * xst[b]
     return v
 
 
 @njit(**INLINE)
 def _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, t1, out):
-    """out[t0:t1, r0:r1]: one loop per layout, so the layout test stays out of the row loop."""
-    if layout == L_NIB and t1 - t0 >= N_MULTI:  # a few tokens: 4 per pass over a row (matmul_multi)
+    """out[t0:t1, r0:r1]: one loop per layout, so the layout test stays out of the row loop. d, m:
+    the scales as bytes (float32, or float16 for L_NIBW / L_NIB5H, where fmt is m's multiplier)."""
+    if layout == L_NIBW:
+        mmul = np.float32(fmt)
+        if t1 - t0 >= N_MULTI:  # a few tokens: 4 per pass over a row (matmul_multi)
+            tile_nibw(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out)
+        else:
+            for r in range(r0, r1):
+                for t in range(t0, t1):
+                    out[t, r] = dot_nibw_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
+    elif layout == L_NIB5H:
+        mmul = np.float32(fmt)
+        for r in range(r0, r1):
+            for t in range(t0, t1):
+                out[t, r] = dot_nib5h_row(qs, qh, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
+    elif layout == L_NIB and t1 - t0 >= N_MULTI:
         tile_nib(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, out)
     elif layout == L_BLK and t1 - t0 >= N_MULTI:
         tile_blk(fmt, qs, xq, xd, xs, nb, r0, r1, t0, t1, out)

@@ -16,10 +16,11 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .blocks import FMT, _block_vals, dot_blk
+from .blocks import FMT, _block_vals, dot_blk, q8_dots
 from .llvm_ir import (F32, I8, V8F, V8I32, V16I16, array_data, counted_loop, declare, hsum8, i64, nibbles,
                       splat)
 from .jit import INLINE
+from .nib_half import dot4_nibw, dot_nibw_row
 from .simd import dot_nib_row
 
 N_MULTI = 4  # tokens per multi-token dot
@@ -46,8 +47,8 @@ def _gen(kind, fmt=None):
         if kind == "nib":
             qa, da, ma = args[:3]
             q_p = array_data(context, builder, sa[0], qa)
-            d_p = array_data(context, builder, sa[1], da)
-            m_p = array_data(context, builder, sa[2], ma)
+            d_p = builder.bitcast(array_data(context, builder, sa[1], da), F32.as_pointer())  # scales as bytes
+            m_p = builder.bitcast(array_data(context, builder, sa[2], ma), F32.as_pointer())
             k = 3
         else:
             b_p = array_data(context, builder, sa[0], args[0])
@@ -58,6 +59,8 @@ def _gen(kind, fmt=None):
         xs = _row_ptrs(context, builder, sa[k + 2], xsa, t0, n)
         rb = builder.extract_value(offa, 0)
         nb = builder.extract_value(offa, 1)
+        if kind == "blk" and fmt == "Q8_0":  # the 1-token dot's own generator (blocks.q8_dots)
+            return context.make_tuple(builder, sig.return_type, q8_dots(builder, b_p, xq, xd, rb, nb))
         pmaddwd = declare(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16])
         fma = declare(builder, "llvm.fma.v8f32", V8F, [V8F, V8F, V8F])
         has_m = kind == "nib" or FMT[fmt][5] is False
@@ -157,6 +160,23 @@ def tile_nib(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, out):
             t += N_MULTI
         while t < t1:
             out[t, r] = dot_nib_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb))
+            t += 1
+
+
+@njit(**INLINE)
+def tile_nibw(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out):
+    """tile_nib for the "nibw" layout (nib_half.py)."""
+    for r in range(r0, r1):
+        t = t0
+        while t + N_MULTI <= t1:
+            a, b, c, e = dot4_nibw(qs, d, m, xq, xd, xs, t, (r * nb, nb), mmul)
+            out[t, r] = a
+            out[t + 1, r] = b
+            out[t + 2, r] = c
+            out[t + 3, r] = e
+            t += N_MULTI
+        while t < t1:
+            out[t, r] = dot_nibw_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
             t += 1
 
 

@@ -7,7 +7,8 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import dot_blk
-from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, ROWS, _m_term
+from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, L_NIB5H, L_NIBW, ROWS, _m_term
+from .nib_half import dot_nib5h_row, dot_nibw_row
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 from .jit import INLINE
@@ -19,6 +20,10 @@ def _dot(wk, qs, qi, qh, d, m, xq, xd, xs, r, t):
     """Row r of a packed weight . row t of the int16 activations (matmul_int._tile's products)."""
     layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0
     off = (r * nb, nb)
+    if layout == L_NIBW:
+        return dot_nibw_row(qs, d, m, xq[t], xd[t], xs[t], off, np.float32(fmt))
+    if layout == L_NIB5H:
+        return dot_nib5h_row(qs, qh, d, m, xq[t], xd[t], xs[t], off, np.float32(fmt))
     if layout == L_NIB:
         return dot_nib_row(qs, d, m, xq[t], xd[t], xs[t], off)
     if layout == L_NIB5:

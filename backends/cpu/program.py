@@ -171,7 +171,7 @@ class _Assembler:
             wk=np.array(self.wk, np.int64).reshape(-1, 4) if self.wk else np.zeros((1, 4), np.int64),
             # a weight may be the file's memory map itself (Q8_0 blocks in place): the kernels only read it
             wq=_table([w[0] for w in ws], 1, np.uint8), wh=_table([w[1] for w in ws], 1, np.uint32),
-            wd=_table([w[2] for w in ws], 1, F32), wm=_table([w[3] for w in ws], 1, F32),
+            wd=_table([w[2] for w in ws], 1, np.uint8), wm=_table([w[3] for w in ws], 1, np.uint8),  # scales as bytes
             vec=_table(self.vecs, 1, F32), kc=_table(kc, 3, F32), vc=_table(vc, 3, F32),
             cos=cos, sin=np.zeros_like(cos), ropes=[p for _, p in sorted(self.ropes.values(), key=lambda r: r[0])],
             xq=_table(xq, 2, np.int16), xd=_table(xd, 2, F32), xs=_table(xs, 2, F32),

@@ -80,7 +80,7 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
         if op == OP_MM:
             j = p[1]  # activation quantization buffers for this (rows, n_cols)
             w = p[0]
-            mm_dec(wk[w], _a1(wq, w, U8), _a1(wh, w, U32), _a1(wd, w, F32), _a1(wm, w, F32), _a2(bufs, c[4], F32),
+            mm_dec(wk[w], _a1(wq, w, U8), _a1(wh, w, U32), _a1(wd, w, U8), _a1(wm, w, U8), _a2(bufs, c[4], F32),
                    _a2(xq, j, I16), _a2(xd, j, F32), _a2(xs, j, F32), _a2(bufs, c[1], F32))
         elif op == OP_NORM:  # its input is a whole buffer (C layout: the sum vectorizes as op by op)
             x = _a2(bufs, c[4], F32)

@@ -21,8 +21,9 @@ from .llvm_ir import (F32, V8F, V8I32, V16I16, array_data, counted_loop, declare
 #
 # Weight layouts (built by pack()):
 #     nib:  qs uint8 (n_rows, nb*16) nibbles (byte j: weight j low, weight j+16 high), d, m float32
-#           (n_rows, nb); row . x = sum_b d*xd*sum(q*xq) + m*xs.  Q4_0 (m = -8d), Q4_1, Q4_K.
-#     nib5: nib + uint32 high-bit plane per block.  Q5_0, Q5_1, Q5_K.
+#           (n_rows, nb); row . x = sum_b d*xd*sum(q*xq) + m*xs.  Q4_K (with fp16 d, m: nib_half.py).
+#     nib5: nib + uint32 high-bit plane per block.  Q5_K.
+# The kernels take d and m as bytes (uint8 arrays): one matmul driver serves fp32 and fp16 scales.
 #     i8:   qs int8 (n_rows, nb*32), d float32 (n_rows, nb).  Q8_0.
 #     i8s16: int8 with a scale per 16.  Q6_K.
 
@@ -39,7 +40,7 @@ def _gen_row_dot(kind):
             sa = [sa[0]] + sa[2:]
         if kind in ("nib", "nib5"):
             qa, da, ma, xqa, xda, xsa, offa = args
-            m_p = array_data(context, builder, sa[2], ma)
+            m_p = builder.bitcast(array_data(context, builder, sa[2], ma), F32.as_pointer())
             xs_p = array_data(context, builder, sa[5], xsa)
             xq_p = array_data(context, builder, sa[3], xqa)
             xd_p = array_data(context, builder, sa[4], xda)
@@ -48,7 +49,7 @@ def _gen_row_dot(kind):
             xq_p = array_data(context, builder, sa[2], xqa)
             xd_p = array_data(context, builder, sa[3], xda)
         q_p = array_data(context, builder, sa[0], qa)
-        d_p = array_data(context, builder, sa[1], da)
+        d_p = builder.bitcast(array_data(context, builder, sa[1], da), F32.as_pointer())  # scales as bytes
         # offa: (row offset in blocks, n_blocks) packed as two int64 in a UniTuple
         row_b = builder.extract_value(offa, 0)
         nb = builder.extract_value(offa, 1)

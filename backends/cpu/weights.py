@@ -13,13 +13,18 @@ from .threads import spin_by_default
 
 _EMPTY_U32 = np.zeros(1, dtype=np.uint32)
 _EMPTY_F32 = np.zeros(1, dtype=np.float32)
+M_MUL = {QType.Q4_0: -8, QType.Q5_0: -16}  # their m (the offset of unsigned values) is M_MUL * d: not stored
+HALF_LAYOUTS = ("nibw", "nib5h")  # fp16 scales
 
 
 class PackedWeight:
     """A weight tensor ready for matmul.
 
-    layout "nib":    qs uint8 (n_rows*nb*16) nibbles, d/m float32 (n_rows*nb)  (Q4_0, Q4_1, Q4_K)
-    layout "nib5":   "nib" plus qh uint32 (n_rows*nb): bit j = 5th bit of value j (Q5_0, Q5_1, Q5_K)
+    layout "nib":    qs uint8 (n_rows*nb*16) nibbles, d/m float32 (n_rows*nb)  (Q4_K)
+    layout "nib5":   "nib" plus qh uint32 (n_rows*nb): bit j = 5th bit of value j (Q5_K)
+    layout "nibw":   nibbles in 16-bit word order (nib_half.py), d/m float16: the file's own scales,
+                     m None for Q4_0 (-8d)                                      (Q4_0, Q4_1)
+    layout "nib5h":  "nib5" with d/m float16, m None for Q5_0 (-16d)             (Q5_0, Q5_1)
     layout "i8":     qs int8 (n_rows*nb*32), d float32, optional m               (Q8_0)
     layout "i8s16":  qs int8, d per 16 values                                    (Q6_K)
     layout "blk":    qs = the GGUF blocks themselves, uint8 (n_rows*row_bytes) (Q4_0, Q4_1, Q5_0, Q5_1,
@@ -47,13 +52,27 @@ class PackedWeight:
         packing), the same types for every layout, so one compilation serves all of them."""
         a = self._args
         if a is None:
-            fmt = blocks.FMT_ID[blocks.QTYPES[self.qtype]] if self.layout == "blk" else 0
+            fmt = 0
+            if self.layout == "blk":
+                fmt = blocks.FMT_ID[blocks.QTYPES[self.qtype]]
+            elif self.layout in HALF_LAYOUTS:  # fp16 scales: fmt = m's multiplier
+                fmt = 1 if self.m is not None else M_MUL[self.qtype]
             wk = np.array([matmul_int.LAYOUT_ID[self.layout], fmt, self.n_cols // 32, int(self.m is not None)],
                           np.int64)
+            d = self.d if self.d is not None else _EMPTY_F32
+            m = self.m if self.m is not None else (d if fmt < 0 else _EMPTY_F32)  # m = fmt*d: read d twice
+            # the scales as bytes: float32 or float16 by layout, one compiled driver for both
             a = self._args = (wk, _ro(self.qs.view(np.uint8)), _ro(self.qh if self.qh is not None else _EMPTY_U32),
-                              _ro(self.d if self.d is not None else _EMPTY_F32),
-                              _ro(self.m if self.m is not None else _EMPTY_F32))
+                              _ro(d.view(np.uint8)), _ro(m.view(np.uint8)))
         return a
+
+    def scales_f32(self) -> tuple:
+        """(d, m) as float32 arrays (m computed for Q4_0/Q5_0; None for types without one): the
+        kernels that take float32 scales (matmul._matmul_tiles' dequantization)."""
+        d = None if self.d is None else self.d.astype(np.float32)
+        if self.m is not None:
+            return d, self.m.astype(np.float32)
+        return d, (d * np.float32(M_MUL[self.qtype]) if self.qtype in M_MUL else None)
 
     def matvec1(self, x: np.ndarray) -> np.ndarray:
         """x (1, n_cols) float32 C-contiguous @ W^T, decode's fast path: the activation buffers live
@@ -85,28 +104,40 @@ def _ro(a: np.ndarray) -> np.ndarray:
     return v
 
 
+def word_order(qs: np.ndarray) -> np.ndarray:
+    """GGUF nibbles (..., 16) (byte j: value j low, j+16 high) -> word order (..., 16): byte 2k holds
+    values k (low) and k+8, byte 2k+1 values k+16 and k+24 (nib_half.word_nibbles)."""
+    v = np.concatenate([qs & 15, qs >> 4], axis=-1)  # (..., 32) values in order
+    out = np.empty_like(qs)
+    out[..., 0::2] = v[..., 0:8] | (v[..., 8:16] << 4)
+    out[..., 1::2] = v[..., 16:24] | (v[..., 24:32] << 4)
+    return out
+
+
 def _nib_pack(lo4: np.ndarray) -> np.ndarray:
     """(..., 32) uint8 values 0..15 -> (..., 16) bytes: byte j = v[j] | v[j+16] << 4."""
     return (lo4[..., :16] | (lo4[..., 16:] << 4)).astype(np.uint8)
+
+
+def _f16(blocks: np.ndarray, off: int) -> np.ndarray:
+    """The fp16 field at byte offset `off` of each block, as float16 (n_blocks,)."""
+    return np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16).reshape(-1)
 
 
 def _repack(qtype: QType, blocks: np.ndarray, n_rows: int, n_cols: int):
     """GGUF blocks (n_blocks, type_size) -> (layout, qs, d, m) in 32-value sub-blocks."""
     f32 = np.float32
     if qtype in (QType.Q4_0, QType.Q4_1):
-        d = fp16_field(blocks, 0)
-        if qtype == QType.Q4_0:
-            return "nib", np.ascontiguousarray(blocks[:, 2:18]).reshape(-1), d, (d * f32(-8)).astype(f32)
-        return "nib", np.ascontiguousarray(blocks[:, 4:20]).reshape(-1), d, fp16_field(blocks, 2)
+        o = 0 if qtype == QType.Q4_0 else 2
+        qs = word_order(blocks[:, 2 + o:18 + o]).reshape(-1)
+        return "nibw", qs, _f16(blocks, 0), None if qtype == QType.Q4_0 else _f16(blocks, 2)
     if qtype == QType.Q8_0:
         return "i8", np.ascontiguousarray(blocks[:, 2:34]).view(np.int8).reshape(-1), fp16_field(blocks, 0), None
     if qtype in (QType.Q5_0, QType.Q5_1):
-        d = fp16_field(blocks, 0)
         o = 0 if qtype == QType.Q5_0 else 2
         qh = np.ascontiguousarray(blocks[:, 2 + o:6 + o]).view(np.uint32).reshape(-1)
         qs = np.ascontiguousarray(blocks[:, 6 + o:22 + o]).reshape(-1)
-        m = (d * f32(-16)).astype(f32) if qtype == QType.Q5_0 else fp16_field(blocks, 2)
-        return "nib5", (qs, qh), d, m
+        return "nib5h", (qs, qh), _f16(blocks, 0), None if qtype == QType.Q5_0 else _f16(blocks, 2)
     if qtype in (QType.Q4_K, QType.Q5_K):
         n = blocks.shape[0]
         ds, ms = k_block_scales(blocks)  # (n, 8)
@@ -178,7 +209,7 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int,
              for i in range(0, blocks.shape[0], _PACK_CHUNK)]
     layout = parts[0][0]
     qh = None
-    if layout == "nib5":
+    if layout in ("nib5", "nib5h"):
         qh = np.ascontiguousarray(np.concatenate([p[1][1] for p in parts]))
         parts = [(p[0], p[1][0], p[2], p[3]) for p in parts]
     qs = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
@@ -187,8 +218,8 @@ def pack(qtype: QType, raw: np.ndarray, n_rows: int, n_cols: int,
     if parts[0][3] is not None:
         m = np.concatenate([p[3] for p in parts]) if len(parts) > 1 else parts[0][3]
     qs = np.ascontiguousarray(qs)
-    d = np.ascontiguousarray(d, dtype=np.float32)
-    m = None if m is None else np.ascontiguousarray(m, dtype=np.float32)
+    d = np.ascontiguousarray(d)
+    m = None if m is None else np.ascontiguousarray(m)
     return PackedWeight(qtype, raw, n_rows, n_cols, layout, qs, d, m, qh)
 
 

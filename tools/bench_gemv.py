@@ -91,7 +91,7 @@ def time_q8(copies, qt: QType, x: torch.Tensor, n: int, k: int, ncalls: int, rep
     return t(None), sorted((t(c), c) for c in cands)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
@@ -105,7 +105,11 @@ def main() -> None:
                     help="also time the int8 GEMV on repacked rows (gemv_q8) for the 32-weight-block types")
     ap.add_argument("--q8-sweep", action="store_true", help="with --q8: time every int8 GEMV config too")
     ap.add_argument("--json", help="write all results here")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     import triton
     dtype = DTYPES[args.dtype]
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  x {args.dtype}")

@@ -56,6 +56,8 @@ def test_logits_match_transformers(tiny, where):
         assert set(_moe_backends(m, 1)) == {"fake" if where == "resident" else "cpu"}
         assert set(_moe_backends(m, 16)) == {"fake"}  # prefill: the device takes the op (experts per policy)
         assert {a.backend for a in m.plan(1).assignments() if a.node.op is Op.ATTENTION} == {"fake"}
+        # resident: every MoE layer's gate|up stacked for moe_kernels (its torch fallback on CPU tensors)
+        assert len(dev._moe_w) == (sum(a.node.op is Op.MOE for a in m.plan(1).assignments()) if where == "resident" else 0)
         ours = m.eval(ids, logits="all")
         nmse = float(((ours - ref) ** 2).sum() / (ref ** 2).sum())
         assert nmse < MAX_NMSE, nmse

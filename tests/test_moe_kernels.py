@@ -178,6 +178,53 @@ def test_fallback_without_interpreter(monkeypatch):
     assert nmse(mk.prefill(x, ids, wts, gu, dn), ref) <= 1e-9
 
 
+@pytest.fixture
+def interp_all(interp, monkeypatch):
+    """Interpreted copies of every Triton function of the CUDA backend (the dense path's too)."""
+    import importlib
+    import pkgutil
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    import lstream.backends.cuda as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, v in list(vars(mod).items()):
+            if isinstance(v, triton.runtime.JITFunction):
+                monkeypatch.setattr(mod, name, InterpretedFunction(v.fn))
+
+
+def test_backend_op_in_the_interpreter(interp_all, tmp_path):
+    """The CUDA backend's MOE op on the fake device with the kernels interpreted (tiny Qwen3-MoE, Q8_0):
+    fp32 greedy tokens equal the CPU's (decode GEMVs, prefill in fp32 by GEMVs too), bf16 logits of a
+    ubatch of 10 tokens (> SMALL_BATCH: the grouped GEMMs) close to the CPU's. ~1-2 minutes."""
+    pytest.importorskip("transformers")
+    from fake_device import FakeDeviceBackend
+    from lstream.api import Model
+    from lstream.core.policy import BatchThreshold
+    from lstream.loaders.model_file import load_model
+    from lstream.tools import tiny_moe
+    d, ids, _ = tiny_moe.write("qwen3moe", tmp_path, n_tokens=20, gguf_types=("Q8_0",))
+    path = d / "qwen3moe-Q8_0.gguf"
+
+    def run(dtype=None):
+        dev = FakeDeviceBackend(BatchThreshold(), dtype=dtype) if dtype else None
+        m = Model(load_model(path), n_gpu_layers=99 if dev else 0, device_backend=dev, device=None, n_ctx=64,
+                  n_ubatch=16, load_tokenizer=False)
+        try:
+            assert dev is None or len(dev._moe_w) == 1
+            gen = list(m.generate_tokens(ids[:6], 2, stop_at_eos=False))
+            m.reset()
+            return gen, m.eval(ids[:10], logits="all")
+        finally:
+            m.close()
+
+    want, ref = run()
+    gen, _ = run("fp32")
+    assert gen == want
+    _, logits = run("bf16")
+    assert float(((logits - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3  # as test_moe_gpu's bf16 test
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("qt,packed", [(QType.Q4_0, False), (QType.Q4_0, True), (QType.Q8_0, False),

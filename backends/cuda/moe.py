@@ -1,15 +1,20 @@
-"""The MOE op on the CUDA backend (a mixin of CUDABackend), simple and correct; the fast kernels
-come later.
+"""The MOE op on the CUDA backend (a mixin of CUDABackend).
 
-Experts resident here: routed on the device (no host sync: a static decode step stays capturable);
-a few tokens gather their experts' blocks by id and multiply them batched, larger batches dequantize
-each used expert once for its tokens. Experts in host memory (--cpu-moe, --n-cpu-moe, -ot exps=cpu):
+Experts resident here: routed on the device (no host sync: a static decode step stays capturable).
+At load each layer's gate and up experts are stacked per expert (one tensor, the same bytes), and the
+kernels of moe_kernels.py compute the routed experts: decode (<= SMALL_BATCH tokens, or any batch
+in fp32) by two fused GEMV launches over the selected experts' rows, prefill by two grouped GEMMs
+over the tokens sorted by expert on the device. Without Triton, with gate and up of different
+types, or with LSTREAM_MOE_KERNELS=0, the first path: a few tokens gather their experts' blocks by
+id and multiply them batched, larger batches dequantize each used expert once for its tokens.
+Experts in host memory (--cpu-moe, --n-cpu-moe, -ot exps=cpu):
 the scheduler gives the op to this backend when the policy could upload one of them at this batch
 size; then the ubatch is routed (its logits read back), every expert with enough routed tokens
 (UploadPolicy.should_upload_expert) is uploaded through the expert slots (core/expert_streaming.py)
 and computed here, and the others are computed by the host backend meanwhile (one hop each way)."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -21,6 +26,7 @@ from ...core.moe import expert_counts, group, route
 from ...core.ops import Op
 from ...core.residency import HOST, State
 from . import dequant as ck
+from . import moe_kernels as mk
 
 
 class MoEMixin:
@@ -32,6 +38,7 @@ class MoEMixin:
     def _reset_experts(self) -> None:
         self._experts_dev: dict[str, torch.Tensor] = {}  # resident: (n_expert, expert bytes) uint8
         self._host_experts: list[str] = []  # in host memory, may be uploaded expert by expert
+        self._moe_w: dict[str, tuple[mk.Experts, mk.Experts]] = {}  # gate name -> (gate|up, down) for the kernels
         self.expert_streamer = None
 
     def _load_experts(self, e) -> None:
@@ -43,6 +50,26 @@ class MoEMixin:
             e.state = State.RESIDENT
         elif e.home == HOST and e.qtype in ck.SUPPORTED:
             self._host_experts.append(e.name)
+
+    def _stack_experts(self) -> None:
+        """Per layer with resident experts: gate and up as one (n_expert, 2 * expert bytes) tensor (expert
+        e's gate rows, then its up rows), so one kernel launch reads both; the single names keep views."""
+        if os.environ.get("LSTREAM_MOE_KERNELS") == "0" or not (ck.HAVE_TRITON or self.device.type != "cuda"):
+            return
+        for gname in [n for n in self._experts_dev if "ffn_gate_exps" in n]:
+            uname, dname = gname.replace("ffn_gate_exps", "ffn_up_exps"), gname.replace("ffn_gate_exps", "ffn_down_exps")
+            if uname not in self._experts_dev or dname not in self._experts_dev:
+                continue
+            g, u, d = (self.residency[n] for n in (gname, uname, dname))
+            if g.qtype != u.qtype or g.shape != u.shape or g.qtype not in mk.TYPES or d.qtype not in mk.TYPES:
+                continue
+            nb = g.expert_nbytes
+            gu = torch.cat([self._experts_dev[gname], self._experts_dev[uname]], dim=1)
+            self._experts_dev[gname], self._experts_dev[uname] = gu[:, :nb], gu[:, nb:]
+            n_exp, ffn, dim = g.shape
+            self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, gu.view(n_exp * 2 * ffn, -1)),
+                                  mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2],
+                                             self._experts_dev[dname].view(n_exp * d.shape[1], -1)))
 
     def offload_moe(self, node, n_tokens: int, residency) -> tuple[bool, str]:
         entry = residency[node.weight]
@@ -95,6 +122,11 @@ class MoEMixin:
             w = w / w.sum(dim=-1, keepdim=True)
         w = w.float()
         T = x.shape[0]
+        kern = self._moe_w.get(names[0])
+        if kern is not None:
+            if is_small_batch(T) or self.dtype == torch.float32:  # GEMVs: exact fp32 products
+                return mk.decode(x, ids, w, *kern)
+            return mk.prefill(x.to(self.dtype), ids, w, *kern)
         if is_small_batch(T):  # every (token, expert) pair: its blocks gathered by id, one batched product
             flat = ids.reshape(-1)
             mats = []

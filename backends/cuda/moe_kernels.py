@@ -9,8 +9,8 @@ reads; nothing about the block layouts is written again here.
 
 Decode (a few tokens): GEMVs over the selected experts' rows.
   gate_up: program (pair p = token * top_k + slot, tile of BN rows): h[p] = silu(x[t] Wg^T) * (x[t] Wu^T)
-  down:    program (token t, tile): y[t] = sum_j w[t, j] * h[t*top_k + j] Wd(ids[t, j])^T
-           (the routing weight and the sum over the top k in the kernel: no atomics, deterministic).
+  down:    program (pair p, tile): y[p] = w[p] * h[p] Wd(ids[p])^T (the routing weight fused), then
+           the sum over the top k in torch (deterministic, no atomics; T x k x dim floats).
   Each program keeps a [BN, BK] fp32 accumulator and sums it once at the end (one cross-thread sum).
 Prefill: the (token, slot) pairs sorted by expert on the device (argsort; counts by scatter_add,
 as torch.bincount syncs on CUDA), a tile table of (expert, first pair, end) made with cumsum and
@@ -102,24 +102,22 @@ if HAVE_TRITON:
 
     @triton.jit
     def _k_down(h_ptr, ids_ptr, wt_ptr, q_ptr, hs_ptr, b_ptr, e_ptr, out_ptr, N, RS, HS, MAGIC,
-                KTOP: tl.constexpr, K: tl.constexpr, FMT: tl.constexpr, TS: tl.constexpr, BITS: tl.constexpr,
+                K: tl.constexpr, FMT: tl.constexpr, TS: tl.constexpr, BITS: tl.constexpr,
                 OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr):
-        """Program (token t, row tile): y[t, rows] = sum over its KTOP pairs of weight * h[pair] . W rows."""
-        t = tl.program_id(0).to(tl.int64)
+        """Program (pair p, row tile): out[p, rows] = w[p] * h[p] . W(ids[p]) rows. Per pair, not per token
+        looping over its top k: a token's down rows alone are too few programs to fill an H200."""
+        p = tl.program_id(0).to(tl.int64)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        r = tl.minimum(rn, N - 1).to(tl.int64)
+        rows = tl.load(ids_ptr + p).to(tl.int64) * N + tl.minimum(rn, N - 1).to(tl.int64)
+        hr = h_ptr + p * K + tl.arange(0, BK)
         acc = tl.full([BN, BK], 0.0, tl.float32)
-        for j in range(KTOP):
-            p = t * KTOP + j
-            rows = tl.load(ids_ptr + p).to(tl.int64) * N + r
-            wt = tl.load(wt_ptr + p).to(tl.float32)
-            hr = h_ptr + p * K + tl.arange(0, BK)
-            for k0 in range(0, K, BK):
-                x = tl.load(hr + k0).to(tl.float32) * wt
-                acc += qg._w_tile(q_ptr, hs_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN,
-                                  QH, QS, BN, BK) * x[None, :]
-        tl.store(out_ptr + t * N + rn, _rowsum(acc), mask=rn < N)
+        for k0 in range(0, K, BK):
+            x = tl.load(hr + k0).to(tl.float32)
+            acc += qg._w_tile(q_ptr, hs_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN,
+                              QH, QS, BN, BK) * x[None, :]
+        y = _rowsum(acc) * tl.load(wt_ptr + p).to(tl.float32)
+        tl.store(out_ptr + p * N + rn, y, mask=rn < N)
 
     @triton.jit
     def _k_grouped(x_ptr, src_ptr, te_ptr, tm_ptr, tend_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, N, RS, HS, MAGIC,
@@ -170,20 +168,22 @@ def _magic(ex: Experts) -> int:
 
 
 def gemv_cfg(ex: Experts, n_out: int, programs_per_row: int) -> tuple[int, int, int]:
-    """(BN rows, BK cols per step, warps) of a decode program: shape only (graph safe). BK: a whole
-    k step of qgemm's format (Q6_K: 128), up to 256; BN: as many rows as keep >= ~4 programs per SM
-    of an H200 across the launch (the MoE step is small: latency, not issue, bounds it)."""
-    bk = qg._bk(256 if ex.qtype != QType.Q6_K else 128, ex.qtype, ex.n_cols)
+    """(BN rows, BK cols per step, warps) of a decode program: shape only (graph safe). BN: 16 rows,
+    fewer (>= 4) while under ~8 programs per SM of an H200 (the MoE step is small: latency bound);
+    BK: a [BN, BK] tile of ~2048 weights, 16 per thread (sm_90 builds, tools/moe_build.py: 5-7 SASS
+    instructions per weight, 56-80 registers, no spills; 16 x 256 took 153), whole k steps of
+    qgemm's format (Q6_K: 128)."""
     bn = 16
-    while bn > 2 and programs_per_row * triton.cdiv(n_out, bn) < 528:
+    while bn > 4 and programs_per_row * triton.cdiv(n_out, bn) < 1056:
         bn //= 2
-    return bn, bk, 4
+    bk = qg._bk(128 if ex.qtype == QType.Q6_K else min(256, 2048 // bn), ex.qtype, ex.n_cols)
+    return bn, bk, max(1, min(4, bn * bk // 256))  # >= 8 weights per thread (4 x 128 at 4 warps: 32 instr/weight)
 
 
 def decode(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, down: Experts,
            cfg=None) -> torch.Tensor:
     """The routed SwiGLU experts of T tokens: x (T, dim), ids/wts (T, top_k) -> (T, dim) fp32.
-    Two launches (gate|up with SiLU*up, down with the weighted sum); any T, best at a few tokens."""
+    Two kernel launches (gate|up with SiLU*up, weighted down) and the sum; any T, meant for a few tokens."""
     T, k = ids.shape
     ffn = gu.n_rows // 2
     if not use_kernels(x):
@@ -191,16 +191,16 @@ def decode(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, d
     x = x.contiguous()
     ids = ids.contiguous()
     h = torch.empty((T * k, ffn), dtype=torch.float32, device=x.device)
-    y = torch.empty((T, down.n_rows), dtype=torch.float32, device=x.device)
+    y = torch.empty((T * k, down.n_rows), dtype=torch.float32, device=x.device)
     (q, hp, b, e), rs, hs, cx = gu.ops
     bn, bk, nw = cfg[0] if cfg else gemv_cfg(gu, ffn, T * k)
     _launch(_k_gate_up, (T * k, triton.cdiv(ffn, bn)), x, ids, q, hp, b, e, h, ffn, rs, hs, _magic(gu),
             KTOP=k, K=gu.n_cols, **cx, BN=bn, BK=bk, num_warps=nw)
     (q, hp, b, e), rs, hs, cx = down.ops
-    bn, bk, nw = cfg[1] if cfg else gemv_cfg(down, down.n_rows, T)
-    _launch(_k_down, (T, triton.cdiv(down.n_rows, bn)), h, ids, wts.float().contiguous(), q, hp, b, e, y,
-            down.n_rows, rs, hs, _magic(down), KTOP=k, K=down.n_cols, **cx, BN=bn, BK=bk, num_warps=nw)
-    return y
+    bn, bk, nw = cfg[1] if cfg else gemv_cfg(down, down.n_rows, T * k)
+    _launch(_k_down, (T * k, triton.cdiv(down.n_rows, bn)), h, ids, wts.float().contiguous(), q, hp, b, e, y,
+            down.n_rows, rs, hs, _magic(down), K=down.n_cols, **cx, BN=bn, BK=bk, num_warps=nw)
+    return y.view(T, k, -1).sum(dim=1)  # the top-k sum: deterministic (no atomics), one tiny launch
 
 
 def _decode_torch(x, ids, wts, gu: Experts, down: Experts) -> torch.Tensor:

@@ -56,8 +56,6 @@ def test_logits_match_transformers(tiny, where):
         assert set(_moe_backends(m, 1)) == {"fake" if where == "resident" else "cpu"}
         assert set(_moe_backends(m, 16)) == {"fake"}  # prefill: the device takes the op (experts per policy)
         assert {a.backend for a in m.plan(1).assignments() if a.node.op is Op.ATTENTION} == {"fake"}
-        # resident: every MoE layer's gate|up stacked for moe_kernels (its torch fallback on CPU tensors)
-        assert len(dev._moe_w) == (sum(a.node.op is Op.MOE for a in m.plan(1).assignments()) if where == "resident" else 0)
         ours = m.eval(ids, logits="all")
         nmse = float(((ours - ref) ** 2).sum() / (ref ** 2).sum())
         assert nmse < MAX_NMSE, nmse
@@ -85,8 +83,11 @@ def test_greedy_tokens_equal_cpu(tiny):
     want = _greedy(cpu, ids[:24])
     cpu.close()
     for kw in ({}, {"cpu_moe": True}, {"n_cpu_moe": 1}):
-        m, _ = _model(path, **kw)
+        m, dev = _model(path, **kw)
         try:
+            # resident: every MoE layer's gate|up stacked for moe_kernels (their torch fallback on CPU tensors)
+            n_moe = sum(a.node.op is Op.MOE for a in m.plan(1).assignments())
+            assert len(dev._moe_w) == {"": n_moe, "cpu_moe": 0, "n_cpu_moe": n_moe - 1}["".join(kw)]
             assert _greedy(m, ids[:24]) == want, kw
         finally:
             m.close()

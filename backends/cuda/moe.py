@@ -27,6 +27,7 @@ from ...core.ops import Op
 from ...core.residency import HOST, State
 from . import dequant as ck
 from . import moe_kernels as mk
+from . import repack, selfcheck
 
 
 class MoEMixin:
@@ -39,11 +40,37 @@ class MoEMixin:
         self._experts_dev: dict[str, torch.Tensor] = {}  # resident: (n_expert, expert bytes) uint8
         self._host_experts: list[str] = []  # in host memory, may be uploaded expert by expert
         self._moe_w: dict[str, tuple[mk.Experts, mk.Experts]] = {}  # gate name -> (gate|up, down) for the kernels
+        self._gu: dict[str, torch.Tensor] = {}  # gate name -> its layer's (n_expert, 2 * expert bytes) gate|up
+        self._moe_kernels: bool | None = None  # decided at the first resident expert tensor
         self.expert_streamer = None
+
+    def _use_moe_kernels(self) -> bool:
+        if self._moe_kernels is None:
+            self._moe_kernels = os.environ.get("LSTREAM_MOE_KERNELS") != "0" and (
+                self.device.type != "cuda" or (ck.HAVE_TRITON and selfcheck.kernels_ok(self.device)["moe"]))
+        return self._moe_kernels
+
+    def _gate_up_half(self, e):
+        """Where a resident gate or up expert tensor goes: its half of its layer's stacked gate|up
+        (expert x: gate rows, then up rows: one kernel launch reads both), or None (not stacked)."""
+        gate = "ffn_gate_exps" in e.name
+        if not (gate or "ffn_up_exps" in e.name) or e.qtype not in mk.TYPES or not self._use_moe_kernels():
+            return None
+        gname = e.name.replace("ffn_up_exps", "ffn_gate_exps")
+        other = gname if not gate else e.name.replace("ffn_gate_exps", "ffn_up_exps")
+        o = self.residency[other] if other in self.residency else None
+        if o is None or o.home != self.name or o.qtype != e.qtype or o.shape != e.shape:
+            return None
+        nb = e.expert_nbytes
+        if gname not in self._gu:
+            self._gu[gname] = torch.empty((e.n_expert, 2 * nb), dtype=torch.uint8, device=self.device)
+        return self._gu[gname][:, :nb] if gate else self._gu[gname][:, nb:]
 
     def _load_experts(self, e) -> None:
         if e.home == self.name:
-            t = torch.empty((e.n_expert, e.expert_nbytes), dtype=torch.uint8, device=self.device)
+            t = self._gate_up_half(e)
+            if t is None:
+                t = torch.empty((e.n_expert, e.expert_nbytes), dtype=torch.uint8, device=self.device)
             for x in range(e.n_expert):
                 t[x].copy_(self.rt.host_view(e.expert(x)))
             self._experts_dev[e.name] = t
@@ -52,24 +79,25 @@ class MoEMixin:
             self._host_experts.append(e.name)
 
     def _stack_experts(self) -> None:
-        """Per layer with resident experts: gate and up as one (n_expert, 2 * expert bytes) tensor (expert
-        e's gate rows, then its up rows), so one kernel launch reads both; the single names keep views."""
-        if os.environ.get("LSTREAM_MOE_KERNELS") == "0" or not (ck.HAVE_TRITON or self.device.type != "cuda"):
-            return
-        for gname in [n for n in self._experts_dev if "ffn_gate_exps" in n]:
-            uname, dname = gname.replace("ffn_gate_exps", "ffn_up_exps"), gname.replace("ffn_gate_exps", "ffn_down_exps")
-            if uname not in self._experts_dev or dname not in self._experts_dev:
+        """After loading: the kernels' operands of every layer whose gate|up is stacked and down resident
+        (the first path still reads the single names: views of the stack)."""
+        packed = os.environ.get("LSTREAM_MOE_PACKED") == "1"  # the aligned layout: try with tools/bench_moe.py
+        for gname, gu in self._gu.items():
+            dname = gname.replace("ffn_gate_exps", "ffn_down_exps")
+            g, d = self.residency[gname], self.residency[dname] if dname in self._experts_dev else None
+            if d is None or d.qtype not in mk.TYPES:
                 continue
-            g, u, d = (self.residency[n] for n in (gname, uname, dname))
-            if g.qtype != u.qtype or g.shape != u.shape or g.qtype not in mk.TYPES or d.qtype not in mk.TYPES:
-                continue
-            nb = g.expert_nbytes
-            gu = torch.cat([self._experts_dev[gname], self._experts_dev[uname]], dim=1)
-            self._experts_dev[gname], self._experts_dev[uname] = gu[:, :nb], gu[:, nb:]
             n_exp, ffn, dim = g.shape
-            self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, gu.view(n_exp * 2 * ffn, -1)),
-                                  mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2],
-                                             self._experts_dev[dname].view(n_exp * d.shape[1], -1)))
+            ws = [gu.view(n_exp * 2 * ffn, -1), self._experts_dev[dname].view(n_exp * d.shape[1], -1)]
+            if packed and g.qtype in repack.TYPES and d.qtype in repack.TYPES:  # the blocks dropped: kernels only
+                ws = [repack.repack(ws[0], g.qtype, n_exp * 2 * ffn, dim),
+                      repack.repack(ws[1], d.qtype, n_exp * d.shape[1], d.shape[2])]
+                for n in (gname, gname.replace("ffn_gate_exps", "ffn_up_exps"), dname):
+                    self._experts_dev[n] = None
+            self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, ws[0]),
+                                  mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2], ws[1]))
+        if packed:
+            self._gu.clear()
 
     def offload_moe(self, node, n_tokens: int, residency) -> tuple[bool, str]:
         entry = residency[node.weight]
@@ -172,13 +200,22 @@ class MoEMixin:
             out += self.from_host(y)
             if prof is not None:
                 prof.add("cpu experts (for the device)", time.perf_counter() - t0, int(np.unique(ids[host_pairs]).size))
-        groups = group(ids, n_exp, keep=~host_pairs)
-        wflat = w.reshape(-1)
-        for j, e in enumerate(groups.experts):
-            pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
-            tok = torch.as_tensor(pairs // k, device=self.device)
-            y = self._ffn(names, x[tok], [views[int(e)][n] for n in names])
-            out.index_add_(0, tok, y * torch.as_tensor(wflat[pairs], device=self.device)[:, None])
+        es = [self.residency[n] for n in names]
+        if up and self._use_moe_kernels() and self.dtype != torch.float32 and es[0].qtype == es[1].qtype \
+                and all(e.qtype in mk.TYPES for e in es):  # grouped GEMMs over the slot, experts by id
+            lv = st.layer_views(node.layer)
+            ex = [mk.Experts(e.qtype, n_exp, e.shape[1], e.shape[2], lv[e.name].view(n_exp * e.shape[1], -1))
+                  for e in es]
+            dev_ids = torch.as_tensor(np.where(host_pairs, -1, ids), device=self.device)
+            out += mk.prefill(x.to(self.dtype), dev_ids, torch.as_tensor(w, device=self.device), ex[0], ex[2], up=ex[1])
+        elif up:  # per uploaded expert: dequantize, multiply
+            groups = group(ids, n_exp, keep=~host_pairs)
+            wflat = w.reshape(-1)
+            for j, e in enumerate(groups.experts):
+                pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
+                tok = torch.as_tensor(pairs // k, device=self.device)
+                y = self._ffn(names, x[tok], [views[int(e)][n] for n in names])
+                out.index_add_(0, tok, y * torch.as_tensor(wflat[pairs], device=self.device)[:, None])
         if up:
             st.release(node.layer)
         if prof is not None:

@@ -67,13 +67,11 @@ def use_kernels(x: torch.Tensor) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _add(a, b):
-        return a + b
-
-    @triton.jit
     def _rowsum(acc):
-        """acc.sum(1) by tl.reduce: tl.sum is a library jit function the tests' interpreter can't patch."""
-        return tl.reduce(acc, 1, _add)
+        """acc.sum(1): tl.sum's own reduction, written out because tl.sum is a library jit function that
+        the tests' interpreter (patched in after import) cannot call; with this combine function the
+        interpreter sums in numpy."""
+        return tl.reduce(acc, 1, tl.standard._sum_combine)
 
     @triton.jit
     def _k_gate_up(x_ptr, ids_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, N, RS, HS, MAGIC,
@@ -209,6 +207,8 @@ def _decode_torch(x, ids, wts, gu: Experts, down: Experts) -> torch.Tensor:
     y = torch.zeros((T, down.n_rows), dtype=torch.float32, device=x.device)
     xf = x.float()
     for e in torch.unique(ids).tolist():
+        if e < 0:  # computed elsewhere
+            continue
         t, j = torch.nonzero(ids == e, as_tuple=True)
         g = xf[t] @ gu.dequant(e).t()
         h = F.silu(g[:, :ffn]) * g[:, ffn:]
@@ -219,9 +219,12 @@ def _decode_torch(x, ids, wts, gu: Experts, down: Experts) -> torch.Tensor:
 def tile_table(ids: torch.Tensor, n_expert: int, bm: int):
     """Pairs sorted by expert and the grouped GEMM's tiles, on the device without a sync:
     (order (P,) pair indices by expert, te, tm, tend (n_tiles,) int32: tile i covers sorted pairs
-    [tm[i], min(tm[i] + bm, tend[i])) of expert te[i], or te[i] = -1)."""
+    [tm[i], min(tm[i] + bm, tend[i])) of expert te[i], or te[i] = -1). Pairs with ids < 0 (computed
+    elsewhere) sort last, as an extra expert whose tiles are -1."""
     flat = ids.reshape(-1).long()
     P = flat.numel()
+    flat = torch.where(flat < 0, n_expert, flat)
+    n_expert += 1
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(n_expert, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     ends = torch.cumsum(counts, 0)
@@ -231,7 +234,7 @@ def tile_table(ids: torch.Tensor, n_expert: int, bm: int):
     e = torch.searchsorted(cum, i, right=True)
     ec = e.clamp(max=n_expert - 1)
     tm = ends[ec] - counts[ec] + (i - (cum[ec] - nt[ec])) * bm
-    te = torch.where(e < n_expert, ec, -1)
+    te = torch.where(e < n_expert - 1, ec, -1)
     return order, te.int(), tm.int(), ends[ec].int()
 
 
@@ -242,13 +245,14 @@ def grouped_cfg(ex: Experts, n_pairs: int) -> qg.Cfg:
 
 
 def grouped(x: torch.Tensor, src: torch.Tensor, table, ex: Experts, n_pairs: int, out_dtype=torch.bfloat16,
-            cfg: qg.Cfg | None = None) -> torch.Tensor:
+            cfg: qg.Cfg | None = None, zero: bool = False) -> torch.Tensor:
     """out (n_pairs, ex.n_rows): row s = x[src[s]] @ W(expert of sorted pair s)^T, by table's tiles
-    (made with cfg.bm). x is multiplied as bf16 (fp16 if fp16), accumulating in fp32, as qgemm."""
+    (made with cfg.bm). x is multiplied as bf16 (fp16 if fp16), accumulating in fp32, as qgemm.
+    zero: rows in no tile (skipped pairs) are 0, not left unwritten."""
     cfg = cfg or grouped_cfg(ex, n_pairs)
     te, tm, tend = table
     dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    out = torch.empty((n_pairs, ex.n_rows), dtype=out_dtype, device=x.device)
+    out = (torch.zeros if zero else torch.empty)((n_pairs, ex.n_rows), dtype=out_dtype, device=x.device)
     if n_pairs == 0:
         return out
     (q, hp, b, e), rs, hs, cx = ex.ops
@@ -260,19 +264,42 @@ def grouped(x: torch.Tensor, src: torch.Tensor, table, ex: Experts, n_pairs: int
 
 
 def prefill(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, down: Experts,
-            cfgs=None) -> torch.Tensor:
-    """The routed SwiGLU experts of T tokens by two grouped GEMMs (bf16 operands): (T, dim) fp32."""
+            cfgs=None, up: Experts | None = None) -> torch.Tensor:
+    """The routed SwiGLU experts of T tokens by grouped GEMMs (bf16 operands): (T, dim) fp32.
+    gu: gate|up stacked per expert, or with `up` given the gate alone (streamed experts: a slot holds
+    the tensors apart; one more launch). ids < 0: pairs computed elsewhere, 0 here."""
     T, k = ids.shape
-    ffn = gu.n_rows // 2
     if not use_kernels(x):
-        return _decode_torch(x, ids, wts, gu, down)
+        return _prefill_torch(x, ids, wts, gu, down, up)
+    skip = up is not None  # only the streamed path skips pairs (and it knows ids on the host)
     c1, c2 = cfgs or (grouped_cfg(gu, T * k), grouped_cfg(down, T * k))
     order, *t1 = tile_table(ids, gu.n_expert, c1.bm)
     t2 = t1 if c2.bm == c1.bm else tile_table(ids, gu.n_expert, c2.bm)[1:]
-    # (P, 2 ffn) in expert order, fp32: h is rounded to bf16 once (the next dot's operand), not g and u too
-    g = grouped(x, (order // k).int(), t1, gu, T * k, out_dtype=torch.float32, cfg=c1)
-    h = (F.silu(g[:, :ffn]) * g[:, ffn:]).to(torch.float16 if x.dtype == torch.float16 else torch.bfloat16)
+    src = (order // k).int()
+    # fp32 g and u: h is rounded to bf16 once (the next dot's operand), not g and u too
+    g = grouped(x, src, t1, gu, T * k, out_dtype=torch.float32, cfg=c1, zero=skip)  # in expert order
+    if up is None:
+        g, u = g[:, :gu.n_rows // 2], g[:, gu.n_rows // 2:]
+    else:
+        u = grouped(x, src, t1, up, T * k, out_dtype=torch.float32, cfg=c1, zero=True)
+    h = (F.silu(g) * u).to(torch.float16 if x.dtype == torch.float16 else torch.bfloat16)
     ys = grouped(h, torch.arange(T * k, dtype=torch.int32, device=x.device), t2, down, T * k,
-                 out_dtype=torch.float32, cfg=c2)
+                 out_dtype=torch.float32, cfg=c2, zero=skip)
     y = torch.empty_like(ys).index_copy_(0, order, ys)  # back to (token, slot) order
-    return (y.view(T, k, -1) * wts.float()[..., None]).sum(dim=1)
+    return (y.view(T, k, -1) * torch.where(ids >= 0, wts.float(), 0.0)[..., None]).sum(dim=1)
+
+
+def _prefill_torch(x, ids, wts, gu: Experts, down: Experts, up: Experts | None):
+    if up is None:
+        return _decode_torch(x, ids, wts, gu, down)
+    return _decode_torch(x, ids, wts, _Stacked(gu, up), down)
+
+
+class _Stacked:
+    """gate and up Experts seen as a stacked gate|up for the torch fallback."""
+
+    def __init__(self, gate: Experts, up: Experts):
+        self.gate, self.up, self.n_rows = gate, up, 2 * gate.n_rows
+
+    def dequant(self, e: int) -> torch.Tensor:
+        return torch.cat([self.gate.dequant(e), self.up.dequant(e)])

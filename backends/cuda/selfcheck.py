@@ -61,7 +61,35 @@ def _decode(dev) -> bool:
     return _nmse(out, dk.attention_reference(q, kc, vc, pos, hd ** -0.5, 0, n_kv)) < 1e-4
 
 
-CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode}
+def _moe(dev) -> bool:
+    """moe_kernels' decode GEMVs and grouped GEMMs on random Q4_0 / Q4_K experts against their torch
+    fallback (the same operands in fp32): 4 experts of 256 x 256 (x2 for gate|up), top 2."""
+    from ...core.qtypes import QTYPE_INFO
+    from . import moe_kernels as mk
+    g = torch.Generator(device="cpu").manual_seed(3)
+    for qt in (QType.Q4_0, QType.Q4_K):
+        info = QTYPE_INFO[qt]
+        exs = []
+        for rows in (512, 256):
+            raw = torch.randint(0, 256, (rows * 4 * 256 // info.block_size, info.type_size), generator=g,
+                                dtype=torch.uint8)
+            raw[:, 0:2] = (torch.rand(raw.shape[0], 1, generator=g) * 0.01 + 0.005).half().view(torch.uint8)
+            if qt == QType.Q4_K:
+                raw[:, 2:4] = (torch.rand(raw.shape[0], 1, generator=g) * 0.01).half().view(torch.uint8)
+            exs.append(mk.Experts(qt, 4, rows, 256, raw.to(dev).view(4 * rows, -1)))
+        for T in (3, 20):
+            w, ids = torch.topk(torch.rand(T, 4, generator=g), 2, dim=-1)
+            ids, w = ids.to(dev), w.to(dev)
+            x = torch.randn(T, 256, generator=g).to(dev)
+            ref = mk._decode_torch(x, ids, w, *exs)
+            if _nmse(mk.decode(x, ids, w, *exs), ref) > 1e-8:
+                return False
+            if T > 8 and _nmse(mk.prefill(x.to(torch.bfloat16), ids, w, *exs), ref) > 1e-3:
+                return False
+    return True
+
+
+CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode, "moe": _moe}
 TIMES: dict[str, dict[str, float]] = {}  # device -> {kernel: microseconds per call}, as measured
 
 

@@ -47,7 +47,7 @@ class MoEMixin:
     def _use_moe_kernels(self) -> bool:
         if self._moe_kernels is None:
             self._moe_kernels = os.environ.get("LSTREAM_MOE_KERNELS") != "0" and (
-                self.device.type != "cuda" or (ck.HAVE_TRITON and selfcheck.kernels_ok(self.device)["moe"]))
+                self.device.type != "cuda" or (ck.HAVE_TRITON and selfcheck.kernel_ok(self.device, "moe")))
         return self._moe_kernels
 
     def _gate_up_half(self, e):

@@ -150,17 +150,36 @@ def kernels_ok(device: torch.device) -> dict[str, bool]:
         return {k: True for k in CHECKS}
     key = str(device)
     if key not in _RESULTS:
-        res = {}
-        for name, fn in CHECKS.items():
-            try:
-                res[name] = fn(device)
-                why = "disagrees with its torch reference"
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot build here is not used
-                res[name], why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            if not res[name]:
-                warnings.warn(f"lstream: the {name} kernels {why} on {torch.cuda.get_device_name(device)}; "
-                              f"using the older path", RuntimeWarning, stacklevel=2)
+        res = {name: _run(name, device) for name in CHECKS}
         if res["gemv_q8"]:  # correct here; used if also faster (a choice, no warning)
             res["gemv_q8"] = gemv_q8_faster(device)
         _RESULTS[key] = res
     return _RESULTS[key]
+
+
+def _run(name: str, device) -> bool:
+    try:
+        ok = CHECKS[name](device)
+        why = "disagrees with its torch reference"
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot build here is not used
+        ok, why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    if not ok:
+        warnings.warn(f"lstream: the {name} kernels {why} on {torch.cuda.get_device_name(device)}; "
+                      f"using the older path", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+def kernel_ok(device: torch.device, name: str) -> bool:
+    """One check (kernels_ok's result where it ran; kernels_ok also times the int8 GEMV, with Gluon)."""
+    if device.type != "cuda":
+        return True
+    key = str(device)
+    if key in _RESULTS and name in _RESULTS[key]:
+        return _RESULTS[key][name]
+    one = _SINGLE.setdefault(key, {})
+    if name not in one:
+        one[name] = _run(name, device)
+    return one[name]
+
+
+_SINGLE: dict[str, dict[str, bool]] = {}  # device -> {check: passed}, checks run alone

@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,66 @@ def t_events(calls, reps) -> float:
     return statistics.median(ts)
 
 
+def bench_decode(c, T: int) -> dict:
+    """c: the type's context (main): name, gu, dn, old (raws, qts, shapes) or None, dim, ffn, E, k, args."""
+    gu, dn, a = c.gu, c.dn, c.args
+    rs = routes(T, c.E, c.k, N_ROUTES)
+    x = torch.randn(T, c.dim, device="cuda").bfloat16()
+    nbytes = statistics.mean(len(torch.unique(i)) for i, _ in rs) * (expert_bytes(gu) + expert_bytes(dn))
+    t = t_graph([(lambda i=i, w=w: mk.decode(x, i, w, gu, dn)) for i, w in rs], a.reps)
+    r = dict(type=c.name, kind="decode", T=T, us=t * 1e6, GBps=nbytes / t / 1e9)
+    if c.old:
+        to = t_graph([(lambda i=i, w=w: old_decode(x, i, w, *c.old)) for i, w in rs], a.reps)
+        r.update(old_us=to * 1e6, speedup=to / t)
+    print(json.dumps(r), flush=True)
+    if a.sweep:
+        res = []
+        for bn in (4, 8, 16, 32):
+            for bk in (128, 256, 512):
+                for nw in (1, 2, 4, 8):
+                    if bn * bk < 256 * nw or bn * bk > 64 * 32 * nw or bk != qg._bk(bk, gu.qtype, c.ffn):
+                        continue
+                    cfg = ((bn, qg._bk(bk, gu.qtype, c.dim), nw), (bn, bk, nw))
+                    try:
+                        tc = t_graph([(lambda i=i, w=w: mk.decode(x, i, w, gu, dn, cfg=cfg)) for i, w in rs], 5)
+                    except Exception as exc:  # noqa: BLE001 - a config that fails to build
+                        print(f"  {cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    res.append((tc, cfg))
+        for tc, cfg in sorted(res)[:6]:
+            print(f"  sweep {c.name} T={T} {cfg}: {tc * 1e6:.1f} us {nbytes / tc / 1e9:.0f} GB/s", flush=True)
+    return r
+
+
+def bench_prefill(c, T: int) -> dict:
+    gu, dn, a, k = c.gu, c.dn, c.args, c.k
+    rs = routes(T, c.E, k, 4)
+    x = torch.randn(T, c.dim, device="cuda").bfloat16()
+    flops = 2 * T * k * 3 * c.dim * c.ffn
+    t = t_graph([(lambda i=i, w=w: mk.prefill(x, i, w, gu, dn)) for i, w in rs], a.reps)
+    r = dict(type=c.name, kind="prefill", T=T, us=t * 1e6, TFLOPs=flops / t / 1e12,
+             cfg=[tuple(mk.grouped_cfg(gu, T * k)), tuple(mk.grouped_cfg(dn, T * k))])
+    if c.old:
+        to = t_events([(lambda i=i, w=w: old_prefill(x, i, w, *c.old)) for i, w in rs], 3)
+        r.update(old_us=to * 1e6, speedup=to / t)
+    print(json.dumps(r), flush=True)
+    if a.sweep:
+        res = []
+        for c1 in qg.candidates(gu.qtype, gu.n_rows, c.dim, T * k // c.E) + \
+                qg.candidates(gu.qtype, gu.n_rows, c.dim, 4 * T * k // c.E):
+            c1 = c1._replace(split=1)
+            c2 = qg.fit(c1, dn.qtype, c.ffn)
+            try:
+                tc = t_graph([(lambda i=i, w=w: mk.prefill(x, i, w, gu, dn, cfgs=(c1, c2))) for i, w in rs], 5)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {tuple(c1)}: {type(exc).__name__}", flush=True)
+                continue
+            res.append((tc, tuple(c1)))
+        for tc, cfg in sorted(res)[:6]:
+            print(f"  sweep {c.name} T={T} {cfg}: {tc * 1e6:.1f} us {flops / tc / 1e12:.1f} TFLOP/s", flush=True)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default="Q4_0,Q4_0p,Q4_K,Q8_0")
@@ -129,71 +190,19 @@ def main() -> None:
     ap.add_argument("--json")
     a = ap.parse_args()
     dim, ffn = (int(v) for v in a.shape.split("x"))
-    E, k = a.experts, a.top_k
-    rows = []
+    E, rows = a.experts, []
     for name in a.types.split(","):
         gu, gu_raw = experts(name, E, 2 * ffn, dim)
         dn, dn_raw = experts(name, E, dim, ffn)
-        # the old path reads gate and up as two tensors: views of the stacked one's halves, as moe.py keeps
-        half = gu_raw.view(E, -1).shape[1] // 2
-        raws = [gu_raw.view(E, -1)[:, :half].contiguous(), gu_raw.view(E, -1)[:, half:].contiguous(), dn_raw]
-        qts = [gu.qtype] * 3
-        shapes = [(E, ffn, dim), (E, ffn, dim), (E, dim, ffn)]
-        per_expert = expert_bytes(gu) + expert_bytes(dn)
-        for T in [int(v) for v in a.decode.split(",") if v]:
-            rs = routes(T, E, k, N_ROUTES)
-            x = torch.randn(T, dim, device="cuda").bfloat16()
-            nbytes = statistics.mean(len(torch.unique(i)) for i, _ in rs) * per_expert
-            t = t_graph([(lambda i=i, w=w: mk.decode(x, i, w, gu, dn)) for i, w in rs], a.reps)
-            r = dict(type=name, kind="decode", T=T, us=t * 1e6, GBps=nbytes / t / 1e9)
-            if not a.no_old and not name.endswith("p"):
-                to = t_graph([(lambda i=i, w=w: old_decode(x, i, w, raws, qts, shapes)) for i, w in rs], a.reps)
-                r.update(old_us=to * 1e6, speedup=to / t)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            if a.sweep:
-                res = []
-                for bn in (4, 8, 16, 32):
-                    for bk in (128, 256, 512):
-                        for nw in (1, 2, 4, 8):
-                            if bn * bk < 256 * nw or bn * bk > 64 * 32 * nw or bk != qg._bk(bk, gu.qtype, ffn):
-                                continue
-                            c = ((bn, qg._bk(bk, gu.qtype, dim), nw), (bn, bk, nw))
-                            try:
-                                tc = t_graph([(lambda i=i, w=w: mk.decode(x, i, w, gu, dn, cfg=c)) for i, w in rs], 5)
-                            except Exception as exc:  # noqa: BLE001 - a config that fails to build
-                                print(f"  {c}: {type(exc).__name__}", flush=True)
-                                continue
-                            res.append((tc, c))
-                for tc, c in sorted(res)[:6]:
-                    print(f"  sweep {name} T={T} {c}: {tc * 1e6:.1f} us {nbytes / tc / 1e9:.0f} GB/s", flush=True)
-        for T in [int(v) for v in a.prefill.split(",") if v]:
-            rs = routes(T, E, k, 4)
-            x = torch.randn(T, dim, device="cuda").bfloat16()
-            flops = 2 * T * k * 3 * dim * ffn
-            t = t_graph([(lambda i=i, w=w: mk.prefill(x, i, w, gu, dn)) for i, w in rs], a.reps)
-            r = dict(type=name, kind="prefill", T=T, us=t * 1e6, TFLOPs=flops / t / 1e12,
-                     cfg=[tuple(mk.grouped_cfg(gu, T * k)), tuple(mk.grouped_cfg(dn, T * k))])
-            if not a.no_old and not name.endswith("p"):
-                to = t_events([(lambda i=i, w=w: old_prefill(x, i, w, raws, qts, shapes)) for i, w in rs], 3)
-                r.update(old_us=to * 1e6, speedup=to / t)
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            if a.sweep:
-                res = []
-                for c1 in qg.candidates(gu.qtype, gu.n_rows, dim, T * k // E) + \
-                        qg.candidates(gu.qtype, gu.n_rows, dim, 4 * T * k // E):
-                    c1 = c1._replace(split=1)
-                    c2 = qg.fit(c1, dn.qtype, ffn)
-                    try:
-                        tc = t_graph([(lambda i=i, w=w: mk.prefill(x, i, w, gu, dn, cfgs=(c1, c2))) for i, w in rs], 5)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"  {tuple(c1)}: {type(exc).__name__}", flush=True)
-                        continue
-                    res.append((tc, tuple(c1)))
-                for tc, c in sorted(res)[:6]:
-                    print(f"  sweep {name} T={T} {c}: {tc * 1e6:.1f} us {flops / tc / 1e12:.1f} TFLOP/s", flush=True)
-        del gu, dn, gu_raw, dn_raw, raws
+        old = None
+        if not a.no_old and not name.endswith("p"):  # gate and up apart, as the old path read them
+            half = gu_raw.view(E, -1).shape[1] // 2
+            raws = [gu_raw.view(E, -1)[:, :half].contiguous(), gu_raw.view(E, -1)[:, half:].contiguous(), dn_raw]
+            old = (raws, [gu.qtype] * 3, [(E, ffn, dim), (E, ffn, dim), (E, dim, ffn)])
+        c = SimpleNamespace(name=name, gu=gu, dn=dn, old=old, dim=dim, ffn=ffn, E=E, k=a.top_k, args=a)
+        rows += [bench_decode(c, int(T)) for T in a.decode.split(",") if T]
+        rows += [bench_prefill(c, int(T)) for T in a.prefill.split(",") if T]
+        del c, gu, dn, gu_raw, dn_raw, old
         torch.cuda.empty_cache()
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -4,8 +4,8 @@ The experts of a tensor are one (n_expert * rows, cols) weight (GGUF blocks or r
 e's row r is row e * rows + r, so a program finds its expert's rows from the router's top-k ids on
 the device: no host sync, no per-expert launch, and a decode step stays capturable in a CUDA graph.
 Gate and up are stacked per expert (expert e: gate rows, then up rows), so one launch reads both.
-The weights are decoded by qgemm's tile loaders (qgemm._w_tile / qgemm._step), in every format qgemm
-reads; nothing about the block layouts is written again here.
+The weights are decoded by qgemm's tile loaders (qgemm._w_q32/_w_k45/_w_q6k, and qgemm._step for the
+grouped GEMM), in every format qgemm reads; nothing about the block layouts is written again here.
 
 Decode (a few tokens): GEMVs over the selected experts' rows.
   gate_up: program (pair p = token * top_k + slot, tile of BN rows): h[p] = silu(x[t] Wg^T) * (x[t] Wu^T)
@@ -74,6 +74,20 @@ if HAVE_TRITON:
         return tl.reduce(acc, 1, tl.standard._sum_combine)
 
     @triton.jit
+    def _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT: tl.constexpr, TS: tl.constexpr,
+                BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
+                BN: tl.constexpr, BK: tl.constexpr):
+        """W's [BN, BK] fp32 tile of rows `rows` at column k0, by qgemm's loader for the format (as qgemm._step)."""
+        if FMT <= 1:
+            w = qg._w_q32(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0 // 32, MAGIC, BN, BK, FMT, TS, BITS, OFF,
+                          HAS_MIN, QH, QS)
+        elif FMT == 2:
+            w = qg._w_k45(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN, BK, TS, QH >= 0)
+        else:
+            w = qg._w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN)
+        return w
+
+    @triton.jit
     def _k_gate_up(x_ptr, ids_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, N, RS, HS, MAGIC,
                    KTOP: tl.constexpr, K: tl.constexpr, FMT: tl.constexpr, TS: tl.constexpr, BITS: tl.constexpr,
                    OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
@@ -89,9 +103,9 @@ if HAVE_TRITON:
         au = tl.full([BN, BK], 0.0, tl.float32)
         for k0 in range(0, K, BK):  # K constexpr: a plain range in the interpreter too
             x = tl.load(xr + k0).to(tl.float32)[None, :]
-            ag += qg._w_tile(q_ptr, h_ptr, b_ptr, e_ptr, rg, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
+            ag += _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, rg, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
                              QS, BN, BK) * x
-            au += qg._w_tile(q_ptr, h_ptr, b_ptr, e_ptr, ru, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
+            au += _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, ru, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
                              QS, BN, BK) * x
         g = _rowsum(ag)
         u = _rowsum(au)
@@ -113,7 +127,7 @@ if HAVE_TRITON:
         acc = tl.full([BN, BK], 0.0, tl.float32)
         for k0 in range(0, K, BK):
             x = tl.load(hr + k0).to(tl.float32)
-            acc += qg._w_tile(q_ptr, hs_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN,
+            acc += _w_tile(q_ptr, hs_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN,
                               QH, QS, BN, BK) * x[None, :]
         y = _rowsum(acc) * tl.load(wt_ptr + p).to(tl.float32)
         tl.store(out_ptr + p * N + rn, y, mask=rn < N)

@@ -230,10 +230,10 @@ if HAVE_TRITON:
                      mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
-    def _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT: tl.constexpr, TS: tl.constexpr,
-                BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr):
-        """W's [BN, BK] fp32 tile of rows `rows` at column k0, any format (also the MoE kernels')."""
+    def _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT: tl.constexpr, TS: tl.constexpr,
+              BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
+        x = tl.load(xr + k0 + tl.arange(0, BK)[None, :])
         if FMT <= 1:
             w = _w_q32(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0 // 32, MAGIC, BN, BK, FMT, TS, BITS, OFF,
                        HAS_MIN, QH, QS)
@@ -241,15 +241,7 @@ if HAVE_TRITON:
             w = _w_k45(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN, BK, TS, QH >= 0)
         else:
             w = _w_q6k(q_ptr, h_ptr, b_ptr, rows, RS, k0, MAGIC, BN)
-        return w
-
-    @triton.jit
-    def _step(acc, xr, q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT: tl.constexpr, TS: tl.constexpr,
-              BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
-        x = tl.load(xr + k0 + tl.arange(0, BK)[None, :])
-        w = _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, rows, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH, QS,
-                    BN, BK).to(x.dtype)
+        w = w.to(x.dtype)
         if INTERP:  # the interpreter's dot reads bf16 as its raw uint16: multiply the same values in fp32
             w = w.to(tl.float32)
             x = x.to(tl.float32)

@@ -126,6 +126,12 @@ class ExpertStreamer:
                 rt.compute_stream.wait_event(ev)
         return {x: self.views(slot, x) for x in experts}
 
+    def layer_views(self, layer: int) -> dict[str, Any]:
+        """The slot holding `layer`: each tensor's whole (n_expert, ...) bytes as a device uint8 view (one
+        grouped kernel reads the acquired experts by id; the others' bytes are stale)."""
+        slot = next(s for s in self.slots if s.layer == layer)
+        return {e.name: slot.buf[self.offset[e.name]:self.offset[e.name] + e.nbytes] for e in self.layers[layer]}
+
     def views(self, slot: ExpertSlot, x: int) -> dict[str, Any]:
         out = {}
         for e in self.layers[slot.layer]:

@@ -5,6 +5,8 @@ prefill uploads, expert by expert, those the policy wants (tokens routed to each
 each crosses once per prompt. Logits against transformers, greedy tokens against the CPU."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -83,8 +85,12 @@ def test_greedy_tokens_equal_cpu(tiny):
     want = _greedy(cpu, ids[:24])
     cpu.close()
     for kw in ({}, {"cpu_moe": True}, {"n_cpu_moe": 1}):
-        m, _ = _model(path, **kw)
+        m, dev = _model(path, **kw)
         try:
+            # resident: every MoE layer's gate|up stacked for moe_kernels (their torch fallback on CPU tensors)
+            n_moe = sum(a.node.op is Op.MOE for a in m.plan(1).assignments())
+            if os.environ.get("LSTREAM_MOE_KERNELS") != "0":  # (=0: the first path, the same tokens)
+                assert len(dev._moe_w) == {"": n_moe, "cpu_moe": 0, "n_cpu_moe": n_moe - 1}["".join(kw)]
             assert _greedy(m, ids[:24]) == want, kw
         finally:
             m.close()

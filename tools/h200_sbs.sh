@@ -2,8 +2,8 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill large moe (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else built: 6
-# minutes). Output: $OUT/sbs.log.
+# decode depth prefill large moe moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
 synth l8b llama3-8b Q4_0
@@ -87,5 +87,15 @@ moe)
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md
   timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+moek)
+  s "MoE kernels (moe_kernels.py): GPU tests, graph-timed against the old path, config sweeps"
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_kernels.py tests/test_moe_gpu.py 2>&1 | tail -15
+  timeout 240 python3 -m lstream.tools.bench_moe --types Q4_0,Q4_0p,Q4_K,Q8_0 --json $OUT/bench_moe.json 2>&1
+  timeout 300 python3 -m lstream.tools.bench_moe --types Q4_0 --sweep --no-old 2>&1 ;;
+moeold)
+  s "MoE: the old expert path (LSTREAM_MOE_KERNELS=0) and the repacked experts (LSTREAM_MOE_PACKED=1)"
+  synth q3moe qwen3-30b-a3b Q4_0
+  LSTREAM_MOE_KERNELS=0 timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,0 -r 2 2>&1
+  LSTREAM_MOE_PACKED=1 timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 0 -r 2 2>&1 ;;
 esac; done
 s done

@@ -152,6 +152,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
                 e.state = State.RESIDENT
             elif e.home == HOST and e.qtype in ck.SUPPORTED and e.name != "token_embd.weight":
                 self._streamable.append(e.name)
+        self._stack_experts()
         self._stack_resident()
         if self._repack:
             self._repack_resident()

@@ -1,15 +1,20 @@
-"""The MOE op on the CUDA backend (a mixin of CUDABackend), simple and correct; the fast kernels
-come later.
+"""The MOE op on the CUDA backend (a mixin of CUDABackend).
 
-Experts resident here: routed on the device (no host sync: a static decode step stays capturable);
-a few tokens gather their experts' blocks by id and multiply them batched, larger batches dequantize
-each used expert once for its tokens. Experts in host memory (--cpu-moe, --n-cpu-moe, -ot exps=cpu):
+Experts resident here: routed on the device (no host sync: a static decode step stays capturable).
+At load each layer's gate and up experts are stacked per expert (one tensor, the same bytes), and the
+kernels of moe_kernels.py compute the routed experts: decode (<= SMALL_BATCH tokens, or any batch
+in fp32) by two fused GEMV launches over the selected experts' rows, prefill by two grouped GEMMs
+over the tokens sorted by expert on the device. Without Triton, with gate and up of different
+types, or with LSTREAM_MOE_KERNELS=0, the first path: a few tokens gather their experts' blocks by
+id and multiply them batched, larger batches dequantize each used expert once for its tokens.
+Experts in host memory (--cpu-moe, --n-cpu-moe, -ot exps=cpu):
 the scheduler gives the op to this backend when the policy could upload one of them at this batch
 size; then the ubatch is routed (its logits read back), every expert with enough routed tokens
 (UploadPolicy.should_upload_expert) is uploaded through the expert slots (core/expert_streaming.py)
 and computed here, and the others are computed by the host backend meanwhile (one hop each way)."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -21,6 +26,8 @@ from ...core.moe import expert_counts, group, route
 from ...core.ops import Op
 from ...core.residency import HOST, State
 from . import dequant as ck
+from . import moe_kernels as mk
+from . import repack, selfcheck
 
 
 class MoEMixin:
@@ -32,17 +39,65 @@ class MoEMixin:
     def _reset_experts(self) -> None:
         self._experts_dev: dict[str, torch.Tensor] = {}  # resident: (n_expert, expert bytes) uint8
         self._host_experts: list[str] = []  # in host memory, may be uploaded expert by expert
+        self._moe_w: dict[str, tuple[mk.Experts, mk.Experts]] = {}  # gate name -> (gate|up, down) for the kernels
+        self._gu: dict[str, torch.Tensor] = {}  # gate name -> its layer's (n_expert, 2 * expert bytes) gate|up
+        self._moe_kernels: bool | None = None  # decided at the first resident expert tensor
         self.expert_streamer = None
+
+    def _use_moe_kernels(self) -> bool:
+        if self._moe_kernels is None:
+            self._moe_kernels = os.environ.get("LSTREAM_MOE_KERNELS") != "0" and (
+                self.device.type != "cuda" or (ck.HAVE_TRITON and selfcheck.kernel_ok(self.device, "moe")))
+        return self._moe_kernels
+
+    def _gate_up_half(self, e):
+        """Where a resident gate or up expert tensor goes: its half of its layer's stacked gate|up
+        (expert x: gate rows, then up rows: one kernel launch reads both), or None (not stacked)."""
+        gate = "ffn_gate_exps" in e.name
+        if not (gate or "ffn_up_exps" in e.name) or e.qtype not in mk.TYPES or not self._use_moe_kernels():
+            return None
+        gname = e.name.replace("ffn_up_exps", "ffn_gate_exps")
+        other = gname if not gate else e.name.replace("ffn_gate_exps", "ffn_up_exps")
+        o = self.residency[other] if other in self.residency else None
+        if o is None or o.home != self.name or o.qtype != e.qtype or o.shape != e.shape:
+            return None
+        nb = e.expert_nbytes
+        if gname not in self._gu:
+            self._gu[gname] = torch.empty((e.n_expert, 2 * nb), dtype=torch.uint8, device=self.device)
+        return self._gu[gname][:, :nb] if gate else self._gu[gname][:, nb:]
 
     def _load_experts(self, e) -> None:
         if e.home == self.name:
-            t = torch.empty((e.n_expert, e.expert_nbytes), dtype=torch.uint8, device=self.device)
+            t = self._gate_up_half(e)
+            if t is None:
+                t = torch.empty((e.n_expert, e.expert_nbytes), dtype=torch.uint8, device=self.device)
             for x in range(e.n_expert):
                 t[x].copy_(self.rt.host_view(e.expert(x)))
             self._experts_dev[e.name] = t
             e.state = State.RESIDENT
         elif e.home == HOST and e.qtype in ck.SUPPORTED:
             self._host_experts.append(e.name)
+
+    def _stack_experts(self) -> None:
+        """After loading: the kernels' operands of every layer whose gate|up is stacked and down resident
+        (the first path still reads the single names: views of the stack)."""
+        packed = os.environ.get("LSTREAM_MOE_PACKED") == "1"  # the aligned layout: try with tools/bench_moe.py
+        for gname, gu in self._gu.items():
+            dname = gname.replace("ffn_gate_exps", "ffn_down_exps")
+            g, d = self.residency[gname], self.residency[dname] if dname in self._experts_dev else None
+            if d is None or d.qtype not in mk.TYPES:
+                continue
+            n_exp, ffn, dim = g.shape
+            ws = [gu.view(n_exp * 2 * ffn, -1), self._experts_dev[dname].view(n_exp * d.shape[1], -1)]
+            if packed and g.qtype in repack.TYPES and d.qtype in repack.TYPES:  # the blocks dropped: kernels only
+                ws = [repack.repack(ws[0], g.qtype, n_exp * 2 * ffn, dim),
+                      repack.repack(ws[1], d.qtype, n_exp * d.shape[1], d.shape[2])]
+                for n in (gname, gname.replace("ffn_gate_exps", "ffn_up_exps"), dname):
+                    self._experts_dev[n] = None
+            self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, ws[0]),
+                                  mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2], ws[1]))
+        if packed:
+            self._gu.clear()
 
     def offload_moe(self, node, n_tokens: int, residency) -> tuple[bool, str]:
         entry = residency[node.weight]
@@ -95,6 +150,11 @@ class MoEMixin:
             w = w / w.sum(dim=-1, keepdim=True)
         w = w.float()
         T = x.shape[0]
+        kern = self._moe_w.get(names[0])
+        if kern is not None:
+            if is_small_batch(T) or self.dtype == torch.float32:  # GEMVs: exact fp32 products
+                return mk.decode(x, ids, w, *kern)
+            return mk.prefill(x.to(self.dtype), ids, w, *kern)
         if is_small_batch(T):  # every (token, expert) pair: its blocks gathered by id, one batched product
             flat = ids.reshape(-1)
             mats = []
@@ -140,13 +200,22 @@ class MoEMixin:
             out += self.from_host(y)
             if prof is not None:
                 prof.add("cpu experts (for the device)", time.perf_counter() - t0, int(np.unique(ids[host_pairs]).size))
-        groups = group(ids, n_exp, keep=~host_pairs)
-        wflat = w.reshape(-1)
-        for j, e in enumerate(groups.experts):
-            pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
-            tok = torch.as_tensor(pairs // k, device=self.device)
-            y = self._ffn(names, x[tok], [views[int(e)][n] for n in names])
-            out.index_add_(0, tok, y * torch.as_tensor(wflat[pairs], device=self.device)[:, None])
+        es = [self.residency[n] for n in names]
+        if up and self._use_moe_kernels() and self.dtype != torch.float32 and es[0].qtype == es[1].qtype \
+                and all(e.qtype in mk.TYPES for e in es):  # grouped GEMMs over the slot, experts by id
+            lv = st.layer_views(node.layer)
+            ex = [mk.Experts(e.qtype, n_exp, e.shape[1], e.shape[2], lv[e.name].view(n_exp * e.shape[1], -1))
+                  for e in es]
+            dev_ids = torch.as_tensor(np.where(host_pairs, -1, ids), device=self.device)
+            out += mk.prefill(x.to(self.dtype), dev_ids, torch.as_tensor(w, device=self.device), ex[0], ex[2], up=ex[1])
+        elif up:  # per uploaded expert: dequantize, multiply
+            groups = group(ids, n_exp, keep=~host_pairs)
+            wflat = w.reshape(-1)
+            for j, e in enumerate(groups.experts):
+                pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
+                tok = torch.as_tensor(pairs // k, device=self.device)
+                y = self._ffn(names, x[tok], [views[int(e)][n] for n in names])
+                out.index_add_(0, tok, y * torch.as_tensor(wflat[pairs], device=self.device)[:, None])
         if up:
             st.release(node.layer)
         if prof is not None:

@@ -61,7 +61,35 @@ def _decode(dev) -> bool:
     return _nmse(out, dk.attention_reference(q, kc, vc, pos, hd ** -0.5, 0, n_kv)) < 1e-4
 
 
-CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode}
+def _moe(dev) -> bool:
+    """moe_kernels' decode GEMVs and grouped GEMMs on random Q4_0 / Q4_K experts against their torch
+    fallback (the same operands in fp32): 4 experts of 256 x 256 (x2 for gate|up), top 2."""
+    from ...core.qtypes import QTYPE_INFO
+    from . import moe_kernels as mk
+    g = torch.Generator(device="cpu").manual_seed(3)
+    for qt in (QType.Q4_0, QType.Q4_K):
+        info = QTYPE_INFO[qt]
+        exs = []
+        for rows in (512, 256):
+            raw = torch.randint(0, 256, (rows * 4 * 256 // info.block_size, info.type_size), generator=g,
+                                dtype=torch.uint8)
+            raw[:, 0:2] = (torch.rand(raw.shape[0], 1, generator=g) * 0.01 + 0.005).half().view(torch.uint8)
+            if qt == QType.Q4_K:
+                raw[:, 2:4] = (torch.rand(raw.shape[0], 1, generator=g) * 0.01).half().view(torch.uint8)
+            exs.append(mk.Experts(qt, 4, rows, 256, raw.to(dev).view(4 * rows, -1)))
+        for T in (3, 20):
+            w, ids = torch.topk(torch.rand(T, 4, generator=g), 2, dim=-1)
+            ids, w = ids.to(dev), w.to(dev)
+            x = torch.randn(T, 256, generator=g).to(dev)
+            ref = mk._decode_torch(x, ids, w, *exs)
+            if _nmse(mk.decode(x, ids, w, *exs), ref) > 1e-8:
+                return False
+            if T > 8 and _nmse(mk.prefill(x.to(torch.bfloat16), ids, w, *exs), ref) > 1e-3:
+                return False
+    return True
+
+
+CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode, "moe": _moe}
 TIMES: dict[str, dict[str, float]] = {}  # device -> {kernel: microseconds per call}, as measured
 
 
@@ -122,17 +150,36 @@ def kernels_ok(device: torch.device) -> dict[str, bool]:
         return {k: True for k in CHECKS}
     key = str(device)
     if key not in _RESULTS:
-        res = {}
-        for name, fn in CHECKS.items():
-            try:
-                res[name] = fn(device)
-                why = "disagrees with its torch reference"
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot build here is not used
-                res[name], why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            if not res[name]:
-                warnings.warn(f"lstream: the {name} kernels {why} on {torch.cuda.get_device_name(device)}; "
-                              f"using the older path", RuntimeWarning, stacklevel=2)
+        res = {name: _run(name, device) for name in CHECKS}
         if res["gemv_q8"]:  # correct here; used if also faster (a choice, no warning)
             res["gemv_q8"] = gemv_q8_faster(device)
         _RESULTS[key] = res
     return _RESULTS[key]
+
+
+def _run(name: str, device) -> bool:
+    try:
+        ok = CHECKS[name](device)
+        why = "disagrees with its torch reference"
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot build here is not used
+        ok, why = False, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    if not ok:
+        warnings.warn(f"lstream: the {name} kernels {why} on {torch.cuda.get_device_name(device)}; "
+                      f"using the older path", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+def kernel_ok(device: torch.device, name: str) -> bool:
+    """One check (kernels_ok's result where it ran; kernels_ok also times the int8 GEMV, with Gluon)."""
+    if device.type != "cuda":
+        return True
+    key = str(device)
+    if key in _RESULTS and name in _RESULTS[key]:
+        return _RESULTS[key][name]
+    one = _SINGLE.setdefault(key, {})
+    if name not in one:
+        one[name] = _run(name, device)
+    return one[name]
+
+
+_SINGLE: dict[str, dict[str, bool]] = {}  # device -> {check: passed}, checks run alone

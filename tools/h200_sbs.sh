@@ -93,9 +93,8 @@ moek)
   timeout 240 python3 -m lstream.tools.bench_moe --types Q4_0,Q4_0p,Q4_K,Q8_0 --json $OUT/bench_moe.json 2>&1
   timeout 300 python3 -m lstream.tools.bench_moe --types Q4_0 --sweep --no-old 2>&1 ;;
 moeold)
-  s "MoE: the old expert path (LSTREAM_MOE_KERNELS=0) and the repacked experts (LSTREAM_MOE_PACKED=1)"
+  s "MoE: the old expert path (LSTREAM_MOE_KERNELS=0)"
   synth q3moe qwen3-30b-a3b Q4_0
-  LSTREAM_MOE_KERNELS=0 timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,0 -r 2 2>&1
-  LSTREAM_MOE_PACKED=1 timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 0 -r 2 2>&1 ;;
+  LSTREAM_MOE_KERNELS=0 timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,0 -r 2 2>&1 ;;
 esac; done
 s done

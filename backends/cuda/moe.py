@@ -27,7 +27,7 @@ from ...core.ops import Op
 from ...core.residency import HOST, State
 from . import dequant as ck
 from . import moe_kernels as mk
-from . import repack, selfcheck
+from . import selfcheck
 
 
 class MoEMixin:
@@ -81,7 +81,6 @@ class MoEMixin:
     def _stack_experts(self) -> None:
         """After loading: the kernels' operands of every layer whose gate|up is stacked and down resident
         (the first path still reads the single names: views of the stack)."""
-        packed = os.environ.get("LSTREAM_MOE_PACKED") == "1"  # the aligned layout: try with tools/bench_moe.py
         for gname, gu in self._gu.items():
             dname = gname.replace("ffn_gate_exps", "ffn_down_exps")
             g, d = self.residency[gname], self.residency[dname] if dname in self._experts_dev else None
@@ -89,15 +88,8 @@ class MoEMixin:
                 continue
             n_exp, ffn, dim = g.shape
             ws = [gu.view(n_exp * 2 * ffn, -1), self._experts_dev[dname].view(n_exp * d.shape[1], -1)]
-            if packed and g.qtype in repack.TYPES and d.qtype in repack.TYPES:  # the blocks dropped: kernels only
-                ws = [repack.repack(ws[0], g.qtype, n_exp * 2 * ffn, dim),
-                      repack.repack(ws[1], d.qtype, n_exp * d.shape[1], d.shape[2])]
-                for n in (gname, gname.replace("ffn_gate_exps", "ffn_up_exps"), dname):
-                    self._experts_dev[n] = None
             self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, ws[0]),
                                   mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2], ws[1]))
-        if packed:
-            self._gu.clear()
 
     def offload_moe(self, node, n_tokens: int, residency) -> tuple[bool, str]:
         entry = residency[node.weight]

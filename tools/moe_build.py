@@ -12,10 +12,7 @@ ubatch 512 and 2048.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import tempfile
 from types import SimpleNamespace
 
 import triton
@@ -25,7 +22,7 @@ from triton.compiler import ASTSource
 from lstream.backends.cuda import moe_kernels as mk
 from lstream.backends.cuda import qgemm as qg
 from lstream.core.qtypes import QType
-from lstream.tools.qgemm_build import BIN, _raw_format, loop_mix
+from lstream.tools.qgemm_build import _raw_format, loop_mix, ptxas
 
 
 def _fmt(qt: QType, packed: bool):
@@ -48,14 +45,9 @@ def build(kernel, ptr_types: dict, cx: dict, warps: int, stages: int = 3):
 def report(label: str, k, weights_per_iter: int, warps: int, all_weights: int) -> None:
     """all_weights: the program's weights, for a k loop ptxas unrolled (constexpr K of few steps):
     then the whole kernel's instructions are counted."""
-    with tempfile.TemporaryDirectory() as d:
-        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        open(ptx, "w").write(k.asm["ptx"])
-        r = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin],
-                           capture_output=True, text=True)
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-    regs = re.search(r"Used (\d+) registers", r.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    err, sass = ptxas(k)
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores", err)
     try:
         n = sum(loop_mix(sass).values())
     except IndexError:  # no backward branch: the k loop is unrolled

@@ -74,21 +74,27 @@ def loop_mix(sass: str) -> Counter:
     return ops
 
 
-def report(spec: str, qt: QType, packed: bool, cfg: qg.Cfg) -> None:
-    k = build(qt, packed, cfg)
+def ptxas(k):
+    """(ptxas -v output, SASS) of a compiled kernel, built for sm_90a with Triton's own tools."""
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         open(ptx, "w").write(k.asm["ptx"])
         r = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin],
                            capture_output=True, text=True)
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-    regs = re.search(r"Used (\d+) registers", r.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+        return r.stderr, subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin],
+                                        capture_output=True, text=True).stdout
+
+
+def report(spec: str, qt: QType, packed: bool, cfg: qg.Cfg) -> None:
+    k = build(qt, packed, cfg)
+    err, sass = ptxas(k)
+    regs = re.search(r"Used (\d+) registers", err)
+    spill = re.search(r"(\d+) bytes spill stores", err)
     n = sum(loop_mix(sass).values())
     mma = cfg.bm * cfg.bn * cfg.bk / 2048
     print(f"{spec:40} regs {regs.group(1) if regs else '?':>4} spill {spill.group(1) if spill else '?':>4} "
           f"smem {k.metadata.shared:>6} loop {n:5} instr/weight {n * 32 * cfg.warps / (cfg.bn * cfg.bk):5.2f} "
-          f"mma/issue {mma / (n * cfg.warps / 4):4.2f} {'SER' if 'C7515' in r.stderr else ''}", flush=True)
+          f"mma/issue {mma / (n * cfg.warps / 4):4.2f} {'SER' if 'C7515' in err else ''}", flush=True)
 
 
 def main() -> None:

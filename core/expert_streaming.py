@@ -68,6 +68,7 @@ class ExpertStreamer:
         self.stats = StreamStats()
         self.uploads = 0  # experts copied
         self.log: list[tuple[int, int]] = []  # (layer, expert) per upload, for tests
+        self.prefetches = 0  # layers whose experts were copied ahead of their routing
         self._clock = 0
 
     def _stage(self, e: TensorEntry) -> None:
@@ -91,6 +92,30 @@ class ExpertStreamer:
     def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, Any]]:
         """Copy the experts of `layer` the slot lacks (runs of consecutive ones as one copy per tensor),
         make the compute stream wait for each; returns expert -> {tensor: device uint8 view}."""
+        rt = self.rt
+        slot = self._copy(layer, experts)
+        waited = set()
+        for x in experts:
+            ev = slot.ready[x]
+            if id(ev) not in waited:
+                waited.add(id(ev))
+                rt.compute_stream.wait_event(ev)
+        return {x: self.views(slot, x) for x in experts}
+
+    def prefetch_next(self, layer: int) -> int | None:
+        """Start copying every expert of the host-expert layer after `layer` into the other slot (a
+        ubatch that uploads most of a layer will upload most of the next): its copy then overlaps
+        this layer's compute instead of waiting for the next layer's routing. Returns that layer."""
+        later = [x for x in self.layers if x > layer]
+        if not later or len(self.slots) < 2:
+            return None
+        nxt = min(later)
+        self._copy(nxt, range(self.layers[nxt][0].n_expert))
+        self.prefetches += 1
+        return nxt
+
+    def _copy(self, layer: int, experts) -> ExpertSlot:
+        """Enqueue on the copy stream the copies of `experts` of `layer` that its slot lacks."""
         rt = self.rt
         self._clock += 1
         slot = self._slot_for(layer)
@@ -118,13 +143,7 @@ class ExpertStreamer:
                 slot.ready[x] = ev
                 self.log.append((layer, x))
             self.uploads += len(run)
-        waited = set()
-        for x in experts:
-            ev = slot.ready[x]
-            if id(ev) not in waited:
-                waited.add(id(ev))
-                rt.compute_stream.wait_event(ev)
-        return {x: self.views(slot, x) for x in experts}
+        return slot
 
     def layer_views(self, layer: int) -> dict[str, Any]:
         """The slot holding `layer`: each tensor's whole (n_expert, ...) bytes as a device uint8 view (one

@@ -181,6 +181,8 @@ class MoEMixin:
         st = self._expert_streamer()
         before = st.stats.bytes_streamed
         views = st.acquire(node.layer, up) if up else {}
+        if 4 * len(up) >= 3 * n_exp:  # a large ubatch: the next layer's experts are copied meanwhile
+            st.prefetch_next(node.layer)
         on_dev = np.zeros(n_exp, dtype=bool)
         on_dev[up] = True
         host_pairs = ~on_dev[ids]

@@ -11,7 +11,10 @@ same static step runs eagerly: the two give identical outputs, which the GPU tes
 from __future__ import annotations
 
 from .batch import is_small_batch
+from .graph import INPUT
 from .ops import Op
+
+MIN_SEGMENT = 3  # nodes: a shorter run between two host ops costs less eagerly than as a graph
 
 
 class StepReplay:
@@ -42,30 +45,36 @@ class StepReplay:
             and not any(a.uploads for a in plan.assignments() if a.node.op is not Op.EMBED)
             and all(self.be.owns_kv(layer) for layer in ctx.kv.layers)))
 
-    def segment(self, plan, ctx) -> tuple[int, int] | None:
-        """[start, stop) in plan order: the longest run of whole layers that can be replayed on
-        their own (mixed decode: the resident layers between the CPU or streamed ones), or None."""
+    def segments(self, plan, ctx) -> list[tuple[int, int]]:
+        """[start, stop) runs in plan order that can be replayed on their own: the runs of whole
+        layers here (mixed decode: the resident layers between the CPU or streamed ones), each cut at
+        a MoE op whose experts the CPU computes (--cpu-moe: the rest of every layer is here)."""
         if not self._small(ctx):
-            return None
-        return self._cached(("segment", id(plan)), plan, lambda: self._longest_run(plan, ctx))
+            return []
+        return self._cached(("segments", id(plan)), plan, lambda: self._runs(plan, ctx))
 
-    def _longest_run(self, plan, ctx):
+    def _good(self, a, ctx) -> bool:
+        return (a.backend == self.be.name and not a.uploads and 0 <= a.node.layer < len(ctx.kv.layers)
+                and not (a.node.op is Op.ATTENTION and not self.be.owns_kv(ctx.kv.layers[a.node.layer])))
+
+    def _runs(self, plan, ctx):
         flat = list(plan.assignments())
-        bad = {a.node.layer for a in flat if not (
-            a.backend == self.be.name and not a.uploads
-            and not (a.node.op is Op.ATTENTION and not self.be.owns_kv(ctx.kv.layers[a.node.layer])))}
-        best, run = None, None  # runs of consecutive good layers, as [first index, end index)
+        # a layer is replayable when all of it is here but its experts (computed where they live)
+        bad = {a.node.layer for a in flat if not self._good(a, ctx) and a.node.op is not Op.MOE}
+        runs: list[list[int]] = []
         for k, a in enumerate(flat):
-            good = a.node.layer not in bad and 0 <= a.node.layer < len(ctx.kv.layers)
-            if not good:
-                run = None
+            if a.node.layer in bad or not self._good(a, ctx):
                 continue
-            if run is None:
-                run = [k, k]
-            run[1] = k + 1
-            if best is None or run[1] - run[0] > best[1] - best[0]:
-                best = tuple(run)
-        return best
+            if runs and runs[-1][1] == k:
+                runs[-1][1] = k + 1
+            else:
+                runs.append([k, k + 1])
+        reads = []
+        for s, e in runs:  # what each run reads from before it: its static inputs
+            made = {flat[k].node.id for k in range(s, e)}
+            reads.append(sorted({i for k in range(s, e) for i in flat[k].node.inputs
+                                 if i != INPUT and i not in made}))
+        return [(s, e, r) for (s, e), r in zip(runs, reads) if e - s >= MIN_SEGMENT]
 
     # -- running them ----------------------------------------------------------------------------
     def run(self, plan, ctx):
@@ -95,43 +104,56 @@ class StepReplay:
         self.ex.check_finite(logits, self.ex.graph.output, self.be.name)
         return logits
 
-    def run_segment(self, plan, ctx, seg: tuple[int, int]):
-        """The plan before the segment eagerly, the segment replayed from a graph whose static
-        inputs are the values that cross into it (the residual stream), the rest eagerly."""
-        start, stop = seg
+    def run_segments(self, plan, ctx, segs):
+        """The plan with its segments replayed from graphs whose static inputs are the values that
+        cross into them (the residual stream, an expert op's output), the rest run eagerly. The
+        segments of a step share its static inputs (token ids, positions), filled once."""
         ex, be, name = self.ex, self.be, self.be.name
+        n = len(ctx.tokens)
         self.segment_runs += 1
         with ex.session(plan, ctx):
             vals: dict = {}
-            ex.run_part(plan, ctx, vals, stop=start)
-            live = {i: ex.value_on(where, be) for i, where in vals.items()}  # what the segment reads
-            n = len(ctx.tokens)
-            if not self.use_graphs:
-                ctx.graph = be.step_inputs(n)
-                be.fill_step_inputs(ctx.graph, ctx)
-                after = {i: {name: v} for i, v in live.items()}
-                ex.run_part(plan, ctx, after, start=start, stop=stop)
-            else:
-                key = ("segment", id(plan), n)
+            if self.use_graphs:
+                key = ("step", id(plan), n)
                 hit = self._graphs.get(key)
                 if hit is None or hit[0] is not plan:
-                    hit = self._graphs[key] = self._capture_segment(plan, ctx, n, seg, live)
-                _, graph, si, static, outs = hit
-                for i, v in live.items():
-                    be.copy_into(static[i], v)
-                be.fill_step_inputs(si, ctx)
-                be.replay(graph)
-                self.replays += 1
-                after = {i: {name: v} for i, v in outs.items()}
-            ctx.graph = None
-            return ex.run_part(plan, ctx, after, start=stop, to_host=True)
+                    hit = self._graphs[key] = (plan, be.step_inputs(n))
+                si = hit[1]
+            else:
+                si = be.step_inputs(n)
+            be.fill_step_inputs(si, ctx)
+            pos = 0
+            for start, stop, reads in segs:
+                ex.run_part(plan, ctx, vals, start=pos, stop=start)
+                live = {i: ex.value_on(vals[i], be) for i in reads if i in vals}
+                ctx.graph = si
+                if not self.use_graphs:
+                    part = {i: {name: v} for i, v in live.items()}
+                    ex.run_part(plan, ctx, part, start=start, stop=stop)
+                    outs = {i: where[name] for i, where in part.items()}
+                else:
+                    key = ("segment", id(plan), n, start)
+                    hit = self._graphs.get(key)
+                    if hit is None or hit[0] is not plan:
+                        hit = self._graphs[key] = self._capture_segment(plan, ctx, si, (start, stop), live)
+                    _, graph, static, outs = hit
+                    for i, v in live.items():
+                        if static[i] is not v:  # (an earlier segment's output is read in place)
+                            be.copy_into(static[i], v)
+                    be.replay(graph)
+                    self.replays += 1
+                ctx.graph = None
+                for i in live:
+                    vals.pop(i, None)  # read inside: what is still needed comes back in outs
+                vals.update({i: {name: v} for i, v in outs.items()})
+                pos = stop
+            return ex.run_part(plan, ctx, vals, start=pos, to_host=True)
 
-    def _capture_segment(self, plan, ctx, n, seg, live):
+    def _capture_segment(self, plan, ctx, si, seg, live):
         be = self.be
-        static = {i: be.clone(v) for i, v in live.items()}
-        si = be.step_inputs(n)
-        be.fill_step_inputs(si, ctx)
-        ctx.graph = si
+        made = {id(v) for k, hit in self._graphs.items() if k[0] == "segment" and hit[0] is plan
+                for v in hit[3].values()}
+        static = {i: v if id(v) in made else be.clone(v) for i, v in live.items()}
 
         def segment():
             vals = {i: {be.name: v} for i, v in static.items()}
@@ -139,7 +161,7 @@ class StepReplay:
             return {i: where[be.name] for i, where in vals.items()}
         graph, outs = be.capture(segment, si)
         self.captures += 1
-        return plan, graph, si, static, outs
+        return plan, graph, static, outs
 
     def clear(self) -> None:
         self._graphs.clear()

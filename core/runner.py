@@ -4,7 +4,8 @@
                 any passes L+1, so a streamed layer crosses PCIe once per prompt, not per ubatch;
   graph step    a decode-sized step that a `static_steps` backend holds whole: static inputs,
                 replayed from a captured graph where the backend declares `graphs` (core/replay.py);
-  graph segment a decode-sized step with a run of whole layers on such a backend (mixed decode);
+  graph segments a decode-sized step with runs of whole layers on such a backend (mixed decode),
+                cut at the MoE ops whose experts the CPU computes;
   plain         one ubatch after another, node by node (core/executor.py).
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ class Runner:
             out = None
             if self.replay.eligible(plan, ctx):
                 out = self.replay.run(plan, ctx)[-1]
-            elif (seg := self.replay.segment(plan, ctx)) is not None:
-                out = self.replay.run_segment(plan, ctx, seg)[-1]
+            elif segs := self.replay.segments(plan, ctx):
+                out = self.replay.run_segments(plan, ctx, segs)[-1]
             if out is not None:
                 _advance(ctx)
                 return out

@@ -108,8 +108,23 @@ def test_decode_one_hop_each_way(mixtral3):
             (a,) = s.assignments
             assert a.node.op is Op.MOE and a.cause == "data on cpu"
             assert [m.graph.nodes[i].name.split(".")[-1] for i in s.copy_inputs] == ["ffn_norm", "router"]
+        # the device's part of each layer between two expert ops is one static segment (a CUDA graph
+        # on a GPU): layer 0 up to its router, then from each layer's residual add to the next router
+        segs = m.runner.replay.segments(plan, _ctx(m, 1))
+        flat = list(plan.assignments())
+        assert len(segs) == 3
+        for s, e, _ in segs:
+            assert flat[e].node.op is Op.MOE and flat[e].backend == "cpu"
+            assert all(a.backend == "fake" for a in flat[s:e])
+        out = _greedy(m, ids[:4])
+        assert m.runner.replay.segment_runs == len(out) == 8  # the 4-token prompt, then 7 steps
     finally:
         m.close()
+
+
+def _ctx(m, n):
+    from lstream.core.executor import RunContext
+    return RunContext(tokens=[0] * n, positions=list(range(n)), n_past=0, kv=m.kv, residency=m.residency)
 
 
 @pytest.mark.parametrize("layer_major", [True, False])

@@ -167,6 +167,28 @@ def test_prefill_gate_up_apart_and_skipped_pairs(request, interpreted, monkeypat
     assert nmse(y, ref) <= NMSE_TOL and torch.equal(y[4], torch.zeros_like(y[4]))
 
 
+@pytest.mark.parametrize("interpreted", [True, False], ids=["interpreter", "torch"])
+@pytest.mark.parametrize("qt", [QType.Q4_0, QType.Q6_K], ids=lambda q: q.name)
+def test_decode_gate_up_apart(request, interpreted, monkeypatch, qt):
+    """A decode step's uploaded experts (their slot holds gate and up as two tensors): the same
+    numbers as the stacked kernel, against gguf + float64."""
+    if interpreted:
+        request.getfixturevalue("interp")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gu, gu_ref, dn, d_ref = _case(qt, False, seed=4)
+    ids, wts = _route(2, 3, gu.n_expert, seed=5)
+    x = torch.randn(2, gu.n_cols, generator=torch.Generator().manual_seed(7))
+    ref = reference(x, ids, wts, gu_ref, d_ref)
+    gate, up = _split(gu)
+    bk = 128 if QTYPE_INFO[qt].block_size == 256 else 64
+    cfg = ((32, qg._bk(bk, qt, gu.n_cols), 4), (32, qg._bk(bk, qt, dn.n_cols), 4))
+    y = mk.decode(x, ids, wts, gate, dn, cfg=cfg, up=up)
+    assert nmse(y, ref) <= 1e-9
+    if interpreted:
+        assert torch.equal(y, mk.decode(x, ids, wts, gu, dn, cfg=cfg))
+
+
 def test_tile_table():
     """Every sorted pair in exactly one tile of its expert; the other tiles marked -1."""
     ids, _ = _route(37, 3, 6, seed=2)

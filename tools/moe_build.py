@@ -73,8 +73,9 @@ def main() -> None:
         dn = SimpleNamespace(qtype=qt, n_cols=ffn, n_expert=a.experts, n_rows=dim)
         for T in (1, 8):
             bn, bk, nw = mk.gemv_cfg(gu, ffn, T * a.top_k)
-            k = build(mk._k_gate_up, {"x_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32", **wp},
-                      dict(KTOP=a.top_k, K=dim, **cx, BN=bn, BK=bk), nw)
+            k = build(mk._k_gate_up, {"x_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32", **wp,
+                                      **{"u" + n[0] + "_ptr": t for n, t in wp.items()}},
+                      dict(KTOP=a.top_k, K=dim, **cx, SEP=False, BN=bn, BK=bk), nw)
             report(f"{name} gate_up T={T} BN={bn} BK={bk} w={nw}", k, 2 * bn * bk, nw, 2 * bn * dim)
             bn, bk, nw = mk.gemv_cfg(dn, dim, T * a.top_k)
             k = build(mk._k_down, {"h_ptr": "*fp32", "ids_ptr": "*i64", "wt_ptr": "*fp32", "out_ptr": "*fp32",

@@ -88,16 +88,21 @@ if HAVE_TRITON:
         return w
 
     @triton.jit
-    def _k_gate_up(x_ptr, ids_ptr, q_ptr, h_ptr, b_ptr, e_ptr, out_ptr, N, RS, HS, MAGIC,
-                   KTOP: tl.constexpr, K: tl.constexpr, FMT: tl.constexpr, TS: tl.constexpr, BITS: tl.constexpr,
-                   OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr):
-        """Program (pair p, row tile): N = ffn rows; the expert's gate rows are e*2N.., up rows e*2N+N.."""
+    def _k_gate_up(x_ptr, ids_ptr, q_ptr, h_ptr, b_ptr, e_ptr, uq_ptr, uh_ptr, ub_ptr, ue_ptr, out_ptr, N, RS, HS,
+                   MAGIC, KTOP: tl.constexpr, K: tl.constexpr, FMT: tl.constexpr, TS: tl.constexpr,
+                   BITS: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr, QH: tl.constexpr, QS: tl.constexpr,
+                   SEP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """Program (pair p, row tile): N = ffn rows; the expert's gate rows are e*2N.., up rows e*2N+N..
+        (stacked), or with SEP gate and up in two tensors (u*_ptr: a slot of streamed experts), rows e*N.."""
         p = tl.program_id(0)
         e = tl.load(ids_ptr + p).to(tl.int64)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        rg = e * (2 * N) + tl.minimum(rn, N - 1).to(tl.int64)  # clamped: no load masks
-        ru = rg + N
+        if SEP:
+            rg = e * N + tl.minimum(rn, N - 1).to(tl.int64)  # clamped: no load masks
+            ru = rg
+        else:
+            rg = e * (2 * N) + tl.minimum(rn, N - 1).to(tl.int64)
+            ru = rg + N
         xr = x_ptr + (p // KTOP).to(tl.int64) * K + tl.arange(0, BK)
         ag = tl.full([BN, BK], 0.0, tl.float32)
         au = tl.full([BN, BK], 0.0, tl.float32)
@@ -105,7 +110,7 @@ if HAVE_TRITON:
             x = tl.load(xr + k0).to(tl.float32)[None, :]
             ag += _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, rg, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
                              QS, BN, BK) * x
-            au += _w_tile(q_ptr, h_ptr, b_ptr, e_ptr, ru, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
+            au += _w_tile(uq_ptr, uh_ptr, ub_ptr, ue_ptr, ru, RS, HS, k0, MAGIC, FMT, TS, BITS, OFF, HAS_MIN, QH,
                              QS, BN, BK) * x
         g = _rowsum(ag)
         u = _rowsum(au)
@@ -194,21 +199,24 @@ def gemv_cfg(ex: Experts, n_out: int, programs_per_row: int) -> tuple[int, int, 
 
 
 def decode(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, down: Experts,
-           cfg=None) -> torch.Tensor:
+           cfg=None, up: Experts | None = None) -> torch.Tensor:
     """The routed SwiGLU experts of T tokens: x (T, dim), ids/wts (T, top_k) -> (T, dim) fp32.
-    Two kernel launches (gate|up with SiLU*up, weighted down) and the sum; any T, meant for a few tokens."""
+    Two kernel launches (gate|up with SiLU*up, weighted down) and the sum; any T, meant for a few tokens.
+    gu: gate|up stacked per expert, or with `up` given the gate alone (a slot of streamed experts)."""
     T, k = ids.shape
-    ffn = gu.n_rows // 2
+    ffn = gu.n_rows // 2 if up is None else gu.n_rows
     if not use_kernels(x):
-        return _decode_torch(x, ids, wts, gu, down)
+        return _decode_torch(x, ids, wts, gu if up is None else _Stacked(gu, up), down)
     x = x.contiguous()
     ids = ids.contiguous()
     h = torch.empty((T * k, ffn), dtype=torch.float32, device=x.device)
     y = torch.empty((T * k, down.n_rows), dtype=torch.float32, device=x.device)
     (q, hp, b, e), rs, hs, cx = gu.ops
+    (uq, uh, ub, ue), urs, uhs, _ = (up or gu).ops
+    assert (urs, uhs) == (rs, hs), "gate and up experts of one format and shape"
     bn, bk, nw = cfg[0] if cfg else gemv_cfg(gu, ffn, T * k)
-    _launch(_k_gate_up, (T * k, triton.cdiv(ffn, bn)), x, ids, q, hp, b, e, h, ffn, rs, hs, _magic(gu),
-            KTOP=k, K=gu.n_cols, **cx, BN=bn, BK=bk, num_warps=nw)
+    _launch(_k_gate_up, (T * k, triton.cdiv(ffn, bn)), x, ids, q, hp, b, e, uq, uh, ub, ue, h, ffn, rs, hs,
+            _magic(gu), KTOP=k, K=gu.n_cols, **cx, SEP=up is not None, BN=bn, BK=bk, num_warps=nw)
     (q, hp, b, e), rs, hs, cx = down.ops
     bn, bk, nw = cfg[1] if cfg else gemv_cfg(down, down.n_rows, T * k)
     _launch(_k_down, (T * k, triton.cdiv(down.n_rows, bn)), h, ids, wts.float().contiguous(), q, hp, b, e, y,

@@ -130,32 +130,39 @@ class Model:
         self._tune_policy()
 
     def _tune_policy(self) -> None:
-        """A policy that sets itself by measurement (AutoSplit) times decode steps of each split it
-        tries (core/tuning.py), on positions after the cached ones, which are kept."""
+        """A policy that sets itself by measurement (AutoSplit) times decode steps of each setting it
+        tries (core/tuning.py), on positions after the cached ones, which are kept: the CPU's share
+        of the host layers, and with experts in host memory how many of a step's the device uploads."""
         pol, dev = self.policy, self.device_backend
         if not pol.needs_tuning or dev is None or not dev.real_time or self.kv.n_ctx - self.kv.n_past < 4:
             return
         pol.prepare(self.residency, dev.name)
-        if pol.n_host == 0:
+        top_k = self.config.n_expert_used if getattr(dev, "host_experts", None) else 0
+        if pol.n_host == 0 and top_k == 0:
             return
         start, tok = self.kv.n_past, int(self.config.bos_id or 0)
 
-        def step_seconds(j: int) -> float:
-            pol.cpu_layers = j
-            self._plans.clear()
-            times = []
-            for _ in range(3):  # the first builds plans, programs, ring slots and graphs: not counted
-                self.kv.n_past = start
-                t0 = time.perf_counter()
-                self.eval([tok])
-                self.synchronize()
-                times.append(time.perf_counter() - t0)
-            return min(times[1:])
+        def timer(attr: str):
+            def step_seconds(j: int) -> float:
+                setattr(pol, attr, j)
+                self._plans.clear()
+                times = []
+                for _ in range(3):  # the first builds plans, programs, ring slots and graphs: not counted
+                    self.kv.n_past = start
+                    t0 = time.perf_counter()
+                    self.eval([tok])
+                    self.synchronize()
+                    times.append(time.perf_counter() - t0)
+                return min(times[1:])
+            return step_seconds
         from .core.tuning import tune_split
         try:
-            pol.cpu_layers, pol.measured = tune_split(pol.n_host, step_seconds)
-            self._depth_bucket = _depth_bucket(start)
-            self._splits[self._depth_bucket] = (pol.cpu_layers, pol.measured)
+            if pol.n_host:
+                pol.cpu_layers, pol.measured = tune_split(pol.n_host, timer("cpu_layers"))
+                self._depth_bucket = _depth_bucket(start)
+                self._splits[self._depth_bucket] = (pol.cpu_layers, pol.measured)
+            if top_k:
+                pol.decode_experts, pol.experts_measured = tune_split(top_k, timer("decode_experts"))
         finally:
             self.kv.n_past = start
             self._plans.clear()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .batch import EXPERT_UPLOAD_THRESHOLD, UPLOAD_THRESHOLD
+import numpy as np
+
+from .batch import EXPERT_UPLOAD_THRESHOLD, UPLOAD_THRESHOLD, is_small_batch
 from .ops import Op
 from .residency import TensorEntry
 
@@ -21,12 +23,31 @@ class UploadPolicy:
     def should_upload(self, op: Op, entry: TensorEntry | None, n_tokens: int) -> bool:
         raise NotImplementedError
 
+    # MoE decode: of a small step's routed experts in host memory, how many (the most routed) the
+    # device uploads and computes while the CPU computes the others: PCIe and the host's memory are
+    # separate paths, so both share a step's expert bytes. AutoSplit measures it (api.py).
+    decode_experts = 0
+
     def should_upload_expert(self, op: Op, entry: TensorEntry, n_routed: int, n_tokens: int) -> bool:
         """A MoE op whose experts live in host memory, on a device: upload this expert (and compute
         it there) when n_routed of the ubatch's n_tokens are routed to it, else compute it on the CPU.
         entry: one of the layer's 3-D expert tensors. The device asks per expert once the ubatch is
         routed; the scheduler asks with n_routed = n_tokens (could any expert be uploaded?)."""
         return n_routed >= self.expert_threshold
+
+    def may_upload_experts(self, op: Op, entry: TensorEntry, n_tokens: int) -> bool:
+        """The scheduler's question: could a ubatch of n_tokens upload any of these experts?"""
+        return self.should_upload_expert(op, entry, n_tokens, n_tokens) or (
+            self.decode_experts > 0 and is_small_batch(n_tokens))
+
+    def experts_to_upload(self, op: Op, entry: TensorEntry, counts, n_tokens: int) -> list[int]:
+        """counts: tokens routed to each expert of the ubatch -> the experts to upload: those with
+        enough tokens, else (a small step) its `decode_experts` most routed."""
+        routed = [int(e) for e in np.nonzero(counts)[0]]
+        up = [e for e in routed if self.should_upload_expert(op, entry, int(counts[e]), n_tokens)]
+        if not up and self.decode_experts > 0 and is_small_batch(n_tokens):
+            up = sorted(sorted(routed, key=lambda e: -counts[e])[:self.decode_experts])
+        return up
 
     def prepare(self, residency, device: str) -> None:
         """Called when the policy is given to a device backend (and after the residency changes):
@@ -146,6 +167,7 @@ class AutoSplit(LayerSplit):
     def __init__(self, threshold: int = UPLOAD_THRESHOLD):
         super().__init__(0, threshold)
         self.measured: dict[int, float] | None = None  # CPU layers -> seconds per decode step
+        self.experts_measured: dict[int, float] | None = None  # decode_experts -> seconds per step
 
     def prepare(self, residency, device: str) -> None:
         super().prepare(residency, device)
@@ -154,7 +176,9 @@ class AutoSplit(LayerSplit):
 
     def describe(self):
         how = "measured" if self.measured else "unmeasured"
-        return f"auto(decode: cpu {self.cpu_layers} of {self.n_host} host layers, {how}; threshold {self.threshold})"
+        ex = f", {self.decode_experts} routed experts uploaded per step" if self.experts_measured else ""
+        return (f"auto(decode: cpu {self.cpu_layers} of {self.n_host} host layers, {how}{ex}; "
+                f"threshold {self.threshold})")
 
 
 class CostModel(UploadPolicy):

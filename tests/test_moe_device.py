@@ -174,3 +174,27 @@ def test_expert_threshold_decides_per_expert(mixtral3, capsys):
         assert text.count("expert threshold 5 tokens: routed first") == 3
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "st"])
+def test_decode_shares_experts_with_the_device(mixtral3, fmt):
+    """decode_experts = 1 (--cpu-moe): a decode step uploads each layer's most routed expert and the
+    CPU computes the other (top-2), both in the op; the same greedy tokens as on the CPU alone."""
+    d, ids, _ = mixtral3
+    path = d / "mixtral-Q8_0.gguf" if fmt == "gguf" else d / "st"
+    cpu = Model(load_model(path), n_ctx=128, n_ubatch=16, device=None, load_tokenizer=False)
+    want = _greedy(cpu, ids[:5])
+    cpu.close()
+    pol = BatchThreshold()
+    pol.decode_experts = 1
+    m, dev = _model(path, pol, cpu_moe=True)
+    host_pairs = []
+    real_host = m.cpu.moe_experts
+    m.cpu.moe_experts = lambda node, x, i, w: host_pairs.append(int((i >= 0).sum())) or real_host(node, x, i, w)
+    try:
+        assert set(_moe_backends(m, 1)) == {"fake"}  # the op on the device, which hands the CPU its pairs
+        assert _greedy(m, ids[:5]) == want
+        assert dev.expert_streamer.uploads >= 3 * 7  # per step and layer at least one expert
+        assert host_pairs and set(host_pairs[-3:]) == {1}  # a decode step: the CPU's expert of each layer
+    finally:
+        m.close()

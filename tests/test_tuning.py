@@ -83,3 +83,25 @@ def test_auto_split_is_measured_again_at_a_new_depth(tmp_path, monkeypatch):
     finally:
         m.close()
         ref.close()
+
+
+def test_auto_measures_how_many_experts_a_decode_step_uploads(tmp_path):
+    """Experts in host memory (--cpu-moe): the default policy times decode steps uploading 0..top_k
+    of each layer's routed experts (the CPU computes the rest) and keeps the fastest; the outputs
+    stay those of the CPU alone."""
+    path = write_model(tmp_path / "moe.gguf", "tiny-moe", "Q8_0", seed=3)
+    ref = Model(load_model(path), n_ctx=64, load_tokenizer=False)
+    toks = np.arange(5, 12)
+    want = ref.eval(toks)
+    m = Model(load_model(path), n_gpu_layers=99, cpu_moe=True, device_backend=TimedFake(AutoSplit()), n_ctx=64,
+              load_tokenizer=False)
+    try:
+        pol, top_k = m.policy, m.config.n_expert_used
+        assert pol.n_host == 0 and pol.experts_measured and set(pol.experts_measured) <= set(range(top_k + 1))
+        assert {0, top_k} <= set(pol.experts_measured) and 0 <= pol.decode_experts <= top_k
+        assert "routed experts uploaded per step" in pol.describe() and m.kv.n_past == 0
+        got = m.eval(toks)
+        assert float(((got - want) ** 2).sum() / (want ** 2).sum()) < 1e-4
+    finally:
+        m.close()
+        ref.close()

@@ -91,16 +91,23 @@ class MoEMixin:
             self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, ws[0]),
                                   mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2], ws[1]))
 
+    @property
+    def host_experts(self) -> list[str]:
+        """The expert tensors in host memory that this device may upload (a policy tunes for them)."""
+        return self._host_experts
+
     def offload_moe(self, node, n_tokens: int, residency) -> tuple[bool, str]:
         entry = residency[node.weight]
         if node.weight not in self._host_experts:
             return False, f"no GPU kernel for {entry.qtype.name} experts"
         pol = self.policy
-        want = pol.should_upload_expert(Op.MOE, entry, n_tokens, n_tokens)
         thr = f"expert threshold {pol.expert_threshold} tokens"
-        if want:
+        if pol.should_upload_expert(Op.MOE, entry, n_tokens, n_tokens):
             return True, (f"{pol.describe()}, {thr}: routed first, experts with enough of the {n_tokens} tokens "
                           f"uploaded, the others on the CPU")
+        if pol.may_upload_experts(Op.MOE, entry, n_tokens):
+            return True, (f"{pol.describe()}: routed first, the {pol.decode_experts} most routed experts "
+                          f"uploaded while the CPU computes the others")
         return False, f"{pol.describe()}, {thr}: no expert reaches it at {n_tokens} tokens"
 
     def _expert_streamer(self):
@@ -168,6 +175,19 @@ class MoEMixin:
             out.index_add_(0, tok, y * w_dev[torch.as_tensor(pairs, device=self.device)][:, None])
         return out
 
+    def _slot_decode(self, node, es, x, ids, w, on_dev) -> torch.Tensor:
+        """The uploaded (token, expert) pairs of a small step by the decode kernels, reading the slot's
+        gate and up apart: each pair as its own row (x repeated), summed back per token."""
+        n_exp = es[0].n_expert
+        lv = self.expert_streamer.layer_views(node.layer)
+        ex = [mk.Experts(e.qtype, n_exp, e.shape[1], e.shape[2], lv[e.name].view(n_exp * e.shape[1], -1))
+              for e in es]
+        t, j = np.nonzero(on_dev)
+        meta = torch.as_tensor(np.stack([t, ids[t, j]]).astype(np.int64), device=self.device)
+        wd = torch.as_tensor(w[t, j][:, None], device=self.device)
+        y = mk.decode(x[meta[0]], meta[1][:, None], wd, ex[0], ex[2], up=ex[1])
+        return torch.zeros((x.shape[0], y.shape[1]), dtype=torch.float32, device=self.device).index_add_(0, meta[0], y)
+
     def _moe_streamed(self, node, x, logits, ctx):
         """Experts in host memory: route, upload those the policy wants (copies start now), let the host
         backend compute the others meanwhile, then compute the uploaded ones here."""
@@ -175,9 +195,7 @@ class MoEMixin:
         k, n_exp, T = p["top_k"], p["n_expert"], x.shape[0]
         entry = self.residency[names[0]]
         ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
-        counts = expert_counts(ids, n_exp)
-        up = [int(e) for e in np.nonzero(counts)[0]
-              if self.policy.should_upload_expert(Op.MOE, entry, int(counts[e]), T)]
+        up = self.policy.experts_to_upload(Op.MOE, entry, expert_counts(ids, n_exp), T)
         st = self._expert_streamer()
         before = st.stats.bytes_streamed
         views = st.acquire(node.layer, up) if up else {}
@@ -195,8 +213,10 @@ class MoEMixin:
             if prof is not None:
                 prof.add("cpu experts (for the device)", time.perf_counter() - t0, int(np.unique(ids[host_pairs]).size))
         es = [self.residency[n] for n in names]
-        if up and self._use_moe_kernels() and self.dtype != torch.float32 and es[0].qtype == es[1].qtype \
-                and all(e.qtype in mk.TYPES for e in es):  # grouped GEMMs over the slot, experts by id
+        kernels = up and self._use_moe_kernels() and es[0].qtype == es[1].qtype and all(e.qtype in mk.TYPES for e in es)
+        if kernels and (is_small_batch(T) or self.dtype == torch.float32):  # GEMVs over the slot's experts
+            out += self._slot_decode(node, es, x, ids, w, ~host_pairs)
+        elif kernels:  # grouped GEMMs over the slot, experts by id
             lv = st.layer_views(node.layer)
             ex = [mk.Experts(e.qtype, n_exp, e.shape[1], e.shape[2], lv[e.name].view(n_exp * e.shape[1], -1))
                   for e in es]

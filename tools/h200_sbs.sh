@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill large moe moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill large moe moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -86,7 +86,11 @@ moe)
   s "MoE qwen3-30b-a3b Q4_0, -ngl 99 with the experts of N layers on the host"
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md
-  timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+  timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+moeprof)
+  s "MoE qwen3-30b-a3b Q4_0 -ncmoe 48: where a decode step and a prompt go"
+  synth q3moe qwen3-30b-a3b Q4_0
+  timeout 150 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 16 -ub 2048 -ngl 99 -ncmoe 48 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -80 ;;
 moek)
   s "MoE kernels (moe_kernels.py): GPU tests, graph-timed against the old path, config sweeps"
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_kernels.py tests/test_moe_gpu.py 2>&1 | tail -15

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill large moe moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill large moe moesmall moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -87,6 +87,11 @@ moe)
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md
   timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+moesmall)
+  s "MoE decode with host experts by CPU thread count (qwen3-30b-a3b shapes, 8 layers), then profiled"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout 150 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -t ${MOE_T:-4,8,12,15,16} -r 2 2>&1 | grep -v "^ *$"
+  timeout 60 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -30 ;;
 moeprof)
   s "MoE qwen3-30b-a3b Q4_0 -ncmoe 48: where a decode step and a prompt go"
   synth q3moe qwen3-30b-a3b Q4_0

@@ -91,7 +91,7 @@ moesmall)
   s "MoE decode with host experts by CPU thread count (qwen3-30b-a3b shapes, 8 layers), then profiled"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout 150 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -t ${MOE_T:-4,8,12,15,16} -r 2 2>&1 | grep -v "^ *$"
-  timeout 60 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -30 ;;
+  timeout 80 python3 -W always -m lstream.cli bench -m $M/q3moe8.gguf -p 2048 -n 16 -ub 2048 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -45 ;;
 moeprof)
   s "MoE qwen3-30b-a3b Q4_0 -ncmoe 48: where a decode step and a prompt go"
   synth q3moe qwen3-30b-a3b Q4_0

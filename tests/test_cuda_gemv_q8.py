@@ -80,6 +80,31 @@ def test_gemv_q8_odd_shapes(qt, shape):
         assert got.shape == (batch, n_rows) and nmse < 5e-4, (batch, nmse)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("qt", [QType.Q4_0, QType.Q5_1, QType.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("shape", [(14336, 4096), (300, 576)], ids=str)
+def test_gemv_glu_fused_activation(qt, shape):
+    """The FFN's gate|up GEMV with SwiGLU in its epilogue (gemv_glu): against float64 on the
+    dequantized weight, and against the plain GEMV + activation kernel it replaces."""
+    from lstream.backends.cuda import decode_kernels as dk
+    n_ffn, n_cols = shape
+    p = repack.repack(torch.from_numpy(_blocks(qt, 2 * n_ffn, n_cols, 6)).cuda(), qt, 2 * n_ffn, n_cols)
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, n_cols, generator=torch.Generator().manual_seed(batch))
+        x[:, 5] = 300.0  # an outlier feature
+        x = x.cuda().bfloat16()
+        gu = x.double().cpu() @ gemv_q8.dequantize(p).double().cpu().t()
+        ref = torch.nn.functional.silu(gu[:, :n_ffn]) * gu[:, n_ffn:]
+        got = gemv_q8.gemv_glu(x, p, n_ffn, torch.float32)
+        assert got is not None and got.shape == (batch, n_ffn) and got.dtype == torch.float32
+        nmse = float(((got.double().cpu() - ref) ** 2).sum() / (ref ** 2).sum())
+        assert nmse < 1e-3, (batch, nmse)
+        y = gemv_q8.gemv(x, p)
+        two = dk.act(y[:, :n_ffn], y[:, n_ffn:], False, torch.bfloat16)
+        one = gemv_q8.gemv_glu(x, p, n_ffn, torch.bfloat16)
+        assert torch.allclose(one.float(), two.float(), rtol=2e-2, atol=1e-3 * float(two.float().abs().max()))
+
+
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
 def test_dequantize_kernel_bit_exact(dev, qt):

@@ -82,3 +82,23 @@ def test_make_policy_split():
     assert make_policy("split:4").cpu_layers == 4
     with pytest.raises(ValueError, match="split:N"):
         make_policy("split")
+
+
+def test_decode_units_fuse_the_ffn_activation(model_path):
+    """A resident decode split's units: each layer's gate and up GEMVs and SwiGLU as one unit (one
+    launch with the activation in its epilogue on a GPU; node by node elsewhere, as here)."""
+    from lstream.backends.cuda.fused import GateUpAct
+    from lstream.core.executor import RunContext
+    from lstream.core.ops import Op
+    m, dev = _model(model_path, N_LAYER + 1, LayerSplit(0))
+    try:
+        split = next(s for s in m.plan(1).splits if s.backend == dev.name)
+        ctx = RunContext(tokens=np.zeros(1, np.int32), positions=np.zeros(1, np.int64), n_past=0, kv=m.kv,
+                         residency=m.residency)
+        units = dev.compile_split(split.assignments, m.executor.last_use, ctx)
+        glu = [u for u in units if isinstance(u, GateUpAct)]
+        assert len(glu) == N_LAYER
+        assert all([n.op for n in u.nodes] == [Op.MATMUL, Op.MATMUL, Op.SWIGLU] for u in glu)
+        assert all(u.nodes[0].name.endswith("gate") and u.outputs == [u.nodes[2].id] for u in glu)
+    finally:
+        m.close()

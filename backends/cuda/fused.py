@@ -2,6 +2,7 @@
 
   ADD + the RMS_NORM that reads it           -> decode_kernels.add_rms_norm (residual and norm)
   ROPE(q) + ROPE(k) + ATTENTION(q', k', v)   -> rope_store + split-K attention over the cache
+  MATMUL(gate) + MATMUL(up) + SWIGLU         -> one int8 GEMV over gate|up, SwiGLU in its epilogue
 
 A unit takes the fast path in a static step (core/replay.py: positions on the device) of a layer
 whose K/V live here; anywhere else it runs its nodes one by one through compute(), so fusion
@@ -9,11 +10,15 @@ never changes what a plan computes, only how many kernels it launches.
 """
 from __future__ import annotations
 
+import os
+
 from ...core.batch import is_small_batch
 from ...core.executor import Fused
 from ...core.ops import Op
 from . import decode_kernels as dk
+from . import gemv_q8
 from .attention import DeviceKV
+from .repack import Packed
 
 
 class _Unit(Fused):
@@ -64,6 +69,25 @@ class RopeAttention(_Unit):
                              pa["n_head"], pa["n_head_kv"], self.be.dtype, use_triton=self.be.use_triton)]
 
 
+class GateUpAct(_Unit):
+    """The FFN's gate and up GEMVs and SwiGLU: one launch of the int8 GEMV over the stacked gate|up
+    weight with the activation in its epilogue (backends/cuda/gemv_q8.gemv_glu)."""
+
+    def fast(self, args, ctx):
+        gate, up, _ = self.nodes
+        stack = self.be._stacks.get(gate.weights[0])
+        if stack is None or len(gate.weights) > 1 or len(up.weights) > 1 or os.environ.get("LSTREAM_GLU") == "0":
+            return None
+        big, rows, names = stack
+        if not isinstance(big, Packed) or names != [gate.weights[0], up.weights[0]] or rows.start != 0:
+            return None
+        y = gemv_q8.gemv_glu(args[0], big, rows.stop, self.be.dtype)
+        if y is not None:
+            self.be._after(gate, ctx)
+            self.be._after(up, ctx)
+        return None if y is None else [y]
+
+
 def compile_split(backend, assignments, last_use: dict, ctx) -> list | None:
     """A decode-sized split's nodes with the fusable runs as units, or None when there are none."""
     if not is_small_batch(len(ctx.tokens)):
@@ -81,6 +105,11 @@ def compile_split(backend, assignments, last_use: dict, ctx) -> list | None:
               and nx2.op is Op.ATTENTION and nx2.inputs[:2] == (n.id, nxt.id)):
             units.append(RopeAttention(backend, [n, nxt, nx2], k, [n.inputs[0], nxt.inputs[0], nx2.inputs[2]],
                                        [nx2.id]))
+            k, found = k + 3, True
+        elif (n.op is Op.MATMUL and nxt is not None and nxt.op is Op.MATMUL and nx2 is not None
+              and nx2.op is Op.SWIGLU and nx2.inputs == (n.id, nxt.id) and n.inputs == nxt.inputs
+              and last_use.get(n.id) == nx2.id and last_use.get(nxt.id) == nx2.id):
+            units.append(GateUpAct(backend, [n, nxt, nx2], k, list(n.inputs), [nx2.id]))
             k, found = k + 3, True
         else:
             units.append(n)

@@ -136,6 +136,19 @@ def config(p: Packed, batch: int) -> tuple[int, int, int]:
     return bn, kb, 4
 
 
+def gemv_glu(x: torch.Tensor, p: Packed, n_ffn: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """silu(x @ gate^T) * (x @ up^T) in `dtype`, p = gate|up stacked (2 * n_ffn rows), by one launch
+    of the Gluon GEMV per SMALL_BATCH rows (the activation in its epilogue); None without Gluon."""
+    if not (x.is_cuda and gemv_q8_gluon.HAVE_GLUON) or p.qtype not in _KIND or p.n_rows != 2 * n_ffn \
+            or x.shape[1] != p.n_cols:
+        return None
+    x = x.contiguous()
+    out = torch.empty((x.shape[0], n_ffn), dtype=dtype, device=x.device)
+    for s in range(0, x.shape[0], SMALL_BATCH):
+        gemv_q8_gluon.launch(x[s:s + SMALL_BATCH], p, out[s:s + SMALL_BATCH], _KIND[p.qtype], glu=n_ffn)
+    return out
+
+
 def gemv(x: torch.Tensor, p: Packed, out: torch.Tensor | None = None, cfg=None) -> torch.Tensor:
     """y = x @ W^T in fp32: x (B, n_cols) fp32/bf16/fp16 with B <= SMALL_BATCH per launch."""
     bsz, k = x.shape

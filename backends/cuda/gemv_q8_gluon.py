@@ -67,11 +67,36 @@ if HAVE_GLUON:
         return w, s
 
     @gluon.jit
-    def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB,
+    def _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi,
+              BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr):
+        """One step's [KB, BN, BP] products of the weight rows at pw (scales at od) with the packed x."""
+        w = gl.load(pw)  # [KB, BN, 1, 4]
+        if BITS == 8:
+            lo = w
+            hi = gl.load(pw + 4)
+        else:
+            lo = w & 0x0F0F0F0F  # quants 4i..4i+3 of word i (low nibbles)
+            hi = (w >> 4) & 0x0F0F0F0F  # quants 16+4i.. (high nibbles)
+            if HAS_QH:
+                qh = gl.expand_dims(gl.load(qh_ptr + od), 3)  # [KB, BN, 1, 1]
+                lo = lo | _spread((qh >> (4 * wi)) & 15)
+                hi = hi | _spread((qh >> (16 + 4 * wi)) & 15)
+        lo, xa = gl.broadcast(lo, xwa)
+        hi, xb = gl.broadcast(hi, xwb)
+        dot = gl.sum(_dp4a(hi, xb, _dp4a(lo, xa, gl.zeros_like(lo))), axis=3)  # [KB, BN, BP]
+        inc = gl.load(d_ptr + od).to(gl.float32) * (dx * (dot.to(gl.float32) - OFF * sqf))
+        if HAS_MIN:
+            inc += gl.load(m_ptr + od).to(gl.float32) * (dx * sqf)
+        return inc
+
+    @gluon.jit
+    def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB, U,
                BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr,
-               BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
+               GLU: gl.constexpr, BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
         """Rows [pid*BN, +BN) of y for all BP batch rows; KB blocks per step, one per thread.
-        Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word."""
+        Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word.
+        GLU: y = silu(rows r) * (rows U + r) of a stacked gate|up weight (the FFN's activation in
+        the epilogue: no separate launch; x is quantized once for both)."""
         L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4, 4], [32, 1, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LW: gl.constexpr = gl.SliceLayout(4, L5)
         L3: gl.constexpr = gl.SliceLayout(3, LW)
@@ -85,8 +110,11 @@ if HAVE_GLUON:
         pw = qs_ptr + (row4 * (NB * WPB) + _ar(KB, 0, 4, LW) * WPB + _ar(4, 3, 4, LW))
         row3 = gl.minimum(pid * BN + _ar(BN, 1, 3, L3), N - 1)
         od = row3 * NB + _ar(KB, 0, 3, L3)  # [KB, BN, 1]: where d, m, qh of (row, block) are
+        pwu = pw + U * (NB * WPB)  # GLU: the up rows
+        odu = od + U * NB
         wi = _ar(4, 3, 4, LW)
         acc = gl.zeros([KB, BN, BP], gl.float32, layout=L3)
+        accu = gl.zeros([KB, BN, BP], gl.float32, layout=L3)
         for k0 in range(0, NB, KB):
             xa = gl.load(px).to(gl.float32)  # values 0-15 of each block
             xb = gl.load(px + 16).to(gl.float32)  # values 16-31
@@ -95,36 +123,23 @@ if HAVE_GLUON:
             inv5 = gl.expand_dims(gl.expand_dims(inv, 3), 4)
             xwa, sa = _quant(xa, inv5, e)
             xwb, sb = _quant(xb, inv5, e)
-            sq = sa + sb  # [KB, 1, BP]
-            w = gl.load(pw)  # [KB, BN, 1, 4]
-            if BITS == 8:
-                lo = w
-                hi = gl.load(pw + 4)
-            else:
-                lo = w & 0x0F0F0F0F  # quants 4i..4i+3 of word i (low nibbles)
-                hi = (w >> 4) & 0x0F0F0F0F  # quants 16+4i.. (high nibbles)
-                if HAS_QH:
-                    qh = gl.expand_dims(gl.load(qh_ptr + od), 3)  # [KB, BN, 1, 1]
-                    lo = lo | _spread((qh >> (4 * wi)) & 15)
-                    hi = hi | _spread((qh >> (16 + 4 * wi)) & 15)
-            lo, xwa = gl.broadcast(lo, xwa)
-            hi, xwb = gl.broadcast(hi, xwb)
-            dot = gl.sum(_dp4a(hi, xwb, _dp4a(lo, xwa, gl.zeros_like(lo))), axis=3)  # [KB, BN, BP]
+            sqf = (sa + sb).to(gl.float32)  # [KB, 1, BP]
             dx = amax * (1.0 / 127.0)
-            sqf = sq.to(gl.float32)
-            d = gl.load(d_ptr + od).to(gl.float32)
-            acc += d * (dx * (dot.to(gl.float32) - OFF * sqf))
-            if HAS_MIN:
-                acc += gl.load(m_ptr + od).to(gl.float32) * (dx * sqf)
+            acc += _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
+            if GLU:
+                accu += _wdot(pwu, odu, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
+                pwu += KB * WPB
+                odu += KB
             px += KB * 32
             pw += KB * WPB
             od += KB
         y = gl.sum(acc, axis=0)  # [BN, BP]: the only cross-thread sum
+        if GLU:
+            y = y / (1.0 + gl.exp(-y)) * gl.sum(accu, axis=0)
         LY: gl.constexpr = gl.SliceLayout(0, L3)
         ro = pid * BN + _ar(BN, 0, 2, LY)
         bo = _ar(BP, 1, 2, LY)
-        gl.store(out_ptr + bo * N + ro, y, mask=(ro < N) & (bo < B))
-
+        gl.store(out_ptr + bo * N + ro, y.to(out_ptr.dtype.element_ty), mask=(ro < N) & (bo < B))
 
 
 def config(p: Packed, batch: int) -> tuple[int, int, int]:
@@ -142,15 +157,20 @@ def config(p: Packed, batch: int) -> tuple[int, int, int]:
     return bn, kb, nw
 
 
-def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, int, int], cfg=None) -> None:
-    """out[:B] = x @ W^T for one launch (B <= SMALL_BATCH); x contiguous fp32/bf16/fp16."""
+def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, int, int], cfg=None,
+           glu: int = 0) -> None:
+    """out[:B] = x @ W^T for one launch (B <= SMALL_BATCH); x contiguous fp32/bf16/fp16. glu = F > 0:
+    p is gate|up stacked (2F rows) and out[:B, :F] = silu(x @ gate^T) * (x @ up^T), in out's dtype."""
     bits, off, has_min, has_qh = kind
     bn, kb, nw = cfg or config(p, x.shape[0])
+    if glu:
+        bn = max(1, bn // 2)  # two accumulators per program: as many weight rows as the plain GEMV's
+    n = glu or p.n_rows
     dummy = p.d
     bp = 1
     while bp < x.shape[0]:
         bp *= 2
-    _k_q8g[((p.n_rows + bn - 1) // bn,)](
+    _k_q8g[((n + bn - 1) // bn,)](
         x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
-        x.shape[0], p.n_rows, p.n_cols // 32, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
-        BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)
+        x.shape[0], n, p.n_cols // 32, glu, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
+        GLU=bool(glu), BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)

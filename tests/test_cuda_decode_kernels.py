@@ -91,6 +91,25 @@ def test_attention(dev, g, window, positions, n_ctx):
     assert _nmse(out, ref) < 1e-4
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+def test_attention_fused_combine(dev, monkeypatch):
+    """The last program of each (token, kv head) combines the splits (a counter, zero again after
+    every launch): the same output as the separate combine launch, launch after launch."""
+    gen = torch.Generator().manual_seed(6)
+    n_kv, g, hd, n_ctx = 2, 4, 64, 320
+    kc = torch.randn(n_ctx, n_kv, hd, generator=gen).to(torch.bfloat16).to(dev)
+    vc = torch.randn(n_ctx, n_kv, hd, generator=gen).to(torch.bfloat16).to(dev)
+    pos = torch.tensor([200, 7, 0], device=dev)
+    qo = (torch.randn(3, n_kv * g, hd, generator=gen) * 2).to(dev)
+    args = (qo, kc, vc, pos, hd ** -0.5, 0, n_kv * g, n_kv, torch.float32)
+    fused = [dk.attention(*args) for _ in range(3)]
+    assert not dk._counters(qo.device).any()
+    monkeypatch.setenv("LSTREAM_ATTN_FUSED", "0")
+    two = dk.attention(*args)
+    for f in fused:
+        assert torch.allclose(f, two, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_static_attention_fallback_matches(window):
     """Where the split-K kernel fails its self-check, a static step's attention takes SDPA over the

@@ -12,6 +12,8 @@ Without Triton (the CPU) each has a torch reference that computes the same funct
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .dequant import HAVE_TRITON, tl, triton, triton_usable
@@ -95,12 +97,14 @@ if HAVE_TRITON:
             tl.store(vc_ptr + row * HD + d, v.to(vc_ptr.dtype.element_ty), mask=dm)
 
     @triton.jit
-    def _k_attn_split(q_ptr, kc_ptr, vc_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr, scale, window, n_head, n_kv,
-                      G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-                      BF16_DOT: tl.constexpr):
+    def _k_attn_split(q_ptr, kc_ptr, vc_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, out_ptr, scale, window,
+                      n_head, n_kv, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr,
+                      NS: tl.constexpr, BF16_DOT: tl.constexpr, FUSED: tl.constexpr):
         """Program (kv head, split, t): the G query heads of one kv head over one split of the
         keys [lo, pos_t]; writes the split's running max, sum and unnormalized output. The dots
-        take bf16 on a GPU; fp32 in the interpreter (which multiplies bf16 bit patterns)."""
+        take bf16 on a GPU; fp32 in the interpreter (which multiplies bf16 bit patterns).
+        FUSED: the last of the NS programs of (t, kv head) to finish (a counter) combines their
+        heads' splits into out and zeroes the counter: no second launch."""
         DT: tl.constexpr = tl.bfloat16 if BF16_DOT else tl.float32
         kvh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -140,6 +144,27 @@ if HAVE_TRITON:
         tl.store(pm_ptr + slot, m_i, mask=gm)
         tl.store(pl_ptr + slot, l_i, mask=gm)
         tl.store(po_ptr + slot[:, None] * HD + d[None, :], acc, mask=gm[:, None])
+        if FUSED:
+            tl.debug_barrier()  # every thread's partials stored before the release below
+            done = tl.atomic_add(cnt_ptr + t * n_kv + kvh, 1, sem="acq_rel")
+            if done == NS - 1:
+                for gi in range(G):
+                    _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, t, kvh * G + gi, n_head, HD, NS)
+                tl.store(cnt_ptr + t * n_kv + kvh, 0)  # ready for the next launch (a graph's replay)
+
+    @triton.jit
+    def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, t, h, n_head, HD: tl.constexpr, NS: tl.constexpr):
+        """Head h of token t: its NS splits' partials merged (loads past L1: other programs wrote them)."""
+        s = tl.arange(0, NS)
+        d = tl.arange(0, HD)
+        base = (t * n_head + h) * NS
+        m = tl.load(pm_ptr + base + s, cache_modifier=".cg")
+        l_ = tl.load(pl_ptr + base + s, cache_modifier=".cg")
+        mx = tl.max(m, axis=0)
+        w = tl.where(m > float("-inf"), tl.exp(m - mx), 0.0)
+        o = tl.load(po_ptr + (base + s)[:, None] * HD + d[None, :], cache_modifier=".cg")
+        y = tl.sum(o * w[:, None], axis=0) / tl.sum(l_ * w, axis=0)
+        tl.store(out_ptr + (t * n_head + h) * HD + d, y.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _k_attn_combine(po_ptr, pm_ptr, pl_ptr, out_ptr, n_head, HD: tl.constexpr, NS: tl.constexpr):
@@ -227,13 +252,29 @@ def attention(qo, k_cache, v_cache, positions, scale: float, window: int, n_head
         po = torch.empty((t, n_head, n_splits, hd), dtype=torch.float32, device=qo.device)
         pm = torch.empty((t, n_head, n_splits), dtype=torch.float32, device=qo.device)
         pl = torch.empty_like(pm)
-        _k_attn_split[(n_kv, n_splits, t)](qo, k_cache, v_cache, positions, po, pm, pl, scale, int(window or 0),
-                                            n_head, n_kv, G=g, GP=max(16, triton.next_power_of_2(g)), HD=hd,
-                                            BN=32, NS=n_splits, BF16_DOT=qo.is_cuda, num_warps=4)
         out = torch.empty((t, n_head * hd), dtype=dtype, device=qo.device)
-        _k_attn_combine[(t, n_head)](po, pm, pl, out, n_head, HD=hd, NS=n_splits, num_warps=4)
+        fused = os.environ.get("LSTREAM_ATTN_FUSED") != "0" and t * n_kv <= N_COUNTERS
+        cnt = _counters(qo.device) if fused else pm
+        _k_attn_split[(n_kv, n_splits, t)](qo, k_cache, v_cache, positions, po, pm, pl, cnt, out, scale,
+                                            int(window or 0), n_head, n_kv, G=g, GP=max(16, triton.next_power_of_2(g)),
+                                            HD=hd, BN=32, NS=n_splits, BF16_DOT=qo.is_cuda, FUSED=fused, num_warps=4)
+        if not fused:
+            _k_attn_combine[(t, n_head)](po, pm, pl, out, n_head, HD=hd, NS=n_splits, num_warps=4)
         return out
     return attention_reference(qo, k_cache, v_cache, positions, scale, window, n_kv).to(dtype)
+
+
+_COUNTERS: dict = {}
+N_COUNTERS = 4096  # (token, kv head) pairs a fused launch may count: a decode step's few tokens
+
+
+def _counters(device) -> torch.Tensor:
+    """Zeroed int32 counters of the fused attention (each launch leaves them zero again): one fixed
+    buffer per device, never replaced (captured graphs keep its address)."""
+    c = _COUNTERS.get(device)
+    if c is None:
+        c = _COUNTERS[device] = torch.zeros(N_COUNTERS, dtype=torch.int32, device=device)
+    return c
 
 
 def attention_reference(qo, k_cache, v_cache, positions, scale: float, window: int, n_kv: int) -> torch.Tensor:

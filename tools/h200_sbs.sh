@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests readme gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
+# Sections by argument: tests readme ab gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
 # decode depth prefill large moe moesmall moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
@@ -47,6 +47,12 @@ ownrows)
   s "lstream alone (no llama.cpp in this call): resident decode at depth 0 and 4096, prefill -ub 512/2048"
   timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
+ab)
+  s "resident decode, alternated: default vs the fused FFN activation and attention combine off"
+  for i in 1 2; do
+    timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32"
+    LSTREAM_GLU=0 LSTREAM_ATTN_FUSED=0 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (unfused)/'
+  done ;;
 tg33)
   s "lstream alone: resident decode"
   timeout 100 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep -v "^ *$" ;;
@@ -64,7 +70,7 @@ profile)
 decode)
   llama_cpp
   s "decode -p 0 -n 32"
-  timeout 150 $L -p 0 -n 32 -ngl 33,16,0 -fa 0,1 -r 3
+  timeout 150 $L -p 0 -n 32 -ngl 33,16,0 -fa ${LFA:-0,1} -r 3
   timeout 150 $B -p 0 -n 32 -ngl 33,16,0 -r 3 2>&1 ;;
 depth)
   llama_cpp

@@ -94,10 +94,10 @@ moe)
   timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md
   timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
 moesmall)
-  s "MoE decode with host experts by CPU thread count (qwen3-30b-a3b shapes, 8 layers), then profiled"
+  s "MoE with host experts on an 8-layer Qwen3-30B-A3B shape: a prompt and decode profiled, decode by CPU threads"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
-  timeout 150 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -t ${MOE_T:-4,8,12,15,16} -r 2 2>&1 | grep -v "^ *$"
-  timeout 80 python3 -W always -m lstream.cli bench -m $M/q3moe8.gguf -p 2048 -n 16 -ub 2048 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -45 ;;
+  timeout 80 python3 -W always -m lstream.cli bench -m $M/q3moe8.gguf -p 2048 -n 16 -ub 2048 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -45
+  timeout 150 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -t ${MOE_T:-4,8,12,15,16} -r 2 2>&1 | grep -v "^ *$" ;;
 moeprof)
   s "MoE qwen3-30b-a3b Q4_0 -ncmoe 48: where a decode step and a prompt go"
   synth q3moe qwen3-30b-a3b Q4_0

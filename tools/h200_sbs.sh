@@ -49,7 +49,7 @@ ownrows)
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
 ab)
   s "resident decode, alternated: default vs the fused FFN activation and attention combine off"
-  for i in 1 2; do
+  for i in $(seq ${AB_ROUNDS:-2}); do
     timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32"
     LSTREAM_GLU=0 LSTREAM_ATTN_FUSED=0 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (unfused)/'
   done ;;

@@ -102,6 +102,7 @@ def test_attention_fused_combine(dev, monkeypatch):
     pos = torch.tensor([200, 7, 0], device=dev)
     qo = (torch.randn(3, n_kv * g, hd, generator=gen) * 2).to(dev)
     args = (qo, kc, vc, pos, hd ** -0.5, 0, n_kv * g, n_kv, torch.float32)
+    monkeypatch.setenv("LSTREAM_ATTN_FUSED", "1")
     fused = [dk.attention(*args) for _ in range(3)]
     assert not dk._counters(qo.device).any()
     monkeypatch.setenv("LSTREAM_ATTN_FUSED", "0")

@@ -48,10 +48,11 @@ ownrows)
   timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
 ab)
-  s "resident decode, alternated: default vs the fused FFN activation and attention combine off"
+  s "resident decode, alternated: default, the fused FFN activation (LSTREAM_GLU=1), the fused attention combine"
   for i in $(seq ${AB_ROUNDS:-2}); do
     timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32"
-    LSTREAM_GLU=0 LSTREAM_ATTN_FUSED=0 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (unfused)/'
+    LSTREAM_GLU=1 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (GLU)/'
+    LSTREAM_ATTN_FUSED=1 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (attention combine)/'
   done ;;
 tg33)
   s "lstream alone: resident decode"

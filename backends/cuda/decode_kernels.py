@@ -253,7 +253,8 @@ def attention(qo, k_cache, v_cache, positions, scale: float, window: int, n_head
         pm = torch.empty((t, n_head, n_splits), dtype=torch.float32, device=qo.device)
         pl = torch.empty_like(pm)
         out = torch.empty((t, n_head * hd), dtype=dtype, device=qo.device)
-        fused = os.environ.get("LSTREAM_ATTN_FUSED") != "0" and t * n_kv <= N_COUNTERS
+        # opt-in: with the fused FFN activation it measured slower on the H200 (tools/gpu_notes.md)
+        fused = os.environ.get("LSTREAM_ATTN_FUSED") == "1" and t * n_kv <= N_COUNTERS
         cnt = _counters(qo.device) if fused else pm
         _k_attn_split[(n_kv, n_splits, t)](qo, k_cache, v_cache, positions, po, pm, pl, cnt, out, scale,
                                             int(window or 0), n_head, n_kv, G=g, GP=max(16, triton.next_power_of_2(g)),

@@ -3,6 +3,7 @@
   ADD + the RMS_NORM that reads it           -> decode_kernels.add_rms_norm (residual and norm)
   ROPE(q) + ROPE(k) + ATTENTION(q', k', v)   -> rope_store + split-K attention over the cache
   MATMUL(gate) + MATMUL(up) + SWIGLU         -> one int8 GEMV over gate|up, SwiGLU in its epilogue
+                                                (opt-in, LSTREAM_GLU=1: not faster yet)
 
 A unit takes the fast path in a static step (core/replay.py: positions on the device) of a layer
 whose K/V live here; anywhere else it runs its nodes one by one through compute(), so fusion
@@ -71,12 +72,14 @@ class RopeAttention(_Unit):
 
 class GateUpAct(_Unit):
     """The FFN's gate and up GEMVs and SwiGLU: one launch of the int8 GEMV over the stacked gate|up
-    weight with the activation in its epilogue (backends/cuda/gemv_q8.gemv_glu)."""
+    weight with the activation in its epilogue (backends/cuda/gemv_q8.gemv_glu). Opt-in
+    (LSTREAM_GLU=1): on the H200, with the fused attention combine, resident decode measured 385.6
+    t/s against 406.5 without both (tools/gpu_notes.md); which of the two loses is not known yet."""
 
     def fast(self, args, ctx):
         gate, up, _ = self.nodes
         stack = self.be._stacks.get(gate.weights[0])
-        if stack is None or len(gate.weights) > 1 or len(up.weights) > 1 or os.environ.get("LSTREAM_GLU") == "0":
+        if stack is None or len(gate.weights) > 1 or len(up.weights) > 1 or os.environ.get("LSTREAM_GLU") != "1":
             return None
         big, rows, names = stack
         if not isinstance(big, Packed) or names != [gate.weights[0], up.weights[0]] or rows.start != 0:

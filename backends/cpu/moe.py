@@ -86,6 +86,8 @@ def _pairs(gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
     y = np.empty((len(flat), down.rows), np.float32)
     K.down_pairs(*down.whole.kernel_args(), hq, hd, hs, exp, down.rows, y)
     y *= w.reshape(-1)[flat][:, None]
+    if len(flat) == ids.size:  # every pair here: token t's are rows t*k..t*k+k-1 (np.add.at: ~50x slower)
+        return y.reshape(len(x), k, -1).sum(axis=1)
     np.add.at(out, tok, y)
     return out
 

@@ -175,13 +175,17 @@ class MoEMixin:
             out.index_add_(0, tok, y * w_dev[torch.as_tensor(pairs, device=self.device)][:, None])
         return out
 
+    def _slot_experts(self, node, es) -> list:
+        """The expert slot holding node's layer as the kernels' operands, one Experts per tensor (gate,
+        up, down: the slot keeps them apart; the kernels read the acquired experts by id)."""
+        lv = self.expert_streamer.layer_views(node.layer)
+        return [mk.Experts(e.qtype, e.n_expert, e.shape[1], e.shape[2], lv[e.name].view(e.n_expert * e.shape[1], -1))
+                for e in es]
+
     def _slot_decode(self, node, es, x, ids, w, on_dev) -> torch.Tensor:
         """The uploaded (token, expert) pairs of a small step by the decode kernels, reading the slot's
         gate and up apart: each pair as its own row (x repeated), summed back per token."""
-        n_exp = es[0].n_expert
-        lv = self.expert_streamer.layer_views(node.layer)
-        ex = [mk.Experts(e.qtype, n_exp, e.shape[1], e.shape[2], lv[e.name].view(n_exp * e.shape[1], -1))
-              for e in es]
+        ex = self._slot_experts(node, es)
         t, j = np.nonzero(on_dev)
         meta = torch.as_tensor(np.stack([t, ids[t, j]]).astype(np.int64), device=self.device)
         wd = torch.as_tensor(w[t, j][:, None], device=self.device)
@@ -217,9 +221,7 @@ class MoEMixin:
         if kernels and (is_small_batch(T) or self.dtype == torch.float32):  # GEMVs over the slot's experts
             out += self._slot_decode(node, es, x, ids, w, ~host_pairs)
         elif kernels:  # grouped GEMMs over the slot, experts by id
-            lv = st.layer_views(node.layer)
-            ex = [mk.Experts(e.qtype, n_exp, e.shape[1], e.shape[2], lv[e.name].view(n_exp * e.shape[1], -1))
-                  for e in es]
+            ex = self._slot_experts(node, es)
             dev_ids = torch.as_tensor(np.where(host_pairs, -1, ids), device=self.device)
             out += mk.prefill(x.to(self.dtype), dev_ids, torch.as_tensor(w, device=self.device), ex[0], ex[2], up=ex[1])
         elif up:  # per uploaded expert: dequantize, multiply

@@ -73,6 +73,38 @@ def test_rope_store(dev, neox, n_rot):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("neox,n_rot,g,window,pos,n_ctx", [(False, 64, 4, 0, 150, 320), (True, 32, 2, 40, 97, 320),
+                                                           (True, 64, 1, 0, 0, 320), (False, 64, 4, 0, 4100, 4200)])
+def test_rope_attention_one_launch(dev, neox, n_rot, g, window, pos, n_ctx):
+    """One token's RoPE, K/V write and attention in the split launch (rope_attention) against
+    rope_store + attention: the same output, the same cache rows written, nothing else; several
+    tokens are refused (None)."""
+    gen = torch.Generator().manual_seed(6)
+    n_kv, hd = 2, 64
+    n_head = n_kv * g
+    qkv = torch.randn(1, (n_head + 2 * n_kv) * hd, generator=gen).to(dev)
+    q, k, v = qkv[:, :n_head * hd], qkv[:, n_head * hd:(n_head + n_kv) * hd], qkv[:, (n_head + n_kv) * hd:]
+    p = torch.tensor([pos], device=dev)
+    ang = p.double()[:, None] * (10000.0 ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)).to(dev)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    kc = torch.randn(n_ctx, n_kv, hd, generator=gen).to(torch.bfloat16).to(dev)
+    vc = torch.randn(n_ctx, n_kv, hd, generator=gen).to(torch.bfloat16).to(dev)
+    kc0, vc0, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    got = dk.rope_attention(q, k, v, cos, sin, p, kc, vc, hd ** -0.5, window, n_head, n_kv, hd, n_rot, neox,
+                            torch.float32)
+    qo = dk.rope_store(q, k, v, cos, sin, p, kc2, vc2, n_head, n_kv, hd, n_rot, neox)
+    ref = dk.attention(qo, kc2, vc2, p, hd ** -0.5, window, n_head, n_kv, torch.float32)
+    assert got is not None and got.shape == ref.shape
+    assert _nmse(kc[pos], kc2[pos]) < 5e-5 and torch.equal(vc[pos], vc2[pos])
+    others = torch.arange(n_ctx, device=dev) != pos
+    assert torch.equal(kc[others], kc0[others]) and torch.equal(vc[others], vc0[others])  # nothing else written
+    assert _nmse(got, ref) < 1e-5
+    two = torch.cat([qkv, qkv])
+    assert dk.rope_attention(two[:, :n_head * hd], two, two, cos, sin, p, kc, vc, 1.0, 0, n_head, n_kv, hd, n_rot,
+                             neox, torch.float32) is None
+
+
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("g,window,positions,n_ctx", [(4, 0, [150, 151], 320), (1, 0, [0], 320), (2, 40, [97], 320),
                                                      (8, 0, [300], 320), (4, 0, [4100, 30], 4200)])
 def test_attention(dev, g, window, positions, n_ctx):

@@ -48,11 +48,12 @@ ownrows)
   timeout 150 $B -p 0 -n 32 -d 0,4096 -ngl 33 -r 2 2>&1 | grep -v "^ *$"
   timeout 100 $B -p 2048 -n 0 -ub ${OWN_UB:-512} -ngl ${OWN_NGL:-33} -r 2 2>&1 | grep -v "^ *$" ;;
 ab)
-  s "resident decode, alternated: default, the fused FFN activation (LSTREAM_GLU=1), the fused attention combine"
+  s "resident decode, alternated: default and each of \${AB_ENV} (one variable set per run)"
   for i in $(seq ${AB_ROUNDS:-2}); do
-    timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32"
-    LSTREAM_GLU=1 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (GLU)/'
-    LSTREAM_ATTN_FUSED=1 timeout 60 $B -p 0 -n 32 -ngl 33 -r 3 2>&1 | grep "tg32" | sed 's/$/  (attention combine)/'
+    timeout 60 $B -p 0 -n 32 -ngl ${AB_NGL:-33} -r 3 2>&1 | grep "tg32"
+    for e in ${AB_ENV:-LSTREAM_ADDNORM_GEMV=0 LSTREAM_ROPE_ATTN=0 LSTREAM_GLU=1}; do
+      env $e timeout 60 $B -p 0 -n 32 -ngl ${AB_NGL:-33} -r 3 2>&1 | grep "tg32" | sed "s/$/  ($e)/"
+    done
   done ;;
 tg33)
   s "lstream alone: resident decode"
@@ -71,8 +72,8 @@ profile)
 decode)
   llama_cpp
   s "decode -p 0 -n 32"
-  timeout 150 $L -p 0 -n 32 -ngl 33,16,0 -fa ${LFA:-0,1} -r 3
-  timeout 150 $B -p 0 -n 32 -ngl 33,16,0 -r 3 2>&1 ;;
+  timeout 150 $L -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -fa ${LFA:-0,1} -r 3
+  timeout 150 $B -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -r 3 2>&1 ;;
 depth)
   llama_cpp
   s "decode at depth 4096"

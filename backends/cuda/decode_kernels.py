@@ -97,14 +97,39 @@ if HAVE_TRITON:
             tl.store(vc_ptr + row * HD + d, v.to(vc_ptr.dtype.element_ty), mask=dm)
 
     @triton.jit
+    def _rope_rows(base, cos_ptr, sin_ptr, t, HALF, mask, HD: tl.constexpr, N_ROT: tl.constexpr,
+                   NEOX: tl.constexpr):
+        """RoPE of the rows at base[r] + d (d < HD) of token t as [R, HD] fp32 (as _k_rope_store)."""
+        d = tl.arange(0, HD)
+        if NEOX:
+            i = tl.where(d < HALF, d, d - HALF)
+            partner = tl.where(d < HALF, d + HALF, d - HALF)
+            sign = tl.where(d < HALF, -1.0, 1.0)
+        else:
+            i = d // 2
+            partner = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        rot = d < N_ROT
+        c = tl.load(cos_ptr + t * HALF + i, mask=rot, other=1.0)
+        s = tl.load(sin_ptr + t * HALF + i, mask=rot, other=0.0)
+        x = tl.load(base[:, None] + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        xp = tl.load(base[:, None] + partner[None, :], mask=mask[:, None] & rot[None, :], other=0.0).to(tl.float32)
+        return tl.where(rot[None, :], x * c[None, :] + sign[None, :] * xp * s[None, :], x)
+
+    @triton.jit
     def _k_attn_split(q_ptr, kc_ptr, vc_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, out_ptr, scale, window,
-                      n_head, n_kv, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr,
-                      NS: tl.constexpr, BF16_DOT: tl.constexpr, FUSED: tl.constexpr):
+                      n_head, n_kv, k_ptr, v_ptr, Q_STRIDE, K_STRIDE, V_STRIDE, cos_ptr, sin_ptr, HALF,
+                      G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BN: tl.constexpr,
+                      NS: tl.constexpr, BF16_DOT: tl.constexpr, FUSED: tl.constexpr, ROPE: tl.constexpr,
+                      N_ROT: tl.constexpr, NEOX: tl.constexpr):
         """Program (kv head, split, t): the G query heads of one kv head over one split of the
         keys [lo, pos_t]; writes the split's running max, sum and unnormalized output. The dots
         take bf16 on a GPU; fp32 in the interpreter (which multiplies bf16 bit patterns).
         FUSED: the last of the NS programs of (t, kv head) to finish (a counter) combines their
-        heads' splits into out and zeroes the counter: no second launch."""
+        heads' splits into out and zeroes the counter: no second launch.
+        ROPE (one token per launch): q is the raw projection (rows Q_STRIDE apart), rotated here;
+        the program whose split holds pos_t rotates k and writes k and v into the caches first
+        (rope_store's work without its launch: no other program reads that row)."""
         DT: tl.constexpr = tl.bfloat16 if BF16_DOT else tl.float32
         kvh = tl.program_id(0)
         sp = tl.program_id(1)
@@ -119,7 +144,19 @@ if HAVE_TRITON:
         d = tl.arange(0, HD)
         gm = g < G
         heads = kvh * G + g
-        q = tl.load(q_ptr + (t * n_head + heads[:, None]) * HD + d[None, :], mask=gm[:, None], other=0.0)
+        if ROPE:
+            q = _rope_rows(q_ptr + t * Q_STRIDE + heads * HD, cos_ptr, sin_ptr, t, HALF, gm, HD, N_ROT, NEOX)
+            if (p >= start) & (p < end):
+                one = tl.zeros([1], tl.int64)
+                kr = _rope_rows(k_ptr + t * K_STRIDE + kvh * HD + one, cos_ptr, sin_ptr, t, HALF, one == 0, HD,
+                                N_ROT, NEOX)
+                row = (p.to(tl.int64) * n_kv + kvh) * HD + one[:, None] + d[None, :]
+                tl.store(kc_ptr + row, kr.to(kc_ptr.dtype.element_ty))
+                vr = tl.load(v_ptr + t * V_STRIDE + kvh * HD + one[:, None] + d[None, :])
+                tl.store(vc_ptr + row, vr.to(vc_ptr.dtype.element_ty))
+                tl.debug_barrier()  # the row is read back below by this program's other threads
+        else:
+            q = tl.load(q_ptr + (t * n_head + heads[:, None]) * HD + d[None, :], mask=gm[:, None], other=0.0)
         q = (q * scale).to(DT)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
@@ -242,10 +279,18 @@ def rope_store(q, k, v, cos, sin, positions, k_cache, v_cache, n_head: int, n_kv
 
 
 def attention(qo, k_cache, v_cache, positions, scale: float, window: int, n_head: int, n_kv: int,
-              dtype: torch.dtype, n_splits: int | None = None, use_triton: bool | None = None) -> torch.Tensor:
+              dtype: torch.dtype, n_splits: int | None = None, use_triton: bool | None = None, rope=None,
+              q_shape=None) -> torch.Tensor:
     """Causal GQA of qo (T, n_head, hd) fp32 at positions (T,) over the cache rows [lo, pos_t]
-    (lo = pos_t - window + 1 for a sliding layer). Returns (T, n_head * hd) in `dtype`."""
-    t, _, hd = qo.shape
+    (lo = pos_t - window + 1 for a sliding layer). Returns (T, n_head * hd) in `dtype`.
+    rope = (k, v, (cos, sin), n_rot, neox): qo is the raw q (T, n_head * hd) with q_shape the
+    rotated one's, see rope_attention."""
+    t, _, hd = q_shape or qo.shape
+    if rope:
+        k, v, (cos, sin), n_rot, _ = rope
+        rope_args = (k, v, _rows(qo), _rows(k), _rows(v), cos, sin, n_rot // 2)
+    else:
+        rope_args = (qo, qo, 0, 0, 0, qo, qo, 0)
     n_splits = n_splits or n_splits_for(k_cache.shape[0])
     g = n_head // n_kv
     if _use(qo, use_triton) and hd >= 16 and hd == triton.next_power_of_2(hd):
@@ -257,12 +302,28 @@ def attention(qo, k_cache, v_cache, positions, scale: float, window: int, n_head
         fused = os.environ.get("LSTREAM_ATTN_FUSED") == "1" and t * n_kv <= N_COUNTERS
         cnt = _counters(qo.device) if fused else pm
         _k_attn_split[(n_kv, n_splits, t)](qo, k_cache, v_cache, positions, po, pm, pl, cnt, out, scale,
-                                            int(window or 0), n_head, n_kv, G=g, GP=max(16, triton.next_power_of_2(g)),
-                                            HD=hd, BN=32, NS=n_splits, BF16_DOT=qo.is_cuda, FUSED=fused, num_warps=4)
+                                            int(window or 0), n_head, n_kv, *rope_args, G=g,
+                                            GP=max(16, triton.next_power_of_2(g)), HD=hd, BN=32, NS=n_splits,
+                                            BF16_DOT=qo.is_cuda, FUSED=fused, ROPE=bool(rope), N_ROT=rope[3] if rope
+                                            else hd, NEOX=bool(rope and rope[4]), num_warps=4)
         if not fused:
             _k_attn_combine[(t, n_head)](po, pm, pl, out, n_head, HD=hd, NS=n_splits, num_warps=4)
         return out
     return attention_reference(qo, k_cache, v_cache, positions, scale, window, n_kv).to(dtype)
+
+
+def rope_attention(q, k, v, cos, sin, positions, k_cache, v_cache, scale: float, window: int, n_head: int,
+                   n_kv: int, head_dim: int, n_rot: int, neox: bool, dtype: torch.dtype,
+                   use_triton: bool | None = None) -> torch.Tensor | None:
+    """rope_store + attention of ONE token, RoPE and the cache write inside the split launch (one
+    launch fewer per layer); None where it does not apply (several tokens: a token reads the
+    K/V rows the others write, which only a separate launch orders; no Triton; LSTREAM_ROPE_ATTN=0)."""
+    if q.shape[0] != 1 or not _use(q, use_triton) or head_dim < 16 or head_dim != triton.next_power_of_2(head_dim) \
+            or os.environ.get("LSTREAM_ROPE_ATTN") == "0" or k.dtype != q.dtype:
+        return None
+    shape = (1, n_head, head_dim)
+    return attention(q, k_cache, v_cache, positions, scale, window, n_head, n_kv, dtype, use_triton=use_triton,
+                     rope=(k, v, (cos, sin), n_rot, neox), q_shape=shape)
 
 
 _COUNTERS: dict = {}

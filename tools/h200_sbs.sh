@@ -51,7 +51,7 @@ ab)
   s "resident decode, alternated: default and each of \${AB_ENV} (one variable set per run)"
   for i in $(seq ${AB_ROUNDS:-2}); do
     timeout 60 $B -p 0 -n 32 -ngl ${AB_NGL:-33} -r 3 2>&1 | grep "tg32"
-    for e in ${AB_ENV:-LSTREAM_ADDNORM_GEMV=0 LSTREAM_ROPE_ATTN=0 LSTREAM_GLU=1}; do
+    for e in ${AB_ENV:-LSTREAM_ROPE_ATTN=0 LSTREAM_GLU=1 LSTREAM_ATTN_FUSED=1}; do
       env $e timeout 60 $B -p 0 -n 32 -ngl ${AB_NGL:-33} -r 3 2>&1 | grep "tg32" | sed "s/$/  ($e)/"
     done
   done ;;

@@ -1,7 +1,6 @@
 """Decode steps' nodes fused into single launches on the CUDA backend (Backend.compile_split):
 
   ADD + the RMS_NORM that reads it           -> decode_kernels.add_rms_norm (residual and norm)
-  ADD + RMS_NORM + the stacked GEMV after it -> one int8 GEMV, the add and norm in its prologue
   ROPE(q) + ROPE(k) + ATTENTION(q', k', v)   -> rope_store + split-K attention over the cache (one
                                                 token: RoPE and the K/V write inside the attention)
   MATMUL(gate) + MATMUL(up) + SWIGLU         -> one int8 GEMV over gate|up, SwiGLU in its epilogue
@@ -57,44 +56,6 @@ class AddNorm(_Unit):
         return [s, y]
 
 
-class AddNormGemv(_Unit):
-    """ADD, the RMS_NORM that reads it and the stacked GEMV (q|k|v or gate|up) that reads the norm:
-    one launch of the int8 GEMV with the add and the norm in its prologue (gemv_q8.gemv_addnorm),
-    where AddNorm + GEMV were two; `LSTREAM_ADDNORM_GEMV=0` keeps them apart."""
-
-    def fast(self, args, ctx):
-        x, h = args
-        _, norm, *mms = self.nodes
-        stack = self.be._stacks.get(mms[0].weights[0])
-        if stack is None or os.environ.get("LSTREAM_ADDNORM_GEMV") == "0":
-            return None
-        big, _, names = stack
-        if not isinstance(big, Packed) or names != [m.weights[0] for m in mms] or x.dim() != 2:
-            return None
-        res = gemv_q8.gemv_addnorm(x, h, self.be._small[norm.weights[0]], norm.params["eps"], big)
-        if res is None:
-            return None
-        s, y = res
-        for m in mms:
-            self.be._after(m, ctx)
-        return [s] + [y[:, self.be._stacks[m.weights[0]][1]] for m in mms]
-
-
-def _stack_readers(backend, nodes, k: int, norm, last_use: dict) -> int:
-    """How many nodes from k are the MATMULs of one whole resident stack reading `norm` alone (the
-    norm's last reader among them), else 0."""
-    stack = backend._stacks.get(nodes[k].weights[0]) if k < len(nodes) and nodes[k].op is Op.MATMUL else None
-    if stack is None or norm.params.get("select_output") or os.environ.get("LSTREAM_ADDNORM_GEMV") == "0":
-        return 0
-    names = stack[2]
-    mms = nodes[k:k + len(names)]
-    if [m.weights for m in mms] != [(nm,) for nm in names]:  # no biases: the GEMV adds none
-        return 0
-    if any(m.op is not Op.MATMUL or m.inputs != (norm.id,) for m in mms) or last_use.get(norm.id) != mms[-1].id:
-        return 0
-    return len(mms)
-
-
 class RopeAttention(_Unit):
     def fast(self, args, ctx):
         q, k, v = args
@@ -147,13 +108,8 @@ def compile_split(backend, assignments, last_use: dict, ctx) -> list | None:
         nxt = nodes[k + 1] if k + 1 < len(nodes) else None
         nx2 = nodes[k + 2] if k + 2 < len(nodes) else None
         if n.op is Op.ADD and nxt is not None and nxt.op is Op.RMS_NORM and nxt.inputs == (n.id,):
-            m = _stack_readers(backend, nodes, k + 2, nxt, last_use)
-            if m:
-                mms = nodes[k + 2:k + 2 + m]
-                units.append(AddNormGemv(backend, [n, nxt, *mms], k, list(n.inputs), [n.id] + [x.id for x in mms]))
-            else:
-                units.append(AddNorm(backend, [n, nxt], k, list(n.inputs), [n.id, nxt.id]))
-            k, found = k + 2 + m, True
+            units.append(AddNorm(backend, [n, nxt], k, list(n.inputs), [n.id, nxt.id]))
+            k, found = k + 2, True
         elif (n.op is Op.ROPE and nxt is not None and nxt.op is Op.ROPE and nx2 is not None
               and nx2.op is Op.ATTENTION and nx2.inputs[:2] == (n.id, nxt.id)):
             units.append(RopeAttention(backend, [n, nxt, nx2], k, [n.inputs[0], nxt.inputs[0], nx2.inputs[2]],

@@ -149,21 +149,6 @@ def gemv_glu(x: torch.Tensor, p: Packed, n_ffn: int, dtype: torch.dtype) -> torc
     return out
 
 
-def gemv_addnorm(x: torch.Tensor, h: torch.Tensor, g: torch.Tensor, eps: float, p: Packed):
-    """(s, y): s = x + h and y = rms_norm(s) * g @ W^T in fp32, by one launch of the Gluon GEMV
-    (the add and the norm in its prologue); None without Gluon or fp32 inputs, or
-    above 2 rows (sm_90 builds spill there: the separate norm is cheaper)."""
-    if not (x.is_cuda and gemv_q8_gluon.HAVE_GLUON) or p.qtype not in _KIND or x.dim() != 2 or x.shape[0] > 2 \
-            or x.shape[1] != p.n_cols or h.shape != x.shape or x.dtype != torch.float32 \
-            or h.dtype != torch.float32 or g.dtype != torch.float32 or g.numel() != p.n_cols:
-        return None
-    x, h = x.contiguous(), h.contiguous()
-    s = torch.empty_like(x)
-    y = torch.empty((x.shape[0], p.n_rows), dtype=torch.float32, device=x.device)
-    gemv_q8_gluon.launch(x, p, y, _KIND[p.qtype], addnorm=(h, g, s, eps))
-    return s, y
-
-
 def gemv(x: torch.Tensor, p: Packed, out: torch.Tensor | None = None, cfg=None) -> torch.Tensor:
     """y = x @ W^T in fp32: x (B, n_cols) fp32/bf16/fp16 with B <= SMALL_BATCH per launch."""
     bsz, k = x.shape

@@ -90,29 +90,13 @@ if HAVE_GLUON:
         return inc
 
     @gluon.jit
-    def _rstd5(px, ph, NB, eps, KB: gl.constexpr, BP: gl.constexpr, L5: gl.constexpr):
-        """1 / rms(x + h) of each batch row as [1, 1, BP, 1, 1] in L5: each program sums all of K
-        (a decode row is 16 KB in L2; the sum replaces a separate norm launch)."""
-        L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
-        ss = gl.zeros([KB, 1, BP], gl.float32, layout=L3)
-        for k0 in range(0, NB, KB):
-            a = gl.load(px + k0 * 32) + gl.load(ph + k0 * 32)
-            b = gl.load(px + (k0 * 32 + 16)) + gl.load(ph + (k0 * 32 + 16))
-            ss += gl.sum(gl.sum(a * a + b * b, axis=4), axis=3)
-        r = 1.0 / gl.sqrt(gl.sum(ss, axis=0) / (NB * 32) + eps)  # [1, BP]
-        return gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 3), 4)
-
-    @gluon.jit
-    def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB, U, h_ptr, g_ptr, s_ptr, eps,
+    def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB, U,
                BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr,
-               GLU: gl.constexpr, ADDNORM: gl.constexpr, BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr,
-               NW: gl.constexpr):
+               GLU: gl.constexpr, BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
         """Rows [pid*BN, +BN) of y for all BP batch rows; KB blocks per step, one per thread.
         Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word.
         GLU: y = silu(rows r) * (rows U + r) of a stacked gate|up weight (the FFN's activation in
-        the epilogue: no separate launch; x is quantized once for both).
-        ADDNORM: the GEMV's input is rms_norm(x + h) * g (x, h fp32, the residual add and the norm
-        of a decode step in the prologue: no separate launch); program 0 writes s = x + h."""
+        the epilogue: no separate launch; x is quantized once for both)."""
         L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4, 4], [32, 1, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LW: gl.constexpr = gl.SliceLayout(4, L5)
         L3: gl.constexpr = gl.SliceLayout(3, LW)
@@ -120,15 +104,7 @@ if HAVE_GLUON:
         pid = gl.program_id(0)
         # x: value 16h + 4*word + e of block k0 + blk, batch row bat (clamped: no masks)
         bat5 = gl.minimum(_ar(BP, 2, 5, L5), B - 1)
-        kv5 = _ar(KB, 0, 5, L5) * 32 + _ar(4, 3, 5, L5) * 4 + _ar(4, 4, 5, L5)  # value offset in the step
-        xo = bat5 * (NB * 32) + kv5
-        px = x_ptr + xo
-        ph = h_ptr + xo
-        ps = s_ptr + xo
-        pg = g_ptr + kv5
-        smask = (_ar(BP, 2, 5, L5) < B) & (pid == 0)
-        if ADDNORM:
-            r5 = _rstd5(px, ph, NB, eps, KB, BP, L5)
+        px = x_ptr + (bat5 * (NB * 32) + _ar(KB, 0, 5, L5) * 32 + _ar(4, 3, 5, L5) * 4 + _ar(4, 4, 5, L5))
         e = _ar(4, 4, 5, L5)
         row4 = gl.minimum(pid * BN + _ar(BN, 1, 4, LW), N - 1)
         pw = qs_ptr + (row4 * (NB * WPB) + _ar(KB, 0, 4, LW) * WPB + _ar(4, 3, 4, LW))
@@ -142,16 +118,6 @@ if HAVE_GLUON:
         for k0 in range(0, NB, KB):
             xa = gl.load(px).to(gl.float32)  # values 0-15 of each block
             xb = gl.load(px + 16).to(gl.float32)  # values 16-31
-            if ADDNORM:
-                xa += gl.load(ph)
-                xb += gl.load(ph + 16)
-                gl.store(ps, xa, mask=smask)
-                gl.store(ps + 16, xb, mask=smask)
-                xa = xa * r5 * gl.load(pg)
-                xb = xb * r5 * gl.load(pg + 16)
-                ph += KB * 32
-                ps += KB * 32
-                pg += KB * 32
             amax = gl.maximum(gl.max(gl.max(gl.abs(xa), axis=4), axis=3), gl.max(gl.max(gl.abs(xb), axis=4), axis=3))
             inv = gl.where(amax > 0, 127.0 / amax, 0.0)
             inv5 = gl.expand_dims(gl.expand_dims(inv, 3), 4)
@@ -192,10 +158,9 @@ def config(p: Packed, batch: int) -> tuple[int, int, int]:
 
 
 def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, int, int], cfg=None,
-           glu: int = 0, addnorm: tuple | None = None) -> None:
+           glu: int = 0) -> None:
     """out[:B] = x @ W^T for one launch (B <= SMALL_BATCH); x contiguous fp32/bf16/fp16. glu = F > 0:
-    p is gate|up stacked (2F rows) and out[:B, :F] = silu(x @ gate^T) * (x @ up^T), in out's dtype.
-    addnorm = (h, g, s, eps), all fp32 and contiguous: out = rms_norm(x + h) * g @ W^T, s = x + h."""
+    p is gate|up stacked (2F rows) and out[:B, :F] = silu(x @ gate^T) * (x @ up^T), in out's dtype."""
     bits, off, has_min, has_qh = kind
     bn, kb, nw = cfg or config(p, x.shape[0])
     if glu:
@@ -207,6 +172,5 @@ def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, 
         bp *= 2
     _k_q8g[((n + bn - 1) // bn,)](
         x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
-        x.shape[0], n, p.n_cols // 32, glu, *(addnorm[:3] if addnorm else (x, x, x)),
-        float(addnorm[3]) if addnorm else 0.0, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
-        GLU=bool(glu), ADDNORM=addnorm is not None, BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)
+        x.shape[0], n, p.n_cols // 32, glu, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
+        GLU=bool(glu), BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests readme ab gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
+# Sections by argument: tests readme ab pre gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
 # decode depth prefill large moe moesmall moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
@@ -54,6 +54,12 @@ ab)
     for e in ${AB_ENV:-LSTREAM_ROPE_ATTN=0 LSTREAM_GLU=1 LSTREAM_ATTN_FUSED=1}; do
       env $e timeout 60 $B -p 0 -n 32 -ngl ${AB_NGL:-33} -r 3 2>&1 | grep "tg32" | sed "s/$/  ($e)/"
     done
+  done ;;
+pre)
+  s "int8 GEMV with the next step's weights prefetched (default) and without (LSTREAM_GEMV_PRE=0), batch 1 and 2"
+  for e in LSTREAM_GEMV_PRE=1 LSTREAM_GEMV_PRE=0; do echo "-- $e"
+    env $e timeout 90 python3 -m lstream.tools.bench_gemv --types Q4_0,Q8_0,Q5_1 --shapes 4096x14336,1024x14336,4096x4096 \
+      --batch 1,2 --dtype bf16 --q8 --no-ref --reps 20 2>&1 | tail -12
   done ;;
 tg33)
   s "lstream alone: resident decode"

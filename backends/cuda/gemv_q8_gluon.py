@@ -14,6 +14,8 @@ y[n] = sum_b d[n,b] * dx[b] * (dot - OFF * sum(qx)) (+ m[n,b] * dx[b] * sum(qx))
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .gemv import pow2_divisor
@@ -67,36 +69,55 @@ if HAVE_GLUON:
         return w, s
 
     @gluon.jit
-    def _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi,
-              BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr):
-        """One step's [KB, BN, BP] products of the weight rows at pw (scales at od) with the packed x."""
+    def _wload(pw, od, d_ptr, m_ptr, qh_ptr, BITS: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr):
+        """One step's weight words, scales (and mins, fifth bits) at pw / od: what _wmul multiplies."""
         w = gl.load(pw)  # [KB, BN, 1, 4]
+        w2 = gl.load(pw + 4) if BITS == 8 else w
+        d = gl.load(d_ptr + od)
+        m = gl.load(m_ptr + od) if HAS_MIN else d
+        qh = gl.load(qh_ptr + od) if HAS_QH else od
+        return w, w2, d, m, qh
+
+    @gluon.jit
+    def _wmul(w, w2, d, m, qh, xwa, xwb, sqf, dx, wi,
+              BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr):
+        """One step's [KB, BN, BP] products of loaded weight rows with the packed x."""
         if BITS == 8:
             lo = w
-            hi = gl.load(pw + 4)
+            hi = w2
         else:
             lo = w & 0x0F0F0F0F  # quants 4i..4i+3 of word i (low nibbles)
             hi = (w >> 4) & 0x0F0F0F0F  # quants 16+4i.. (high nibbles)
             if HAS_QH:
-                qh = gl.expand_dims(gl.load(qh_ptr + od), 3)  # [KB, BN, 1, 1]
-                lo = lo | _spread((qh >> (4 * wi)) & 15)
-                hi = hi | _spread((qh >> (16 + 4 * wi)) & 15)
+                q4 = gl.expand_dims(qh, 3)  # [KB, BN, 1, 1]
+                lo = lo | _spread((q4 >> (4 * wi)) & 15)
+                hi = hi | _spread((q4 >> (16 + 4 * wi)) & 15)
         lo, xa = gl.broadcast(lo, xwa)
         hi, xb = gl.broadcast(hi, xwb)
         dot = gl.sum(_dp4a(hi, xb, _dp4a(lo, xa, gl.zeros_like(lo))), axis=3)  # [KB, BN, BP]
-        inc = gl.load(d_ptr + od).to(gl.float32) * (dx * (dot.to(gl.float32) - OFF * sqf))
+        inc = d.to(gl.float32) * (dx * (dot.to(gl.float32) - OFF * sqf))
         if HAS_MIN:
-            inc += gl.load(m_ptr + od).to(gl.float32) * (dx * sqf)
+            inc += m.to(gl.float32) * (dx * sqf)
         return inc
+
+    @gluon.jit
+    def _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi,
+              BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr):
+        """One step's [KB, BN, BP] products of the weight rows at pw (scales at od) with the packed x."""
+        w, w2, d, m, qh = _wload(pw, od, d_ptr, m_ptr, qh_ptr, BITS, HAS_MIN, HAS_QH)
+        return _wmul(w, w2, d, m, qh, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
 
     @gluon.jit
     def _k_q8g(x_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, B, N, NB, U,
                BITS: gl.constexpr, OFF: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr,
-               GLU: gl.constexpr, BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr):
+               GLU: gl.constexpr, BN: gl.constexpr, BP: gl.constexpr, KB: gl.constexpr, NW: gl.constexpr,
+               PRE: gl.constexpr):
         """Rows [pid*BN, +BN) of y for all BP batch rows; KB blocks per step, one per thread.
         Dims: block, weight row, batch row, word (4 int32 = 16 quant bytes), value in word.
         GLU: y = silu(rows r) * (rows U + r) of a stacked gate|up weight (the FFN's activation in
-        the epilogue: no separate launch; x is quantized once for both)."""
+        the epilogue: no separate launch; x is quantized once for both).
+        PRE (rows of several steps): the next step's weights load before this step's products, so
+        a thread has two steps' loads in flight instead of one round trip per step."""
         L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4, 4], [32, 1, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
         LW: gl.constexpr = gl.SliceLayout(4, L5)
         L3: gl.constexpr = gl.SliceLayout(3, LW)
@@ -115,7 +136,12 @@ if HAVE_GLUON:
         wi = _ar(4, 3, 4, LW)
         acc = gl.zeros([KB, BN, BP], gl.float32, layout=L3)
         accu = gl.zeros([KB, BN, BP], gl.float32, layout=L3)
+        if PRE:
+            cw, cw2, cd, cm, cq = _wload(pw, od, d_ptr, m_ptr, qh_ptr, BITS, HAS_MIN, HAS_QH)
         for k0 in range(0, NB, KB):
+            if PRE:  # the last step loads itself again (in bounds, unused)
+                nx = (k0 + KB < NB).to(gl.int32) * KB
+                nw_, nw2, nd, nm, nq = _wload(pw + nx * WPB, od + nx, d_ptr, m_ptr, qh_ptr, BITS, HAS_MIN, HAS_QH)
             xa = gl.load(px).to(gl.float32)  # values 0-15 of each block
             xb = gl.load(px + 16).to(gl.float32)  # values 16-31
             amax = gl.maximum(gl.max(gl.max(gl.abs(xa), axis=4), axis=3), gl.max(gl.max(gl.abs(xb), axis=4), axis=3))
@@ -125,7 +151,11 @@ if HAVE_GLUON:
             xwb, sb = _quant(xb, inv5, e)
             sqf = (sa + sb).to(gl.float32)  # [KB, 1, BP]
             dx = amax * (1.0 / 127.0)
-            acc += _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
+            if PRE:
+                acc += _wmul(cw, cw2, cd, cm, cq, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
+                cw, cw2, cd, cm, cq = nw_, nw2, nd, nm, nq
+            else:
+                acc += _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
             if GLU:
                 accu += _wdot(pwu, odu, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
                 pwu += KB * WPB
@@ -173,4 +203,9 @@ def launch(x: torch.Tensor, p: Packed, out: torch.Tensor, kind: tuple[int, int, 
     _k_q8g[((n + bn - 1) // bn,)](
         x, p.qs, p.d, p.m if p.m is not None else dummy, p.qh if p.qh is not None else dummy, out,
         x.shape[0], n, p.n_cols // 32, glu, BITS=bits, OFF=off, HAS_MIN=has_min, HAS_QH=has_qh,
-        GLU=bool(glu), BN=bn, BP=bp, KB=kb, NW=nw, num_warps=nw)
+        GLU=bool(glu), BN=bn, BP=bp, KB=kb, NW=nw, PRE=prefetch(p, kb, glu), num_warps=nw)
+
+
+def prefetch(p: Packed, kb: int, glu: int) -> bool:
+    """Pipeline the weight loads where a row takes a thread several steps (LSTREAM_GEMV_PRE=0: off)."""
+    return not glu and p.n_cols // 32 > kb and os.environ.get("LSTREAM_GEMV_PRE") != "0"

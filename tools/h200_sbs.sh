@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
-# Sections by argument: tests readme ab pre gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
+# Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
 # decode depth prefill large moe moesmall moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
@@ -75,6 +75,12 @@ cpuattn)
 profile)
   s "resident step: where the GPU time goes"
   timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 18 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;
+kprof)
+  s "resident step's GPU kernel time: default and each of \${KP_ENV}"
+  for e in LSTREAM_NONE=1 ${KP_ENV:-LSTREAM_GEMV_PRE=0 LSTREAM_ROPE_ATTN=0}; do echo "-- $e"
+    env $e timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 8 --kernels 2>&1 \
+      | grep -E "GPU kernel time|us/step|graphs=True" | head -9
+  done ;;
 decode)
   llama_cpp
   s "decode -p 0 -n 32"

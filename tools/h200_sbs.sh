@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill large moe moesmall moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -112,6 +112,11 @@ moesmall)
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout 80 python3 -W always -m lstream.cli bench -m $M/q3moe8.gguf -p 2048 -n 16 -ub 2048 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -45
   timeout 150 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -t ${MOE_T:-4,8,12,15,16} -r 2 2>&1 | grep -v "^ *$" ;;
+moepp)
+  s "MoE all on the GPU (8-layer Qwen3-30B-A3B shape): where a -ub \${MOE_UB:-512} prompt's time goes"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout 120 python3 -m lstream.tools.profile_prefill $M/q3moe8.gguf -ngl 99 -ub ${MOE_UB:-512} -p 2048 --top 25 2>&1 \
+    | grep -v "^ *$" | tail -60 ;;
 moeprof)
   s "MoE qwen3-30b-a3b Q4_0 -ncmoe 48: where a decode step and a prompt go"
   synth q3moe qwen3-30b-a3b Q4_0

@@ -60,13 +60,9 @@ if HAVE_TRITON:
         tl.store(y_ptr + row * F + c, (a * u).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _k_rope_store(q_ptr, k_ptr, v_ptr, Q_STRIDE, K_STRIDE, V_STRIDE, cos_ptr, sin_ptr, pos_ptr,
-                      qo_ptr, kc_ptr, vc_ptr, n_head, n_kv, HALF,
-                      HD: tl.constexpr, N_ROT: tl.constexpr, NEOX: tl.constexpr, BD: tl.constexpr):
-        """Program (t, h): h < n_head rotates q head h into qo (fp32); else kv head h - n_head:
-        k rotated and v copied into the caches at row pos[t]."""
-        t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
+    def _rope_rows(base, cos_ptr, sin_ptr, t, HALF, mask, HD: tl.constexpr, BD: tl.constexpr,
+                   N_ROT: tl.constexpr, NEOX: tl.constexpr):
+        """RoPE of the rows at base[r] + d (d < HD, BD its power of two) of token t, [R, BD] fp32."""
         d = tl.arange(0, BD)
         dm = d < HD
         if NEOX:
@@ -77,16 +73,29 @@ if HAVE_TRITON:
             i = d // 2
             partner = d ^ 1
             sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        rot = d < N_ROT
-        c = tl.load(cos_ptr + t * HALF + i, mask=rot & dm, other=1.0)
-        s = tl.load(sin_ptr + t * HALF + i, mask=rot & dm, other=0.0)
+        rot = (d < N_ROT) & dm
+        c = tl.load(cos_ptr + t * HALF + i, mask=rot, other=1.0)
+        s = tl.load(sin_ptr + t * HALF + i, mask=rot, other=0.0)
+        x = tl.load(base[:, None] + d[None, :], mask=mask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        xp = tl.load(base[:, None] + partner[None, :], mask=mask[:, None] & rot[None, :], other=0.0).to(tl.float32)
+        return tl.where(rot[None, :], x * c[None, :] + sign[None, :] * xp * s[None, :], x)
+
+    @triton.jit
+    def _k_rope_store(q_ptr, k_ptr, v_ptr, Q_STRIDE, K_STRIDE, V_STRIDE, cos_ptr, sin_ptr, pos_ptr,
+                      qo_ptr, kc_ptr, vc_ptr, n_head, n_kv, HALF,
+                      HD: tl.constexpr, N_ROT: tl.constexpr, NEOX: tl.constexpr, BD: tl.constexpr):
+        """Program (t, h): h < n_head rotates q head h into qo (fp32); else kv head h - n_head:
+        k rotated and v copied into the caches at row pos[t]."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        one = tl.zeros([1], tl.int64)
+        d = one[:, None] + tl.arange(0, BD)[None, :]  # [1, BD]
+        dm = d < HD
         if h < n_head:
             src = q_ptr + t * Q_STRIDE + h * HD
         else:
             src = k_ptr + t * K_STRIDE + (h - n_head) * HD
-        x = tl.load(src + d, mask=dm, other=0.0).to(tl.float32)
-        xp = tl.load(src + partner, mask=rot & dm, other=0.0).to(tl.float32)
-        y = tl.where(rot, x * c + sign * xp * s, x)
+        y = _rope_rows(src + one, cos_ptr, sin_ptr, t, HALF, one == 0, HD, BD, N_ROT, NEOX)
         if h < n_head:
             tl.store(qo_ptr + (t * n_head + h) * HD + d, y, mask=dm)
         else:
@@ -95,26 +104,6 @@ if HAVE_TRITON:
             tl.store(kc_ptr + row * HD + d, y.to(kc_ptr.dtype.element_ty), mask=dm)
             v = tl.load(v_ptr + t * V_STRIDE + j * HD + d, mask=dm, other=0.0)
             tl.store(vc_ptr + row * HD + d, v.to(vc_ptr.dtype.element_ty), mask=dm)
-
-    @triton.jit
-    def _rope_rows(base, cos_ptr, sin_ptr, t, HALF, mask, HD: tl.constexpr, N_ROT: tl.constexpr,
-                   NEOX: tl.constexpr):
-        """RoPE of the rows at base[r] + d (d < HD) of token t as [R, HD] fp32 (as _k_rope_store)."""
-        d = tl.arange(0, HD)
-        if NEOX:
-            i = tl.where(d < HALF, d, d - HALF)
-            partner = tl.where(d < HALF, d + HALF, d - HALF)
-            sign = tl.where(d < HALF, -1.0, 1.0)
-        else:
-            i = d // 2
-            partner = d ^ 1
-            sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        rot = d < N_ROT
-        c = tl.load(cos_ptr + t * HALF + i, mask=rot, other=1.0)
-        s = tl.load(sin_ptr + t * HALF + i, mask=rot, other=0.0)
-        x = tl.load(base[:, None] + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-        xp = tl.load(base[:, None] + partner[None, :], mask=mask[:, None] & rot[None, :], other=0.0).to(tl.float32)
-        return tl.where(rot[None, :], x * c[None, :] + sign[None, :] * xp * s[None, :], x)
 
     @triton.jit
     def _k_attn_split(q_ptr, kc_ptr, vc_ptr, pos_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr, out_ptr, scale, window,
@@ -145,10 +134,10 @@ if HAVE_TRITON:
         gm = g < G
         heads = kvh * G + g
         if ROPE:
-            q = _rope_rows(q_ptr + t * Q_STRIDE + heads * HD, cos_ptr, sin_ptr, t, HALF, gm, HD, N_ROT, NEOX)
+            q = _rope_rows(q_ptr + t * Q_STRIDE + heads * HD, cos_ptr, sin_ptr, t, HALF, gm, HD, HD, N_ROT, NEOX)
             if (p >= start) & (p < end):
                 one = tl.zeros([1], tl.int64)
-                kr = _rope_rows(k_ptr + t * K_STRIDE + kvh * HD + one, cos_ptr, sin_ptr, t, HALF, one == 0, HD,
+                kr = _rope_rows(k_ptr + t * K_STRIDE + kvh * HD + one, cos_ptr, sin_ptr, t, HALF, one == 0, HD, HD,
                                 N_ROT, NEOX)
                 row = (p.to(tl.int64) * n_kv + kvh) * HD + one[:, None] + d[None, :]
                 tl.store(kc_ptr + row, kr.to(kc_ptr.dtype.element_ty))

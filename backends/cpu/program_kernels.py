@@ -86,7 +86,9 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             x = _a2(bufs, c[4], F32)
             if p[1] != 0:  # only the last row (the logits of the last token)
                 x = x[x.shape[0] - 1:]
-            O.rms_norm_serial(x, _a1(vec, p[0], F32), fpar[i, 0], out)
+            # out: its whole buffer (C layout): the column-range view compiled another kernel, whose
+            # products rounded 1 ulp apart from op by op's (a token of a batch then moved)
+            O.rms_norm_serial(x, _a1(vec, p[0], F32), fpar[i, 0], _a2(bufs, c[1], F32))
         elif op == OP_NORM_HEADS:
             _norm_heads(a, _a1(vec, p[0], F32), p[1], fpar[i, 0], out)
         elif op == OP_BIAS:

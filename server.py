@@ -97,11 +97,26 @@ async def _parse(request: Request, svc: Service, chat: bool):
         return _error(400, str(e)), None
 
 
-def _submit(svc: Service, toks, params):
-    """(request, its event queue) or an error response."""
+def _submit(svc: Service, toks, params, stream: bool):
+    """(request, its event queue) or an error response. A whole answer (not streamed) wakes the event
+    loop once, at its end: each wake-up takes a core from the spinning kernel threads (2 cores: one
+    request alone went 53 t/s through HTTP against 70 in the engine alone, woken per token)."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[Event] = asyncio.Queue()
-    req = GenRequest(toks, params, emit=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+    wake = lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev)  # noqa: E731
+    if stream:
+        emit = wake
+    else:
+        texts: list[str] = []
+
+        def emit(ev: Event) -> None:
+            if ev.kind == "text":
+                texts.append(ev.text)
+                return
+            if texts:
+                wake(Event("text", "".join(texts)))
+            wake(ev)
+    req = GenRequest(toks, params, emit=emit)
     try:
         svc.engine.submit(req)
     except (QueueFull, ShuttingDown) as e:
@@ -114,7 +129,7 @@ async def _completion(request: Request, chat: bool) -> Response:
     parsed, toks = await _parse(request, svc, chat)
     if toks is None:
         return parsed
-    req, q = _submit(svc, toks, parsed.params)
+    req, q = _submit(svc, toks, parsed.params, parsed.stream)
     if q is None:
         return req
     rid = P.new_id(chat)

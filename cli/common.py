@@ -136,7 +136,7 @@ def choose_device(ngl=0, overrides=(), no_fit=False, names=None, **_):
 def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="auto",
                 threshold=UPLOAD_THRESHOLD, nopo=0, load_tokenizer=True, quantize=None, no_fit=False,
                 no_cuda_graphs=False, no_layer_major=False, choice=None, n_cpu_moe=0, cpu_moe=False,
-                expert_threshold=None, **_):
+                expert_threshold=None, act8=None, **_):
     """The one place the CLI turns its flags into a Model (run, plan, perplexity, bench).
     choice: the device rule's answer, when the caller applied it before loading the file."""
     from ..api import Model
@@ -147,7 +147,7 @@ def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides
         policy, threshold, bool(nopo), calibration=calibration() if policy == "cost" else None,
         expert_threshold=expert_threshold)
     opts = Options.from_env(n_threads=threads, cuda_graphs=False if no_cuda_graphs else None,
-                            layer_major=False if no_layer_major else None)
+                            layer_major=False if no_layer_major else None, cpu_act8=act8)
     return Model(loaded, n_gpu_layers=choice.n_gpu_layers, policy=pol, device=choice.device,
                  n_ctx=n_ctx or loaded.config.n_ctx_train, n_ubatch=n_ubatch, overrides=list(choice.overrides),
                  load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit, options=opts,

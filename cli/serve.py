@@ -24,10 +24,12 @@ from .common import load_model, model_options, one_line_errors
               help="tokens per paged K/V block (also the granularity of prompt-prefix reuse)")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="on SIGINT/SIGTERM, seconds running requests may take to finish before they are cancelled")
+@click.option("--act8/--no-act8", default=True, show_default=True,
+              help="CPU: int8 activations for Q4_0/Q4_1 weights (as llama-server; faster batches) instead of int16")
 @click.option("--verbose", is_flag=True, help="log requests, and where each decode batch size runs (the policy's "
                                               "decision for the whole batch)")
 @one_line_errors
-def serve(host, port, n_parallel, queue_size, alias, block_size, grace, verbose, **kw):
+def serve(host, port, n_parallel, queue_size, alias, block_size, grace, act8, verbose, **kw):
     """Serve the model over HTTP: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
     Each step evaluates up to -ub prompt tokens with one token of every decoding request; a prompt
@@ -44,7 +46,7 @@ def serve(host, port, n_parallel, queue_size, alias, block_size, grace, verbose,
     if block_size < 1:
         raise click.BadParameter(f"must be at least 1, found {block_size}", param_hint="--block-size")
     log = (lambda s: click.echo(f"[serve] {s}", err=True)) if verbose else None
-    model = load_model(**kw)
+    model = load_model(act8=act8, **kw)
     engine = Engine(model, n_slots=n_parallel, chunk=chunk, block_size=block_size, max_queue=queue_size, log=log)
     name = alias or os.path.basename(str(model.loaded.path))
     service = Service(model, engine, name, log=log)

@@ -14,6 +14,7 @@ ENV_OVERRIDES = {
     "LSTREAM_CPU_BLK": ("cpu_blk", lambda s: s if s in BLK_CHOICES else "default"),
     "LSTREAM_NO_BLAS_PREFILL": ("blas_prefill", lambda s: s != "1"),
     "LSTREAM_ADAPTIVE_THREADS": ("adaptive_threads", lambda s: s == "1"),
+    "LSTREAM_CPU_ACT8": ("cpu_act8", lambda s: s == "1"),
 }
 
 
@@ -27,7 +28,9 @@ class Options:
     adaptive_threads: decode steps time themselves and use n_threads or 1, whichever was faster
       lately (helps on a loaded 2-vCPU machine, hurts on a many-core host).
     cuda_graphs: replay resident decode steps from CUDA graphs (else run them eagerly).
-    layer_major: a streamed prompt's ubatches pass each layer together (one weight pass)."""
+    layer_major: a streamed prompt's ubatches pass each layer together (one weight pass).
+    cpu_act8: the int kernels of Q4_0/Q4_1 weights ("nibw") quantize activations to int8 (vpmaddubsw,
+      as llama.cpp's q8 activations; ~1.25x faster multi-token matmuls on Zen 1) instead of int16."""
     n_threads: int | None = None
     cpu_programs: bool = True
     cpu_blk: str = "default"
@@ -35,6 +38,7 @@ class Options:
     adaptive_threads: bool = False
     cuda_graphs: bool = True
     layer_major: bool = True
+    cpu_act8: bool = False
 
     def __post_init__(self):
         if self.cpu_blk not in BLK_CHOICES:

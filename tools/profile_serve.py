@@ -2,7 +2,7 @@
 on SmolLM2 (or -m), N greedy requests of -n tokens submitted together, aggregate tokens/s, then
 the cProfile of the same run (top functions by own time).
 
-    python -m lstream.tools.profile_serve [-m MODEL] [--requests 1,8] [-n 48] [-t 2] [--top 18]"""
+    python -m lstream.tools.profile_serve [-m MODEL] [--requests 1,8] [-n 48] [-t 2] [--top 18] [--act8 0|1]"""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +38,12 @@ def main(argv=None) -> None:
     ap.add_argument("-n", type=int, default=48)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--act8", type=int, default=1, help="1: int8 activations for Q4_0/Q4_1 (serve's default)")
     a = ap.parse_args(argv)
     sizes = [int(x) for x in a.requests.split(",")]
-    model = lstream.load(str(resolve(a.model)), n_ctx=4096, n_threads=a.threads)
+    from ..core.options import Options
+    model = lstream.load(str(resolve(a.model)), n_ctx=4096, n_threads=a.threads,
+                         options=Options.from_env(cpu_act8=bool(a.act8)))
     eng = Engine(model, n_slots=max(sizes), chunk=64)
     _go(model, eng, max(sizes), 8)  # compile and warm up
     for n in sizes:

@@ -64,6 +64,7 @@ class CPUBackend(Backend):
         self.n_threads = n_threads or options.n_threads or physical_cores()
         self.programs = options.cpu_programs and HAVE_AVX2  # decode runs as compiled programs
         self.blk_types = blk_types(options.cpu_blk)  # quant types kept as GGUF blocks
+        self.act8 = options.cpu_act8  # int8 activations for the "nibw" weights (Options.cpu_act8)
         self.blas = options.blas_prefill and BLAS_USABLE  # sgemm from numba's threads
         self.gemm_min_tokens = GEMM_MIN_TOKENS if self.blas else NEVER  # tools/accuracy_check sets 1
         self.adaptive_threads = options.adaptive_threads
@@ -215,6 +216,7 @@ class CPUBackend(Backend):
             w = self._packed.get(src.name)
             if w is None:
                 w = pack(src.qtype, src.data, src.n_rows, src.n_cols, self.blk_types)
+                w.act8 = self.act8
                 self._packed[src.name] = w
             self._packed[name] = w
         return w

@@ -108,6 +108,27 @@ def with_high_bits(builder, lo, hi, word):
     return builder.or_(lo, h0), builder.or_(hi, h1)
 
 
+def byte_nibbles(builder, p):
+    """16 bytes at p in nibw word order -> (values 0,16,1,17,..,7,23), (8,24,9,25,..,15,31) as two
+    <16 x i8>: the block order of int8 activations (matmul_int.quant_row8)."""
+    qv = builder.load(builder.bitcast(p, V16I8.as_pointer()), align=1)
+    c15 = ir.Constant(V16I8, [15] * 16)
+    hi = builder.bitcast(builder.lshr(builder.bitcast(qv, V8I16), ir.Constant(V8I16, [4] * 8)), V16I8)
+    return builder.and_(qv, c15), builder.and_(hi, c15)
+
+
+def dot_bytes(builder, ws, xp):
+    """The block's sum of w * x (ws: byte_nibbles' two <16 x u8>, xp: i8 pointer to the block's 32
+    int8 activations) as 4 float lanes: two vpmaddubsw (pair sums <= 2*15*127, no saturation), one
+    vpaddw, one vpmaddwd by ones to int32 (exact in float: |.| < 2^24)."""
+    mub = declare(builder, "llvm.x86.ssse3.pmadd.ub.sw.128", V8I16, [V16I8, V16I8])
+    pmadd4 = declare(builder, "llvm.x86.sse2.pmadd.wd", V4I32, [V8I16, V8I16])
+    xv = builder.bitcast(xp, V16I8.as_pointer())
+    p = builder.add(builder.call(mub, [ws[0], builder.load(xv, align=1)]),
+                    builder.call(mub, [ws[1], builder.load(builder.gep(xv, [i64(1)]), align=1)]))
+    return builder.sitofp(builder.call(pmadd4, [p, ir.Constant(V8I16, [1] * 8)]), V4F)
+
+
 def counted_loop(builder, n, inits, body, name: str = "loop") -> list:
     """for i in range(n) (n: i64) carrying values: body(i, *values) emits one iteration and returns
     the next values. Returns the values after the loop (the inits when n <= 0)."""

@@ -8,8 +8,8 @@ from numba import njit, prange
 
 from .blocks import dot_blk
 from .jit import INLINE, PAR, SER as _SER
-from .matmul_multi import N_MULTI, tile_blk, tile_nib, tile_nibw
-from .nib_half import dot_nib5h_row, dot_nibw_row
+from .matmul_multi import N_MULTI, tile_blk, tile_nib, tile_nibw, tile_nibw8
+from .nib_half import dot_nib5h_row, dot_nibw8_row, dot_nibw_row
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
 # One driver for all layouts, the layout a number tested once per group of rows: numba compiles it
@@ -21,9 +21,9 @@ _JIT = PAR
 ROWS = 16  # rows per parallel work item
 TT = 64  # tokens per tile: one weight row stays in L1 while it meets a tile of tokens (int16, in L2)
 
-L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK, L_NIBW, L_NIB5H = range(7)
+L_NIB, L_NIB5, L_I8, L_I8S16, L_BLK, L_NIBW, L_NIB5H, L_NIBW8 = range(8)
 LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": L_BLK, "nibw": L_NIBW,
-             "nib5h": L_NIB5H}
+             "nib5h": L_NIB5H}  # L_NIBW8: "nibw" weights with int8 activations (PackedWeight.act8)
 
 
 @njit(**_SER)
@@ -49,11 +49,41 @@ def quant_row(x, xq, xd, xs, t):
         xs[t, b] = dd * np.float32(s) + z
 
 
+@njit(**_SER)
+def quant_row8(x, xq, xd, xs, t):
+    """quant_row to int8 (xd = amax/127), for L_NIBW8: the bytes of block b sit in the first half of
+    xq's row t (xq[t].view(int8)[32b:32b+32]) in the order of the nibw weights' bytes (llvm_ir.
+    byte_nibbles): 0, 16, 1, 17, .., 7, 23, then 8, 24, .., 15, 31."""
+    nb = x.shape[1] // 32
+    q8 = xq[t].view(np.int8)
+    for b in range(nb):
+        amax = np.float32(0.0)
+        z = np.float32(0.0)
+        for j in range(32):
+            v = x[t, b * 32 + j]
+            amax = max(amax, abs(v))
+            z += v * np.float32(0.0)
+        dd = amax / np.float32(127.0)
+        idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
+        s = np.int32(0)
+        for j in range(32):
+            k = j & 15
+            v = np.int32(np.rint(x[t, b * 32 + (k >> 1) + 16 * (k & 1) + 8 * (j >> 4)] * idd))
+            q8[b * 32 + j] = v
+            s += v
+        xd[t, b] = dd + z
+        xs[t, b] = dd * np.float32(s) + z
+
+
 @njit(**_JIT)
-def quant_x(x, xq, xd, xs):
-    """x (n_tok, n) float32 -> xq int16 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32)."""
+def quant_x(x, xq, xd, xs, act8=False):
+    """x (n_tok, n) float32 -> xq int16 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32);
+    act8: int8 for L_NIBW8 (quant_row8)."""
     for t in prange(x.shape[0]):
-        quant_row(x, xq, xd, xs, t)
+        if act8:
+            quant_row8(x, xq, xd, xs, t)
+        else:
+            quant_row(x, xq, xd, xs, t)
 
 
 @njit(**INLINE)
@@ -82,6 +112,17 @@ def _rows_nibw(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out):
         xqt, xdt, xst, ot = xq[t], xd[t], xs[t], out[t]
         for r in range(r0, r1):
             ot[r] = dot_nibw_row(qs, d, m, xqt, xdt, xst, (r * nb, nb), mmul)
+
+
+@njit(**_SER)
+def _rows_nibw8(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out):
+    if t1 - t0 >= N_MULTI:
+        tile_nibw8(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out)
+        return
+    for t in range(t0, t1):
+        xqt, xdt, xst, ot = xq[t], xd[t], xs[t], out[t]
+        for r in range(r0, r1):
+            ot[r] = dot_nibw8_row(qs, d, m, xqt, xdt, xst, (r * nb, nb), mmul)
 
 
 @njit(**_SER)
@@ -141,6 +182,8 @@ def _tile(layout, fmt, nb, has_m, qs, qi, qh, d, m, xq, xd, xs, r0, r1, t0, t1, 
     the scales as bytes (float32, or float16 for L_NIBW / L_NIB5H, where fmt is m's multiplier)."""
     if layout == L_NIBW:
         _rows_nibw(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, np.float32(fmt), out)
+    elif layout == L_NIBW8:
+        _rows_nibw8(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, np.float32(fmt), out)
     elif layout == L_NIB5H:
         _rows_nib5h(qs, qh, d, m, xq, xd, xs, nb, r0, r1, t0, t1, np.float32(fmt), out)
     elif layout == L_NIB:
@@ -174,5 +217,8 @@ def mm_dec(wk, qs, qh, d, m, x, xq, xd, xs, out):
     """Decode: quantize x's few rows here, serially, then mm_int (one dispatch and one thread-pool
     launch per matmul, not two)."""
     for t in range(xq.shape[0]):
-        quant_row(x, xq, xd, xs, t)
+        if wk[0] == L_NIBW8:
+            quant_row8(x, xq, xd, xs, t)
+        else:
+            quant_row(x, xq, xd, xs, t)
     mm_int(wk, qs, qh, d, m, xq, xd, xs, out)

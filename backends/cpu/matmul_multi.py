@@ -20,7 +20,7 @@ from .blocks import FMT, _block_vals, dot_blk, q8_dots
 from .llvm_ir import (F32, I8, V8F, V8I32, V16I16, array_data, counted_loop, declare, hsum8, i64, nibbles,
                       splat)
 from .jit import INLINE
-from .nib_half import dot4_nibw, dot_nibw_row
+from .nib_half import dot4_nibw, dot4_nibw8, dot_nibw8_row, dot_nibw_row
 from .simd import dot_nib_row
 
 N_MULTI = 4  # tokens per multi-token dot
@@ -177,6 +177,23 @@ def tile_nibw(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out):
             t += N_MULTI
         while t < t1:
             out[t, r] = dot_nibw_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
+            t += 1
+
+
+@njit(**INLINE)
+def tile_nibw8(qs, d, m, xq, xd, xs, nb, r0, r1, t0, t1, mmul, out):
+    """tile_nibw with int8 activations (L_NIBW8)."""
+    for r in range(r0, r1):
+        t = t0
+        while t + N_MULTI <= t1:
+            a, b, c, e = dot4_nibw8(qs, d, m, xq, xd, xs, t, (r * nb, nb), mmul)
+            out[t, r] = a
+            out[t + 1, r] = b
+            out[t + 2, r] = c
+            out[t + 3, r] = e
+            t += N_MULTI
+        while t < t1:
+            out[t, r] = dot_nibw8_row(qs, d, m, xq[t], xd[t], xs[t], (r * nb, nb), mmul)
             t += 1
 
 

@@ -25,8 +25,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8I16, V8I32, V16I16, array_data, counted_loop, declare,
-                      hsum4, i64, nibbles, splat, with_high_bits)
+from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8I16, V8I32, V16I16, array_data, byte_nibbles, counted_loop,
+                      declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits)
 
 V4H = ir.VectorType(F16, 4)
 G = 4  # blocks per group: their 4 scales in one vcvtph2ps / vmulps (xmm: whole uops on this Zen)
@@ -45,14 +45,15 @@ def word_nibbles(builder, p):
     return [builder.and_(qv, c15), builder.and_(sh[0], c15), builder.and_(sh[1], c15), sh[2]]
 
 
-def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul):
+def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False):
     """Generated LLVM IR: row rb/nb dotted with each token's (xq, xd, xs) (lists of per-token pointers
     to int16 / float32 / float32): a list of float32, one per token. qh_p None: 4-bit nibbles in word order ("nibw");
     else 5-bit, GGUF byte order with the uint32 high-bit words at qh_p ("nib5h"). d_p, m_p:
-    byte pointers to the fp16 scales; mmul: float32 multiplier of the m sum."""
+    byte pointers to the fp16 scales; mmul: float32 multiplier of the m sum. act8 ("nibw" only): xq
+    holds int8 activations in nib_i8's block order, multiplied by vpmaddubsw (nib_i8.py)."""
     n = len(xq)
     d_h, m_h = _typed(builder, d_p, F16), _typed(builder, m_p, F16)
-    xq = [_typed(builder, p, I16) for p in xq]
+    xq = [_typed(builder, p, I8 if act8 else I16) for p in xq]
     xd = [_typed(builder, p, F32) for p in xd]
     xs = [_typed(builder, p, F32) for p in xs]
     pmadd4 = declare(builder, "llvm.x86.sse2.pmadd.wd", V4I32, [V8I16, V8I16])
@@ -64,6 +65,8 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul):
     undef4 = ir.Constant(V4F, ir.Undefined)
 
     def weights(wb):
+        if act8:
+            return byte_nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
         if qh_p is None:
             return word_nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
         lo, hi = nibbles(builder, builder.gep(q_p, [builder.mul(wb, i64(16))]))
@@ -72,6 +75,8 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul):
 
     def prod(ws, t, i):  # sum over the block of q * xq as 4 float lanes (exact: |.| < 2^24)
         xp = builder.gep(xq[t], [builder.mul(i, i64(32))])
+        if act8:
+            return dot_bytes(builder, ws, xp)
         if qh_p is None:
             xv = _typed(builder, xp, V8I16)
             ps = [builder.call(pmadd4, [w, builder.load(builder.gep(xv, [i64(k)]), align=2)]) for k, w in enumerate(ws)]
@@ -100,7 +105,7 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul):
             ws = weights(builder.add(rb, i))
             lane = ir.Constant(V4I32, [j] * 4)
             for t in range(n):
-                k = 2 * t + (j & 1)
+                k = 2 * t + (j & 1 and not act8)
                 accs[k] = builder.call(fma, [prod(ws, t, i), builder.shuffle_vector(s4[t], undef4, lane), accs[k]])
         return accs
 
@@ -136,7 +141,7 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul):
     return out
 
 
-def _gen_one(five: bool):
+def _gen_one(five: bool, act8: bool = False):
     """codegen: (q, [qh,] d, m, xq, xd, xs, (rb, nb), mmul) -> float32, rows 1-D."""
 
     def codegen(context, builder, sig, args):
@@ -147,7 +152,8 @@ def _gen_one(five: bool):
             del sa[1], args[1]
         ptr = [array_data(context, builder, t, a) for t, a in zip(sa[:6], args[:6])]
         rb, nb = builder.extract_value(args[6], 0), builder.extract_value(args[6], 1)
-        return row_dots(builder, ptr[0], qh_p, ptr[1], ptr[2], [ptr[3]], [ptr[4]], [ptr[5]], rb, nb, args[7])[0]
+        return row_dots(builder, ptr[0], qh_p, ptr[1], ptr[2], [ptr[3]], [ptr[4]], [ptr[5]], rb, nb, args[7],
+                        act8)[0]
 
     return codegen
 
@@ -177,15 +183,19 @@ def _row_ptrs(context, builder, aty, aval, t0, n: int):
     return [builder.gep(base, [builder.mul(builder.add(t0, i64(j)), stride)]) for j in range(n)]
 
 
-def _gen_four(context, builder, sig, args):
+def _gen_four(act8: bool):
     """codegen: (q, d, m, xq, xd, xs, t0, (rb, nb), mmul) -> UniTuple(float32, 4), rows t0..t0+3."""
-    sa = sig.args
-    q_p, d_p, m_p = (array_data(context, builder, sa[k], args[k]) for k in range(3))
-    t0 = args[6]
-    xq, xd, xs = (_row_ptrs(context, builder, sa[k], args[k], t0, N4) for k in (3, 4, 5))
-    rb, nb = builder.extract_value(args[7], 0), builder.extract_value(args[7], 1)
-    vals = row_dots(builder, q_p, None, d_p, m_p, xq, xd, xs, rb, nb, args[8])
-    return context.make_tuple(builder, sig.return_type, vals)
+
+    def codegen(context, builder, sig, args):
+        sa = sig.args
+        q_p, d_p, m_p = (array_data(context, builder, sa[k], args[k]) for k in range(3))
+        t0 = args[6]
+        xq, xd, xs = (_row_ptrs(context, builder, sa[k], args[k], t0, N4) for k in (3, 4, 5))
+        rb, nb = builder.extract_value(args[7], 0), builder.extract_value(args[7], 1)
+        vals = row_dots(builder, q_p, None, d_p, m_p, xq, xd, xs, rb, nb, args[8], act8)
+        return context.make_tuple(builder, sig.return_type, vals)
+
+    return codegen
 
 
 @intrinsic
@@ -193,4 +203,23 @@ def dot4_nibw(typingctx, q, d, m, xq, xd, xs, t0, off, mmul):
     """Rows t0..t0+3 of (xq, xd, xs) dotted with weight row off = (rb, nb): 4 x dot_nibw_row, bitwise."""
     if mmul != types.float32:
         return None
-    return types.UniTuple(types.float32, N4)(q, d, m, xq, xd, xs, t0, off, mmul), _gen_four
+    return types.UniTuple(types.float32, N4)(q, d, m, xq, xd, xs, t0, off, mmul), _gen_four(False)
+
+
+# int8 activations (nib_i8 block order, in the first half of each int16 row of xq): the same sums
+# with two vpmaddubsw + one vpmaddwd per block and token instead of four vpmaddwd (Zen 1 multiplies
+# vectors of integers on one pipe only: that count bounds these kernels)
+@intrinsic
+def dot_nibw8_row(typingctx, q, d, m, xq, xd, xs, off, mmul):
+    """dot_nibw_row with int8 activations (matmul_int.quant_row8)."""
+    if mmul != types.float32:
+        return None
+    return types.float32(q, d, m, xq, xd, xs, off, mmul), _gen_one(False, True)
+
+
+@intrinsic
+def dot4_nibw8(typingctx, q, d, m, xq, xd, xs, t0, off, mmul):
+    """dot4_nibw with int8 activations: 4 x dot_nibw8_row, bitwise."""
+    if mmul != types.float32:
+        return None
+    return types.UniTuple(types.float32, N4)(q, d, m, xq, xd, xs, t0, off, mmul), _gen_four(True)

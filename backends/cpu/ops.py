@@ -5,23 +5,42 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .jit import PAR, SER as _SER
+from .jit import EXACT, PAR, SER as _SER
 from .vmath import GELU_K0, GELU_K1, vexp
 
 _JIT = PAR
 
 
+@njit(**EXACT)
+def _rms_row(x, w, eps, out, t):
+    """One row, in one fixed order: 8 partial sums, then pairwise. Without fast-math flags no caller
+    can vectorize it otherwise (the serial, parallel and program kernels did, 3e-8 apart: enough to
+    move a token of a batch, and int8 activations round such differences up to whole steps)."""
+    n = x.shape[1]
+    z = np.float32(0.0)
+    a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z  # locals: registers, not a heap array
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        a0 += x[t, i] * x[t, i]
+        a1 += x[t, i + 1] * x[t, i + 1]
+        a2 += x[t, i + 2] * x[t, i + 2]
+        a3 += x[t, i + 3] * x[t, i + 3]
+        a4 += x[t, i + 4] * x[t, i + 4]
+        a5 += x[t, i + 5] * x[t, i + 5]
+        a6 += x[t, i + 6] * x[t, i + 6]
+        a7 += x[t, i + 7] * x[t, i + 7]
+    for i in range(n8, n):
+        a0 += x[t, i] * x[t, i]
+    ss = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
+    for i in range(n):
+        out[t, i] = x[t, i] * inv * w[i]
+
+
 @njit(**_JIT)
 def rms_norm_parallel(x, w, eps, out):
-    n_tok, n = x.shape
-    for t in prange(n_tok):
-        ss = np.float32(0.0)
-        for i in range(n):
-            v = x[t, i]
-            ss += v * v
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
-        for i in range(n):
-            out[t, i] = x[t, i] * inv * w[i]
+    for t in prange(x.shape[0]):
+        _rms_row(x, w, eps, out, t)
 
 
 PAR_MIN = 8  # rows (tokens) from which the row-wise kernels use the thread pool
@@ -29,15 +48,8 @@ PAR_MIN = 8  # rows (tokens) from which the row-wise kernels use the thread pool
 
 @njit(**_SER)
 def rms_norm_serial(x, w, eps, out):
-    n_tok, n = x.shape
-    for t in range(n_tok):
-        ss = np.float32(0.0)
-        for i in range(n):
-            v = x[t, i]
-            ss += v * v
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(n) + eps)
-        for i in range(n):
-            out[t, i] = x[t, i] * inv * w[i]
+    for t in range(x.shape[0]):
+        _rms_row(x, w, eps, out, t)
 
 
 # silu / gelu through the vectorized exp (vmath.py): np.exp in these loops is a scalar libm call

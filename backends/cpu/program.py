@@ -16,6 +16,9 @@ from .matmul_int import LAYOUT_ID
 # and copies out the values later nodes read.
 
 F32 = np.float32
+# P.run's paged-attention arguments (SeqBatch's slots, seq, positions, tables, block size) for a
+# single sequence: unused, typed as the real ones so both share one compilation
+_NO_BATCH = (np.zeros(1, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int64), np.zeros((1, 1), np.int32), 1)
 
 
 def _table(arrays, ndim: int, dtype) -> np.ndarray:
@@ -146,7 +149,7 @@ class _Assembler:
                                                      int(p["mode"] == "neox")))
         elif op is Op.ATTENTION:
             self.kvs.append(ctx.kv.layers[node.layer])
-            self.emit(P.OP_ATTN, out, self.whole(x[0]), val[x[1]], val[x[2]],
+            self.emit(P.OP_PATTN if ctx.batch is not None else P.OP_ATTN, out, self.whole(x[0]), val[x[1]], val[x[2]],
                       ps=(len(self.kvs) - 1, p["n_head"], p["n_head_kv"], p["head_dim"], int(p.get("window", 0) or 0)),
                       f=p["scale"])
         else:  # pragma: no cover - supports() admits only the ops above
@@ -233,8 +236,11 @@ class Program(Fused):
             cos, sin = self.backend.cos_sin(ctx, p)
             bt["cos"][k, :, :cos.shape[1]] = cos
             bt["sin"][k, :, :sin.shape[1]] = sin
+        b = ctx.batch
+        paged = (b.slots, b.seq, np.asarray(ctx.positions, np.int64), b.tables, b.block_size) if b is not None \
+            else _NO_BATCH
         P.run(bt["code"], bt["fpar"], bt["bufs"], bt["wk"], bt["wq"], bt["wh"], bt["wd"], bt["wm"], bt["vec"],
-              bt["kc"], bt["vc"], bt["cos"], bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"])
+              bt["kc"], bt["vc"], bt["cos"], bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"], *paged)
         return [v.copy() for v in bt["out_views"]]
 
 
@@ -244,8 +250,8 @@ def supports(backend, node, ctx) -> bool:
     if op is Op.MATMUL:
         w = backend.weight(node.weights[0])
         return w.layout in LAYOUT_ID
-    if ctx.batch is not None and (op is Op.ATTENTION or node.params.get("select_output")):
-        return False  # several sequences: paged attention and the logits rows op by op (backend.py)
+    if ctx.batch is not None and node.params.get("select_output"):
+        return False  # several sequences: the logits rows op by op (backend.py)
     if op is Op.ATTENTION:
         kv = ctx.kv.layers[node.layer]
         k = getattr(kv, "k", None)

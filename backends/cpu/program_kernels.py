@@ -8,6 +8,7 @@ from numba.extending import intrinsic
 
 from . import ops as O
 from .attention import attention_decode
+from .attention_paged import PAGED_PAR_MIN, paged_parallel, paged_serial
 from .jit import INLINE, SER as _SER
 from .matmul_int import mm_dec
 
@@ -21,7 +22,7 @@ from .matmul_int import mm_dec
 # per array: [address, shape...] (program.py's _table), rebuilt here with carray.  numba typed Lists
 # of arrays instead compiled their methods in every new process (~4 s before the first token).
 
-OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY = range(10)
+OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY, OP_PATTN = range(11)
 N_COLS = 20
 P0 = 13
 F32, U8, U32, I16 = np.float32, np.uint8, np.uint32, np.int16
@@ -70,7 +71,8 @@ def _norm_heads(x, w, hd, eps, out):
 
 
 @njit(**_SER)
-def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq, xd, xs):
+def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq, xd, xs, slots, seq, pos, tables,
+        bs):
     for i in range(code.shape[0]):
         c = code[i]
         op = c[0]
@@ -86,7 +88,9 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             x = _a2(bufs, c[4], F32)
             if p[1] != 0:  # only the last row (the logits of the last token)
                 x = x[x.shape[0] - 1:]
-            O.rms_norm_serial(x, _a1(vec, p[0], F32), fpar[i, 0], out)
+            # out: its whole buffer (C layout): the column-range view compiled another kernel, whose
+            # products rounded 1 ulp apart from op by op's (a token of a batch then moved)
+            O.rms_norm_serial(x, _a1(vec, p[0], F32), fpar[i, 0], _a2(bufs, c[1], F32))
         elif op == OP_NORM_HEADS:
             _norm_heads(a, _a1(vec, p[0], F32), p[1], fpar[i, 0], out)
         elif op == OP_BIAS:
@@ -119,6 +123,16 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             # another parallel kernel (~1.7 s cold)
             attention_decode(_a2(bufs, c[4], F32), b, v, _a3(kc, p[0], F32), _a3(vc, p[0], F32), n_past,
                              p[1], p[2], p[3], fpar[i, 0], p[4], _a2(bufs, c[1], F32))
+        elif op == OP_PATTN:  # several sequences (continuous batching): the paged kernels op by op calls
+            b = _a2(bufs, c[7], F32)[:, c[8]:c[9]]
+            v = _a2(bufs, c[10], F32)[:, c[11]:c[12]]
+            q = _a2(bufs, c[4], F32)
+            fn_args = (q, b, v, _a3(kc, p[0], F32), _a3(vc, p[0], F32), slots, seq, pos, tables, bs, p[1], p[2], p[3],
+                       fpar[i, 0], p[4], _a2(bufs, c[1], F32))
+            if q.shape[0] * p[1] >= PAGED_PAR_MIN:
+                paged_parallel(*fn_args)
+            else:
+                paged_serial(*fn_args)
         elif op == OP_COPY:
             for t in range(out.shape[0]):
                 for k in range(out.shape[1]):

@@ -40,6 +40,7 @@ class PackedWeight:
         self.raw = raw
         self.layout = layout
         self.qs, self.d, self.m, self.qh = qs, d, m, qh
+        self.act8 = False  # "nibw" with int8 activations (matmul_int.L_NIBW8): set before kernel_args()
         self._matvec = None  # matvec1's prebuilt call
         self._args = None  # kernel_args()
         if layout == "float":
@@ -57,14 +58,19 @@ class PackedWeight:
                 fmt = blocks.FMT_ID[blocks.QTYPES[self.qtype]]
             elif self.layout in HALF_LAYOUTS:  # fp16 scales: fmt = m's multiplier
                 fmt = 1 if self.m is not None else M_MUL[self.qtype]
-            wk = np.array([matmul_int.LAYOUT_ID[self.layout], fmt, self.n_cols // 32, int(self.m is not None)],
-                          np.int64)
+            lid = matmul_int.L_NIBW8 if self.int8_act else matmul_int.LAYOUT_ID[self.layout]
+            wk = np.array([lid, fmt, self.n_cols // 32, int(self.m is not None)], np.int64)
             d = self.d if self.d is not None else _EMPTY_F32
             m = self.m if self.m is not None else (d if fmt < 0 else _EMPTY_F32)  # m = fmt*d: read d twice
             # the scales as bytes: float32 or float16 by layout, one compiled driver for both
             a = self._args = (wk, _ro(self.qs.view(np.uint8)), _ro(self.qh if self.qh is not None else _EMPTY_U32),
                               _ro(d.view(np.uint8)), _ro(m.view(np.uint8)))
         return a
+
+    @property
+    def int8_act(self) -> bool:
+        """The int kernels quantize x to int8 for this weight (matmul_int.quant_row8), else int16."""
+        return self.act8 and self.layout == "nibw"
 
     def scales_f32(self) -> tuple:
         """(d, m) as float32 arrays (m computed for Q4_0/Q5_0; None for types without one): the
@@ -233,6 +239,7 @@ def concat_rows(ws: list[PackedWeight]) -> tuple[PackedWeight, list[PackedWeight
     cat = lambda attr: None if getattr(ws[0], attr, None) is None else np.ascontiguousarray(
         np.concatenate([getattr(w, attr) for w in ws]))
     big = PackedWeight(w0.qtype, raw, n_rows, w0.n_cols, w0.layout, cat("qs"), cat("d"), cat("m"), cat("qh"))
+    big.act8 = w0.act8
     views, r0 = [], 0
     for w in ws:
         v = row_view(big, r0, r0 + w.n_rows)
@@ -246,7 +253,9 @@ def row_view(w: PackedWeight, r0: int, r1: int) -> PackedWeight:
     """Rows [r0, r1) of a packed weight, sharing its memory."""
     f = lambda a: None if a is None else a[r0 * a.size // w.n_rows: r1 * a.size // w.n_rows]
     raw = None if w.raw is None else w.raw[r0:r1]
-    return PackedWeight(w.qtype, raw, r1 - r0, w.n_cols, w.layout, f(w.qs), f(w.d), f(w.m), f(w.qh))
+    v = PackedWeight(w.qtype, raw, r1 - r0, w.n_cols, w.layout, f(w.qs), f(w.d), f(w.m), f(w.qh))
+    v.act8 = w.act8
+    return v
 
 
 def get_rows(w: PackedWeight, ids: np.ndarray) -> np.ndarray:

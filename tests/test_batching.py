@@ -26,6 +26,22 @@ def _load(act8: bool):
     return lstream.load(path, n_ctx=1024, n_threads=1, options=Options.from_env(cpu_act8=act8))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fixed_sgemm_tiles():
+    """The prompt sgemm's tile height is timed per shape at first use, and the result's last bits
+    follow it: under load another tile can win and move a near-tie token between the chunkings
+    compared here. This module's runs use one fixed tile per shape instead (timing stays covered
+    by tests/test_cpu_blas.py)."""
+    from lstream.backends.cpu import matmul
+    saved_cache, saved_fn = dict(matmul._BLAS_TILE), matmul._blas_tile
+    matmul._BLAS_TILE.clear()
+    matmul._blas_tile = lambda n_cols, run: max(16, min(256, matmul._BLAS_TILE_CANDIDATES[0] // n_cols))
+    yield
+    matmul._blas_tile = saved_fn
+    matmul._BLAS_TILE.clear()
+    matmul._BLAS_TILE.update(saved_cache)
+
+
 @pytest.fixture(scope="module")
 def model():
     m = _load(False)

@@ -50,7 +50,7 @@ def serve(host, port, n_parallel, queue_size, alias, block_size, grace, act8, ve
     engine = Engine(model, n_slots=n_parallel, chunk=chunk, block_size=block_size, max_queue=queue_size, log=log)
     name = alias or os.path.basename(str(model.loaded.path))
     service = Service(model, engine, name, log=log)
-    warm = engine.warmup()
+    warm = service.warmup()
     if verbose:
         log(f"warm-up: {warm:.1f} s")
     for note in model.notes:

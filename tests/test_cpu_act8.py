@@ -14,6 +14,7 @@ from lstream.backends.cpu import matmul_int, weights
 from lstream.backends.cpu.llvm_ir import HAVE_AVX2
 from lstream.core.qtypes import QType
 from tests.test_cpu_kernels import make_raw
+from tests.test_cpu_nib_half import rows_bitwise_as_alone
 
 pytestmark = pytest.mark.skipif(not HAVE_AVX2, reason="the repacked layouts need AVX2")
 ORDER = np.array([(k >> 1) + 16 * (k & 1) + 8 * (j >> 4) for j in range(32) for k in [j & 15]])
@@ -74,20 +75,8 @@ def test_matmul_against_gguf(qtype, n_cols, n_tok):
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1], ids=lambda q: q.name)
 def test_batch_rows_bitwise_as_alone(qtype):
     """Rows of a 9-token decode call (two 4-token dots and a 1-token tail) are the 1-token results."""
-    n_rows, n_cols = 21, 576
-    _, w = _packed(qtype, n_rows, n_cols, 5)
-    x = np.random.default_rng(2).standard_normal((9, n_cols)).astype(np.float32)
-    nb = n_cols // 32
-
-    def dec(xx):
-        n = xx.shape[0]
-        out = np.empty((n, n_rows), np.float32)
-        matmul_int.mm_dec(*w.kernel_args(), xx, np.empty((n, n_cols), np.int16), np.empty((n, nb), np.float32),
-                          np.empty((n, nb), np.float32), out)
-        return out
-    full = dec(x)
-    for i in range(9):
-        np.testing.assert_array_equal(dec(x[i:i + 1])[0], full[i])
+    _, w = _packed(qtype, 21, 576, 5)
+    x, full = rows_bitwise_as_alone(w)
     np.testing.assert_array_equal(mm.matmul(w, x[:3]), full[:3])  # the int path (quant_x + mm_int) too
 
 

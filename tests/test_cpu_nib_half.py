@@ -82,7 +82,13 @@ def test_matmul_against_gguf_and_f32_scales(qtype, n_cols, n_tok):
 def test_four_token_dots_bitwise_as_one_token(qtype):
     """18 blocks a row: two groups of 8 and a tail, in the 4-token and 1-token kernels alike."""
     n_rows, n_cols = 21, 576
-    w = weights.pack(qtype, make_raw(qtype, n_rows, n_cols, seed=5), n_rows, n_cols)
+    rows_bitwise_as_alone(weights.pack(qtype, make_raw(qtype, n_rows, n_cols, seed=5), n_rows, n_cols))
+
+
+def rows_bitwise_as_alone(w) -> tuple[np.ndarray, np.ndarray]:
+    """A 9-token decode call's rows (two 4-token dots and a 1-token tail) against each token alone,
+    bit for bit; returns (x, the 9-token output)."""
+    n_rows, n_cols = w.n_rows, w.n_cols
     x = np.random.default_rng(2).standard_normal((9, n_cols)).astype(np.float32)
     nb = n_cols // 32
 
@@ -95,6 +101,7 @@ def test_four_token_dots_bitwise_as_one_token(qtype):
     full = dec(x)
     for i in range(9):
         np.testing.assert_array_equal(dec(x[i:i + 1])[0], full[i])
+    return x, full
 
 
 def test_stacked_and_row_views_keep_fp16_scales():

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -80,6 +80,22 @@ kprof)
   for e in LSTREAM_NONE=1 ${KP_ENV:-LSTREAM_GEMV_PRE=0 LSTREAM_ROPE_ATTN=0}; do echo "-- $e"
     env $e timeout 90 python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl 33 -n 8 --top 8 --kernels 2>&1 \
       | grep -E "GPU kernel time|us/step|graphs=True" | head -9
+  done ;;
+serve)
+  llama_cpp
+  s "serve: aggregate t/s at \${SV_C:-1,8,32,64} concurrent /v1/completions (48 tokens, greedy), lstream serve (-np 64) and llama-server (-np = concurrency), -ngl \${SV_NGL:-0 16}"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry*/wheels/*.whl 2>&1 | tail -2
+  up() { for _ in $(seq 400); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.5; done; echo "no server at $1"; return 1; }
+  lt() { timeout ${SV_S:-150} python3 tools/load_test.py --base-url $1/v1 -c $2 -r 1 -n 48 --completions --timeout 120 --json $OUT/$3.json --label $3 2>&1 | grep "clients x"; }
+  for ngl in ${SV_NGL:-0 16}; do
+    python3 -m lstream.cli serve -m $M/l8b.gguf --port 8181 -np 64 -c 16384 -ngl $ngl --verbose >$OUT/ls-serve-$ngl.log 2>&1 & P=$!
+    up http://127.0.0.1:8181 && { echo "-- lstream serve -ngl $ngl"; lt http://127.0.0.1:8181 ${SV_C:-1,8,32,64} ls-ngl$ngl; }
+    kill -INT $P; wait $P; grep "step of" $OUT/ls-serve-$ngl.log | cut -c1-220 | head -12
+    for c in $(echo ${SV_C:-1,8,32,64} | tr , ' '); do
+      $LS -m $M/l8b.gguf --port 8182 -np $c -c $(( c * 256 > 4096 ? c * 256 : 4096 )) -ngl $ngl >$OUT/llama-serve-$ngl-$c.log 2>&1 & P=$!
+      up http://127.0.0.1:8182 && { echo "-- llama-server -ngl $ngl -np $c"; lt http://127.0.0.1:8182 $c llama-ngl$ngl-c$c; }
+      kill -INT $P; wait $P
+    done
   done ;;
 decode)
   llama_cpp

@@ -88,14 +88,22 @@ serve)
   up() { for _ in $(seq 400); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.5; done; echo "no server at $1"; return 1; }
   lt() { timeout ${SV_S:-150} python3 tools/load_test.py --base-url $1/v1 -c $2 -r 1 -n 48 --completions --timeout 120 --json $OUT/$3.json --label $3 2>&1 | grep "clients x"; }
   for ngl in ${SV_NGL:-0 16}; do
-    python3 -m lstream.cli serve -m $M/l8b.gguf --port 8181 -np 64 -c 16384 -ngl $ngl --verbose >$OUT/ls-serve-$ngl.log 2>&1 & P=$!
+    [ "${SV_LS:-1}" = 1 ] && { python3 -m lstream.cli serve -m $M/l8b.gguf --port 8181 -np 64 -c 16384 -ngl $ngl --verbose >$OUT/ls-serve-$ngl.log 2>&1 & P=$!
     up http://127.0.0.1:8181 && { echo "-- lstream serve -ngl $ngl"; lt http://127.0.0.1:8181 ${SV_C:-1,8,32,64} ls-ngl$ngl; }
-    kill -INT $P; wait $P; grep "step of" $OUT/ls-serve-$ngl.log | cut -c1-220 | head -12
-    for c in $(echo ${SV_C:-1,8,32,64} | tr , ' '); do
+    kill -INT $P; wait $P; grep "step of" $OUT/ls-serve-$ngl.log | cut -c1-220 | head -12; }
+    for c in $(echo ${SV_LC:-${SV_C:-1,8,32,64}} | tr , ' '); do
       $LS -m $M/l8b.gguf --port 8182 -np $c -c $(( c * 256 > 4096 ? c * 256 : 4096 )) -ngl $ngl >$OUT/llama-serve-$ngl-$c.log 2>&1 & P=$!
       up http://127.0.0.1:8182 && { echo "-- llama-server -ngl $ngl -np $c"; lt http://127.0.0.1:8182 $c llama-ngl$ngl-c$c; }
       kill -INT $P; wait $P
     done
+  done ;;
+sprof)
+  s "serve engine without HTTP (tools/profile_serve.py): t/s by requests, phases and cProfile, -ngl \${SP_NGL:-0}"
+  for ngl in ${SP_NGL:-0}; do
+    timeout ${SP_S:-200} python3 -m lstream.tools.profile_serve -m $M/l8b.gguf -ngl $ngl --requests ${SP_REQ:-1,8,32,64} -n 16 \
+      --phases >$OUT/sprof-phases-$ngl.txt 2>&1; grep -E "requests x|^ total|streamed|Error|error" $OUT/sprof-phases-$ngl.txt
+    timeout ${SP_S:-200} python3 -m lstream.tools.profile_serve -m $M/l8b.gguf -ngl $ngl --requests ${SP_CP:-1,64} -n 16 --top 25 \
+      >$OUT/sprof-cprof-$ngl.txt 2>&1; grep -E "requests x|Error|error" $OUT/sprof-cprof-$ngl.txt
   done ;;
 decode)
   llama_cpp

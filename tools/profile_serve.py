@@ -2,7 +2,11 @@
 on SmolLM2 (or -m), N greedy requests of -n tokens submitted together, aggregate tokens/s, then
 the cProfile of the same run (top functions by own time).
 
-    python -m lstream.tools.profile_serve [-m MODEL] [--requests 1,8] [-n 48] [-t 2] [--top 18] [--act8 0|1]"""
+    python -m lstream.tools.profile_serve [-m MODEL] [--requests 1,8] [-n 48] [-t 2] [--top 18] [--act8 0|1]
+        [-ngl N] [--policy auto] [--phases]
+
+--phases: the per-phase table (core/profile.py, device synchronized after each op) of each size's run
+instead of the cProfile."""
 from __future__ import annotations
 
 import argparse
@@ -39,17 +43,26 @@ def main(argv=None) -> None:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--act8", type=int, default=1, help="1: int8 activations for Q4_0/Q4_1 (serve's default)")
+    ap.add_argument("-ngl", type=int, default=0)
+    ap.add_argument("--policy", default="auto")
+    ap.add_argument("--phases", action="store_true")
     a = ap.parse_args(argv)
     sizes = [int(x) for x in a.requests.split(",")]
     from ..core.options import Options
-    model = lstream.load(str(resolve(a.model)), n_ctx=4096, n_threads=a.threads,
-                         options=Options.from_env(cpu_act8=bool(a.act8)))
+    from ..core.policy import make_policy
+    from ..core.profile import profiling
+    model = lstream.load(str(resolve(a.model)), n_ctx=max(4096, 256 * max(sizes)), n_threads=a.threads,
+                         n_gpu_layers=a.ngl, policy=make_policy(a.policy), options=Options.from_env(cpu_act8=bool(a.act8)))
     eng = Engine(model, n_slots=max(sizes), chunk=64)
     _go(model, eng, max(sizes), 8)  # compile and warm up
     for n in sizes:
         tps, steps = _go(model, eng, n, a.n)
         print(f"{n} requests x {a.n} tokens: {tps:.1f} t/s aggregate, {steps} steps")
     for n in sizes:
+        if a.phases:
+            with profiling(model, title=f"-- phases, {n} requests"):
+                _go(model, eng, n, a.n)
+            continue
         prof = cProfile.Profile()
         prof.enable()
         _go(model, eng, n, a.n)

@@ -61,5 +61,7 @@ def serve(host, port, n_parallel, queue_size, alias, block_size, grace, act8, ve
                    f"prompt chunks of {chunk}, {model.cpu.n_threads} CPU threads"
                    + (f", {model.device_backend.describe()}" if model.device_backend else "") + ")", err=True)
         sys.stderr.flush()
-    run_server(service, host, port, grace=grace, verbose=verbose, on_ready=ready)
+    code = run_server(service, host, port, grace=grace, verbose=verbose, on_ready=ready)
+    if code:
+        raise SystemExit(code)  # uvicorn said why (the port taken, say)
     click.echo("lstream serve: stopped", err=True)

@@ -145,7 +145,7 @@ class Engine:
         while True:
             with self.cond:
                 while not self.stopped and not self.active and not self.waiting:
-                    self.cond.wait()
+                    self.cond.wait(0.5)  # a timeout: signal handlers run on this (the main) thread
                 if self.stopped and not self.active:
                     return
             try:

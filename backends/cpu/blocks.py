@@ -8,8 +8,8 @@ from numba.extending import intrinsic
 
 from ...core.qtypes import QType
 from .jit import INLINE
-from .llvm_ir import (F16, F32, I32, V4F, V4I32, V8F, V8I16, V8I32, V16F, V16I16, array_data, counted_loop, declare,
-                      f16_at, hsum4, hsum8, i64, load_i8x32, nibbles, splat, with_high_bits)
+from .llvm_ir import (F16, F32, I32, V8F, V8I32, V16F, V16I16, array_data, counted_loop, declare, f16_at, hsum8, i64,
+                      load_i8x32, nibbles, splat, with_high_bits)
 
 # Decode is memory-bound once the weights do not fit in the caches (SmolLM2 reads ~110 MB per
 # token): the repacked layouts (16 B nibbles + f32 d + f32 m per 32, three separate streams) read
@@ -66,40 +66,40 @@ def _block_vals(builder, fmt, bp):
 
 def q8_dots(builder, b_p, xq, xd, rb, nb) -> list:
     """Row rb/nb of Q8_0 blocks dotted with each token's int16 activations (xq, xd: lists of per-token
-    pointers): float32 per token. Why not the generic 8-lane dot: on this repository's Zen CPU a
-    256-bit op is two uops, so 4-lane pieces (vpmovsxbw from memory, vpmaddwd, FMA) cost fewer, and
-    even / odd blocks go to two accumulators (the FMA latency is not the bound). Used alike by the
-    1-token and the 4-token dots (bitwise the same per token)."""
+    pointers): float32 per token. Per block: two vpmovsxbw to 16 x i16 and, per token, two 256-bit
+    vpmaddwd, one add and one 8-lane FMA; even / odd blocks go to two accumulators (the FMA latency
+    is not the bound). (Zen 1 split a 256-bit op in two; later cores and the Xeons do it whole: 4-lane
+    pieces were 1.5x the ops.) Used alike by the 1-token and the 4-token dots (bitwise the same per
+    token)."""
     n = len(xq)
-    pmadd4 = declare(builder, "llvm.x86.sse2.pmadd.wd", V4I32, [V8I16, V8I16])
-    fma4 = declare(builder, "llvm.fma.v4f32", V4F, [V4F] * 3)
-    v8i8p = ir.VectorType(ir.IntType(8), 8).as_pointer()
+    pmadd8 = declare(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16])
+    fma8 = declare(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
+    v16i8p = ir.VectorType(ir.IntType(8), 16).as_pointer()
 
     def block(i, accs):
         bp = builder.gep(b_p, [builder.mul(builder.add(rb, i), i64(34))])
         d = f16_at(builder, bp, 0)
-        ws = [builder.sext(builder.load(builder.bitcast(builder.gep(bp, [i64(2 + 8 * k)]), v8i8p), align=1), V8I16)
-              for k in range(4)]
+        ws = [builder.sext(builder.load(builder.bitcast(builder.gep(bp, [i64(2 + 16 * k)]), v16i8p), align=1), V16I16)
+              for k in range(2)]
         out = []
         for t in range(n):
-            xv = builder.bitcast(builder.gep(xq[t], [builder.mul(i, i64(32))]), V8I16.as_pointer())
-            ps = [builder.call(pmadd4, [w, builder.load(builder.gep(xv, [i64(k)]), align=2)]) for k, w in enumerate(ws)]
-            p = builder.add(builder.add(ps[0], ps[1]), builder.add(ps[2], ps[3]))
-            sc = splat(builder, builder.fmul(d, builder.load(builder.gep(xd[t], [i]))), 4)
-            out.append(builder.call(fma4, [builder.sitofp(p, V4F), sc, accs[t]]))
+            xv = builder.bitcast(builder.gep(xq[t], [builder.mul(i, i64(32))]), V16I16.as_pointer())
+            ps = [builder.call(pmadd8, [w, builder.load(builder.gep(xv, [i64(k)]), align=2)]) for k, w in enumerate(ws)]
+            sc = splat(builder, builder.fmul(d, builder.load(builder.gep(xd[t], [i]))), 8)
+            out.append(builder.call(fma8, [builder.sitofp(builder.add(ps[0], ps[1]), V8F), sc, accs[t]]))
         return out
 
-    zero4 = ir.Constant(V4F, [0.0] * 4)
+    zero8 = ir.Constant(V8F, [0.0] * 8)
     n_pairs = builder.ashr(nb, i64(1))
 
     def pair(k, *accs):
         i = builder.shl(k, i64(1))
         return block(i, accs[:n]) + block(builder.add(i, i64(1)), accs[n:])
 
-    accs = counted_loop(builder, n_pairs, [zero4] * (2 * n), pair, "q8dot")
+    accs = counted_loop(builder, n_pairs, [zero8] * (2 * n), pair, "q8dot")
     n2 = builder.shl(n_pairs, i64(1))
     ev = counted_loop(builder, builder.sub(nb, n2), accs[:n], lambda k, *a: block(builder.add(n2, k), a), "q8dot.t")
-    return [hsum4(builder, builder.fadd(ev[t], accs[n + t])) for t in range(n)]
+    return [hsum8(builder, builder.fadd(ev[t], accs[n + t])) for t in range(n)]
 
 
 def _gen_dot(fmt):

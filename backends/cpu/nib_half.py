@@ -25,10 +25,11 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8I16, V8I32, V16I16, array_data, byte_nibbles, counted_loop,
-                      declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits)
+from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8F, V8I16, V8I32, V16I16, V32I8, array_data, byte_nibbles,
+                      counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits)
 
 V4H = ir.VectorType(F16, 4)
+V32I32 = ir.VectorType(ir.IntType(32), 32)  # shuffle masks of 32 lanes
 G = 4  # blocks per group: their 4 scales in one vcvtph2ps / vmulps (xmm: whole uops on this Zen)
 N4 = 4  # tokens of the multi-token dot (matmul_multi.N_MULTI)
 
@@ -109,7 +110,40 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
                 accs[k] = builder.call(fma, [prod(ws, t, i), builder.shuffle_vector(s4[t], undef4, lane), accs[k]])
         return accs
 
-    accs = counted_loop(builder, ng, [zero4] * (2 * n), group, "hdot")
+    if act8:
+        mub8 = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8])
+        fma8 = declare(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
+        ones16 = ir.Constant(V16I16, [1] * 16)
+        c15 = ir.Constant(V32I8, [15] * 32)
+
+        def group8(g, *acc8):  # blocks 4g .. 4g+3 two at a time: one 256-bit op per pair
+            base = builder.shl(g, i64(2))
+            d4 = f16x4(d_h, builder.add(rb, base))
+            s4 = [builder.fmul(d4, f32x4(xd[t], base)) for t in range(n)]
+            acc8 = list(acc8)
+            for pair in (0, 1):
+                i = builder.add(base, i64(2 * pair))
+                qv = builder.load(_typed(builder, builder.gep(q_p, [builder.mul(builder.add(rb, i), i64(16))]), V32I8),
+                                  align=1)  # blocks A, B: each 16 bytes in one 128-bit lane
+                lo = builder.and_(qv, c15)
+                hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(qv, V16I16), ir.Constant(V16I16, [4] * 16)),
+                                                  V32I8), c15)
+                lane = ir.Constant(V8I32, [2 * pair] * 4 + [2 * pair + 1] * 4)
+                for t in range(n):
+                    xp = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V32I8)
+                    xa, xb = builder.load(xp, align=1), builder.load(builder.gep(xp, [i64(1)]), align=1)
+                    xlo = builder.shuffle_vector(xa, xb, ir.Constant(V32I32, list(range(16)) + list(range(32, 48))))
+                    xhi = builder.shuffle_vector(xa, xb, ir.Constant(V32I32, list(range(16, 32)) + list(range(48, 64))))
+                    p16 = builder.add(builder.call(mub8, [lo, xlo]), builder.call(mub8, [hi, xhi]))
+                    p32 = builder.call(pmadd8, [p16, ones16])  # lanes 0-3: block A's dot_bytes, 4-7: B's
+                    sc = builder.shuffle_vector(s4[t], undef4, lane)
+                    acc8[t] = builder.call(fma8, [builder.sitofp(p32, V8F), sc, acc8[t]])
+            return acc8
+
+        acc8 = counted_loop(builder, ng, [ir.Constant(V8F, [0.0] * 8)] * n, group8, "hdot8")
+        accs = [zero4] * (2 * n)
+    else:
+        accs = counted_loop(builder, ng, [zero4] * (2 * n), group, "hdot")
 
     def tail(k, *acc):  # the last nb % 4 blocks, one at a time, into the even accumulators
         i = builder.add(ng_b, k)
@@ -137,6 +171,10 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
     out = []
     for t in range(n):
         a = hsum4(builder, builder.fadd(ev[t], accs[2 * t + 1]))
+        if act8:  # the pairs' even and odd blocks, then the tail
+            lo8 = builder.shuffle_vector(acc8[t], acc8[t], ir.Constant(V4I32, [0, 1, 2, 3]))
+            hi8 = builder.shuffle_vector(acc8[t], acc8[t], ir.Constant(V4I32, [4, 5, 6, 7]))
+            a = hsum4(builder, builder.fadd(builder.fadd(lo8, hi8), ev[t]))
         out.append(builder.fadd(a, builder.fmul(mmul, builder.fadd(hsum4(builder, mv[t]), ms[t]))))
     return out
 

@@ -26,7 +26,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8F, V8I16, V8I32, V16I16, V32I8, array_data, byte_nibbles,
-                      counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits)
+                      counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits, HAVE_VNNI)
 
 V4H = ir.VectorType(F16, 4)
 V32I32 = ir.VectorType(ir.IntType(32), 32)  # shuffle masks of 32 lanes
@@ -114,6 +114,8 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
         mub8 = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8])
         fma8 = declare(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
         ones16 = ir.Constant(V16I16, [1] * 16)
+        dpbusd = declare(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, [V8I32] * 3) if HAVE_VNNI else None
+        zero8i = ir.Constant(V8I32, [0] * 8)
         c15 = ir.Constant(V32I8, [15] * 32)
 
         def group8(g, *acc8):  # blocks 4g .. 4g+3 two at a time: one 256-bit op per pair
@@ -134,8 +136,12 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
                     xa, xb = builder.load(xp, align=1), builder.load(builder.gep(xp, [i64(1)]), align=1)
                     xlo = builder.shuffle_vector(xa, xb, ir.Constant(V32I32, list(range(16)) + list(range(32, 48))))
                     xhi = builder.shuffle_vector(xa, xb, ir.Constant(V32I32, list(range(16, 32)) + list(range(48, 64))))
-                    p16 = builder.add(builder.call(mub8, [lo, xlo]), builder.call(mub8, [hi, xhi]))
-                    p32 = builder.call(pmadd8, [p16, ones16])  # lanes 0-3: block A's dot_bytes, 4-7: B's
+                    if HAVE_VNNI:  # the same int32 sums (4 adjacent bytes each, lo + hi) in two ops
+                        i32 = [builder.bitcast(v, V8I32) for v in (lo, xlo, hi, xhi)]
+                        p32 = builder.call(dpbusd, [builder.call(dpbusd, [zero8i] + i32[:2])] + i32[2:])
+                    else:
+                        p16 = builder.add(builder.call(mub8, [lo, xlo]), builder.call(mub8, [hi, xhi]))
+                        p32 = builder.call(pmadd8, [p16, ones16])  # lanes 0-3: block A's dot_bytes, 4-7: B's
                     sc = builder.shuffle_vector(s4[t], undef4, lane)
                     acc8[t] = builder.call(fma8, [builder.sitofp(p32, V8F), sc, acc8[t]])
             return acc8

@@ -27,22 +27,29 @@ def _quant8(x):
     xd = np.zeros((n_tok, n // 32), np.float32)
     xs = np.zeros_like(xd)
     matmul_int.quant_x(x, xq, xd, xs, True)
-    q8 = xq.view(np.int8)[:, :n].reshape(n_tok, n // 32, 32)
+    nb = n // 32
+    ng4 = nb // 4 * 4
+    raw = xq.view(np.int8)[:, :n]
+    # blocks of whole groups of 4 in pairs: A's first 16 bytes, B's first 16, A's second, B's second
+    pos = np.array([64 * (b >> 1) + 32 * (j >> 4) + 16 * (b & 1) + (j & 15) if b < ng4 else 32 * b + j
+                    for b in range(nb) for j in range(32)])
+    q8 = raw[:, pos].reshape(n_tok, nb, 32)
     vals = np.empty_like(q8)
     vals[:, :, ORDER] = q8  # byte j of a block holds value ORDER[j]
     return vals.reshape(n_tok, n), xd, xs
 
 
-def test_quant_row8_order_and_scales():
-    x = np.random.default_rng(0).standard_normal((3, 96)).astype(np.float32)
+@pytest.mark.parametrize("nb", [3, 6])  # a tail only; a group of 4 (two pairs) and a tail of 2
+def test_quant_row8_order_and_scales(nb):
+    x = np.random.default_rng(0).standard_normal((3, 32 * nb)).astype(np.float32)
     x[1, 32:64] = 0  # an all-zero block: scale 0, values 0
     q, xd, xs = _quant8(x)
-    deq = q.astype(np.float64).reshape(3, 3, 32) * xd[:, :, None]
-    amax = np.abs(x.reshape(3, 3, 32)).max(axis=2)
+    deq = q.astype(np.float64).reshape(3, nb, 32) * xd[:, :, None]
+    amax = np.abs(x.reshape(3, nb, 32)).max(axis=2)
     np.testing.assert_allclose(xd, amax / 127, rtol=1e-6)
     assert np.abs(q).max() <= 127 and (q[1, 32:64] == 0).all()
-    assert np.all(np.abs(deq - x.reshape(3, 3, 32)) <= xd[:, :, None] / 2 * (1 + 1e-5))
-    np.testing.assert_allclose(xs, xd * q.reshape(3, 3, 32).sum(axis=2), rtol=1e-6)
+    assert np.all(np.abs(deq - x.reshape(3, nb, 32)) <= xd[:, :, None] / 2 * (1 + 1e-5))
+    np.testing.assert_allclose(xs, xd * q.reshape(3, nb, 32).sum(axis=2), rtol=1e-6)
 
 
 def _packed(qtype, n_rows, n_cols, seed):

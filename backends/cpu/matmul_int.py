@@ -51,10 +51,14 @@ def quant_row(x, xq, xd, xs, t):
 
 @njit(**_SER)
 def quant_row8(x, xq, xd, xs, t):
-    """quant_row to int8 (xd = amax/127), for L_NIBW8: the bytes of block b sit in the first half of
-    xq's row t (xq[t].view(int8)[32b:32b+32]) in the order of the nibw weights' bytes (llvm_ir.
-    byte_nibbles): 0, 16, 1, 17, .., 7, 23, then 8, 24, .., 15, 31."""
+    """quant_row to int8 (xd = amax/127), for L_NIBW8, in the first half of xq's row t (xq[t].view(int8)).
+    A block's 32 bytes are in the order of the nibw weights' bytes (llvm_ir.byte_nibbles): 0, 16, 1, 17,
+    .., 7, 23 (its first 16), then 8, 24, .., 15, 31. Blocks of whole groups of 4 (b < nb // 4 * 4) sit in
+    pairs (2p, 2p+1) at bytes 64p: A's first 16, B's first 16, A's second 16, B's second 16, so that
+    the kernels' 256-bit ops read each half of a pair in one load (nib_half.row_dots); the other
+    blocks at 32b in plain order."""
     nb = x.shape[1] // 32
+    ng4 = nb // 4 * 4
     q8 = xq[t].view(np.int8)
     for b in range(nb):
         amax = np.float32(0.0)
@@ -69,7 +73,10 @@ def quant_row8(x, xq, xd, xs, t):
         for j in range(32):
             k = j & 15
             v = np.int32(np.rint(x[t, b * 32 + (k >> 1) + 16 * (k & 1) + 8 * (j >> 4)] * idd))
-            q8[b * 32 + j] = v
+            if b < ng4:
+                q8[64 * (b >> 1) + 32 * (j >> 4) + 16 * (b & 1) + k] = v
+            else:
+                q8[b * 32 + j] = v
             s += v
         xd[t, b] = dd + z
         xs[t, b] = dd * np.float32(s) + z

@@ -29,7 +29,6 @@ from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8F, V8I16, V8I32, V16I16, 
                       counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits, HAVE_VNNI)
 
 V4H = ir.VectorType(F16, 4)
-V32I32 = ir.VectorType(ir.IntType(32), 32)  # shuffle masks of 32 lanes
 G = 4  # blocks per group: their 4 scales in one vcvtph2ps / vmulps (xmm: whole uops on this Zen)
 N4 = 4  # tokens of the multi-token dot (matmul_multi.N_MULTI)
 
@@ -132,10 +131,9 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
                                                   V32I8), c15)
                 lane = ir.Constant(V8I32, [2 * pair] * 4 + [2 * pair + 1] * 4)
                 for t in range(n):
+                    # the pair's activations, A's and B's first 16 bytes then their second 16 (quant_row8)
                     xp = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V32I8)
-                    xa, xb = builder.load(xp, align=1), builder.load(builder.gep(xp, [i64(1)]), align=1)
-                    xlo = builder.shuffle_vector(xa, xb, ir.Constant(V32I32, list(range(16)) + list(range(32, 48))))
-                    xhi = builder.shuffle_vector(xa, xb, ir.Constant(V32I32, list(range(16, 32)) + list(range(48, 64))))
+                    xlo, xhi = builder.load(xp, align=1), builder.load(builder.gep(xp, [i64(1)]), align=1)
                     if HAVE_VNNI:  # the same int32 sums (4 adjacent bytes each, lo + hi) in two ops
                         i32 = [builder.bitcast(v, V8I32) for v in (lo, xlo, hi, xhi)]
                         p32 = builder.call(dpbusd, [builder.call(dpbusd, [zero8i] + i32[:2])] + i32[2:])

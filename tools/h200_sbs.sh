@@ -14,7 +14,7 @@ s() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 for sec in "$@"; do case $sec in
 tests)
   s "GPU tests"
-  export LSTREAM_SMOL=$PWD/.carry/smollm2-8l.gguf
+  export LSTREAM_SMOL=$(ls $PWD/.carry*/smollm2-8l.gguf | head -1)  # python -m lstream.tools.truncate_gguf SMOLLM2 F --layers 8
   python3 -c "import transformers, tokenizers, torch, triton; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
   timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE ${GPU_TESTS:-tests/} 2>&1 | tee $OUT/gpu-tests.log | tail -25 ;;
 readme)
@@ -92,6 +92,7 @@ serve)
     up http://127.0.0.1:8181 && { echo "-- lstream serve -ngl $ngl"; lt http://127.0.0.1:8181 ${SV_C:-1,8,32,64} ls-ngl$ngl; }
     kill -INT $P; wait $P; grep "step of" $OUT/ls-serve-$ngl.log | cut -c1-220 | head -12; }
     for c in $(echo ${SV_LC:-${SV_C:-1,8,32,64}} | tr , ' '); do
+      [ "$c" = 0 ] && continue  # SV_LC=0: no llama-server runs
       $LS -m $M/l8b.gguf --port 8182 -np $c -c $(( c * 256 > 4096 ? c * 256 : 4096 )) -ngl $ngl >$OUT/llama-serve-$ngl-$c.log 2>&1 & P=$!
       up http://127.0.0.1:8182 && { echo "-- llama-server -ngl $ngl -np $c"; lt http://127.0.0.1:8182 $c llama-ngl$ngl-c$c; }
       kill -INT $P; wait $P

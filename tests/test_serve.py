@@ -246,3 +246,17 @@ def test_load_tool_against_the_server(server, tmp_path):
     levels = [run_level(server.url + "/v1", "x", c, 2, 16, 300, True) for c in (1, 8)]
     assert all(lv["errors"] == 0 and lv["incomplete"] == 0 for lv in levels)
     assert same_outputs(levels) == []
+
+
+def test_port_taken_is_one_error_line_and_a_nonzero_exit():
+    """uvicorn runs on a thread of its own (the engine keeps the main thread): its failure to bind
+    still ends the process with its status, one error line and no traceback."""
+    from lstream.loaders.registry import pull
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "lstream.cli", "serve", "-m", str(pull("smollm2-135m", quiet=True)),
+                            "--port", str(port), "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "address already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr

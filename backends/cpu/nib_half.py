@@ -32,6 +32,7 @@ from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8F, V8I16, V8I32, V16I16, 
                       counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits, HAVE_VNNI)
 
 V4H = ir.VectorType(F16, 4)
+V16I32 = ir.VectorType(ir.IntType(32), 16)  # shuffle masks of 16 lanes
 G = 4  # blocks per group: their 4 scales in one vcvtph2ps / vmulps (xmm: whole uops on this Zen)
 N4 = 4  # tokens of the multi-token dot (matmul_multi.N_MULTI)
 
@@ -112,15 +113,40 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
                 accs[k] = builder.call(fma, [prod(ws, t, i), builder.shuffle_vector(s4[t], undef4, lane), accs[k]])
         return accs
 
-    if act8:
+    pairs = act8 or qh_p is None  # the 4-bit layouts: a group's blocks two at a time in 256-bit ops
+    if pairs:
         mub8 = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8])
         fma8 = declare(builder, "llvm.fma.v8f32", V8F, [V8F] * 3)
         ones16 = ir.Constant(V16I16, [1] * 16)
         dpbusd = declare(builder, "llvm.x86.avx512.vpdpbusd.256", V8I32, [V8I32] * 3) if HAVE_VNNI else None
         zero8i = ir.Constant(V8I32, [0] * 8)
-        c15 = ir.Constant(V32I8, [15] * 32)
+        c15b, c15w = ir.Constant(V32I8, [15] * 32), ir.Constant(V16I16, [15] * 16)
 
-        def group8(g, *acc8):  # blocks 4g .. 4g+3 two at a time: one 256-bit op per pair
+        def pair_weights(qv):  # blocks A, B (16 bytes each, one per 128-bit lane) -> per-lane values
+            if act8:  # byte_nibbles per lane
+                hi = builder.lshr(builder.bitcast(qv, V16I16), ir.Constant(V16I16, [4] * 16))
+                return [builder.and_(qv, c15b), builder.and_(builder.bitcast(hi, V32I8), c15b)]
+            w = builder.bitcast(qv, V16I16)  # word_nibbles per lane: values 0-7, 8-15, 16-23, 24-31
+            sh = [builder.lshr(w, ir.Constant(V16I16, [k] * 16)) for k in (4, 8, 12)]
+            return [builder.and_(w, c15w), builder.and_(sh[0], c15w), builder.and_(sh[1], c15w), sh[2]]
+
+        def pair_sums(ws, t, i):  # int32 x 8: lanes 0-3 block A's sums as prod() makes them, 4-7 block B's
+            if act8:  # the pair's activations: A's and B's first 16 bytes, then their second 16 (quant_row8)
+                xp = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V32I8)
+                xlo, xhi = builder.load(xp, align=1), builder.load(builder.gep(xp, [i64(1)]), align=1)
+                if HAVE_VNNI:  # the same int32 sums (4 adjacent bytes each, lo + hi) in two ops
+                    i32 = [builder.bitcast(v, V8I32) for v in (ws[0], xlo, ws[1], xhi)]
+                    return builder.call(dpbusd, [builder.call(dpbusd, [zero8i] + i32[:2])] + i32[2:])
+                p16 = builder.add(builder.call(mub8, [ws[0], xlo]), builder.call(mub8, [ws[1], xhi]))
+                return builder.call(pmadd8, [p16, ones16])
+            xa = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V8I16)  # int16: 4 chunks a block
+            xb = builder.gep(xa, [i64(4)])
+            ps = [builder.call(pmadd8, [w, builder.shuffle_vector(
+                builder.load(builder.gep(xa, [i64(k)]), align=2), builder.load(builder.gep(xb, [i64(k)]), align=2),
+                ir.Constant(V16I32, list(range(16))))]) for k, w in enumerate(ws)]
+            return builder.add(builder.add(ps[0], ps[1]), builder.add(ps[2], ps[3]))
+
+        def group8(g, *acc8):  # blocks 4g .. 4g+3 two at a time
             base = builder.shl(g, i64(2))
             d4 = f16x4(d_h, builder.add(rb, base))
             s4 = [builder.fmul(d4, f32x4(xd[t], base)) for t in range(n)]
@@ -128,23 +154,12 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
             for pair in (0, 1):
                 i = builder.add(base, i64(2 * pair))
                 qv = builder.load(_typed(builder, builder.gep(q_p, [builder.mul(builder.add(rb, i), i64(16))]), V32I8),
-                                  align=1)  # blocks A, B: each 16 bytes in one 128-bit lane
-                lo = builder.and_(qv, c15)
-                hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(qv, V16I16), ir.Constant(V16I16, [4] * 16)),
-                                                  V32I8), c15)
+                                  align=1)
+                ws = pair_weights(qv)
                 lane = ir.Constant(V8I32, [2 * pair] * 4 + [2 * pair + 1] * 4)
                 for t in range(n):
-                    # the pair's activations, A's and B's first 16 bytes then their second 16 (quant_row8)
-                    xp = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V32I8)
-                    xlo, xhi = builder.load(xp, align=1), builder.load(builder.gep(xp, [i64(1)]), align=1)
-                    if HAVE_VNNI:  # the same int32 sums (4 adjacent bytes each, lo + hi) in two ops
-                        i32 = [builder.bitcast(v, V8I32) for v in (lo, xlo, hi, xhi)]
-                        p32 = builder.call(dpbusd, [builder.call(dpbusd, [zero8i] + i32[:2])] + i32[2:])
-                    else:
-                        p16 = builder.add(builder.call(mub8, [lo, xlo]), builder.call(mub8, [hi, xhi]))
-                        p32 = builder.call(pmadd8, [p16, ones16])  # lanes 0-3: block A's dot_bytes, 4-7: B's
                     sc = builder.shuffle_vector(s4[t], undef4, lane)
-                    acc8[t] = builder.call(fma8, [builder.sitofp(p32, V8F), sc, acc8[t]])
+                    acc8[t] = builder.call(fma8, [builder.sitofp(pair_sums(ws, t, i), V8F), sc, acc8[t]])
             return acc8
 
         acc8 = counted_loop(builder, ng, [ir.Constant(V8F, [0.0] * 8)] * n, group8, "hdot8")
@@ -177,7 +192,7 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
     ms = counted_loop(builder, builder.sub(nb, ng_b), [zero] * n, mtail, "hdot.mt")
     out = []
     for t in range(n):
-        if act8:  # the pairs' first and second blocks, then the tail
+        if pairs:  # the pairs' first and second blocks, then the tail
             lo8 = builder.shuffle_vector(acc8[t], acc8[t], ir.Constant(V4I32, [0, 1, 2, 3]))
             hi8 = builder.shuffle_vector(acc8[t], acc8[t], ir.Constant(V4I32, [4, 5, 6, 7]))
             a = hsum4(builder, builder.fadd(builder.fadd(lo8, hi8), ev[t]))

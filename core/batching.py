@@ -124,9 +124,15 @@ class Engine:
 
     def warmup(self, sizes=None) -> float:
         """Evaluate ubatches of each size a step may take first (1..8: the CPU compiles decode programs
-        per size; 16: the op-by-op kernels), so no client pays for it. Nothing stays cached."""
+        per size; 16: the op-by-op kernels; with a GPU also the largest step, chunk + slots tokens:
+        from the upload threshold on it streams, whose kernels compile at first use), so no client
+        pays for it. Nothing stays cached."""
         t0 = time.perf_counter()
-        sizes = sizes or sorted({*range(1, min(self.n_slots, 8) + 1), min(self.chunk + self.n_slots, 16)})
+        if sizes is None:
+            sizes = {*range(1, min(self.n_slots, 8) + 1), min(self.chunk + self.n_slots, 16)}
+            if getattr(self.model, "device_backend", None) is not None:
+                sizes.add(min(self.chunk + self.n_slots, self.paged.n_ctx))
+            sizes = sorted(sizes)
         tok = int(self.model.config.bos_id or 0)
         for n in sizes:
             seq = SeqKV()

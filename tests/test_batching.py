@@ -296,3 +296,23 @@ def test_cuda_engine_agrees_with_cpu(model, prompts, ngl):
         assert float(((a - b) ** 2).sum() / (b ** 2).sum()) < 1e-3
     same = sum(x == y for g, c in zip(gpu, cpu) for x, y in zip(g, c))
     assert same >= 0.75 * sum(len(c) for c in cpu)
+
+
+def test_warmup_with_a_device_covers_the_streamed_step(tmp_path):
+    """With a GPU the start-up warm-up also evaluates the largest step (chunk + slots tokens: over the
+    upload threshold, the streamed path), so the first prompt does not pay for its kernels' compiles."""
+    from fake_device import FakeDeviceBackend
+    from lstream.api import Model
+    from lstream.core.policy import BatchThreshold
+    from lstream.loaders.model_file import load_model
+    from lstream.tools.synth_model import write_model
+    path = write_model(tmp_path / "tiny.gguf", "tiny", "Q4_0", seed=2)
+    m = Model(load_model(path), n_gpu_layers=1, n_ctx=1024, load_tokenizer=False, device=None,
+              device_backend=FakeDeviceBackend(policy=BatchThreshold(32)))
+    eng = Engine(m, n_slots=16, chunk=32)
+    sizes, plan = [], m.plan
+    m.plan = lambda n, with_output=True: (sizes.append(n), plan(n, with_output))[1]
+    eng.warmup()
+    m.close()
+    assert sizes == [1, 2, 3, 4, 5, 6, 7, 8, 16, 48]
+    assert eng.paged.pool.n_used == 0  # nothing stays held

@@ -26,7 +26,7 @@ def _quant8(x):
     xq = np.zeros((n_tok, n), np.int16)
     xd = np.zeros((n_tok, n // 32), np.float32)
     xs = np.zeros_like(xd)
-    matmul_int.quant_x(x, xq, xd, xs, True)
+    matmul_int.quant_x(x, xq, xd, xs, matmul_int.ACT_I8P)
     nb = n // 32
     ng4 = nb // 4 * 4
     raw = xq.view(np.int8)[:, :n]

@@ -129,3 +129,24 @@ def test_tiles_without_blas(qtype, monkeypatch):
     y = mm.matmul(w, x, use_blas=False, gemm_min_tokens=32)
     ref = _ref(raw, qtype, n_rows, n_cols, x)
     assert _nmse(y, ref) <= 1e-10  # float32 weights exactly, float32 products
+
+
+@pytest.mark.parametrize("nb", [3, 6, 18])  # a tail only; one group and a tail of 2; 4 groups and 2
+def test_paired_int16_activations_are_the_plain_ones_reordered(nb):
+    """matmul_int.ACT_I16P (what the "nibw" kernels read): the same int16 values and scales as the
+    plain format, blocks of whole groups of 4 in pairs (8-value chunk k of A at 64p + 16k, of B at
+    64p + 16k + 8), the last nb % 4 blocks in place."""
+    from lstream.backends.cpu import matmul_int as mi
+    x = np.random.default_rng(nb).standard_normal((2, 32 * nb)).astype(np.float32)
+    out = {}
+    for fmt in (mi.ACT_I16, mi.ACT_I16P):
+        xq, xd, xs = np.zeros((2, 32 * nb), np.int16), np.zeros((2, nb), np.float32), np.zeros((2, nb), np.float32)
+        mi.quant_x(x, xq, xd, xs, fmt)
+        out[fmt] = xq, xd, xs
+    (plain, d0, s0), (paired, d1, s1) = out[mi.ACT_I16], out[mi.ACT_I16P]
+    np.testing.assert_array_equal(d0, d1)
+    np.testing.assert_array_equal(s0, s1)
+    ng4 = nb // 4 * 4
+    pos = [64 * (b >> 1) + 16 * (j >> 3) + 8 * (b & 1) + (j & 7) if b < ng4 else 32 * b + j
+           for b in range(nb) for j in range(32)]
+    np.testing.assert_array_equal(paired[:, pos], plain)

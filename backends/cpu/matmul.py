@@ -88,7 +88,7 @@ def matmul(w: PackedWeight, x: np.ndarray, out: np.ndarray | None = None, use_bl
     if is_small_batch(n_tok):  # decode: x quantized inside the call
         matmul_int.mm_dec(*w.kernel_args(), x2, xq, xd, xs, dst)
     else:
-        matmul_int.quant_x(x2, xq, xd, xs, w.int8_act)
+        matmul_int.quant_x(x2, xq, xd, xs, w.act_fmt)
         matmul_int.mm_int(*w.kernel_args(), xq, xd, xs, dst)
     if dst is not o2:
         o2[...] = dst

@@ -26,24 +26,42 @@ LAYOUT_ID = {"nib": L_NIB, "nib5": L_NIB5, "i8": L_I8, "i8s16": L_I8S16, "blk": 
              "nib5h": L_NIB5H}  # L_NIBW8: "nibw" weights with int8 activations (PackedWeight.act8)
 
 
+# Activation formats (PackedWeight.act_fmt): int16 in x's order, int8 paired (L_NIBW8), int16 paired
+# (L_NIBW). "Paired": the blocks of whole groups of 4 (b < nb // 4 * 4) sit two by two so that the
+# nibble kernels' 256-bit ops read a pair's operands in one load each (nib_half.row_dots); the
+# other blocks (a row's last nb % 4) keep their own order at 32 b.
+ACT_I16, ACT_I8P, ACT_I16P = 0, 1, 2
+
+
+@njit(**INLINE)
+def _block_scale(x, t, b, qmax):
+    """Block b of row t: (scale amax/qmax, its inverse or 0, z). z is 0, or NaN when the block holds
+    a NaN or an inf (x * 0): added to xd and xs it makes the matmul's outputs NaN, not finite garbage."""
+    amax = np.float32(0.0)
+    z = np.float32(0.0)
+    for j in range(32):
+        v = x[t, b * 32 + j]
+        amax = max(amax, abs(v))
+        z += v * np.float32(0.0)
+    dd = amax / qmax
+    return dd, (np.float32(1.0) / dd if dd > 0 else np.float32(0.0)), z
+
+
 @njit(**_SER)
-def quant_row(x, xq, xd, xs, t):
-    """Row t of x -> int16 xq, per-32 scale xd = amax/32767 and xs = xd * sum(xq).  A NaN or inf in a
-    block makes its xd and xs NaN (z below), so the matmul's outputs are NaN, not finite garbage."""
+def quant_row(x, xq, xd, xs, t, paired=False):
+    """Row t of x -> int16 xq, per-32 scale xd = amax/32767 and xs = xd * sum(xq). paired (L_NIBW):
+    in a pair (2p, 2p+1) of a whole group of 4, 8-value chunk k of A at 64p + 16k, of B at 64p + 16k + 8."""
     nb = x.shape[1] // 32
+    ng4 = nb // 4 * 4 if paired else 0
     for b in range(nb):
-        amax = np.float32(0.0)
-        z = np.float32(0.0)  # 0, or NaN if the block holds a NaN or an inf (x * 0)
-        for j in range(32):
-            v = x[t, b * 32 + j]
-            amax = max(amax, abs(v))
-            z += v * np.float32(0.0)
-        dd = amax / np.float32(32767.0)
-        idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
+        dd, idd, z = _block_scale(x, t, b, np.float32(32767.0))
         s = np.int32(0)
         for j in range(32):
             v = np.int32(np.rint(x[t, b * 32 + j] * idd))
-            xq[t, b * 32 + j] = v
+            if b < ng4:
+                xq[t, 64 * (b >> 1) + 16 * (j >> 3) + 8 * (b & 1) + (j & 7)] = v
+            else:
+                xq[t, b * 32 + j] = v
             s += v
         xd[t, b] = dd + z
         xs[t, b] = dd * np.float32(s) + z
@@ -53,22 +71,13 @@ def quant_row(x, xq, xd, xs, t):
 def quant_row8(x, xq, xd, xs, t):
     """quant_row to int8 (xd = amax/127), for L_NIBW8, in the first half of xq's row t (xq[t].view(int8)).
     A block's 32 bytes are in the order of the nibw weights' bytes (llvm_ir.byte_nibbles): 0, 16, 1, 17,
-    .., 7, 23 (its first 16), then 8, 24, .., 15, 31. Blocks of whole groups of 4 (b < nb // 4 * 4) sit in
-    pairs (2p, 2p+1) at bytes 64p: A's first 16, B's first 16, A's second 16, B's second 16, so that
-    the kernels' 256-bit ops read each half of a pair in one load (nib_half.row_dots); the other
-    blocks at 32b in plain order."""
+    .., 7, 23 (its first 16), then 8, 24, .., 15, 31. Paired: in a pair (2p, 2p+1) of a whole group of 4,
+    at bytes 64p: A's first 16, B's first 16, A's second 16, B's second 16."""
     nb = x.shape[1] // 32
     ng4 = nb // 4 * 4
     q8 = xq[t].view(np.int8)
     for b in range(nb):
-        amax = np.float32(0.0)
-        z = np.float32(0.0)
-        for j in range(32):
-            v = x[t, b * 32 + j]
-            amax = max(amax, abs(v))
-            z += v * np.float32(0.0)
-        dd = amax / np.float32(127.0)
-        idd = np.float32(1.0) / dd if dd > 0 else np.float32(0.0)
+        dd, idd, z = _block_scale(x, t, b, np.float32(127.0))
         s = np.int32(0)
         for j in range(32):
             k = j & 15
@@ -82,15 +91,25 @@ def quant_row8(x, xq, xd, xs, t):
         xs[t, b] = dd * np.float32(s) + z
 
 
+@njit(**INLINE)
+def quant_row_as(x, xq, xd, xs, t, fmt):
+    if fmt == ACT_I8P:
+        quant_row8(x, xq, xd, xs, t)
+    else:
+        quant_row(x, xq, xd, xs, t, fmt == ACT_I16P)
+
+
+def act_fmt_of(layout_id: int) -> int:
+    """The activation format a kernel layout reads."""
+    return ACT_I8P if layout_id == L_NIBW8 else ACT_I16P if layout_id == L_NIBW else ACT_I16
+
+
 @njit(**_JIT)
-def quant_x(x, xq, xd, xs, act8=False):
-    """x (n_tok, n) float32 -> xq int16 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32);
-    act8: int8 for L_NIBW8 (quant_row8)."""
+def quant_x(x, xq, xd, xs, fmt=0):
+    """x (n_tok, n) float32 -> xq int16 (n_tok, n), xd scale and xs = xd*sum(xq) (n_tok, n/32), in
+    activation format fmt (ACT_*: int16, int8 paired for L_NIBW8, int16 paired for L_NIBW)."""
     for t in prange(x.shape[0]):
-        if act8:
-            quant_row8(x, xq, xd, xs, t)
-        else:
-            quant_row(x, xq, xd, xs, t)
+        quant_row_as(x, xq, xd, xs, t, fmt)
 
 
 @njit(**INLINE)
@@ -223,9 +242,7 @@ def mm_int(wk, qs, qh, d, m, xq, xd, xs, out):
 def mm_dec(wk, qs, qh, d, m, x, xq, xd, xs, out):
     """Decode: quantize x's few rows here, serially, then mm_int (one dispatch and one thread-pool
     launch per matmul, not two)."""
+    fmt = ACT_I8P if wk[0] == L_NIBW8 else ACT_I16P if wk[0] == L_NIBW else ACT_I16
     for t in range(xq.shape[0]):
-        if wk[0] == L_NIBW8:
-            quant_row8(x, xq, xd, xs, t)
-        else:
-            quant_row(x, xq, xd, xs, t)
+        quant_row_as(x, xq, xd, xs, t, fmt)
     mm_int(wk, qs, qh, d, m, xq, xd, xs, out)

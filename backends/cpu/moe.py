@@ -75,14 +75,12 @@ def _pairs(gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
     out = np.zeros(x.shape, np.float32)
     if len(flat) == 0:
         return out
-    nb = x.shape[1] // 32
-    xq, xd, xs = np.empty(x.shape, np.int16), np.empty((len(x), nb), np.float32), np.empty((len(x), nb), np.float32)
-    matmul_int.quant_x(x, xq, xd, xs)
+    xq, xd, xs = _quant(x, gate.whole.act_fmt)
+    # gate and up share the scales (int16 both); the value order is each one's own (act_fmt)
+    xqu = xq if up.whole.act_fmt == gate.whole.act_fmt else _quant(x, up.whole.act_fmt)[0]
     h = np.empty((len(flat), gate.rows), np.float32)
-    K.gate_up_pairs(*gate.whole.kernel_args(), *up.whole.kernel_args(), xq, xd, xs, tok, exp, gate.rows, h)
-    nb = gate.rows // 32
-    hq, hd, hs = np.empty(h.shape, np.int16), np.empty((len(h), nb), np.float32), np.empty((len(h), nb), np.float32)
-    matmul_int.quant_x(h, hq, hd, hs)
+    K.gate_up_pairs(*gate.whole.kernel_args(), *up.whole.kernel_args(), xq, xqu, xd, xs, tok, exp, gate.rows, h)
+    hq, hd, hs = _quant(h, down.whole.act_fmt)
     y = np.empty((len(flat), down.rows), np.float32)
     K.down_pairs(*down.whole.kernel_args(), hq, hd, hs, exp, down.rows, y)
     y *= w.reshape(-1)[flat][:, None]
@@ -90,6 +88,14 @@ def _pairs(gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
         return y.reshape(len(x), k, -1).sum(axis=1)
     np.add.at(out, tok, y)
     return out
+
+
+def _quant(x, fmt: int):
+    """x quantized for the int kernels in activation format fmt (matmul_int.ACT_*): (xq, xd, xs)."""
+    nb = x.shape[1] // 32
+    xq, xd, xs = np.empty(x.shape, np.int16), np.empty((len(x), nb), np.float32), np.empty((len(x), nb), np.float32)
+    matmul_int.quant_x(x, xq, xd, xs, fmt)
+    return xq, xd, xs
 
 
 def _by_expert(backend, gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:

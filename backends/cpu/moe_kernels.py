@@ -36,9 +36,10 @@ def _dot(wk, qs, qi, qh, d, m, xq, xd, xs, r, t):
 
 
 @njit(**_JIT)
-def gate_up_pairs(wg, qsg, qhg, dg, mg, wu, qsu, qhu, du, mu, xq, xd, xs, tok, exp, rows, out):
+def gate_up_pairs(wg, qsg, qhg, dg, mg, wu, qsu, qhu, du, mu, xq, xqu, xd, xs, tok, exp, rows, out):
     """out[p, r] = silu(G[exp[p]] row r . x[tok[p]]) * (U[exp[p]] row r . x[tok[p]]): prange over
-    (pair, group of ROWS rows), so a step's 8 experts share one launch."""
+    (pair, group of ROWS rows), so a step's 8 experts share one launch. xq, xqu: x's int16 values in
+    G's and U's activation formats (the same array when they agree), xd, xs their shared scales."""
     qig, qiu = qsg.view(np.int8), qsu.view(np.int8)
     n_groups = (rows + ROWS - 1) // ROWS
     for g in prange(len(tok) * n_groups):
@@ -47,7 +48,7 @@ def gate_up_pairs(wg, qsg, qhg, dg, mg, wu, qsu, qhu, du, mu, xq, xd, xs, tok, e
         t, base = tok[p], exp[p] * rows
         for r in range(r0, min(rows, r0 + ROWS)):
             a = _dot(wg, qsg, qig, qhg, dg, mg, xq, xd, xs, base + r, t)
-            b = _dot(wu, qsu, qiu, qhu, du, mu, xq, xd, xs, base + r, t)
+            b = _dot(wu, qsu, qiu, qhu, du, mu, xqu, xd, xs, base + r, t)
             out[p, r] = a / (np.float32(1.0) + np.exp(-a)) * b
 
 

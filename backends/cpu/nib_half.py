@@ -32,7 +32,6 @@ from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8F, V8I16, V8I32, V16I16, 
                       counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits, HAVE_VNNI)
 
 V4H = ir.VectorType(F16, 4)
-V16I32 = ir.VectorType(ir.IntType(32), 16)  # shuffle masks of 16 lanes
 G = 4  # blocks per group: their 4 scales in one vcvtph2ps / vmulps (xmm: whole uops on this Zen)
 N4 = 4  # tokens of the multi-token dot (matmul_multi.N_MULTI)
 
@@ -139,11 +138,9 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
                     return builder.call(dpbusd, [builder.call(dpbusd, [zero8i] + i32[:2])] + i32[2:])
                 p16 = builder.add(builder.call(mub8, [ws[0], xlo]), builder.call(mub8, [ws[1], xhi]))
                 return builder.call(pmadd8, [p16, ones16])
-            xa = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V8I16)  # int16: 4 chunks a block
-            xb = builder.gep(xa, [i64(4)])
-            ps = [builder.call(pmadd8, [w, builder.shuffle_vector(
-                builder.load(builder.gep(xa, [i64(k)]), align=2), builder.load(builder.gep(xb, [i64(k)]), align=2),
-                ir.Constant(V16I32, list(range(16))))]) for k, w in enumerate(ws)]
+            # int16, paired by quant_row: chunk k (8 values) of A then of B, 16 values per 256-bit load
+            xp = _typed(builder, builder.gep(xq[t], [builder.mul(i, i64(32))]), V16I16)
+            ps = [builder.call(pmadd8, [w, builder.load(builder.gep(xp, [i64(k)]), align=2)]) for k, w in enumerate(ws)]
             return builder.add(builder.add(ps[0], ps[1]), builder.add(ps[2], ps[3]))
 
         def group8(g, *acc8):  # blocks 4g .. 4g+3 two at a time

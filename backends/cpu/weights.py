@@ -68,6 +68,11 @@ class PackedWeight:
         return a
 
     @property
+    def act_fmt(self) -> int:
+        """The activation format its int kernels read (matmul_int.ACT_*)."""
+        return matmul_int.act_fmt_of(self.kernel_args()[0][0]) if self.layout in matmul_int.LAYOUT_ID else 0
+
+    @property
     def int8_act(self) -> bool:
         """The int kernels quantize x to int8 for this weight (matmul_int.quant_row8), else int16."""
         return self.act8 and self.layout == "nibw"

@@ -13,14 +13,16 @@ EPYC (Zen: a 256-bit op is two 128-bit uops) the row dot went from ~4.2 to ~3.0 
 the kernels were the decode step's bound as much as the memory. The 5-bit types keep the byte order
 (their high-bit word maps onto it).
 
-Per group of 4 blocks one vcvtph2ps and one vmulps give the blocks' d*xd, a lane splat per block
-feeds its FMA (4 lanes), blocks alternate between two accumulators (the FMA latency is not the
-bound), and the m term is a separate 4-lane FMA loop. With int8 activations a group goes two
-blocks per 256-bit op (vpdpbusd with VNNI, else vpmaddubsw + vpmaddwd), the activations stored
-pairwise by quant_row8 so each operand is one load: on Zen 5 (whole 256-bit ops) that made the
-serve engine's 8-token steps ~1.5x faster; on Zen 1 a 256-bit op is two 128-bit ones. The rest of a row (nb % 4 blocks) goes block
-by block. A token's arithmetic does not depend on how many tokens share the call (1 or 4): the
-4-token dot is bitwise the 1-token one.
+Per group of 4 blocks one vcvtph2ps and one vmulps give the blocks' d*xd, and the m term is a
+separate 4-lane FMA loop. The 4-bit layout takes a group's blocks two at a time in 256-bit ops
+(int16 activations: vpmaddwd; int8: vpdpbusd with VNNI, else vpmaddubsw + vpmaddwd), block A's
+sums in lanes 0-3 and B's in 4-7, one 8-lane FMA per pair and token; quant_row / quant_row8 store
+the activations in the same pairwise order (matmul_int.ACT_*), so each operand is one load. On Zen
+5 and the Xeons (whole 256-bit ops) that made the serve engine's 8-token steps ~1.5x faster and a
+Q4_0 head ~1.5x; on Zen 1 a 256-bit op is two 128-bit ones. The 5-bit layout keeps 4-lane pieces
+per block, two accumulators alternating (the FMA latency is not the bound). The rest of a row (nb
+% 4 blocks) goes block by block. A token's arithmetic does not depend on how many tokens share the
+call (1 or 4): the 4-token dot is bitwise the 1-token one.
 """
 from __future__ import annotations
 

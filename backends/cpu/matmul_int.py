@@ -99,8 +99,9 @@ def quant_row_as(x, xq, xd, xs, t, fmt):
         quant_row(x, xq, xd, xs, t, fmt == ACT_I16P)
 
 
-def act_fmt_of(layout_id: int) -> int:
-    """The activation format a kernel layout reads."""
+@njit(**INLINE)
+def act_fmt_of(layout_id):
+    """The activation format a kernel layout reads (mm_dec, and PackedWeight.act_fmt from Python)."""
     return ACT_I8P if layout_id == L_NIBW8 else ACT_I16P if layout_id == L_NIBW else ACT_I16
 
 
@@ -242,7 +243,7 @@ def mm_int(wk, qs, qh, d, m, xq, xd, xs, out):
 def mm_dec(wk, qs, qh, d, m, x, xq, xd, xs, out):
     """Decode: quantize x's few rows here, serially, then mm_int (one dispatch and one thread-pool
     launch per matmul, not two)."""
-    fmt = ACT_I8P if wk[0] == L_NIBW8 else ACT_I16P if wk[0] == L_NIBW else ACT_I16
+    fmt = act_fmt_of(wk[0])
     for t in range(xq.shape[0]):
         quant_row_as(x, xq, xd, xs, t, fmt)
     mm_int(wk, qs, qh, d, m, xq, xd, xs, out)

@@ -70,7 +70,7 @@ class PackedWeight:
     @property
     def act_fmt(self) -> int:
         """The activation format its int kernels read (matmul_int.ACT_*)."""
-        return matmul_int.act_fmt_of(self.kernel_args()[0][0]) if self.layout in matmul_int.LAYOUT_ID else 0
+        return int(matmul_int.act_fmt_of(int(self.kernel_args()[0][0]))) if self.layout in matmul_int.LAYOUT_ID else 0
 
     @property
     def int8_act(self) -> bool:

@@ -220,7 +220,10 @@ class _Run:
         finally:
             prof, model.profile = model.profile, None
         if self.verbose:
-            click.echo(f"lstream-bench: {r.name}: policy {model.policy.describe()}, samples_ns {r.samples_ns}",
+            measured = getattr(model.policy, "measured", None)  # AutoSplit: seconds per step by CPU layers
+            tried = (", split steps (ms) " + " ".join(f"{j}:{s * 1e3:.1f}" for j, s in sorted(measured.items()))
+                     if measured else "")
+            click.echo(f"lstream-bench: {r.name}: policy {model.policy.describe()}{tried}, samples_ns {r.samples_ns}",
                        err=True)
         if prof is not None and self.profile:
             click.echo(prof_mod.table(prof, loaded.config.n_layer, f"{r.name} t={threads} ub={nub} "

@@ -63,9 +63,15 @@ def _gen(model, first: int, n: int) -> None:
         tok = int(np.argmax(logits))
 
 
+def _prefill_graphs(model) -> bool:
+    replay = getattr(getattr(model, "runner", None), "replay", None)
+    return replay is not None and replay.use_graphs and bool(getattr(replay.be, "static_prefill", False))
+
+
 def run_test(model, n_prompt: int, n_gen: int, n_depth: int = 0, reps: int = 5, n_batch: int = 2048,
              warmup: bool = True, seed: int = 0, progress=None) -> BenchResult:
-    """One llama-bench test: a warm-up (the whole prompt, one generated token; not timed), then
+    """One llama-bench test: a warm-up (the whole prompt, twice where prompts replay from graphs; one
+    generated token; not timed), then
     `reps` timed repetitions on random tokens after `n_depth` tokens of context. A profile attached
     to the model (model.profile) is reset after the warm-up, so it covers the timed repetitions.
     `progress(str)` is told each step, as llama-bench --progress prints them."""
@@ -76,8 +82,13 @@ def run_test(model, n_prompt: int, n_gen: int, n_depth: int = 0, reps: int = 5, 
     if warmup:
         model.reset()
         if n_prompt:
-            say("warmup prompt run")
-            _prompt(model, _random_tokens(rng, vocab, n_prompt), n_batch)
+            # twice where prompt ubatches replay from graphs: a size's graph is captured the second
+            # time it comes (core/replay.py), a one-time cost like the kernels' compiles
+            for k in range(2 if _prefill_graphs(model) else 1):
+                say("warmup prompt run")
+                if k:
+                    model.reset()
+                _prompt(model, _random_tokens(rng, vocab, n_prompt), n_batch)
         if n_gen:
             say("warmup generation run")
             _gen(model, int(rng.integers(vocab)), 1)

@@ -23,7 +23,8 @@ class StepReplay:
         self.use_graphs = use_graphs and backend.graphs
         self._graphs: dict[tuple, tuple] = {}  # key -> (plan, graph, inputs, static ins, outputs)
         self._eligible: dict[tuple, tuple] = {}  # key -> (plan, answer)
-        self.replays = self.captures = self.segment_runs = 0
+        self._seen: dict[tuple, tuple] = {}  # (plan id, prefill size) -> (plan, count)
+        self.replays = self.captures = self.segment_runs = self.prefill_runs = 0
 
     # -- which plans -----------------------------------------------------------------------------
     def _small(self, ctx) -> bool:
@@ -37,13 +38,31 @@ class StepReplay:
 
     def eligible(self, plan, ctx) -> bool:
         """Every node on this backend, nothing streamed but the token rows, every K/V here."""
-        if not self._small(ctx):
-            return False
+        return self._small(ctx) and self._whole(plan, ctx)
+
+    def _whole(self, plan, ctx) -> bool:
         name = self.be.name
         return self._cached(("whole", id(plan)), plan, lambda: (
             all(s.backend == name for s in plan.splits)
             and not any(a.uploads for a in plan.assignments() if a.node.op is not Op.EMBED)
             and all(self.be.owns_kv(layer) for layer in ctx.kv.layers)))
+
+    def prefill_eligible(self, plan, ctx) -> bool:
+        """A prompt's ubatch held whole here (a resident model), of a size seen before: its host
+        work (~15 launches per layer through Python) would outlast its GPU work, so it is captured
+        once and replayed for every later ubatch of that size at any depth. A one-off size (a
+        prompt's remainder) runs eagerly: a capture costs more than one eager run."""
+        n = len(ctx.tokens)
+        if (is_small_batch(n) or not getattr(self.be, "static_prefill", False) or ctx.logits != "last"
+                or ctx.profile is not None or ctx.batch is not None or not self._whole(plan, ctx)):
+            return False
+        key = (id(plan), n)
+        seen = self._seen.get(key)
+        if seen is None or seen[0] is not plan:
+            self._seen[key] = (plan, 1)
+            return False
+        self.prefill_runs += 1
+        return True
 
     def segments(self, plan, ctx) -> list[tuple[int, int]]:
         """[start, stop) runs in plan order that can be replayed on their own: the runs of whole
@@ -77,31 +96,35 @@ class StepReplay:
         return [(s, e, r) for (s, e), r in zip(runs, reads) if e - s >= MIN_SEGMENT]
 
     # -- running them ----------------------------------------------------------------------------
-    def run(self, plan, ctx):
-        """The whole step: logits as float32 numpy, (vocab,) rows like Executor.run returns them."""
+    def run(self, plan, ctx, ex=None, to_host: bool = True):
+        """The whole step: logits as float32 numpy, (vocab,) rows like Executor.run returns them
+        (None with to_host=False: a prompt's earlier ubatch, run by the body's executor `ex`)."""
+        ex = ex or self.ex
         n = len(ctx.tokens)
         if not self.use_graphs:
             ctx.graph = self.be.step_inputs(n)
             self.be.fill_step_inputs(ctx.graph, ctx)
-            return self._logits(self.ex.run(plan, ctx, to_host=False))
+            out = ex.run(plan, ctx, to_host=False)
+            return self._logits(out, ex) if to_host else None
         key = ("whole", id(plan), n)
         hit = self._graphs.get(key)
         if hit is None or hit[0] is not plan:
             si = self.be.step_inputs(n)
             self.be.fill_step_inputs(si, ctx)
             ctx.graph = si
-            graph, out = self.be.capture(lambda: self.ex.run(plan, ctx, to_host=False), si)
+            graph, out = self.be.capture(lambda: ex.run(plan, ctx, to_host=False), si)
             self.captures += 1
             hit = self._graphs[key] = (plan, graph, si, None, out)
         _, graph, si, _, out = hit
         self.be.fill_step_inputs(si, ctx)
         self.be.replay(graph)
         self.replays += 1
-        return self._logits(out)
+        return self._logits(out, ex) if to_host else None
 
-    def _logits(self, value):
+    def _logits(self, value, ex=None):
+        ex = ex or self.ex
         logits = self.be.to_host(value)
-        self.ex.check_finite(logits, self.ex.graph.output, self.be.name)
+        ex.check_finite(logits, ex.graph.output, self.be.name)
         return logits
 
     def run_segments(self, plan, ctx, segs):
@@ -166,3 +189,4 @@ class StepReplay:
     def clear(self) -> None:
         self._graphs.clear()
         self._eligible.clear()
+        self._seen.clear()

@@ -4,6 +4,7 @@
                 any passes L+1, so a streamed layer crosses PCIe once per prompt, not per ubatch;
   graph step    a decode-sized step that a `static_steps` backend holds whole: static inputs,
                 replayed from a captured graph where the backend declares `graphs` (core/replay.py);
+                also a prompt's ubatch there, of a size seen before (`static_prefill` backends);
   graph segments a decode-sized step with runs of whole layers on such a backend (mixed decode),
                 cut at the MoE ops whose experts the CPU computes;
   plain         one ubatch after another, node by node (core/executor.py).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .executor import Executor, RunContext
+from .ops import Op
 from .replay import StepReplay
 from .scheduler import Plan
 
@@ -44,7 +46,10 @@ class Runner:
         outs = []
         for k, (ex, plan, ctx) in enumerate(runs):
             last = k == len(runs) - 1
-            out = ex.run(plan, ctx, to_host=True if (all_logits or last) else None)
+            if not all_logits and self.replay is not None and self.replay.prefill_eligible(plan, ctx):
+                out = self.replay.run(plan, ctx, ex, to_host=last)
+            else:
+                out = ex.run(plan, ctx, to_host=True if (all_logits or last) else None)
             _advance(ctx)  # a later failure keeps the ubatches that finished
             if all_logits:
                 outs.append(out)
@@ -67,7 +72,8 @@ class Runner:
         if not self.layer_major or len(runs) < 2:
             return False
         plans = [p for _, p, _ in runs]
-        if not any(a.uploads for a in plans[0].assignments()):
+        # (the token rows an EMBED gathers from the host are not a layer's stream)
+        if not any(a.uploads for a in plans[0].assignments() if a.node.op is not Op.EMBED):
             return False
         n_body = len(self.body.graph.nodes)
         first = plans[0].signature()[:n_body]

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ngl16 serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -119,8 +119,12 @@ depth)
 prefill)
   llama_cpp
   s "prefill -p 2048"
-  $L -p 2048 -n 0 -ub 512,2048 -b 2048 -ngl 33,16,0 -fa 1 -r 2
-  $B -p 2048 -n 0 -ub 512,2048 -ngl 33,16,0 -r 2 2>&1 ;;
+  timeout ${PF_S:-200} $L -p 2048 -n 0 -ub ${PF_UB:-512,2048} -b 2048 -ngl ${PF_NGL:-33,16,0} -fa 1 -r 2
+  timeout ${PF_S:-200} $B -p 2048 -n 0 -ub ${PF_UB:-512,2048} -ngl ${PF_NGL:-33,16,0} -r ${PF_R:-2} 2>&1 ;;
+ngl16)
+  s "mixed decode -ngl \${N16_NGL:-16}: the default's measured split against fixed ones; CPU-only decode (-ngl 0 threshold)"
+  timeout 250 $B -p 0 -n 32 -ngl ${N16_NGL:-16} --policy ${N16_POL:-auto,split:4,split:8,split:12} -r 2 -v 2>&1 | grep -E "tg32|split steps"
+  timeout 100 $B -p 0 -n 32 -ngl 0 --policy threshold -r 2 2>&1 | grep tg32 ;;
 large)
   s "activations past fp16: mixed decode of the scale-0.02 8B (every block scale 0.02)"
   synth l8b-large llama3-8b Q4_0 --scale 0.02

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...core.batch import is_small_batch
 from ...core.graph import Node
 from . import decode_kernels as dk
+from .prefill_attention import prefill_attention
 
 
 @dataclass
@@ -67,11 +69,15 @@ class AttentionMixin:
     def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
         """Attention of a static step (core/replay.py, graphs.py): K/V written at the device-side
         positions, then split-K decode attention up to each token's position, read on the device
-        (decode_kernels.attention): one captured graph serves every position."""
+        (decode_kernels.attention), or for a prefill ubatch flash attention that reads them the same
+        way (prefill_attention.py): one captured graph serves every position."""
         t, n_head, n_kv, hd = q.shape[0], p["n_head"], p["n_head_kv"], p["head_dim"]
         store.k.index_copy_(0, si.positions, k)
         store.v.index_copy_(0, si.positions, v)
         window = p.get("window", 0) or 0
+        if self.decode_kernels and not is_small_batch(t):  # a prefill ubatch: tensor-core flash attention
+            return prefill_attention(q, store.k, store.v, si.positions, p["scale"], window, n_head, n_kv, self.dtype,
+                                     use_triton=self.use_triton)
         if self.decode_kernels:
             qo = q.float().reshape(t, n_head, hd)
             return dk.attention(qo, store.k, store.v, si.positions, p["scale"], window, n_head, n_kv,

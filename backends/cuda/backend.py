@@ -15,6 +15,8 @@ exact code on CPU tensors in CI.
 """
 from __future__ import annotations
 
+import os
+
 
 import numpy as np
 import torch
@@ -85,13 +87,18 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         self.graphs = cuda_graphs and self.device.type == "cuda"
         # resident 32-weight-block matmul weights in an aligned layout for the int8 GEMV (repack.py);
         # None: where that GEMV runs (a GPU with Triton). The newer kernels are proven on the device first.
-        ok = selfcheck.kernels_ok(self.device) if self._gemv_ok else {"gemv_q8": False, "decode": False}
+        ok = selfcheck.kernels_ok(self.device) if self._gemv_ok else {"gemv_q8": False, "decode": False,
+                                                                           "prefill": False}
         # (not in fp32, the reference precision: int8 activations would round what it promises to keep)
         self._repack = (self._gemv_ok and ok["gemv_q8"] and self.dtype != torch.float32) \
             if repack_resident is None else repack_resident
         # decode steps: fused kernels (fused.py) where a pattern of nodes allows, split-K attention
         self.decode_kernels = ok["decode"] or self.device.type != "cuda"
         self.fuse = fuse and self.decode_kernels
+        # a resident prompt's ubatches replayed from graphs (core/replay.py): attention by device-side
+        # positions (prefill_attention.py), proven here first; LSTREAM_PREFILL_GRAPHS=0 turns it off
+        self.static_prefill = (self.graphs and self.decode_kernels and ok.get("prefill", True)
+                               and os.environ.get("LSTREAM_PREFILL_GRAPHS") != "0")
         # prefill matmuls straight from the quantized weight where that measures faster (matmul_choice.py)
         self._qgemm = qgemm is not False and use_triton is not False and self.device.type == "cuda" and ck.HAVE_TRITON
 

@@ -89,7 +89,20 @@ def _moe(dev) -> bool:
     return True
 
 
-CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode, "moe": _moe}
+def _prefill(dev) -> bool:
+    from . import prefill_attention as pa
+    g = torch.Generator(device="cpu").manual_seed(2)
+    n_kv, hd, t = 2, 64, 80
+    kc = torch.randn(160, n_kv, hd, generator=g).to(torch.bfloat16).to(dev)
+    vc = torch.randn(160, n_kv, hd, generator=g).to(torch.bfloat16).to(dev)
+    q = torch.randn(t, 8 * hd, generator=g).to(dev)
+    pos = torch.arange(50, 50 + t, device=dev)
+    out = pa.prefill_attention(q, kc, vc, pos, hd ** -0.5, 0, 8, n_kv, torch.float32)
+    ref = pa.prefill_attention_reference(q, kc, vc, pos, hd ** -0.5, 0, 8, n_kv)
+    return _nmse(out, ref) < 1e-4
+
+
+CHECKS = {"gemv_q8": _gemv_q8, "decode": _decode, "moe": _moe, "prefill": _prefill}
 TIMES: dict[str, dict[str, float]] = {}  # device -> {kernel: microseconds per call}, as measured
 
 

@@ -1,8 +1,9 @@
 """A resident prompt's ubatches in static form (core/replay.py prefill_eligible): token ids and
 positions in device buffers, attention by device-side position (prefill_attention.py), replayed
 from a CUDA graph on a GPU. The logits must match the eager path's: on the fake device (the
-static form run eagerly, float32: NMSE <= 1e-8) and on a GPU (bf16, the captured graph against the
-eager ubatches: NMSE <= 1e-3, and the same greedy tokens)."""
+static form run eagerly, float32: NMSE <= 1e-8) and on a GPU (bf16: the captured graphs and the
+eager ubatches with the same attention kernel, each against eager ubatches with cuDNN's SDPA,
+NMSE <= 1e-3, for the prompt and three decode steps after it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -68,8 +69,9 @@ def test_gpu_prefill_graphs_match_eager(monkeypatch, tmp_path):
     path = write_model(tmp_path / "l8b-2l.gguf", "llama3-8b", "Q4_0", layers=2, seed=4)
     prompt = list(range(300, 300 + 3 * 64))
 
-    def run(static: bool):
+    def run(static: bool, kernel: bool = True):
         monkeypatch.setenv("LSTREAM_PREFILL_GRAPHS", "1" if static else "0")
+        monkeypatch.setenv("LSTREAM_PREFILL_ATTN", "1" if kernel else "0")
         m = Model(load_model(path), n_gpu_layers=99, device_backend=CUDABackend(), n_ubatch=64, n_ctx=512,
                   load_tokenizer=False)
         try:
@@ -79,8 +81,9 @@ def test_gpu_prefill_graphs_match_eager(monkeypatch, tmp_path):
             return logits, m.runner.replay.captures, m.runner.replay.prefill_runs
         finally:
             m.close()
+    sdpa, _, _ = run(False, kernel=False)  # cuDNN's SDPA, eager
     eager, _, runs0 = run(False)
     static, captures, runs = run(True)
     assert runs0 == 0 and runs == 1 + 3 and captures >= 2  # the body's and the head's ubatch graphs
-    for a, b in zip(static, eager):
-        assert _nmse(a, b) < 1e-3
+    for a, b, c in zip(static, eager, sdpa):
+        assert _nmse(a, c) < 1e-3 and _nmse(b, c) < 1e-3

@@ -46,6 +46,10 @@ class AttentionMixin:
                 pv = torch.from_numpy(store.v[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
                 keys, vals = torch.cat([pk, k]), torch.cat([pv, v])
             self._write_back(store, k, v, n_past)
+        if self.prefill_attn and not is_small_batch(t):  # no mask, no repeated K/V heads, one launch
+            pos = torch.arange(n_past, n_past + t, device=self.device)
+            return prefill_attention(q, keys, vals, pos, p["scale"], p.get("window", 0) or 0, n_head, n_kv,
+                                     self.dtype, use_triton=self.use_triton)
         s = n_past + t
         qh = q.to(self.dtype).reshape(t, n_head, hd).transpose(0, 1).unsqueeze(0)
         g = n_head // n_kv

@@ -75,10 +75,10 @@ class StreamRunMixin:
         if order:
             st = self._ensure_streamer()
             st.speculate = self._speculate_now(runs[-1][1])
-            if self.policy.prefetch_all(len(runs[0][1].tokens)) and len(order) > len(st.slots):
-                # a split decode step streams its layers while the CPU computes others: every copy
-                # is issued at once, so the ring grows to hold them all (once, if VRAM allows)
-                st.ensure_slots(len(order), self.rt.free_memory() - (1 << 30))
+            # The ring keeps its few slots also in decode: grown to every streamed layer it would keep
+            # them across steps (a slot still holding its layer is not copied again), i.e. use VRAM
+            # beyond what -ngl leaves for weights and stop streaming: not what a model that does not
+            # fit can do. A split decode step issues its copies as slots free, one layer ahead.
             st.begin(order)
         self._run = _RunState(release_at, layer_of, {}, runs[-1][1])
         self._pend.clear()

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ngl16 serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ngl16 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -110,7 +110,12 @@ decode)
   llama_cpp
   s "decode -p 0 -n 32"
   timeout 150 $L -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -fa ${LFA:-0,1} -r 3
-  timeout 150 $B -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -r 3 2>&1 ;;
+  timeout 150 $B -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -r 3 ${DEC_V:-} 2>&1 | grep -v "^lstream-bench: model\|^ *$" ;;
+cpudec)
+  s "CPU-only decode (-ngl 0, threshold policy): int16 activations (default) and int8 (LSTREAM_CPU_ACT8=1)"
+  for e in LSTREAM_NONE=1 LSTREAM_CPU_ACT8=1; do
+    env $e timeout 100 $B -p 0 -n 32 -ngl 0 --policy threshold -r 2 2>&1 | grep tg32 | sed "s/$/  ($e)/"
+  done ;;
 depth)
   llama_cpp
   s "decode at depth 4096"

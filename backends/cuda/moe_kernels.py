@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...core.qtypes import QTYPE_INFO, QType
+from ...core.qtypes import QType
 from . import dequant as ck
 from . import gemv_q8
 from . import qgemm as qg

@@ -8,7 +8,10 @@
 exec > >(tee -a $OUT/sbs.log) 2>&1
 synth l8b llama3-8b Q4_0
 B="python3 -m lstream.cli bench -m $M/l8b.gguf"
-L="$LB -m $M/l8b.gguf -o md"
+# llama.cpp's best load mode (-lm none: weights read into its own host buffers for the copies of
+# offloaded ops; with the default memory map a 2026-12-02 call made 1210 / 690 t/s at -ngl 16 / 0
+# -ub 512 pp2048, against #15's 4741 / 2782 with -lm none)
+L="$LB -m $M/l8b.gguf -o md -lm ${LLM:-none}"
 T0=$(date +%s)
 s() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 for sec in "$@"; do case $sec in
@@ -139,7 +142,7 @@ moe)
   llama_cpp
   s "MoE qwen3-30b-a3b Q4_0, -ngl 99 with the experts of N layers on the host"
   synth q3moe qwen3-30b-a3b Q4_0
-  timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md
+  timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md -lm ${LLM:-none}
   timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
 moesmall)
   s "MoE with host experts on an 8-layer Qwen3-30B-A3B shape: a prompt and decode profiled, decode by CPU threads"

@@ -195,6 +195,24 @@ def test_choice_cached_and_not_during_capture(interp, monkeypatch):
     assert len(mc.choices()) == 1
 
 
+def test_choice_needs_a_clear_win(interp, monkeypatch):
+    """A fused config within MARGIN of dequantize + cuBLAS does not replace it (the fastest of
+    several noisy timings reads low)."""
+    qt, n, k = QType.Q4_0, 40, 256
+    a = torch.from_numpy(_data(qt, n, k, seed=6))
+    x = torch.randn(20, k, generator=torch.Generator().manual_seed(7))
+    w = torch.from_numpy(gguf.quants.dequantize(a.numpy(), gguf.GGMLQuantizationType(int(qt)))).bfloat16()
+    n_cand = len(qg.candidates(qt, n, k, 20))
+    for first, want_cublas in ((0.95, True), (0.85, False)):
+        monkeypatch.setattr(mc, "_choice", {})
+        monkeypatch.setattr(mc, "_capturing", lambda x: False)
+        times = iter([1.0, first] + [5.0] * n_cand)
+        monkeypatch.setattr(mc, "_time", lambda fn, dev: next(times))
+        mc.matmul(x, a, qt, n, k, torch.bfloat16, lambda: w)
+        (cfg,) = mc.choices().values()
+        assert (cfg is None) == want_cublas
+
+
 # --- GPU ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,7 +17,7 @@ import os
 import torch
 
 from .dequant import HAVE_TRITON, tl, triton, triton_usable
-from .fast_launch import FastLaunch
+from .fast_launch import launcher  # (eager prompts launch act once per layer and ubatch)
 
 N_SPLITS = 16  # key blocks per (token, kv head) in decode attention: ~1 wave of programs at 8 kv heads
 
@@ -209,9 +209,6 @@ if HAVE_TRITON:
         tl.store(out_ptr + (t * n_head + h) * HD + d, y.to(out_ptr.dtype.element_ty))
 
 
-_fast_act = FastLaunch(_k_act) if HAVE_TRITON else None  # (eager prompts: one launch per layer and ubatch)
-
-
 def _rows(x: torch.Tensor) -> int:
     """Row stride of a 2-D activation whose rows are contiguous (a column slice of a stacked output)."""
     if x.dim() != 2 or x.stride(1) != 1:
@@ -244,7 +241,8 @@ def act(g: torch.Tensor, u: torch.Tensor, gelu: bool, dtype: torch.dtype, use_tr
     if _use(g, use_triton):
         y = torch.empty((t, f), dtype=dtype, device=g.device)
         block = 1024
-        _fast_act((t, triton.cdiv(f, block)), g, u, y, f, _rows(g), _rows(u), GELU=gelu, BLOCK=block, num_warps=4)
+        launcher(_k_act)((t, triton.cdiv(f, block)), g, u, y, f, _rows(g), _rows(u), GELU=gelu, BLOCK=block,
+                         num_warps=4)
         return y
     gf = g.float()
     a = torch.nn.functional.gelu(gf, approximate="tanh") if gelu else torch.nn.functional.silu(gf)

@@ -18,7 +18,7 @@ import os
 import torch
 
 from ...core.qtypes import QTYPE_INFO, QType
-from .fast_launch import FastLaunch
+from .fast_launch import launcher  # (no Triton argument binding per launch: hundreds per streamed prompt)
 
 try:  # Triton is optional: the CPU build of torch has none
     import triton
@@ -135,23 +135,17 @@ def _launch(qt: QType, flat: torch.Tensor, h: torch.Tensor, out: torch.Tensor, n
     grid = (triton.cdiv(n_blocks, nb),)
     if qt in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1):
         ts = QTYPE_INFO[qt].type_size
-        _fast["4bit"](grid, flat, h, out, n_blocks, TS=ts, HAS_MIN=int(qt in (QType.Q4_1, QType.Q5_1)),
+        launcher(_k_4bit_32)(grid, flat, h, out, n_blocks, TS=ts, HAS_MIN=int(qt in (QType.Q4_1, QType.Q5_1)),
                       HAS_QH=int(qt in (QType.Q5_0, QType.Q5_1)), NB=nb, num_warps=4)
     elif qt == QType.Q8_0:
-        _fast["q8_0"](grid, flat, h, out, n_blocks, NB=nb, num_warps=4)
+        launcher(_k_q8_0)(grid, flat, h, out, n_blocks, NB=nb, num_warps=4)
     elif qt in (QType.Q4_K, QType.Q5_K):
-        _fast["q45_k"](grid, flat, h, out, n_blocks, TS=QTYPE_INFO[qt].type_size, HAS_QH=int(qt == QType.Q5_K),
+        launcher(_k_q45_k)(grid, flat, h, out, n_blocks, TS=QTYPE_INFO[qt].type_size, HAS_QH=int(qt == QType.Q5_K),
                        NB=nb, num_warps=4)
     elif qt == QType.Q6_K:
-        _fast["q6_k"](grid, flat, h, out, n_blocks, NB=nb, num_warps=4)
+        launcher(_k_q6_k)(grid, flat, h, out, n_blocks, NB=nb, num_warps=4)
     else:  # pragma: no cover
         raise ValueError(f"no Triton kernel for {qt.name}")
-
-
-# launched without Triton's per-call argument binding (fast_launch.py): a streamed prompt
-# dequantizes every weight of every ubatch, hundreds of launches per prompt
-_fast = {k: FastLaunch(f) for k, f in (("4bit", _k_4bit_32), ("q8_0", _k_q8_0), ("q45_k", _k_q45_k),
-                                        ("q6_k", _k_q6_k))} if HAVE_TRITON else {}
 
 
 def dequantize(blocks: torch.Tensor, qtype: QType, n_cols: int, dtype: torch.dtype = torch.bfloat16,

@@ -44,3 +44,15 @@ class FastLaunch:
                 self.cache[key] = (k, consts, args[0].device.index)
             except Exception:  # noqa: BLE001
                 self.enabled = False
+
+
+_BY_FN: dict = {}
+
+
+def launcher(fn) -> FastLaunch:
+    """The FastLaunch of a kernel, made on its first launch: look the kernel up at the call (a module's
+    kernel replaced later, as by the tests' interpreted copies, gets a launcher of its own)."""
+    fl = _BY_FN.get(fn)
+    if fl is None:
+        fl = _BY_FN[fn] = FastLaunch(fn)
+    return fl

@@ -22,7 +22,7 @@ import torch
 from ...core.batch import SMALL_BATCH
 from ...core.qtypes import QType
 from .dequant import HAVE_TRITON, tl, triton
-from .fast_launch import FastLaunch
+from .fast_launch import launcher
 from . import gemv_q8_gluon
 from .gemv import pow2_divisor
 from .repack import Packed
@@ -199,9 +199,6 @@ if HAVE_TRITON:
             w += tl.load(m_ptr + b, mask=bmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + b * 32 + j, w.to(out_ptr.dtype.element_ty), mask=bmask)
 
-    _fast_deq = FastLaunch(_k_deq)  # a prompt dequantizes each cuBLAS-multiplied weight per ubatch
-
-
 def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight as (n_rows, n_cols) floats (prefill's matmuls): a Triton kernel on the device,
     torch otherwise; both exactly d * (q - OFF) (+ m) in fp32, then rounded to `dtype`."""
@@ -211,7 +208,7 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32, out: torch.Tensor 
         out = torch.empty((p.n_rows, p.n_cols), dtype=dtype, device=p.qs.device)
     if HAVE_TRITON and (p.qs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         n_blocks = p.n_rows * nb
-        _fast_deq((triton.cdiv(n_blocks, 64),), p.qs, p.d, p.m if p.m is not None else p.d,
+        launcher(_k_deq)((triton.cdiv(n_blocks, 64),), p.qs, p.d, p.m if p.m is not None else p.d,
                   p.qh if p.qh is not None else p.d, out, n_blocks, BITS=bits, OFF=off,
                   HAS_MIN=has_min, HAS_QH=has_qh, NBP=64, num_warps=4)
         return out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import HAVE_TRITON, tl, triton, triton_usable
-from .fast_launch import FastLaunch
+from .fast_launch import launcher
 
 LOG2E = 1.4426950408889634
 
@@ -78,9 +78,6 @@ if HAVE_TRITON:
                  mask=rm[:, None])
 
 
-_fast = FastLaunch(_k_prefill_attn) if HAVE_TRITON else None
-
-
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                       scale: float, window: int, n_head: int, n_kv: int, dtype: torch.dtype,
                       use_triton: bool | None = None) -> torch.Tensor:
@@ -95,7 +92,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q = q.contiguous()
         out = torch.empty((t, n_head * hd), dtype=dtype, device=q.device)
         bm = 64 if t <= 64 or hd > 128 else 128
-        _fast((triton.cdiv(t, bm), n_head),
+        launcher(_k_prefill_attn)((triton.cdiv(t, bm), n_head),
             q, k_cache, v_cache, positions, out, t, n_ctx, float(scale) * LOG2E, int(window or 0),
             q.stride(0), n_kv * hd, n_head * hd, BF16_DOT=q.is_cuda, G=n_head // n_kv, HD=hd, BM=bm, BN=64,
             WINDOW=bool(window), num_warps=8 if bm == 128 else 4, num_stages=2)

@@ -55,8 +55,8 @@ class StepReplay:
         n = len(ctx.tokens)
         if (is_small_batch(n) or not getattr(self.be, "static_prefill", False) or ctx.logits != "last"
                 or ctx.profile is not None or ctx.batch is not None or not self._whole(plan, ctx)
-                or self._cached(("moe", id(plan)), plan, lambda: any(a.node.op is Op.MOE for a in plan.assignments()))):
-            return False  # (a MoE prompt's routing has not been captured yet: it runs eagerly)
+                or not self._cached(("static prefill", id(plan)), plan, lambda: self.be.static_prefill_ok(plan))):
+            return False
         key = (id(plan), n)
         seen = self._seen.get(key)
         if seen is None or seen[0] is not plan:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ...core.batch import is_small_batch
 from ...core.graph import Node
 from . import decode_kernels as dk
-from .prefill_attention import prefill_attention
+from .prefill_attention import prefill_attention, supported
 
 
 @dataclass
@@ -46,7 +46,7 @@ class AttentionMixin:
                 pv = torch.from_numpy(store.v[:n_past]).to(self.device, non_blocking=True).to(self.dtype)
                 keys, vals = torch.cat([pk, k]), torch.cat([pv, v])
             self._write_back(store, k, v, n_past)
-        if self.prefill_attn and not is_small_batch(t):  # no mask, no repeated K/V heads, one launch
+        if self.prefill_attn and not is_small_batch(t) and supported(hd):  # no mask or repeated K/V heads
             pos = torch.arange(n_past, n_past + t, device=self.device)
             return prefill_attention(q, keys, vals, pos, p["scale"], p.get("window", 0) or 0, n_head, n_kv,
                                      self.dtype, use_triton=self.use_triton)

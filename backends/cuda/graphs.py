@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ...core.ops import Op
+from .prefill_attention import supported
+
 
 @dataclass
 class StepInputs:
@@ -42,6 +45,16 @@ class GraphsMixin:
             e = self.residency["token_embd.weight"]
             host = np.ascontiguousarray(e.data).reshape(e.n_rows, -1).view(np.uint8)
             si.rows.copy_(torch.from_numpy(host[toks]))
+
+    def static_prefill_ok(self, plan) -> bool:
+        """A prompt ubatch of this plan can run in static form: its attention heads fit the prefill
+        kernel (prefill_attention.supported), and no MoE op (a MoE prompt's routing is not captured
+        yet: it runs eagerly)."""
+        for a in plan.assignments():
+            op = a.node.op
+            if op is Op.MOE or (op is Op.ATTENTION and not supported(a.node.params["head_dim"])):
+                return False
+        return True
 
     def capture(self, fn, inputs: StepInputs):
         """Warm up (Triton compiles, cuBLAS workspaces, scratch buffers) on a side stream with the

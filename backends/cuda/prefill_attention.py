@@ -78,6 +78,12 @@ if HAVE_TRITON:
                  mask=rm[:, None])
 
 
+def supported(head_dim: int) -> bool:
+    """Head sizes the kernel takes (proven at backend start with 64; up to 128 the tiles fit shared
+    memory at the launch shapes below). Others (Gemma 3's 256) keep SDPA eagerly, no graphs."""
+    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                       scale: float, window: int, n_head: int, n_kv: int, dtype: torch.dtype,
                       use_triton: bool | None = None) -> torch.Tensor:
@@ -87,11 +93,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     t = q.shape[0]
     n_ctx, _, hd = k_cache.shape
     use = triton_usable(q) if use_triton is None else (use_triton and HAVE_TRITON)
-    if (use and hd >= 16 and hd == triton.next_power_of_2(hd) and k_cache.is_contiguous()
-            and v_cache.is_contiguous()):
+    if use and supported(hd) and k_cache.is_contiguous() and v_cache.is_contiguous():
         q = q.contiguous()
         out = torch.empty((t, n_head * hd), dtype=dtype, device=q.device)
-        bm = 64 if t <= 64 or hd > 128 else 128
+        bm = 64 if t <= 64 else 128
         launcher(_k_prefill_attn)((triton.cdiv(t, bm), n_head),
             q, k_cache, v_cache, positions, out, t, n_ctx, float(scale) * LOG2E, int(window or 0),
             q.stride(0), n_kv * hd, n_head * hd, BF16_DOT=q.is_cuda, G=n_head // n_kv, HD=hd, BM=bm, BN=64,

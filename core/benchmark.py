@@ -71,8 +71,8 @@ def _prefill_graphs(model) -> bool:
 def run_test(model, n_prompt: int, n_gen: int, n_depth: int = 0, reps: int = 5, n_batch: int = 2048,
              warmup: bool = True, seed: int = 0, progress=None) -> BenchResult:
     """One llama-bench test: a warm-up (the whole prompt, twice where prompts replay from graphs; one
-    generated token; not timed), then
-    `reps` timed repetitions on random tokens after `n_depth` tokens of context. A profile attached
+    generated token; not timed), then `reps` timed repetitions on random tokens after `n_depth`
+    tokens of context. A profile attached
     to the model (model.profile) is reset after the warm-up, so it covers the timed repetitions.
     `progress(str)` is told each step, as llama-bench --progress prints them."""
     say = progress or (lambda s: None)

@@ -173,7 +173,7 @@ def test_selfcheck_passes_on_this_gpu():
     from lstream.backends.cuda import selfcheck
     dev = torch.device("cuda")
     ok = selfcheck.kernels_ok(dev)
-    assert ok["decode"] and selfcheck._gemv_q8(dev)
+    assert ok["decode"] and ok["prefill"] and selfcheck._gemv_q8(dev)
     t = selfcheck.TIMES[str(dev)]
     assert ok["gemv_q8"] == (t["gemv_q8"] < t["gemv"])
 

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ngl16 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep ngl16 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -129,6 +129,11 @@ prefill)
   s "prefill -p 2048"
   timeout ${PF_S:-200} $L -p 2048 -n 0 -ub ${PF_UB:-512,2048} -b 2048 -ngl ${PF_NGL:-33,16,0} -fa 1 -r 2
   timeout ${PF_S:-200} $B -p 2048 -n 0 -ub ${PF_UB:-512,2048} -ngl ${PF_NGL:-33,16,0} -r ${PF_R:-2} 2>&1 ;;
+ubsweep)
+  llama_cpp
+  s "prefill -p 2048 by ubatch size, all resident (#15's sweep): llama.cpp and lstream"
+  timeout ${PF_S:-200} $L -p 2048 -n 0 -ub ${UB_LIST:-64,128,256,512,1024,2048} -b 2048 -ngl 33 -fa 1 -r 2
+  timeout ${PF_S:-200} $B -p 2048 -n 0 -ub ${UB_LIST:-64,128,256,512,1024,2048} -ngl 33 -r 2 2>&1 ;;
 ngl16)
   s "mixed decode -ngl \${N16_NGL:-16}: the default's measured split against fixed ones; CPU-only decode (-ngl 0 threshold)"
   timeout 250 $B -p 0 -n 32 -ngl ${N16_NGL:-16} --policy ${N16_POL:-auto,split:4,split:8,split:12} -r 2 -v 2>&1 | grep -E "tg32|split steps"

@@ -15,6 +15,7 @@ from .graph import INPUT
 from .ops import Op
 
 MIN_SEGMENT = 3  # nodes: a shorter run between two host ops costs less eagerly than as a graph
+MAX_PREFILL_GRAPHS = 6  # prompt ubatch graphs kept (the full -ub size and its head's plan first)
 
 
 class StepReplay:
@@ -62,6 +63,9 @@ class StepReplay:
         if seen is None or seen[0] is not plan:
             self._seen[key] = (plan, 1)
             return False
+        if self.use_graphs and ("whole", id(plan), n) not in self._graphs and sum(
+                1 for k in self._graphs if k[0] == "whole" and not is_small_batch(k[2])) >= MAX_PREFILL_GRAPHS:
+            return False  # each graph keeps its activations' memory: a chat's many prompt sizes run eagerly
         self.prefill_runs += 1
         return True
 

@@ -107,3 +107,32 @@ def test_gpu_prefill_graphs_match_eager(monkeypatch, tmp_path):
     assert runs0 == 0 and runs == 1 + 3 and captures >= 2  # the body's and the head's ubatch graphs
     for a, b, c in zip(static, eager, sdpa):
         assert _nmse(a, c) < 1e-3 and _nmse(b, c) < 1e-3
+
+
+def test_prefill_graphs_are_capped():
+    """Each captured prompt graph keeps its activations' memory: past MAX_PREFILL_GRAPHS sizes (a chat's
+    many prompt remainders), a new size runs eagerly; a captured size stays replayed."""
+    from types import SimpleNamespace
+
+    from lstream.core import replay as R
+
+    class Dev:
+        name, graphs, static_prefill = "dev", True, True
+
+        def static_prefill_ok(self, plan):
+            return True
+    r = R.StepReplay(None, Dev())
+    r._whole = lambda plan, ctx: True
+    plan = SimpleNamespace()
+
+    def ctx(n):
+        return SimpleNamespace(tokens=[0] * n, logits="last", profile=None, batch=None)
+    sizes = list(range(16, 16 + R.MAX_PREFILL_GRAPHS + 2))
+    assert not any(r.prefill_eligible(plan, ctx(n)) for n in sizes)  # first sightings: eager
+    got = []
+    for n in sizes:
+        got.append(r.prefill_eligible(plan, ctx(n)))
+        if got[-1]:
+            r._graphs[("whole", id(plan), n)] = (plan,)  # what run() captures
+    assert got == [True] * R.MAX_PREFILL_GRAPHS + [False] * 2
+    assert r.prefill_eligible(plan, ctx(16))

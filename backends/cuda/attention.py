@@ -47,7 +47,7 @@ class AttentionMixin:
                 keys, vals = torch.cat([pk, k]), torch.cat([pv, v])
             self._write_back(store, k, v, n_past)
         if self.prefill_attn and not is_small_batch(t) and supported(hd):  # no mask or repeated K/V heads
-            pos = torch.arange(n_past, n_past + t, device=self.device)
+            pos = self._ubatch_positions(n_past, t)
             return prefill_attention(q, keys, vals, pos, p["scale"], p.get("window", 0) or 0, n_head, n_kv,
                                      self.dtype, use_triton=self.use_triton)
         s = n_past + t
@@ -69,6 +69,13 @@ class AttentionMixin:
             causal = True
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=p["scale"])
         return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
+
+    def _ubatch_positions(self, n_past: int, t: int) -> torch.Tensor:
+        """A ubatch's positions on the device, made once for all its layers."""
+        hit = self._positions
+        if hit is None or hit[0] != (n_past, t):
+            hit = self._positions = ((n_past, t), torch.arange(n_past, n_past + t, device=self.device))
+        return hit[1]
 
     def _attention_static(self, q, k, v, store: DeviceKV, p: dict, si) -> torch.Tensor:
         """Attention of a static step (core/replay.py, graphs.py): K/V written at the device-side

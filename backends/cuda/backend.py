@@ -71,6 +71,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         self.streamer: LayerStreamer | None = None
         self._scratch: torch.Tensor | None = None
         self._freqs: dict[tuple, torch.Tensor] = {}
+        self._positions = None  # ((n_past, t), device positions) of the last eager prompt ubatch
         self._inv_freq: dict[tuple, tuple] = {}  # rope frequencies on the device, for static steps
         self._run = None  # per-run state
         self._kv_pending: list = []

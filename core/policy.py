@@ -53,11 +53,6 @@ class UploadPolicy:
         """Called when the policy is given to a device backend (and after the residency changes):
         a policy that decides per layer reads the residency here, once."""
 
-    def prefetch_all(self, n_tokens: int) -> bool:
-        """Should a step of n_tokens issue every one of its copies at its start (so the ring grows
-        to hold them all)? A decode split streams while the CPU computes other layers."""
-        return False
-
     # A policy that sets itself by measurement (AutoSplit): the model times decode steps with
     # each setting it proposes (core/tuning.py) and keeps the fastest.
     needs_tuning = False
@@ -141,10 +136,6 @@ class LayerSplit(UploadPolicy):
         self.first_host_layer = host[0] if host else 0
         self.n_host = len(host)
 
-    def prefetch_all(self, n_tokens: int) -> bool:
-        """Issue every copy of a step at its start (the device backend asks)."""
-        return n_tokens < self.threshold
-
     def should_upload(self, op, entry, n_tokens):
         if n_tokens >= self.threshold:
             return True
@@ -207,9 +198,6 @@ class CostModel(UploadPolicy):
         self.split = LayerSplit(best, self.threshold)
         self.split.first_host_layer = order[0] if order else 0
         self.predicted = (sum(cpu[:best]), sum(copy[best:]), sum(cpu))  # seconds: CPU part, copies, all-CPU
-
-    def prefetch_all(self, n_tokens: int) -> bool:
-        return n_tokens < self.threshold
 
     def should_upload(self, op, entry, n_tokens):
         if n_tokens < self.threshold and self.split is not None:

@@ -121,14 +121,6 @@ class LayerStreamer:
         self.log: list[tuple] = []  # (what, layer, slot, gen) for tests
         self._views: dict[tuple[int, int], dict[str, Any]] = {}
 
-    def ensure_slots(self, n: int, spare_bytes: int) -> None:
-        """Grow the ring to n slots, as far as spare_bytes of device memory allow."""
-        rt = self.rt
-        while len(self.slots) < n and spare_bytes >= self.slot_bytes:
-            self.slots.append(Slot(len(self.slots), rt.alloc_device(max(self.slot_bytes, 1)), rt.new_event(),
-                                   rt.new_event()))
-            spare_bytes -= self.slot_bytes
-
     # -- a run ---------------------------------------------------------------------------------
     def begin(self, order: list[int]) -> None:
         """order: the streamed layers in the order this run computes them."""

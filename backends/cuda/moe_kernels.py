@@ -34,7 +34,7 @@ from . import dequant as ck
 from . import gemv_q8
 from . import qgemm as qg
 from .dequant import HAVE_TRITON, tl, triton
-from .fast_launch import FastLaunch
+from .fast_launch import launcher
 from .repack import Packed
 
 TYPES = qg.TYPES
@@ -170,13 +170,9 @@ if HAVE_TRITON:
                          mask=(rm[:, None] < end) & (rn[None, :] < N))
 
 
-_fast: dict = {}
-
-
 def _launch(kernel, grid, *args, **kw):
     if args[0].is_cuda:
-        fl = _fast.get(kernel) or _fast.setdefault(kernel, FastLaunch(kernel))
-        fl(grid, *args, **kw)
+        launcher(kernel)(grid, *args, **kw)
     else:  # the interpreter (tests): Triton's own path
         kernel[grid](*args, **kw)
 

@@ -33,7 +33,7 @@ from ...core.qtypes import QTYPE_INFO, QType
 from . import dequant as ck
 from . import gemv_q8
 from .dequant import HAVE_TRITON, tl, triton
-from .fast_launch import FastLaunch
+from .fast_launch import launcher
 from .repack import Packed
 
 # 32-weight GGUF blocks: type -> (BITS, OFF, HAS_MIN, byte offset of qh or -1, byte offset of quants)
@@ -253,7 +253,6 @@ if HAVE_TRITON:
 
 
 _ONE = 0x3F800000  # 1.0f: a run-time argument, so ptxas keeps it in a register and fuses mask and xor
-_fast: dict = {}
 
 
 def _sms(dev: torch.device) -> int:  # off the GPU: an H200's (the split heuristic's unit)
@@ -386,8 +385,7 @@ def qgemm(x: torch.Tensor, w, qtype: QType, n_rows: int, n_cols: int, out_dtype:
         torch.empty((m, n_rows), dtype=out_dtype, device=x.device)
     npm, npn = triton.cdiv(m, bm), triton.cdiv(n_rows, bn)
     group = max(1, min(npm, (16 << 20) // (bm * n_cols * 2)))  # token tiles whose x stays in L2
-    k = _k_qgemm
-    fl = _fast.get(k) or _fast.setdefault(k, FastLaunch(k))
+    fl = launcher(_k_qgemm)
     magic = _ONE ^ (1 << 22) if cx["BITS"] == 8 else _ONE  # int8: q + 128, by flipping its top bit
     fl((npm * npn, split), xb, *ptrs, part, m, n_rows, n_cols, rs, hs, n_cols // split, group, magic,
        **cx, BM=bm, BN=bn, BK=bk, SWAP=swap, INTERP=not x.is_cuda, num_warps=nw, num_stages=ns)

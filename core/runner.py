@@ -2,6 +2,8 @@
 
   layer-major   a prompt of several ubatches whose layers stream: every ubatch passes layer L before
                 any passes L+1, so a streamed layer crosses PCIe once per prompt, not per ubatch;
+                in static form with each (layer, ubatch) replayed from a graph where the backend
+                allows (core/layer_replay.py);
   graph step    a decode-sized step that a `static_steps` backend holds whole: static inputs,
                 replayed from a captured graph where the backend declares `graphs` (core/replay.py);
                 also a prompt's ubatch there, of a size seen before (`static_prefill` backends);
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .executor import Executor, RunContext
+from .layer_replay import LayerMajorReplay
 from .ops import Op
 from .replay import StepReplay
 from .scheduler import Plan
@@ -25,12 +28,16 @@ class Runner:
         self.executor, self.body = executor, body
         self.layer_major = layer_major
         self.replay = next((StepReplay(executor, b, graphs) for b in backends if b.static_steps), None)
+        self.layer_replay = next((LayerMajorReplay(b, graphs) for b in backends if b.static_steps), None)
 
     def run(self, runs: list[tuple[Executor, Plan, RunContext]], all_logits: bool) -> np.ndarray:
         """runs: (executor, plan, context) per ubatch, in order; returns the last token's logits
         (vocab,), or every token's (n_tokens, vocab) with all_logits."""
         if not all_logits and self._use_layer_major(runs):
-            out = run_layer_major(runs)[-1]
+            if self.layer_replay is not None and self.layer_replay.eligible(runs):
+                out = self.layer_replay.run(runs)[-1]
+            else:
+                out = run_layer_major(runs)[-1]
             _advance(runs[-1][2])
             return out
         if len(runs) == 1 and self.replay is not None:
@@ -82,6 +89,8 @@ class Runner:
     def clear(self) -> None:
         if self.replay is not None:
             self.replay.clear()
+        if self.layer_replay is not None:
+            self.layer_replay.clear()
 
 
 def _advance(ctx: RunContext) -> None:

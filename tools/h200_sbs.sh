@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep ngl16 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -129,6 +129,14 @@ prefill)
   s "prefill -p 2048"
   timeout ${PF_S:-200} $L -p 2048 -n 0 -ub ${PF_UB:-512,2048} -b 2048 -ngl ${PF_NGL:-33,16,0} -fa 1 -r 2
   timeout ${PF_S:-200} $B -p 2048 -n 0 -ub ${PF_UB:-512,2048} -ngl ${PF_NGL:-33,16,0} -r ${PF_R:-2} 2>&1 ;;
+copybound)
+  s "copy-bound rate of -ngl 0 prompts (lstream's pinned arena -> a ring slot, the copy stream alone)"
+  timeout 150 python3 -m lstream.tools.copy_bound $M/l8b.gguf -ngl 0 -p 2048 -r 5 2>&1 | grep -v "^ *$" ;;
+lgab)
+  s "streamed prefill: (layer, ubatch) graphs (default) against the eager layer-major path (LSTREAM_LAYER_GRAPHS=0)"
+  for e in LSTREAM_LAYER_GRAPHS=0 LSTREAM_NONE=1; do
+    env $e timeout ${PF_S:-200} $B -p 2048 -n 0 -ub ${PF_UB:-512,2048} -ngl ${LG_NGL:-16,0} -r 2 2>&1 | grep pp2048 | sed "s/$/  ($e)/"
+  done ;;
 ubsweep)
   llama_cpp
   s "prefill -p 2048 by ubatch size, all resident (#15's sweep): llama.cpp and lstream"

@@ -29,7 +29,7 @@ class AttentionMixin:
         n_head, n_kv, hd = p["n_head"], p["n_head_kv"], p["head_dim"]
         k = k.to(self.dtype).reshape(t, n_kv, hd)
         v = v.to(self.dtype).reshape(t, n_kv, hd)
-        store = ctx.kv.layers[node.layer]
+        store = self.kv_store(ctx, node.layer)
         if ctx.graph is not None:
             return self._attention_static(q, k, v, store, p, ctx.graph)
         if isinstance(store, DeviceKV):  # resident layer: K/V live here
@@ -69,6 +69,40 @@ class AttentionMixin:
             causal = True
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=p["scale"])
         return o.squeeze(0).transpose(0, 1).reshape(t, n_head * hd)
+
+    @staticmethod
+    def kv_store(ctx, layer: int):
+        """The K/V cache attention reads at `layer`: in a layer-major prompt's static form a device
+        stand-in for a host layer's (host_kv_scratch), else the context's own."""
+        if ctx.graph is not None and ctx.graph.kv:
+            store = ctx.graph.kv.get(layer)
+            if store is not None:
+                return store
+        return ctx.kv.layers[layer]
+
+    def host_kv_scratch(self, store, n0: int) -> DeviceKV:
+        """A device stand-in for a host layer's K/V in a layer-major prompt run in static form (core/
+        layer_replay.py): its first n0 rows (the cache before the prompt) uploaded, the prompt's rows
+        written there by the layer's ubatches and sent back by host_kv_done. One scratch per cache
+        shape serves every layer in turn: a layer finishes all its ubatches before the next starts."""
+        shape = tuple(store.k.shape)
+        s = self._kv_scratch.get(shape)
+        if s is None:
+            z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+            s = self._kv_scratch[shape] = DeviceKV(z(), z())
+        if n0:
+            pending = self._kv_done.get(id(store))
+            if pending is not None:  # the host rows must have landed before they are read
+                self.rt.compute_stream.wait_event(pending)
+            for dst, src in ((s.k, store.k), (s.v, store.v)):
+                dst[:n0].copy_(torch.from_numpy(src[:n0]).to(self.device, non_blocking=True))
+        return s
+
+    def host_kv_done(self, store, s: DeviceKV, n0: int, t: int) -> None:
+        """The prompt's t rows of a host layer, from its scratch back to host memory (async, K/V
+        stream); copied out first, so the next layer may refill the scratch at once."""
+        self._write_back(store, s.k[n0:n0 + t].to(torch.float32, copy=True),
+                         s.v[n0:n0 + t].to(torch.float32, copy=True), n0)
 
     def _ubatch_positions(self, n_past: int, t: int) -> torch.Tensor:
         """A ubatch's positions on the device, made once for all its layers."""

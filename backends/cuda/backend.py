@@ -80,6 +80,9 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         self._kv_done: dict[int, object] = {}  # id(host K/V store) -> event after its last write-back
         self._plan_cache: dict[int, tuple] = {}
         self._pinned_kv: set[int] = set()
+        self._kv_scratch: dict[tuple, DeviceKV] = {}  # cache shape -> device stand-in (host_kv_scratch)
+        self._hold_release = False  # streamed layers released by the caller (core/layer_replay.py)
+        self.scratch_gen = 0  # bumped when the dequantization scratch moves (graphs that wrote it are stale)
         # the quantized matrix-vector kernel, where it can run (a CUDA device with Triton's Gluon)
         self._gemv_ok = cg.HAVE_GLUON and self.device.type == "cuda" and use_triton is not False \
             and gemv is not False
@@ -220,6 +223,8 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         self._small.clear()
         self.streamer = None
         self._scratch = None
+        self.scratch_gen += 1
+        self._kv_scratch.clear()
         self._kv_pending.clear()
         self._pinned_kv.clear()
         self._reset_experts()
@@ -241,6 +246,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         if scratch:
             if self._scratch is None or self._scratch.numel() < n:
                 self._scratch = torch.empty(n, dtype=self.dtype, device=self.device)
+                self.scratch_gen += 1
             out = self._scratch[:n].view(src.n_rows, src.n_cols)
         if isinstance(raw, repack.Packed):
             return gemv_q8.dequantize(raw, self.dtype, out)

@@ -60,7 +60,7 @@ class RopeAttention(_Unit):
     def fast(self, args, ctx):
         q, k, v = args
         rq, rk, att = self.nodes
-        store = ctx.kv.layers[att.layer]
+        store = self.be.kv_store(ctx, att.layer)
         if not isinstance(store, DeviceKV) or min(t.stride(-1) for t in (q, k, v)) != 1:
             return None
         p, pa = rq.params, att.params

@@ -23,6 +23,8 @@ class StepInputs:
     positions: torch.Tensor  # (B,) int64 on the device
     rows: torch.Tensor | None  # (B, row_bytes) uint8: the token_embd rows when it lives on the host
     cache: dict = field(default_factory=dict)  # per-step values shared by the layers (rope cos/sin, mask)
+    # layer -> DeviceKV standing in for a host layer's K/V cache (a layer-major prompt, core/layer_replay.py)
+    kv: dict = field(default_factory=dict)
 
 
 class GraphsMixin:
@@ -45,6 +47,44 @@ class GraphsMixin:
             e = self.residency["token_embd.weight"]
             host = np.ascontiguousarray(e.data).reshape(e.n_rows, -1).view(np.uint8)
             si.rows.copy_(torch.from_numpy(host[toks]))
+
+    def prompt_inputs(self, n_tokens: int) -> StepInputs:
+        """Static inputs of a layer-major prompt's ubatch: positions only (its embedding runs eagerly)."""
+        z = torch.zeros(n_tokens, dtype=torch.int64, device=self.device)
+        return StepInputs(z, z.clone(), None)
+
+    def fill_positions(self, si: StepInputs, ctx) -> None:
+        """The ubatch's positions into the static buffer, and every cached RoPE cos/sin recomputed in
+        place from them (captured graphs read those tensors)."""
+        si.positions.copy_(torch.from_numpy(np.asarray(ctx.positions, dtype=np.int64)))
+        for key, cs in si.cache.items():
+            f = self._inv_freq.get(key)
+            if f is not None:
+                ang = si.positions.to(torch.float64)[:, None] * f[0][None, :]
+                cs[0].copy_(ang.cos())
+                cs[1].copy_(ang.sin())
+
+    def capture_part(self, fn, pool):
+        """Capture fn (already run eagerly once with these shapes: kernels compiled, matmul choices
+        made) into a graph on a side stream, its memory from `pool`, shared by graphs replayed in the
+        order they were captured. Nothing runs: the eager run made this ubatch's values."""
+        dev = self.device
+        if getattr(self, "_capture_stream", None) is None:
+            self._capture_stream = torch.cuda.Stream(dev)
+        side = self._capture_stream
+        side.wait_stream(torch.cuda.current_stream(dev))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=pool)
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        return graph
+
+    def graph_pool(self):
+        return torch.cuda.graph_pool_handle()
 
     def static_prefill_ok(self, plan) -> bool:
         """A prompt ubatch of this plan can run in static form: its attention heads fit the prefill

@@ -125,9 +125,27 @@ class StreamRunMixin:
         return v
 
     def _after(self, node: Node, ctx) -> None:
-        if self._run is not None:
+        if self._run is not None and not self._hold_release:
             for layer in self._run.release_at.get((ctx.ubatch, node.id), ()):
                 self.streamer.release(layer)
+
+    # -- a layer-major prompt in static form (core/layer_replay.py) drives the ring itself ----------
+    def streamed_layers(self) -> set[int]:
+        return set(self._run.layer_of.values()) if self._run is not None else set()
+
+    def hold_releases(self, on: bool) -> None:
+        """on: nodes no longer release their streamed layer (a captured graph must not record the
+        ring's events); the caller acquires and releases each layer around its ubatches."""
+        self._hold_release = on
+
+    def acquire_layer(self, layer: int) -> int:
+        """The compute stream waits for `layer`'s copy; returns the ring slot holding it (a graph that
+        read the slot's bytes replays only for the same slot)."""
+        self.streamer.acquire(layer)
+        return self.streamer.slot_of[layer].index
+
+    def release_layer(self, layer: int) -> None:
+        self.streamer.release(layer)
 
     def stream_counters(self):
         """The streamer's cumulative StreamStats (None when nothing was ever streamed)."""

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -114,6 +114,9 @@ decode)
   s "decode -p 0 -n 32"
   timeout 150 $L -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -fa ${LFA:-0,1} -r 3
   timeout 150 $B -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -r 3 ${DEC_V:-} 2>&1 | grep -v "^lstream-bench: model\|^ *$" ;;
+act8)
+  s "mixed decode with int8 CPU activations (LSTREAM_CPU_ACT8=1), default policy, -ngl \${A8_NGL:-16,0}"
+  env LSTREAM_CPU_ACT8=1 timeout 200 $B -p 0 -n 32 -ngl ${A8_NGL:-16,0} -r 3 -v 2>&1 | grep -E "tg32|split steps" ;;
 cpudec)
   s "CPU-only decode (-ngl 0, threshold policy): int16 activations (default) and int8 (LSTREAM_CPU_ACT8=1)"
   for e in LSTREAM_NONE=1 LSTREAM_CPU_ACT8=1; do

@@ -23,6 +23,7 @@ from .batch import is_small_batch
 from .graph import INPUT
 
 MAX_UBATCHES = 16  # a longer prompt's many (layer, ubatch) graphs would outgrow their use: eager
+MAX_SIZES = 4  # ubatch sizes that get graphs (the -ub size first; a chat's many remainders run eagerly)
 
 
 class LayerMajorReplay:
@@ -34,6 +35,8 @@ class LayerMajorReplay:
         self._seen: dict[tuple, object] = {}  # (id(plan), n) -> plan: captured from the second time on
         self._graphs: dict[tuple, tuple] = {}  # (id(plan), n, ubatch, layer, slot, scratch gen) -> (plan, graph)
         self._inputs: dict[tuple, list] = {}  # (n, ubatch) -> [StepInputs, residual buffer or None]
+        self._sizes: set[int] = set()  # ubatch sizes captured
+        self._gen = None  # the backend's scratch_gen the kept graphs were captured under
         self._pool = None
         self.runs = self.captures = self.replays = 0
 
@@ -129,14 +132,17 @@ class LayerMajorReplay:
             seen = self._seen.get((id(plan), n)) is plan
             self._seen[(id(plan), n)] = plan
             # a size met before is captured; a one-off size (a prompt's remainder) only runs
-            capture = self.use_graphs and seen and not is_small_batch(n)
+            capture = (self.use_graphs and seen and not is_small_batch(n)
+                       and (n in self._sizes or len(self._sizes) < MAX_SIZES))
+            if capture:
+                self._sizes.add(n)
             ubs.append((ex, plan, ctx, lay, buf[0], buf[1], capture))
         streamed = be.streamed_layers()
         be.hold_releases(True)
         for li, (layer, s, e, x_in, x_out) in enumerate(ubs[0][3]):
             slot = be.acquire_layer(layer) if layer in streamed else -1
             store = ubs[0][2].kv.layers[layer]
-            scratch = None if be.owns_kv(store) else be.host_kv_scratch(store, n0)
+            scratch = None if be.owns_kv(store) else be.host_kv_scratch(store, n0, n0 + total)
             for k, (ex, plan, ctx, lay, si, x, capture) in enumerate(ubs):
                 si.kv.clear()
                 if scratch is not None:
@@ -156,6 +162,9 @@ class LayerMajorReplay:
     def _layer(self, ex, plan, ctx, x, span, key, capture: bool) -> None:
         be, name = self.be, self.be.name
         s, e, x_in, x_out = span
+        if be.scratch_gen != self._gen:  # a buffer graphs wrote has moved: theirs are stale
+            self._graphs = {k: v for k, v in self._graphs.items() if k[-1] == be.scratch_gen}
+            self._gen = be.scratch_gen
         hit = self._graphs.get(key + (be.scratch_gen,))
         if hit is not None and hit[0] is plan:
             be.replay(hit[1])
@@ -179,4 +188,5 @@ class LayerMajorReplay:
         self._layouts.clear()
         self._seen.clear()
         self._inputs.clear()
+        self._sizes.clear()
         self._pool = None

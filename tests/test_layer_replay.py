@@ -51,14 +51,28 @@ def _session(m):
     return a, b, c, kv, [e[1] for e in st.log if e[0] == "fill"] if st is not None else []
 
 
+@pytest.fixture(scope="module")
+def qwen_path(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("lrq") / "tiny-qwen.gguf", "tiny-qwen", "Q4_0", seed=7)
+
+
 @pytest.mark.parametrize("ngl", [0, 2, 99], ids=["ngl0", "ngl2", "ngl99"])
 def test_static_layer_major_matches_eager(tiny_path, ngl):
-    ref = _model(tiny_path, ngl, False)
+    _compare(tiny_path, ngl, 4)
+
+
+def test_static_layer_major_with_biases(qwen_path):
+    """q/k/v biases (Qwen2): the static form runs the same nodes."""
+    _compare(qwen_path, 0, 2)
+
+
+def _compare(path, ngl, n_layer):
+    ref = _model(path, ngl, False)
     try:
         want = _session(ref)
     finally:
         ref.close()
-    m = _model(tiny_path, ngl, True)
+    m = _model(path, ngl, True)
     try:
         got = _session(m)
         lr = m.runner.layer_replay
@@ -69,7 +83,7 @@ def test_static_layer_major_matches_eager(tiny_path, ngl):
             assert lr.runs == 3
         for g, w in zip(got[:3], want[:3]):
             assert _nmse(g, w) < 1e-8
-        assert len(got[3]) == len(want[3]) == (0 if ngl == 99 else 4 - ngl)
+        assert len(got[3]) == len(want[3]) == (0 if ngl == 99 else n_layer - ngl)
         for (gk, gv), (wk, wv) in zip(got[3], want[3]):
             np.testing.assert_allclose(gk, wk, rtol=0, atol=1e-5)
             np.testing.assert_allclose(gv, wv, rtol=0, atol=1e-5)

@@ -80,16 +80,21 @@ class AttentionMixin:
                 return store
         return ctx.kv.layers[layer]
 
-    def host_kv_scratch(self, store, n0: int) -> DeviceKV:
+    def host_kv_scratch(self, store, n0: int, rows: int) -> DeviceKV:
         """A device stand-in for a host layer's K/V in a layer-major prompt run in static form (core/
         layer_replay.py): its first n0 rows (the cache before the prompt) uploaded, the prompt's rows
-        written there by the layer's ubatches and sent back by host_kv_done. One scratch per cache
-        shape serves every layer in turn: a layer finishes all its ubatches before the next starts."""
-        shape = tuple(store.k.shape)
+        (up to `rows` in all) written there by the layer's ubatches and sent back by host_kv_done.
+        One per head shape serves every layer in turn (a layer finishes all its ubatches before the
+        next starts); sized to the prompts met (powers of two), not to the context: a model that does
+        not fit keeps its VRAM for weights. Growing it bumps scratch_gen (graphs that wrote the old one
+        are stale)."""
+        shape = tuple(store.k.shape[1:])
         s = self._kv_scratch.get(shape)
-        if s is None:
-            z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        if s is None or s.k.shape[0] < rows:
+            n = min(store.k.shape[0], max(1024, 1 << (rows - 1).bit_length()))
+            z = lambda: torch.zeros((n,) + shape, dtype=self.dtype, device=self.device)  # noqa: E731
             s = self._kv_scratch[shape] = DeviceKV(z(), z())
+            self.scratch_gen += 1
         if n0:
             pending = self._kv_done.get(id(store))
             if pending is not None:  # the host rows must have landed before they are read

@@ -96,3 +96,25 @@ def test_stacked_views_keep_act8():
     y = mm.matmul(big, x)
     np.testing.assert_array_equal(mm.matmul(views[1], x), y[:, 16:])
     np.testing.assert_array_equal(mm.matmul(ws[0], x), y[:, :16])
+
+
+@pytest.mark.parametrize("given,threshold,want", [(None, None, False), (None, 1, True), (False, 1, False),
+                                                  (True, None, True)])
+def test_act8_default_by_host_weight_bytes(tmp_path, monkeypatch, given, threshold, want):
+    """Options.cpu_act8=None: int8 activations where the CPU's matmul weights reach ACT8_AUTO_BYTES
+    (a memory-bound decode), int16 below; an explicit choice always stands."""
+    from lstream.api import Model
+    from lstream.backends.cpu import backend as cpu_backend
+    from lstream.core.options import Options
+    from lstream.loaders.model_file import load_model
+    from lstream.tools.synth_model import write_model
+    if threshold is not None:
+        monkeypatch.setattr(cpu_backend, "ACT8_AUTO_BYTES", threshold)
+    path = write_model(tmp_path / "tiny.gguf", "tiny", "Q4_0", seed=2)
+    m = Model(load_model(path), device=None, n_ctx=32, load_tokenizer=False, options=Options(cpu_act8=given))
+    try:
+        be = m.backends[0] if isinstance(m.backends, list) else m.backends["cpu"]
+        assert be.act8 is want
+        assert all(w.act8 is want for w in be._packed.values())
+    finally:
+        m.close()

@@ -12,7 +12,7 @@ import numpy as np
 from ...core.batch import GEMM_MIN_TOKENS, is_small_batch
 from ...core.graph import STACKED_PROJECTIONS, Node
 from ...core.ops import Op
-from ...core.options import Options
+from ...core.options import ACT8_AUTO_BYTES, Options
 from ...core.residency import HOST, ResidencyMap, TensorEntry
 from ...core.rope import cos_sin, inv_freq
 from ..base import Backend
@@ -64,7 +64,8 @@ class CPUBackend(Backend):
         self.n_threads = n_threads or options.n_threads or physical_cores()
         self.programs = options.cpu_programs and HAVE_AVX2  # decode runs as compiled programs
         self.blk_types = blk_types(options.cpu_blk)  # quant types kept as GGUF blocks
-        self.act8 = options.cpu_act8  # int8 activations for the "nibw" weights (Options.cpu_act8)
+        self._act8 = options.cpu_act8  # int8 activations for the "nibw" weights (Options.cpu_act8; None: by size)
+        self.act8 = bool(self._act8)
         self.blas = options.blas_prefill and BLAS_USABLE  # sgemm from numba's threads
         self.gemm_min_tokens = GEMM_MIN_TOKENS if self.blas else NEVER  # tools/accuracy_check sets 1
         self.adaptive_threads = options.adaptive_threads
@@ -98,6 +99,10 @@ class CPUBackend(Backend):
 
     def load(self, residency: ResidencyMap) -> None:
         self.residency = residency
+        if self._act8 is None:  # int8 activations where decode is memory-bound (Options.cpu_act8)
+            host = sum(e.nbytes for e in residency if e.home == HOST and len(e.shape) == 2 and e.layer >= 0
+                       and e.alias_of is None)
+            self.act8 = host >= ACT8_AUTO_BYTES
         for e in residency:  # repack what this backend computes with, before the first token
             if e.home == HOST and len(e.shape) == 2:
                 self.weight(e.name)

@@ -113,6 +113,24 @@ class Executor:
             for b in used:
                 b.end_run()
 
+    @staticmethod
+    @contextmanager
+    def group_session(runs):
+        """begin_group/end_group around the ubatches of one prompt run layer by layer, runs being
+        (executor, plan, context) in order: each context is told its ubatch index."""
+        used: dict[str, object] = {}
+        for k, (ex, plan, ctx) in enumerate(runs):
+            ctx.ubatch = k
+            for b in ex.used_backends(plan):
+                used[b.name] = b
+        for b in used.values():
+            b.begin_group([(plan, ctx) for _, plan, ctx in runs])
+        try:
+            yield
+        finally:
+            for b in used.values():
+                b.end_group()
+
     def run_part(self, plan: Plan, ctx: RunContext, values: dict, start: int = 0, stop: int | None = None,
                  to_host: bool | None = None):
         """Assignments [start, stop) of a plan inside a session; returns the output when the part

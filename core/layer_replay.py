@@ -94,22 +94,13 @@ class LayerMajorReplay:
     # -- running one ---------------------------------------------------------------------------------
     def run(self, runs):
         """The prompt's ubatches (executor, plan, context), layer by layer; the last one's logits."""
-        be = self.be
-        used: dict[str, object] = {}
-        for k, (ex, plan, ctx) in enumerate(runs):
-            ctx.ubatch = k
-            for b in ex.used_backends(plan):
-                used[b.name] = b
-        for b in used.values():
-            b.begin_group([(plan, ctx) for _, plan, ctx in runs])
-        try:
-            return self._run(runs)
-        finally:
-            be.hold_releases(False)
-            for b in runs:
-                b[2].graph = None
-            for b in used.values():
-                b.end_group()
+        with runs[0][0].group_session(runs):
+            try:
+                return self._run(runs)
+            finally:
+                self.be.hold_releases(False)
+                for _, _, ctx in runs:
+                    ctx.graph = None
 
     def _run(self, runs):
         be, name = self.be, self.be.name

@@ -102,15 +102,7 @@ def run_layer_major(runs: list[tuple[Executor, Plan, RunContext]]) -> np.ndarray
     L+1. Same results as one ubatch after another (ubatch k's attention at layer L reads the K/V
     that ubatches < k wrote there just before). Returns the last run's output (the earlier ones
     have no head)."""
-    backends: dict[str, object] = {}
-    for k, (ex, plan, ctx) in enumerate(runs):
-        ctx.ubatch = k
-        for b in ex.used_backends(plan):
-            backends[b.name] = b
-    group = [(plan, ctx) for _, plan, ctx in runs]
-    for b in backends.values():
-        b.begin_group(group)
-    try:
+    with runs[0][0].group_session(runs):
         out: list = []  # only the last run has a head: the others append None first
         # fuse=False: a compiled run spans layers, and ubatch k must not pass layer L before k-1 has
         gens = [ex.steps(plan, ctx, out if k == len(runs) - 1 else [], to_host=True if k == len(runs) - 1 else None,
@@ -123,6 +115,3 @@ def run_layer_major(runs: list[tuple[Executor, Plan, RunContext]]) -> np.ndarray
                 while nxt[k] is not None and nxt[k] <= cur:
                     nxt[k] = next(g, None)
         return out[-1]
-    finally:
-        for b in backends.values():
-            b.end_group()

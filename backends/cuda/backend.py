@@ -37,7 +37,7 @@ from . import gemv as cg
 from . import gemv_q8, matmul_choice, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
 from .attention_paged import attention_paged, batch_tensors
-from .graphs import GraphsMixin
+from .graphs import GraphsMixin, static_angles
 from .moe import MoEMixin
 from .norm_rope import rms_norm, rope
 from .runtime import CudaRuntime
@@ -358,8 +358,7 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
             if f is None:
                 f = self._inv_freq[key] = (torch.from_numpy(inv_freq(p["base"], p["n_rot"], p["scaling"]))
                                            .to(self.device), p["scaling"])
-            ang = ctx.graph.positions.to(torch.float64)[:, None] * f[0][None, :]
-            cs = ctx.graph.cache[key] = (ang.cos().float(), ang.sin().float())
+            cs = ctx.graph.cache[key] = static_angles(ctx.graph.positions, f[0])
         return cs
 
     def _rope(self, x: torch.Tensor, p: dict, ctx) -> torch.Tensor:

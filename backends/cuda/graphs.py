@@ -27,6 +27,12 @@ class StepInputs:
     kv: dict = field(default_factory=dict)
 
 
+def static_angles(positions: torch.Tensor, inv_freq_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin (T, n_rot/2) fp32 of device-side positions, computed in fp64 like core/rope.py."""
+    ang = positions.to(torch.float64)[:, None] * inv_freq_dev[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
 class GraphsMixin:
     static_steps = True
 
@@ -60,9 +66,9 @@ class GraphsMixin:
         for key, cs in si.cache.items():
             f = self._inv_freq.get(key)
             if f is not None:
-                ang = si.positions.to(torch.float64)[:, None] * f[0][None, :]
-                cs[0].copy_(ang.cos())
-                cs[1].copy_(ang.sin())
+                cos, sin = static_angles(si.positions, f[0])
+                cs[0].copy_(cos)
+                cs[1].copy_(sin)
 
     def capture_part(self, fn, pool):
         """Capture fn (already run eagerly once with these shapes: kernels compiled, matmul choices

@@ -78,6 +78,8 @@ class Model:
         self.by_name = {b.name: b for b in self.backends}
         fit_notes: list[str] = []
         free = self.device_backend.free_memory() if self.device_backend is not None else None
+        if free is not None and cfg.n_expert:  # --expert-cache: VRAM the weights cannot have
+            free = max(0, free - int(getattr(self.device_backend, "expert_cache_gib", 0) * 2**30))
         n_cpu_moe = cfg.n_layer if cpu_moe else max(int(n_cpu_moe or 0), 0)
         if free is not None:
             from .core.fit import fit_model  # fit before load: lower -ngl to what the free VRAM holds

@@ -86,6 +86,8 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("-ncmoe", "--n-cpu-moe", "ncmoe", multiple=True, default=["0"], show_default=True,
               callback=values_option(0), help="MoE: the experts of the first N layers stay on the host")
 @click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: every layer's experts stay on the host")
+@click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
+              metavar="GIB", help="MoE: VRAM for recently routed host experts in decode (LRU; hits on the GPU)")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
               help="auto|threshold|never|always|split:N|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
@@ -103,7 +105,7 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
           progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False, ncmoe=("0",),
-          cpu_moe=False):
+          cpu_moe=False, expert_cache=0):
     """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
 
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
@@ -122,7 +124,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     for pr in printers:
         pr.start()
     run = _Run(grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs, no_layer_major,
-               n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
+               expert_cache=expert_cache, n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
     try:
         for model_path in (models or [None]):
             path = resolve(model_path)
@@ -169,11 +171,12 @@ class _Run:
     """One `lstream bench` invocation: loads each (model, -ngl) once and yields a row per test."""
 
     def __init__(self, grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs,
-                 no_layer_major, n_total):
+                 no_layer_major, n_total, expert_cache=0):
         self.grid, self.tests, self.ds, self.reps, self.ot = grid, tests, ds, reps, ot
         self.verbose, self.progress, self.no_warmup, self.profile, self.trace = verbose, progress, no_warmup, profile, trace
         self.no_cuda_graphs, self.no_layer_major, self.n_total, self.done = no_cuda_graphs, no_layer_major, n_total, 0
         self.n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
+        self.expert_cache = expert_cache
 
     def model_rows(self, path, n_gpu, n_cpu_moe=0):
         import time
@@ -185,7 +188,7 @@ class _Run:
         model = build_model(loaded, n_gpu, self.grid["n_threads"][0], self.n_ctx,
                             overrides=self.ot.split(";") if self.ot else (), load_tokenizer=False,
                             no_cuda_graphs=self.no_cuda_graphs, no_layer_major=self.no_layer_major,
-                            n_cpu_moe=min(n_cpu_moe, loaded.config.n_layer))
+                            n_cpu_moe=min(n_cpu_moe, loaded.config.n_layer), expert_cache=self.expert_cache)
         if self.verbose:
             click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
                        f"{' + '.join(b.describe() for b in model.backends)}) in "

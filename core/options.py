@@ -34,7 +34,9 @@ class Options:
       as llama.cpp's q8 activations; ~1.25x faster multi-token matmuls on Zen 1) instead of int16.
       None (default): int8 where the CPU's matmul weights reach ACT8_AUTO_BYTES (a decode that reads
       gigabytes per token is memory-bound, and int8's fewer instructions let the cores keep up:
-      12.11 -> 14.08 t/s CPU-only on the H200's 16-core host, 8B Q4_0); int16 for smaller models."""
+      12.11 -> 14.08 t/s CPU-only on the H200's 16-core host, 8B Q4_0); int16 for smaller models.
+    expert_cache_gib: VRAM (GiB) for the routed experts of host-expert layers in decode, least recently
+      used evicted (--expert-cache; core/expert_cache.py); 0: none."""
     n_threads: int | None = None
     cpu_programs: bool = True
     cpu_blk: str = "default"
@@ -43,10 +45,13 @@ class Options:
     cuda_graphs: bool = True
     layer_major: bool = True
     cpu_act8: bool | None = None
+    expert_cache_gib: float = 0.0
 
     def __post_init__(self):
         if self.cpu_blk not in BLK_CHOICES:
             raise ValueError(f"cpu_blk must be one of {', '.join(BLK_CHOICES)}, found {self.cpu_blk!r}")
+        if self.expert_cache_gib < 0:
+            raise ValueError(f"expert_cache_gib must be 0 or more, found {self.expert_cache_gib}")
         if self.n_threads is not None and self.n_threads < 1:
             raise ValueError(f"n_threads must be at least 1, found {self.n_threads}")
 

@@ -84,6 +84,10 @@ def table(prof: Profile, n_layer: int, title: str = "") -> str:
                  + f" {sum(tot.values()) * 1e3:>{w}.2f}")
     lines.append(f"bytes streamed to the device {prof.bytes_uploaded / 2**20:.1f} MiB, "
                  f"hopped between backends {prof.bytes_hopped / 2**20:.1f} MiB")
+    looked = prof.counts.get("expert cache lookups", 0)
+    if looked:
+        hits = prof.counts.get("expert cache hits", 0)
+        lines.append(f"expert cache: {hits} of {looked} routed experts found in VRAM ({100 * hits / looked:.1f}% hits)")
     return "\n".join(lines)
 
 

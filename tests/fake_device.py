@@ -122,9 +122,10 @@ class FakeDeviceBackend(CUDABackend):
     real_time = False  # simulated streams: nothing to tune a policy on
 
     def __init__(self, policy=None, deferred_copies: bool = True, dtype="fp32", n_slots: int = 3,
-                 speculate: bool = False, pin_ok: bool = True):
+                 speculate: bool = False, pin_ok: bool = True, expert_cache_gib: float = 0.0):
         super().__init__(policy=policy, runtime=FakeRuntime(deferred_copies, pin_ok), dtype=dtype,
-                         n_slots=n_slots, use_triton=False, speculate=speculate, repack_resident=True)
+                         n_slots=n_slots, use_triton=False, speculate=speculate, repack_resident=True,
+                         expert_cache_gib=expert_cache_gib)
 
     def describe(self) -> str:
         return f"fake device (CPU tensors, {self.dtype})"

@@ -98,3 +98,25 @@ def test_qwen3_30b_shapes_two_layers(tmp_path):
     for name in ("resident", "cpu-moe"):
         ref = outs["cpu"]
         assert float(((outs[name] - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3, name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_cache_gives_the_cpus_greedy_tokens(tiny, kind):
+    """--cpu-moe with --expert-cache (fp32): hits computed on the device from the cache's slots, the
+    misses on the CPU, the same greedy tokens as the CPU alone; the cache found some experts."""
+    arch, path, ids = tiny
+    want, _ = _run(path, ids)
+    if kind == "cuda":
+        from lstream.backends.cuda import CUDABackend
+        dev = CUDABackend(policy=BatchThreshold(), dtype="fp32", expert_cache_gib=0.05)
+    else:
+        from fake_device import FakeDeviceBackend
+        dev = FakeDeviceBackend(BatchThreshold(), expert_cache_gib=0.05)
+    m = Model(load_model(path), n_gpu_layers=99, device_backend=dev, device=None, n_ctx=128, n_ubatch=16,
+              load_tokenizer=False, cpu_moe=True)
+    try:
+        gen = list(m.generate_tokens(ids[:24], 12, stop_at_eos=False))
+        assert gen == want, arch
+        assert dev.expert_cache.hits > 0
+    finally:
+        m.close()

@@ -56,12 +56,13 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
                  speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True,
-                 repack_resident: bool | None = None, qgemm: bool | None = None):
+                 repack_resident: bool | None = None, qgemm: bool | None = None, expert_cache_gib: float = 0.0):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.ring_slots = n_slots
+        self.expert_cache_gib = expert_cache_gib  # VRAM for routed host experts in decode (core/expert_cache.py)
         self.use_triton = use_triton
         self.speculate = speculate
         self.residency: ResidencyMap | None = None

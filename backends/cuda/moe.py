@@ -43,6 +43,7 @@ class MoEMixin:
         self._gu: dict[str, torch.Tensor] = {}  # gate name -> its layer's (n_expert, 2 * expert bytes) gate|up
         self._moe_kernels: bool | None = None  # decided at the first resident expert tensor
         self.expert_streamer = None
+        self._expert_cache = None  # core/expert_cache.py, made with the streamer when --expert-cache is set
 
     def _use_moe_kernels(self) -> bool:
         if self._moe_kernels is None:
@@ -102,6 +103,9 @@ class MoEMixin:
             return False, f"no GPU kernel for {entry.qtype.name} experts"
         pol = self.policy
         thr = f"expert threshold {pol.expert_threshold} tokens"
+        if self.expert_cache_gib and is_small_batch(n_tokens) and self._cache_kernels(entry):
+            return True, (f"--expert-cache {self.expert_cache_gib:g} GiB: routed first, the experts cached in VRAM "
+                          f"computed here, the others on the CPU (then cached)")
         if pol.should_upload_expert(Op.MOE, entry, n_tokens, n_tokens):
             return True, (f"{pol.describe()}, {thr}: routed first, experts with enough of the {n_tokens} tokens "
                           f"uploaded, the others on the CPU")
@@ -114,7 +118,20 @@ class MoEMixin:
         if self.expert_streamer is None:
             from ...core.expert_streaming import ExpertStreamer
             self.expert_streamer = ExpertStreamer(self.rt, self.residency, self._host_experts)
+            if self.expert_cache_gib:
+                from ...core.expert_cache import ExpertCache
+                self._expert_cache = ExpertCache(self.rt, self.expert_streamer, int(self.expert_cache_gib * 2**30))
         return self.expert_streamer
+
+    def _cache_kernels(self, entry) -> bool:
+        """The cache's hits run on the decode kernels: gate and up of one type they read."""
+        up = self.residency[entry.name.replace("ffn_gate_exps", "ffn_up_exps")] if "ffn_gate_exps" in entry.name \
+            else None
+        return (self._use_moe_kernels() and entry.qtype in mk.TYPES and up is not None and up.qtype == entry.qtype)
+
+    @property
+    def expert_cache(self):
+        return self._expert_cache
 
     # -- compute -----------------------------------------------------------------------------------
     def _moe(self, node, inputs, ctx):
@@ -182,15 +199,26 @@ class MoEMixin:
         return [mk.Experts(e.qtype, e.n_expert, e.shape[1], e.shape[2], lv[e.name].view(e.n_expert * e.shape[1], -1))
                 for e in es]
 
-    def _slot_decode(self, node, es, x, ids, w, on_dev) -> torch.Tensor:
-        """The uploaded (token, expert) pairs of a small step by the decode kernels, reading the slot's
-        gate and up apart: each pair as its own row (x repeated), summed back per token."""
-        ex = self._slot_experts(node, es)
-        t, j = np.nonzero(on_dev)
-        meta = torch.as_tensor(np.stack([t, ids[t, j]]).astype(np.int64), device=self.device)
+    def _pairs_decode(self, ex, x, ids, w, mask, slot=None) -> torch.Tensor:
+        """The (token, expert) pairs of a small step where `mask` is set, by the decode kernels over
+        the experts `ex` (gate, up, down read apart; an expert id mapped by `slot` first): each pair as
+        its own row (x repeated), summed back per token."""
+        t, j = np.nonzero(mask)
+        eid = ids[t, j] if slot is None else np.array([slot[int(i)] for i in ids[t, j]], dtype=np.int64)
+        meta = torch.as_tensor(np.stack([t, eid]).astype(np.int64), device=self.device)
         wd = torch.as_tensor(w[t, j][:, None], device=self.device)
         y = mk.decode(x[meta[0]], meta[1][:, None], wd, ex[0], ex[2], up=ex[1])
         return torch.zeros((x.shape[0], y.shape[1]), dtype=torch.float32, device=self.device).index_add_(0, meta[0], y)
+
+    def _cache_experts(self, node, es) -> list:
+        """The expert cache's slots as the kernels' operands (gate, up, down), slot ids as expert ids."""
+        c = self._expert_cache
+        out = []
+        for e in es:
+            kind = next(k for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if k in e.name)
+            out.append(mk.Experts(e.qtype, c.n_slots, e.shape[1], e.shape[2],
+                                  c.bufs[kind].view(c.n_slots * e.shape[1], -1)))
+        return out
 
     def _moe_streamed(self, node, x, logits, ctx):
         """Experts in host memory: route, upload those the policy wants (copies start now), let the host
@@ -199,15 +227,21 @@ class MoEMixin:
         k, n_exp, T = p["top_k"], p["n_expert"], x.shape[0]
         entry = self.residency[names[0]]
         ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
-        up = self.policy.experts_to_upload(Op.MOE, entry, expert_counts(ids, n_exp), T)
         st = self._expert_streamer()
+        cache = self._expert_cache if is_small_batch(T) and self._cache_kernels(entry) else None
+        hits = cache.lookup(node.layer, np.unique(ids).tolist()) if cache is not None else {}
+        up = [x for x in self.policy.experts_to_upload(Op.MOE, entry, expert_counts(ids, n_exp), T) if x not in hits]
         before = st.stats.bytes_streamed
         views = st.acquire(node.layer, up) if up else {}
         if 4 * len(up) >= 3 * n_exp:  # a large ubatch: the next layer's experts are copied meanwhile
             st.prefetch_next(node.layer)
         on_dev = np.zeros(n_exp, dtype=bool)
         on_dev[up] = True
-        host_pairs = ~on_dev[ids]
+        cached = np.zeros(n_exp, dtype=bool)
+        cached[list(hits)] = True
+        host_pairs = ~(on_dev | cached)[ids]
+        if cache is not None:  # this step's misses, for the next steps: copied while the CPU computes them
+            cache.insert(node.layer, [x for x in np.unique(ids).tolist() if x not in hits], keep=set(hits.values()))
         out = torch.zeros((T, x.shape[1]), dtype=torch.float32, device=self.device)
         prof = ctx.profile
         if host_pairs.any():
@@ -217,15 +251,18 @@ class MoEMixin:
             if prof is not None:
                 prof.add("cpu experts (for the device)", time.perf_counter() - t0, int(np.unique(ids[host_pairs]).size))
         es = [self.residency[n] for n in names]
+        if hits:  # the cached experts here, read from their slots
+            out += self._pairs_decode(self._cache_experts(node, es), x, ids, w, cached[ids], slot=hits)
+            cache.release(hits.values())
         kernels = up and self._use_moe_kernels() and es[0].qtype == es[1].qtype and all(e.qtype in mk.TYPES for e in es)
         if kernels and (is_small_batch(T) or self.dtype == torch.float32):  # GEMVs over the slot's experts
-            out += self._slot_decode(node, es, x, ids, w, ~host_pairs)
+            out += self._pairs_decode(self._slot_experts(node, es), x, ids, w, on_dev[ids])
         elif kernels:  # grouped GEMMs over the slot, experts by id
             ex = self._slot_experts(node, es)
-            dev_ids = torch.as_tensor(np.where(host_pairs, -1, ids), device=self.device)
+            dev_ids = torch.as_tensor(np.where(on_dev[ids], ids, -1), device=self.device)
             out += mk.prefill(x.to(self.dtype), dev_ids, torch.as_tensor(w, device=self.device), ex[0], ex[2], up=ex[1])
         elif up:  # per uploaded expert: dequantize, multiply
-            groups = group(ids, n_exp, keep=~host_pairs)
+            groups = group(ids, n_exp, keep=on_dev[ids])
             wflat = w.reshape(-1)
             for j, e in enumerate(groups.experts):
                 pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
@@ -237,4 +274,7 @@ class MoEMixin:
         if prof is not None:
             prof.bytes_uploaded += st.stats.bytes_streamed - before
             prof.add(f"{self.name} experts uploaded", 0.0, len(up))
+            if cache is not None:
+                prof.add("expert cache hits", 0.0, len(hits))
+                prof.add("expert cache lookups", 0.0, int(np.unique(ids).size))
         return out

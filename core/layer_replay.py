@@ -116,6 +116,8 @@ class LayerMajorReplay:
             buf = self._inputs.setdefault((n, k), [be.prompt_inputs(n), None])
             x0 = ex.value_on(vals[lay[0][3]], be)
             if buf[1] is None or buf[1].shape != x0.shape or buf[1].dtype != x0.dtype:
+                if buf[1] is not None:
+                    self._graphs.clear()  # they read and write the buffer being replaced
                 buf[1] = be.clone(x0)
             else:
                 be.copy_into(buf[1], x0)
@@ -130,7 +132,7 @@ class LayerMajorReplay:
             ubs.append((ex, plan, ctx, lay, buf[0], buf[1], capture))
         streamed = be.streamed_layers()
         be.hold_releases(True)
-        for li, (layer, s, e, x_in, x_out) in enumerate(ubs[0][3]):
+        for layer, s, e, x_in, x_out in ubs[0][3]:
             slot = be.acquire_layer(layer) if layer in streamed else -1
             store = ubs[0][2].kv.layers[layer]
             scratch = None if be.owns_kv(store) else be.host_kv_scratch(store, n0, n0 + total)

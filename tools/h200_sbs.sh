@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -160,6 +160,15 @@ moe)
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md -lm ${LLM:-none}
   timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+moecache)
+  llama_cpp
+  s "MoE decode with every layer's experts on the host: --expert-cache \${MC_GIB:-0,4,12} GiB (VRAM LRU of routed experts), hit rate by --profile"
+  synth q3moe qwen3-30b-a3b Q4_0
+  timeout 120 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe 48 -fa 1 -r 2 -o md -lm ${LLM:-none}
+  for g in $(echo ${MC_GIB:-0,4,12} | tr , ' '); do
+    timeout 150 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe 48 --expert-cache $g -r 2 2>&1 | grep tg32 | sed "s/$/  (--expert-cache $g)/"
+  done
+  timeout 150 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe 48 --expert-cache ${MC_PROF:-4} -r 1 --profile 2>&1 | grep -E "expert cache|total" ;;
 moesmall)
   s "MoE with host experts on an 8-layer Qwen3-30B-A3B shape: a prompt and decode profiled, decode by CPU threads"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8

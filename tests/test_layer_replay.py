@@ -154,3 +154,36 @@ def test_gpu_layer_graphs_match_eager(monkeypatch, tmp_path):
         assert captures >= 3 * 3 and replays >= 3 * 3  # prompt 2 captured, prompt 3 replayed
         for a, b in zip(static, eager):
             assert _nmse(a, b) < 1e-3, ngl
+
+
+@pytest.mark.slow
+def test_static_layer_major_with_activations_past_fp16(tmp_path):
+    """The 8B layer shapes with every block scale 0.02 (the residual stream passes 65504,
+    tests/test_large_activations.py), streamed in bf16 through the static layer-major path: the
+    CPU's greedy tokens."""
+    path = write_model(tmp_path / "large.gguf", "llama3-8b-v4k", "Q4_0", layers=2, seed=3, scale=0.02)
+    prompt = list(range(100, 148))  # three ubatches of 16
+
+    def greedy(m):
+        out = []
+        for _ in range(2):  # the second prompt in static form (the first was seen)
+            m.reset()
+            logits, out = m.eval(prompt), []
+            for _ in range(4):
+                out.append(int(np.argmax(logits)))
+                logits = m.eval([out[-1]])
+        return out
+    cpu = Model(load_model(path), device=None, n_ctx=64, n_ubatch=16, load_tokenizer=False)
+    try:
+        want = greedy(cpu)
+    finally:
+        cpu.close()
+    be = FakeDeviceBackend(Always(), dtype="bf16", n_slots=2)
+    be.static_prefill = True
+    m = Model(load_model(path), n_gpu_layers=0, device_backend=be, n_ubatch=16, n_ctx=64, load_tokenizer=False,
+              device=None)
+    try:
+        assert greedy(m) == want
+        assert m.runner.layer_replay.runs == 2
+    finally:
+        m.close()

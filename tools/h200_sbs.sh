@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache ngl0 membw moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -160,6 +160,20 @@ moe)
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md -lm ${LLM:-none}
   timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+ngl0)
+  s "-ngl 0 decode: splits near all-CPU with per-step times (-v), then auto (the bench's steps against the split measured at load)"
+  timeout ${N0_S:-240} $B -p 0 -n 32 -ngl 0 -r 3 --policy ${N0_POL:-split:33,split:32,split:30,auto} -v 2>&1 | grep -v "^ *$" ;;
+membw)
+  s "host memory read bandwidth (torch, float32 sum of 4 GiB, 16 and 8 threads)"
+  timeout 60 python3 -c "
+import time, torch
+x = torch.ones(2**30, dtype=torch.float32)
+for t in (16, 8):
+    torch.set_num_threads(t); x.sum(); best = 1e9
+    for _ in range(5):
+        t0 = time.perf_counter(); x.sum(); best = min(best, time.perf_counter() - t0)
+    print(f'{t} threads: {4 * 2**30 / best / 1e9:.1f} GB/s')
+" ;;
 moecache)
   llama_cpp
   s "MoE decode with every layer's experts on the host: --expert-cache \${MC_GIB:-0,4,12} GiB (VRAM LRU of routed experts), hit rate by --profile"

@@ -60,21 +60,23 @@ def test_fake_device_static_prefill_matches_eager(smollm2_path):
 
 
 def test_static_prefill_only_where_the_kernel_applies(tmp_path):
-    """Heads of 256 (Gemma 3) and a MoE prompt keep the eager path (no static form, no graph)."""
+    """Heads of 256 (Gemma 3) and a prompt whose experts are in host memory keep the eager path (no
+    static form, no graph); resident experts (routed on the device) take the static form."""
     from fake_device import FakeDeviceBackend
     from lstream.loaders.registry import pull
     from lstream.tools.synth_model import write_model
     cases = [(write_model(tmp_path / "tiny.gguf", "tiny", "Q4_0", seed=1), True),
-             (write_model(tmp_path / "tiny-moe.gguf", "tiny-moe", "Q4_0", seed=1), False)]
+             (write_model(tmp_path / "tiny-moe.gguf", "tiny-moe", "Q4_0", seed=1), True)]
     try:
         cases.append((pull("gemma3-270m", quiet=True), False))
     except Exception:  # noqa: BLE001 - the registry unreachable: the synthetic cases still run
         pass
-    for path, ok in cases:
+    cases.append((cases[1][0], False, {"cpu_moe": True}))
+    for path, ok, *kw in cases:
         m = Model(load_model(path), n_gpu_layers=99, device_backend=FakeDeviceBackend(Never()), n_ctx=64,
-                  load_tokenizer=False, device=None)
+                  load_tokenizer=False, device=None, **(kw[0] if kw else {}))
         try:
-            assert m.device_backend.static_prefill_ok(m.plan(16)) is ok, path
+            assert m.device_backend.static_prefill_ok(m.plan(16)) is ok, (path, kw)
         finally:
             m.close()
 

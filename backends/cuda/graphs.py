@@ -94,11 +94,14 @@ class GraphsMixin:
 
     def static_prefill_ok(self, plan) -> bool:
         """A prompt ubatch of this plan can run in static form: its attention heads fit the prefill
-        kernel (prefill_attention.supported), and no MoE op (a MoE prompt's routing is not captured
-        yet: it runs eagerly)."""
+        kernel (prefill_attention.supported), and its MoE ops' experts are resident and computed by
+        moe_kernels (routed and sorted on the device, no host sync). Experts in host memory are routed
+        on the host (which to upload): such a prompt runs eagerly."""
         for a in plan.assignments():
             op = a.node.op
-            if op is Op.MOE or (op is Op.ATTENTION and not supported(a.node.params["head_dim"])):
+            if op is Op.MOE and a.node.weights[0] not in self._moe_w:
+                return False
+            if op is Op.ATTENTION and not supported(a.node.params["head_dim"]):
                 return False
         return True
 

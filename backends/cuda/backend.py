@@ -101,11 +101,12 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
         self.fuse = fuse and self.decode_kernels
         # a resident prompt's ubatches replayed from graphs (core/replay.py): attention by device-side
         # positions (prefill_attention.py), proven here first; LSTREAM_PREFILL_GRAPHS=0 turns it off
-        self.static_prefill = (self.graphs and self.decode_kernels and ok["prefill"]
+        # Not in fp32, the reference precision: the kernel's dots are bf16 (SDPA keeps fp32 there).
+        self.static_prefill = (self.graphs and self.decode_kernels and ok["prefill"] and self.dtype != torch.float32
                                and os.environ.get("LSTREAM_PREFILL_GRAPHS") != "0")
         # eager prompts' attention by the same kernel (LSTREAM_PREFILL_ATTN=0: cuDNN's SDPA, K/V heads repeated)
         self.prefill_attn = (self.device.type == "cuda" and ok["prefill"] and use_triton is not False
-                             and os.environ.get("LSTREAM_PREFILL_ATTN") != "0")
+                             and self.dtype != torch.float32 and os.environ.get("LSTREAM_PREFILL_ATTN") != "0")
         # prefill matmuls straight from the quantized weight where that measures faster (matmul_choice.py)
         self._qgemm = qgemm is not False and use_triton is not False and self.device.type == "cuda" and ck.HAVE_TRITON
 

@@ -189,6 +189,18 @@ def test_decode_gate_up_apart(request, interpreted, monkeypatch, qt):
         assert torch.equal(y, mk.decode(x, ids, wts, gu, dn, cfg=cfg))
 
 
+@pytest.mark.parametrize("n_expert,top_k,norm", [(128, 8, True), (128, 8, False), (60, 4, True), (8, 2, False)])
+def test_route_kernel_matches_core_route(interp, n_expert, top_k, norm):
+    """The fused router (one launch): the same experts in the same order as core/moe.py's float64
+    route, the weights to fp32 rounding (relative 1e-5)."""
+    from lstream.core.moe import route
+    logits = torch.from_numpy(np.random.default_rng(n_expert + top_k).standard_normal((7, n_expert)).astype(np.float32) * 3)
+    ids, w = mk.route(logits, top_k, norm)
+    ri, rw = route(logits.numpy(), top_k, norm)
+    assert ids.dtype == torch.int64 and np.array_equal(ids.numpy(), ri)
+    np.testing.assert_allclose(w.numpy(), rw, rtol=1e-5, atol=0)
+
+
 def test_tile_table():
     """Every sorted pair in exactly one tile of its expert; the other tiles marked -1."""
     ids, _ = _route(37, 3, 6, seed=2)

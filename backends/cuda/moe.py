@@ -160,13 +160,16 @@ class MoEMixin:
     def _moe_resident(self, node, x, logits):
         p, names = node.params, node.weights[:3]
         k, n_exp = p["top_k"], p["n_expert"]
-        prob = torch.softmax(logits.double(), dim=-1)
-        w, ids = torch.topk(prob, k, dim=-1)
-        if p["norm"]:
-            w = w / w.sum(dim=-1, keepdim=True)
-        w = w.float()
         T = x.shape[0]
         kern = self._moe_w.get(names[0])
+        if kern is not None and mk.use_kernels(x):
+            ids, w = mk.route(logits, k, p["norm"])
+        else:
+            prob = torch.softmax(logits.double(), dim=-1)
+            w, ids = torch.topk(prob, k, dim=-1)
+            if p["norm"]:
+                w = w / w.sum(dim=-1, keepdim=True)
+            w = w.float()
         if kern is not None:
             if is_small_batch(T) or self.dtype == torch.float32:  # GEMVs: exact fp32 products
                 return mk.decode(x, ids, w, *kern)

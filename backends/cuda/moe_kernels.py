@@ -170,6 +170,55 @@ if HAVE_TRITON:
                          mask=(rm[:, None] < end) & (rn[None, :] < N))
 
 
+    @triton.jit
+    def _vmax(v):  # tl.max(v, 0) written out, as _rowsum (the tests' interpreter)
+        return tl.reduce(v, 0, tl.standard._elementwise_max)
+
+    @triton.jit
+    def _vmin(v):
+        return tl.reduce(v, 0, tl.standard._elementwise_min)
+
+    @triton.jit
+    def _vsum(v):
+        return tl.reduce(v, 0, tl.standard._sum_combine)
+
+    @triton.jit
+    def _k_route(l_ptr, ids_ptr, w_ptr, E, KTOP: tl.constexpr, KP: tl.constexpr, NORM: tl.constexpr,
+                 BE: tl.constexpr):
+        """Program t: token t's top-k experts by router logit (softmax is monotone: the same order as
+        by probability), first index among equal ones, and their softmax probabilities in fp32,
+        renormalized over the k when NORM (core/moe.py route, in one launch)."""
+        t = tl.program_id(0)
+        e = tl.arange(0, BE)
+        z = tl.load(l_ptr + t * E + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        p = tl.exp(z - _vmax(z))  # 0 past E
+        kk = tl.arange(0, KP)
+        iv = tl.full([KP], 0, tl.int64)  # (tl.zeros: a library jit function too)
+        wv = tl.full([KP], 0.0, tl.float32)
+        for j in tl.static_range(KTOP):
+            i = _vmin(tl.where(z == _vmax(z), e, BE))
+            iv = tl.where(kk == j, i, iv)
+            wv = tl.where(kk == j, _vsum(tl.where(e == i, p, 0.0)), wv)
+            z = tl.where(e == i, float("-inf"), z)
+        if NORM:
+            wv = wv / _vsum(wv)
+        else:
+            wv = wv / _vsum(p)
+        tl.store(ids_ptr + t * KTOP + kk, iv, mask=kk < KTOP)
+        tl.store(w_ptr + t * KTOP + kk, wv, mask=kk < KTOP)
+
+
+def route(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (T, n_expert) -> ids (T, top_k) int64, weights (T, top_k) fp32, by decreasing probability:
+    one launch instead of torch's softmax, top-k and renormalization (~6 per MoE layer and step)."""
+    T, E = logits.shape
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
+    w = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
+    _launch(_k_route, (T,), logits.contiguous(), ids, w, E, KTOP=top_k, KP=triton.next_power_of_2(top_k),
+            NORM=bool(norm), BE=triton.next_power_of_2(E))
+    return ids, w
+
+
 def _launch(kernel, grid, *args, **kw):
     if args[0].is_cuda:
         launcher(kernel)(grid, *args, **kw)

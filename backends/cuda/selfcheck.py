@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import warnings
 
+import numpy as np
 import torch
 
 from ...core.qtypes import QType
@@ -86,6 +87,13 @@ def _moe(dev) -> bool:
                 return False
             if T > 8 and _nmse(mk.prefill(x.to(torch.bfloat16), ids, w, *exs), ref) > 1e-3:
                 return False
+    from ...core.moe import route
+    logits = torch.randn(5, 60, generator=g)  # the router: ids exact, weights to fp32 rounding
+    for k, norm in ((8, True), (4, False)):
+        ids, w = mk.route(logits.to(dev), k, norm)
+        ri, rw = route(logits.numpy(), k, norm)
+        if not np.array_equal(ids.cpu().numpy(), ri) or not np.allclose(w.cpu().numpy(), rw, rtol=1e-5, atol=0):
+            return False
     return True
 
 

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec ngl0 membw moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost ngl0 membw moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -170,6 +170,12 @@ moedec)
   s "MoE all on the GPU (8-layer Qwen3-30B-A3B shape): where a decode step's GPU time goes"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout 90 python3 -m lstream.tools.profile_decode $M/q3moe8.gguf -ngl 99 -n 8 --top 25 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;
+moehost)
+  s "MoE with every layer's experts on the host (8-layer Qwen3-30B-A3B shape): decode phases per layer (--profile), host time (cProfile)"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout 80 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -24
+  timeout 90 python3 -m lstream.tools.profile_decode $M/q3moe8.gguf -ngl 99 --ncmoe 8 -n 16 --top ${MH_TOP:-22} 2>&1 | grep -v "^ *$" \
+    | grep -v "function calls\|Ordered by\|ncalls\|List reduced" | tail -60 ;;
 ngl0)
   s "-ngl 0 decode: splits near all-CPU with per-step times (-v), then auto (the bench's steps against the split measured at load)"
   timeout ${N0_S:-240} $B -p 0 -n 32 -ngl 0 -r 3 --policy ${N0_POL:-split:33,split:32,split:30,auto} -v 2>&1 | grep -v "^ *$" ;;

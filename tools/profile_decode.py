@@ -19,7 +19,9 @@ import click
 @click.option("-n", "n", type=int, default=16)
 @click.option("--top", type=int, default=18)
 @click.option("--kernels", is_flag=True, help="also the GPU time per kernel of eager steps (torch.profiler)")
-def main(model, ngl, policy, n, top, kernels):
+@click.option("--ncmoe", type=int, default=0, help="the experts of the first N layers in host memory (and the "
+              "graphs' steps profiled too: their host work is the MoE orchestration)")
+def main(model, ngl, policy, n, top, kernels, ncmoe):
     from ..api import Model
     from ..core.policy import make_policy
     from ..loaders.model_file import load_model
@@ -29,13 +31,13 @@ def main(model, ngl, policy, n, top, kernels):
         cal = load_or_measure()
     for graphs in (False, True):
         m = Model(load_model(model), n_gpu_layers=ngl, policy=make_policy(policy, calibration=cal), n_ctx=512,
-                  load_tokenizer=False, cuda_graphs=graphs)
+                  load_tokenizer=False, cuda_graphs=graphs, n_cpu_moe=ncmoe)
         m.eval([1, 2, 3, 4])
         for t in range(3):  # warm up (and capture)
             m.eval([5 + t])
         m.synchronize()
-        prof = cProfile.Profile() if not graphs else None
-        if graphs:
+        prof = cProfile.Profile() if not graphs or ncmoe else None
+        if graphs and not ncmoe:
             _host_share(m, n)
         t0 = time.perf_counter()
         if prof:

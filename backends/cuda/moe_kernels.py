@@ -196,7 +196,8 @@ if HAVE_TRITON:
         iv = tl.full([KP], 0, tl.int64)  # (tl.zeros: a library jit function too)
         wv = tl.full([KP], 0.0, tl.float32)
         for j in tl.static_range(KTOP):
-            i = _vmin(tl.where(z == _vmax(z), e, BE))
+            # clamped: NaN logits (no maximum found) still give an expert id in range, never a wild read
+            i = tl.minimum(_vmin(tl.where(z == _vmax(z), e, BE)), E - 1)
             iv = tl.where(kk == j, i, iv)
             wv = tl.where(kk == j, _vsum(tl.where(e == i, p, 0.0)), wv)
             z = tl.where(e == i, float("-inf"), z)

@@ -25,7 +25,7 @@ class StepReplay:
         self._graphs: dict[tuple, tuple] = {}  # key -> (plan, graph, inputs, static ins, outputs)
         self._eligible: dict[tuple, tuple] = {}  # key -> (plan, answer)
         self._seen: dict[tuple, tuple] = {}  # (plan id, prefill size) -> (plan, count)
-        self.replays = self.captures = self.segment_runs = self.prefill_runs = 0
+        self.replays = self.captures = self.segment_runs = self.prefill_runs = self.host_moe_runs = 0
 
     # -- which plans -----------------------------------------------------------------------------
     def _small(self, ctx) -> bool:
@@ -152,7 +152,9 @@ class StepReplay:
             be.fill_step_inputs(si, ctx)
             pos = 0
             for start, stop, reads in segs:
-                ex.run_part(plan, ctx, vals, start=pos, stop=start)
+                pos += self._host_moe(plan, vals, pos)
+                if pos < start:
+                    ex.run_part(plan, ctx, vals, start=pos, stop=start)
                 live = {i: ex.value_on(vals[i], be) for i in reads if i in vals}
                 ctx.graph = si
                 if not self.use_graphs:
@@ -175,7 +177,31 @@ class StepReplay:
                     vals.pop(i, None)  # read inside: what is still needed comes back in outs
                 vals.update({i: {name: v} for i, v in outs.items()})
                 pos = stop
+            pos += self._host_moe(plan, vals, pos)  # the last layer's experts, before the head
             return ex.run_part(plan, ctx, vals, start=pos, to_host=True)
+
+    def _host_moe(self, plan, vals, k: int) -> int:
+        """Assignment k when it is a MoE op whose experts the host computes, its inputs made on this
+        backend (--cpu-moe: what follows a segment): x and the router's logits read back with one wait,
+        routed and computed by the host backend, its output sent up without a wait. Returns how many
+        assignments it ran (0: not such an op, the executor runs it)."""
+        flat = self._cached(("flat", id(plan)), plan, lambda: list(plan.assignments()))
+        if k >= len(flat):
+            return 0
+        a = flat[k]
+        host = self.ex.backends[a.backend]
+        name = self.be.name
+        if (a.node.op is not Op.MOE or a.backend == name or len(a.node.inputs) != 2
+                or not hasattr(host, "moe_decode") or not hasattr(self.be, "read_back")
+                or not all(i in vals and name in vals[i] for i in a.node.inputs)):
+            return 0
+        node = a.node
+        xs = self.be.read_back([vals[i][name] for i in node.inputs])
+        for i, h in zip(node.inputs, xs):
+            self.ex.check_finite(h, i, name)
+        vals[node.id] = {name: self.be.send_up(host.moe_decode(node, xs[0], xs[1]))}
+        self.host_moe_runs += 1
+        return 1
 
     def _capture_segment(self, plan, ctx, si, seg, live):
         be = self.be

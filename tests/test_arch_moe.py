@@ -115,10 +115,29 @@ def test_route_as_transformers():
         assert (ids.reshape(-1)[g.pairs[g.starts[j]:g.starts[j + 1]]] == e).all()
 
 
+def test_numba_route_as_core_route():
+    """The decode router of the host-expert fast path (backends/cpu/moe_kernels.route) gives
+    core/moe.route's experts, in its order, and its weights."""
+    from lstream.backends.cpu import moe_kernels as K
+    rng = np.random.default_rng(3)
+    for T, E, k, norm in ((1, 128, 8, True), (4, 128, 8, False), (3, 8, 2, True), (2, 60, 4, True), (1, 4, 4, False)):
+        logits = (rng.standard_normal((T, E)) * 4).astype(np.float32)
+        ids, w = np.empty((T, k), np.int32), np.empty((T, k), np.float32)
+        K.route(logits, k, norm, ids, w)
+        want_ids, want_w = route(logits, k, norm)
+        assert (ids == want_ids).all()
+        np.testing.assert_allclose(w, want_w, rtol=1e-6, atol=0)
+    ids, w = np.empty((1, 3), np.int32), np.empty((1, 3), np.float32)
+    K.route(np.full((1, 6), np.nan, np.float32), 3, True, ids, w)  # (the engine reports NaN before this)
+    assert sorted(ids[0].tolist()) == [0, 1, 2]  # ids stay valid experts: no out-of-range read
+
+
+@pytest.mark.parametrize("act8", [False, True])
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q5_K,
                                    QType.Q6_K])
-def test_grouped_decode_kernels_every_layout(qtype):
-    """The pair kernels (all selected experts in one call) against per-expert matmul()."""
+def test_grouped_decode_kernels_every_layout(qtype, act8):
+    """The pair kernels (all selected experts in one call) against per-expert matmul(), with int16
+    and with int8 activations (the latter for the "nibw" layouts: Q4_0, Q4_1, by host size)."""
     from lstream.backends.cpu.backend import CPUBackend
     from test_cpu_kernels import make_raw
     n_exp, E, F = 6, 256, 256  # K-quants need 256-wide rows
@@ -127,6 +146,7 @@ def test_grouped_decode_kernels_every_layout(qtype):
         raw = make_raw(qtype, n_exp * rows, cols, seed=i).reshape(n_exp, rows, -1)
         rm.add(TensorEntry(f"blk.0.ffn_{name}_exps.weight", 0, (n_exp, rows, cols), qtype, raw.nbytes, raw))
     be = CPUBackend(n_threads=2)
+    be.act8 = act8
     be.residency = rm
     node = type("N", (), {"weights": tuple(f"blk.0.ffn_{n}_exps.weight" for n in ("gate", "up", "down"))})()
     rng = np.random.default_rng(1)
@@ -138,6 +158,12 @@ def test_grouped_decode_kernels_every_layout(qtype):
     a = cpu_moe._pairs(*ex, x, ids, w)
     b = cpu_moe._by_expert(be, *ex, x, ids, w)
     assert _nmse(a, b) < 1e-10
+    if act8:  # against the int16 activations: int8 rounding only (NMSE measured ~1e-5)
+        assert ex[0].whole.int8_act == (qtype in (QType.Q4_0, QType.Q4_1))
+        be16 = CPUBackend(n_threads=2)
+        be16.residency = rm
+        c = cpu_moe._pairs(*[cpu_moe.experts_of(be16, n) for n in node.weights], x, ids, w)
+        assert _nmse(a, c) < 1e-3
 
 
 def test_residency_knows_experts_as_units():

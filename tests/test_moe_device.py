@@ -118,6 +118,9 @@ def test_decode_one_hop_each_way(mixtral3):
             assert all(a.backend == "fake" for a in flat[s:e])
         out = _greedy(m, ids[:4])
         assert m.runner.replay.segment_runs == len(out) == 8  # the 4-token prompt, then 7 steps
+        # each expert op between two segments: read back with one wait, routed and computed on the
+        # host, sent up without one (StepReplay._host_moe), not through the executor's generic hop
+        assert m.runner.replay.host_moe_runs == 7 * 3  # (the prompt uploads its experts: on the device)
     finally:
         m.close()
 

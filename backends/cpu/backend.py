@@ -100,8 +100,9 @@ class CPUBackend(Backend):
     def load(self, residency: ResidencyMap) -> None:
         self.residency = residency
         if self._act8 is None:  # int8 activations where decode is memory-bound (Options.cpu_act8)
-            host = sum(e.nbytes for e in residency if e.home == HOST and len(e.shape) == 2 and e.layer >= 0
-                       and e.alias_of is None)
+            # (experts too: a host-expert MoE's decode reads its routed experts' bytes)
+            host = sum(e.nbytes for e in residency if e.home == HOST and (len(e.shape) == 2 or e.n_expert)
+                       and e.layer >= 0 and e.alias_of is None)
             self.act8 = host >= ACT8_AUTO_BYTES
         for e in residency:  # repack what this backend computes with, before the first token
             if e.home == HOST and len(e.shape) == 2:
@@ -366,6 +367,9 @@ class CPUBackend(Backend):
 
     def _moe(self, node, inputs, ctx):
         return moe.compute(self, node, inputs, ctx)
+
+    def moe_decode(self, node, x, logits):
+        return moe.decode(self, node, x, logits)
 
     def moe_experts(self, node, x, ids, weights):
         return moe.experts_ffn(self, node, x, ids, weights)

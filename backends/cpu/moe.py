@@ -21,14 +21,17 @@ class Experts:
     """One 3-D expert tensor packed for the kernels: `whole` (every expert's rows back to back, one
     weight: the grouped kernels' input) when the data is one array of blocks, and `per[e]`."""
 
-    def __init__(self, e: TensorEntry, blk_types):
+    def __init__(self, e: TensorEntry, blk_types, act8: bool = False):
         self.n_expert, self.rows, self.cols = e.shape
         self.whole: PackedWeight | None = None
         if isinstance(e.data, np.ndarray):  # GGUF (or quantized at load): one array
             self.whole = pack(e.qtype, e.data, e.n_rows, e.n_cols, blk_types)
+            self.whole.act8 = act8  # (before the views: they copy it)
             self.per = [row_view(self.whole, x * self.rows, (x + 1) * self.rows) for x in range(self.n_expert)]
         else:  # safetensors: each expert's matrix where it lies in the file
             self.per = [pack(e.qtype, e.expert(x), self.rows, self.cols, blk_types) for x in range(self.n_expert)]
+            for w in self.per:
+                w.act8 = act8
 
     @property
     def grouped(self) -> bool:
@@ -41,7 +44,7 @@ def experts_of(backend, name: str) -> Experts:
         e = backend.residency[name]
         if not e.n_expert:
             raise ValueError(f"{name}: not an expert tensor")
-        ex = backend._experts[name] = Experts(e, backend.blk_types)
+        ex = backend._experts[name] = Experts(e, backend.blk_types, backend.act8)
     return ex
 
 
@@ -57,12 +60,24 @@ def compute(backend, node, inputs, ctx) -> np.ndarray:
     return out
 
 
+def decode(backend, node, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """A decode step's MoE op without a shared expert: routed by the numba router (core/moe.route's
+    result), then experts_ffn (the fast path between two replayed device segments, --cpu-moe)."""
+    p = node.params
+    T, k = len(x), p["top_k"]
+    ids, w = np.empty((T, k), np.int32), np.empty((T, k), np.float32)
+    K.route(np.ascontiguousarray(logits, dtype=np.float32), k, bool(p["norm"]), ids, w)
+    return experts_ffn(backend, node, x, ids, w)
+
+
 def experts_ffn(backend, node, x: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:
     """sum_j w[t, j] * FFN_ids[t, j](x[t]) for every token t; pairs with ids < 0 are skipped (the
     experts a device computes itself)."""
     gate, up, down = (experts_of(backend, n) for n in node.weights[:3])
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if is_small_batch(x.shape[0]) and gate.grouped and up.grouped and down.grouped:
+    # (gate and up share x's scales in the grouped kernel: both int8 or both int16 activations)
+    if (is_small_batch(x.shape[0]) and gate.grouped and up.grouped and down.grouped
+            and gate.whole.int8_act == up.whole.int8_act):
         return _pairs(gate, up, down, x, ids, w)
     return _by_expert(backend, gate, up, down, x, ids, w)
 
@@ -76,7 +91,7 @@ def _pairs(gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
     if len(flat) == 0:
         return out
     xq, xd, xs = _quant(x, gate.whole.act_fmt)
-    # gate and up share the scales (int16 both); the value order is each one's own (act_fmt)
+    # gate and up share the scales (both int16 or both int8); the value order is each one's own (act_fmt)
     xqu = xq if up.whole.act_fmt == gate.whole.act_fmt else _quant(x, up.whole.act_fmt)[0]
     h = np.empty((len(flat), gate.rows), np.float32)
     K.gate_up_pairs(*gate.whole.kernel_args(), *up.whole.kernel_args(), xq, xqu, xd, xs, tok, exp, gate.rows, h)

@@ -7,12 +7,49 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import dot_blk
-from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, L_NIB5H, L_NIBW, ROWS, _m_term
-from .nib_half import dot_nib5h_row, dot_nibw_row
+from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, L_NIB5H, L_NIBW, L_NIBW8, ROWS, _m_term
+from .nib_half import dot_nib5h_row, dot_nibw8_row, dot_nibw_row
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
-from .jit import INLINE
+from .jit import INLINE, SER
 from .jit import PAR as _JIT
+
+
+@njit(**SER)
+def route(logits, top_k, norm, ids, w):
+    """core/moe.route for a few tokens, without numpy's per-call overhead (~0.2 ms a decode layer):
+    softmax in float64, the top_k experts by decreasing probability (ties: the lower id first),
+    renormalized when `norm`. ids (T, top_k) int32 and w (T, top_k) float32 are written."""
+    T, E = logits.shape
+    p = np.empty(E, np.float64)
+    taken = np.zeros(E, np.bool_)
+    for t in range(T):
+        mx = -np.inf
+        for e in range(E):
+            mx = max(mx, np.float64(logits[t, e]))
+        s = 0.0
+        for e in range(E):
+            p[e] = np.exp(np.float64(logits[t, e]) - mx)
+            s += p[e]
+        taken[:] = False
+        tot = 0.0
+        for j in range(top_k):
+            best, bv = -1, -1.0
+            for e in range(E):
+                if not taken[e] and p[e] > bv:
+                    best, bv = e, p[e]
+            if best < 0:  # NaN probabilities (checked before): any untaken expert keeps ids valid
+                best = 0
+                while taken[best]:
+                    best += 1
+                bv = p[best]
+            taken[best] = True
+            ids[t, j] = best
+            w[t, j] = bv / s
+            tot += bv / s
+        if norm:
+            for j in range(top_k):
+                w[t, j] = np.float32(np.float64(w[t, j]) / tot)
 
 
 @njit(**INLINE)
@@ -20,6 +57,8 @@ def _dot(wk, qs, qi, qh, d, m, xq, xd, xs, r, t):
     """Row r of a packed weight . row t of the int16 activations (matmul_int._tile's products)."""
     layout, fmt, nb, has_m = wk[0], wk[1], wk[2], wk[3] != 0
     off = (r * nb, nb)
+    if layout == L_NIBW8:  # int8 activations (matmul_int.quant_row8, in xq's row as bytes)
+        return dot_nibw8_row(qs, d, m, xq[t], xd[t], xs[t], off, np.float32(fmt))
     if layout == L_NIBW:
         return dot_nibw_row(qs, d, m, xq[t], xd[t], xs[t], off, np.float32(fmt))
     if layout == L_NIB5H:

@@ -69,6 +69,7 @@ class ExpertStreamer:
         self.uploads = 0  # experts copied
         self.log: list[tuple[int, int]] = []  # (layer, expert) per upload, for tests
         self.prefetches = 0  # layers whose experts were copied ahead of their routing
+        self.whole_runs = 0  # ubatches that found their layer's every expert in a slot (acquire_all)
         self._clock = 0
 
     def _stage(self, e: TensorEntry) -> None:
@@ -101,6 +102,20 @@ class ExpertStreamer:
                 waited.add(id(ev))
                 rt.compute_stream.wait_event(ev)
         return {x: self.views(slot, x) for x in experts}
+
+    def acquire_all(self, layer: int) -> bool:
+        """When the slot of `layer` holds (or has queued) every expert of it, a prefetch's: make the
+        compute stream wait for them and return True (a ubatch then needs no routing on the host to
+        choose its uploads: there is nothing left to upload). Else False, nothing done."""
+        slot = next((s for s in self.slots if s.layer == layer), None)
+        if slot is None or len(slot.ready) < self.layers[layer][0].n_expert:
+            return False
+        self._clock += 1
+        slot.last_use = self._clock
+        for ev in {id(ev): ev for ev in slot.ready.values()}.values():
+            self.rt.compute_stream.wait_event(ev)
+        self.whole_runs += 1
+        return True
 
     def prefetch_next(self, layer: int) -> int | None:
         """Start copying every expert of the host-expert layer after `layer` into the other slot (a

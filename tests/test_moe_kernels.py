@@ -303,6 +303,36 @@ def test_backend_op_in_the_interpreter(interp_all, tmp_path):
         assert float(((logits - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3, kw  # as test_moe_gpu's bf16 test
 
 
+def test_prefetched_layer_routed_on_the_device(interp_all, tmp_path):
+    """--cpu-moe prompt: the first MoE layer routes on the host and uploads every expert, which
+    prefetches the next MoE layer whole; that layer is then routed and computed on the device with no
+    host sync (ExpertStreamer.acquire_all). Its logits stay those of the CPU (bf16 bound as above)."""
+    pytest.importorskip("transformers")
+    from fake_device import FakeDeviceBackend
+    from lstream.api import Model
+    from lstream.core.policy import Always
+    from lstream.loaders.model_file import load_model
+    from lstream.tools import tiny_moe
+    d, ids, _ = tiny_moe.write("qwen3moe", tmp_path, n_tokens=20, gguf_types=("Q8_0",), n_layer=3)
+    path = d / "qwen3moe-Q8_0.gguf"
+    cpu = Model(load_model(path), device=None, n_ctx=64, n_ubatch=16, load_tokenizer=False)
+    ref = cpu.eval(ids[:16], logits="all")
+    cpu.close()
+    pol = Always()
+    dev = FakeDeviceBackend(pol, dtype="bf16")
+    m = Model(load_model(path), n_gpu_layers=99, device_backend=dev, device=None, n_ctx=64, n_ubatch=16,
+              load_tokenizer=False, policy=pol, cpu_moe=True)
+    try:
+        logits = m.eval(ids[:16], logits="all")
+        st = dev.expert_streamer
+        moe_layers = sorted(st.layers)
+        assert len(moe_layers) == 2 and st.prefetches >= 1 and st.whole_runs == 1
+        assert {e for layer, e in st.log if layer == moe_layers[1]} == set(range(tiny_moe.N_EXPERT))
+        assert float(((logits - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3
+    finally:
+        m.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("qt,packed", [

@@ -229,8 +229,21 @@ class MoEMixin:
         p, names = node.params, node.weights[:3]
         k, n_exp, T = p["top_k"], p["n_expert"], x.shape[0]
         entry = self.residency[names[0]]
-        ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
         st = self._expert_streamer()
+        es = [self.residency[n] for n in names]
+        if (not is_small_batch(T) and self.dtype != torch.float32 and mk.use_kernels(x) and self._use_moe_kernels()
+                and es[0].qtype == es[1].qtype and all(e.qtype in mk.TYPES for e in es) and st.acquire_all(node.layer)):
+            # a prompt's ubatch whose layer a prefetch brought whole: routed and computed on the device,
+            # no host sync (the GPU keeps the queue; the copy stream the next layer's prefetch)
+            st.prefetch_next(node.layer)
+            ids_d, w_d = mk.route(logits, k, p["norm"])
+            ex = self._slot_experts(node, es)
+            out = mk.prefill(x.to(self.dtype), ids_d, w_d, ex[0], ex[2], up=ex[1])
+            st.release(node.layer)
+            if ctx.profile is not None:
+                ctx.profile.add(f"{self.name} experts uploaded", 0.0, n_exp)
+            return out
+        ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
         cache = self._expert_cache if is_small_batch(T) and self._cache_kernels(entry) else None
         hits = cache.lookup(node.layer, np.unique(ids).tolist()) if cache is not None else {}
         up = [x for x in self.policy.experts_to_upload(Op.MOE, entry, expert_counts(ids, n_exp), T) if x not in hits]
@@ -253,7 +266,6 @@ class MoEMixin:
             out += self.from_host(y)
             if prof is not None:
                 prof.add("cpu experts (for the device)", time.perf_counter() - t0, int(np.unique(ids[host_pairs]).size))
-        es = [self.residency[n] for n in names]
         if hits:  # the cached experts here, read from their slots
             out += self._pairs_decode(self._cache_experts(node, es), x, ids, w, cached[ids], slot=hits)
             cache.release(hits.values())

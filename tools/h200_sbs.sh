@@ -158,8 +158,8 @@ moe)
   llama_cpp
   s "MoE qwen3-30b-a3b Q4_0, -ngl 99 with the experts of N layers on the host"
   synth q3moe qwen3-30b-a3b Q4_0
-  timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe 48,24,0 -fa 1 -r 2 -o md -lm ${LLM:-none}
-  timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe 48,24,0 -r 2 2>&1 ;;
+  timeout 200 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -ncmoe ${MOE_NC:-48,24,0} -fa 1 -r 2 -o md -lm ${LLM:-none}
+  timeout ${MOE_S:-330} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -ncmoe ${MOE_NC:-48,24,0} -r 2 2>&1 ;;
 moegpu)
   llama_cpp
   s "MoE qwen3-30b-a3b Q4_0 all on the GPU: prompts (-ub 512, 2048) and decode"

@@ -160,7 +160,10 @@ class Model:
         from .core.tuning import tune_split
         try:
             if pol.n_host:
-                pol.cpu_layers, pol.measured = tune_split(pol.n_host, timer("cpu_layers"))
+                # (the split whose streamed layers fit the ring: they stay there, nothing is copied)
+                ring = getattr(dev, "ring_slots", 0)
+                pol.cpu_layers, pol.measured = tune_split(pol.n_host, timer("cpu_layers"),
+                                                          also=(pol.n_host - ring,) if ring else ())
                 self._depth_bucket = _depth_bucket(start)
                 self._splits[self._depth_bucket] = (pol.cpu_layers, pol.measured)
             if top_k:

@@ -3,15 +3,18 @@
 A split decode step costs about max(time of the CPU's j layers, time of the other layers' copies)
 plus what runs on the GPU; both terms depend on this machine (its cores, memory and PCIe), so the
 split is measured, not predicted: both ends first (every host layer streamed, every one on the
-CPU), the balance point their per-layer costs predict, then neighbours while they are faster.
+CPU), the balance point their per-layer costs predict, then neighbours while they are faster. The cost is not one valley: where the streamed layers fit the
+ring's slots they stay there across steps and nothing is copied (a cliff down at n_host - slots), so
+the caller names such points (`also`) to be measured too.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 
-def tune_split(n_host: int, step_seconds: Callable[[int], float]) -> tuple[int, dict[int, float]]:
-    """The CPU layer count in [0, n_host] whose decode step was fastest, and every one measured."""
+def tune_split(n_host: int, step_seconds: Callable[[int], float], also=()) -> tuple[int, dict[int, float]]:
+    """The CPU layer count in [0, n_host] whose decode step was fastest, and every one measured.
+    also: more counts to measure before walking from the best (those in range)."""
     t: dict[int, float] = {}
 
     def f(j: int) -> float:
@@ -21,7 +24,7 @@ def tune_split(n_host: int, step_seconds: Callable[[int], float]) -> tuple[int, 
 
     stream, cpu = f(0), f(n_host)
     guess = round(n_host * stream / (stream + cpu)) if stream + cpu > 0 else n_host // 2
-    best = min((guess, 0, n_host), key=f)
+    best = min((guess, 0, n_host, *(j for j in also if 0 < j < n_host)), key=f)
     for step in (1, -1):  # walk from the best towards faster neighbours
         j = best
         while 0 <= j + step <= n_host and f(j + step) < f(best):

@@ -27,6 +27,20 @@ def test_tune_split_finds_the_fastest(n, cpu, copy, base):
     assert len(set(calls[:len(seen)])) == len(seen) <= 7
 
 
+@pytest.mark.parametrize("n,slots", [(33, 3), (17, 3)])
+def test_tune_split_measures_the_ring_cliff(n, slots):
+    """Measured on the H200 (2026-12-03, -ngl 0): with <= `slots` streamed layers the ring keeps them
+    and a step copies nothing, so the cost drops at n - slots; the walk from the all-CPU end stops at
+    n - 1 (slower: 4+ layers through 3 slots copy every step) unless that point is measured too."""
+    def step(j):  # ms: CPU layers 1.95 each, copies 2.35 a layer not hidden, a hop each way if any
+        streamed = n - j
+        return 0.3 + 1.95 * j + (2.0 if streamed else 0.0) + (0.0 if streamed <= slots else 2.35 * streamed)
+    best, _ = tune_split(n, step)
+    assert best != n - slots  # the walk alone misses it
+    best, _ = tune_split(n, step, also=(n - slots,))
+    assert best == n - slots == min(range(n + 1), key=step)
+
+
 class TimedFake(FakeDeviceBackend):
     real_time = True  # let the policy measure (the fake's times are the CPU's: only the logic is tested)
 
@@ -59,9 +73,9 @@ def test_auto_split_is_measured_again_at_a_new_depth(tmp_path, monkeypatch):
     calls = []
     real = tuning.tune_split
 
-    def counted(n_host, step):
+    def counted(n_host, step, **kw):
         calls.append(n_host)
-        return real(n_host, step)
+        return real(n_host, step, **kw)
     monkeypatch.setattr(tuning, "tune_split", counted)
     toks = np.arange(1100) % 200 + 5
     ref = Model(load_model(path), n_ctx=1200, load_tokenizer=False)

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost ngl0 membw moesmall moepp moeprof moek moeold (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -218,6 +218,17 @@ moek)
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_moe_kernels.py tests/test_moe_gpu.py 2>&1 | tail -15
   timeout 240 python3 -m lstream.tools.bench_moe --types Q4_0,Q4_0p,Q4_K,Q8_0 --json $OUT/bench_moe.json 2>&1
   timeout 300 python3 -m lstream.tools.bench_moe --types Q4_0 --sweep --no-old 2>&1 ;;
+cpumoe)
+  s "host expert compute alone (8-layer Qwen3-30B-A3B shape, CPU backend): int16 vs int8 activations, by threads"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout 150 python3 -m lstream.tools.bench_cpu_moe $M/q3moe8.gguf -t ${CM_T:-16,8} -n 300 2>&1 | grep -v "^ *$" ;;
+moe8)
+  llama_cpp
+  s "host-expert decode side by side on the 8-layer Qwen3-30B-A3B shape (-ncmoe 8): llama.cpp, lstream, lstream int16"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout 100 $LB -m $M/q3moe8.gguf -p 0 -n 32 -ngl 99 -ncmoe 8 -fa 1 -r 3 -o md -lm ${LLM:-none}
+  timeout 100 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 32 -ngl 99 -ncmoe 8 -r 3 2>&1 | grep tg32
+  LSTREAM_CPU_ACT8=0 timeout 100 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 32 -ngl 99 -ncmoe 8 -r 3 2>&1 | grep tg32 | sed "s/$/  (LSTREAM_CPU_ACT8=0)/" ;;
 moeold)
   s "MoE: the old expert path (LSTREAM_MOE_KERNELS=0)"
   synth q3moe qwen3-30b-a3b Q4_0

@@ -85,32 +85,14 @@ def experts_ffn(backend, node, x: np.ndarray, ids: np.ndarray, w: np.ndarray) ->
 def _pairs(gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:
     k = ids.shape[1]
     flat = np.nonzero(ids.reshape(-1) >= 0)[0]
-    tok = (flat // k).astype(np.int64)
-    exp = ids.reshape(-1)[flat].astype(np.int64)
     out = np.zeros(x.shape, np.float32)
     if len(flat) == 0:
         return out
-    xq, xd, xs = _quant(x, gate.whole.act_fmt)
-    # gate and up share the scales (both int16 or both int8); the value order is each one's own (act_fmt)
-    xqu = xq if up.whole.act_fmt == gate.whole.act_fmt else _quant(x, up.whole.act_fmt)[0]
-    h = np.empty((len(flat), gate.rows), np.float32)
-    K.gate_up_pairs(*gate.whole.kernel_args(), *up.whole.kernel_args(), xq, xqu, xd, xs, tok, exp, gate.rows, h)
-    hq, hd, hs = _quant(h, down.whole.act_fmt)
-    y = np.empty((len(flat), down.rows), np.float32)
-    K.down_pairs(*down.whole.kernel_args(), hq, hd, hs, exp, down.rows, y)
-    y *= w.reshape(-1)[flat][:, None]
-    if len(flat) == ids.size:  # every pair here: token t's are rows t*k..t*k+k-1 (np.add.at: ~50x slower)
-        return y.reshape(len(x), k, -1).sum(axis=1)
-    np.add.at(out, tok, y)
+    # one numba call: quantization inside, two parallel launches (gate|up with SwiGLU, down)
+    K.pairs_ffn(*gate.whole.kernel_args(), *up.whole.kernel_args(), *down.whole.kernel_args(), x,
+                (flat // k).astype(np.int64), ids.reshape(-1)[flat].astype(np.int64),
+                w.reshape(-1)[flat].astype(np.float32), gate.rows, out)
     return out
-
-
-def _quant(x, fmt: int):
-    """x quantized for the int kernels in activation format fmt (matmul_int.ACT_*): (xq, xd, xs)."""
-    nb = x.shape[1] // 32
-    xq, xd, xs = np.empty(x.shape, np.int16), np.empty((len(x), nb), np.float32), np.empty((len(x), nb), np.float32)
-    matmul_int.quant_x(x, xq, xd, xs, fmt)
-    return xq, xd, xs
 
 
 def _by_expert(backend, gate: Experts, up: Experts, down: Experts, x, ids, w) -> np.ndarray:

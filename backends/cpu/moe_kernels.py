@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blocks import dot_blk
-from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, L_NIB5H, L_NIBW, L_NIBW8, ROWS, _m_term
+from .matmul_int import L_BLK, L_I8, L_NIB, L_NIB5, L_NIB5H, L_NIBW, L_NIBW8, ROWS, _m_term, act_fmt_of, quant_row_as
 from .nib_half import dot_nib5h_row, dot_nibw8_row, dot_nibw_row
 from .simd import dot_i8_row, dot_i8s16_row, dot_nib5_row, dot_nib_row
 
@@ -102,3 +102,33 @@ def down_pairs(wk, qs, qh, d, m, hq, hd, hs, exp, rows, out):
         base = exp[p] * rows
         for r in range(r0, min(rows, r0 + ROWS)):
             out[p, r] = _dot(wk, qs, qi, qh, d, m, hq, hd, hs, base + r, p)
+
+
+@njit(**SER)
+def pairs_ffn(wg, qsg, qhg, dg, mg, wu, qsu, qhu, du, mu, wd, qsd, qhd, dd, md, x, tok, exp, wt, rows, out):
+    """A decode step's (token, expert) pairs in one call: x's rows and the SwiGLU outputs quantized
+    here, serially (a few rows: a parallel launch each would cost more), then gate_up_pairs and
+    down_pairs (the two parallel launches), then out[tok[p]] += wt[p] * y[p]. Gate and up read one
+    activation format (the caller checks), the down weights theirs."""
+    T, n = x.shape
+    fg, fu, fd = act_fmt_of(wg[0]), act_fmt_of(wu[0]), act_fmt_of(wd[0])
+    nb = n // 32
+    xq, xqu = np.empty((T, n), np.int16), np.empty((T, n), np.int16)
+    xd, xs = np.empty((T, nb), np.float32), np.empty((T, nb), np.float32)
+    for t in range(T):
+        quant_row_as(x, xq, xd, xs, t, fg)
+        if fu != fg:  # (an int16 order of its own: the same scales)
+            quant_row_as(x, xqu, xd, xs, t, fu)
+    P = len(tok)
+    h = np.empty((P, rows), np.float32)
+    gate_up_pairs(wg, qsg, qhg, dg, mg, wu, qsu, qhu, du, mu, xq, xqu if fu != fg else xq, xd, xs, tok, exp, rows, h)
+    hb = rows // 32
+    hq, hd, hs = np.empty((P, rows), np.int16), np.empty((P, hb), np.float32), np.empty((P, hb), np.float32)
+    for p in range(P):
+        quant_row_as(h, hq, hd, hs, p, fd)
+    y = np.empty((P, out.shape[1]), np.float32)
+    down_pairs(wd, qsd, qhd, dd, md, hq, hd, hs, exp, out.shape[1], y)
+    for p in range(P):
+        o, wp = out[tok[p]], wt[p]
+        for r in range(out.shape[1]):
+            o[r] += wp * y[p, r]

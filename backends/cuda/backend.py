@@ -389,44 +389,6 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
     def from_host(self, array: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    # A decode step's hop to the host and back between two replayed segments (core/replay.py), through
-    # pinned buffers kept per shape: the values read back with one wait, the answer sent up without any.
-    def read_back(self, values: list) -> list[np.ndarray]:
-        """Device values -> float32 host arrays (views of pinned buffers, valid until the next call),
-        after one wait for all of them."""
-        key = ("down",) + tuple(tuple(v.shape) for v in values)
-        hit = self._hop_bufs.get(key)
-        if hit is None:
-            hit = self._hop_bufs[key] = ([self._pinned_f32(v.shape) for v in values], self.rt.new_event())
-        bufs, ev = hit
-        for b, v in zip(bufs, values):
-            self.rt.copy(b, v, self.rt.compute_stream)
-        ev.record(self.rt.compute_stream)
-        ev.synchronize()
-        return [b.numpy() for b in bufs]
-
-    def send_up(self, array: np.ndarray):
-        """A float32 host array -> a device tensor, copied from a pinned buffer on the compute stream
-        (no wait: what reads it comes later on that stream). Two device buffers per shape in turn: the
-        reader of the previous one (the next segment) is enqueued before this copy."""
-        key = ("up", array.shape)
-        hit = self._hop_bufs.get(key)
-        if hit is None:
-            dev = [torch.empty(array.shape, dtype=torch.float32, device=self.device) for _ in range(2)]
-            hit = self._hop_bufs[key] = [self._pinned_f32(array.shape), dev, 0, self.rt.new_event()]
-        pin, dev, k, ev = hit
-        ev.synchronize()  # the previous copy out of `pin` has run (it has: the caller waited since)
-        pin.numpy()[...] = array
-        hit[2] = 1 - k
-        self.rt.copy(dev[k], pin, self.rt.compute_stream)
-        ev.record(self.rt.compute_stream)
-        return dev[k]
-
-    def _pinned_f32(self, shape) -> torch.Tensor:
-        n = int(np.prod(shape))
-        buf, _ = self.rt.alloc_host(4 * max(n, 1))
-        return buf[:4 * n].view(torch.float32).view(tuple(shape))
-
     def synchronize(self) -> None:
         self.rt.synchronize()
 

@@ -162,14 +162,7 @@ class MoEMixin:
         k, n_exp = p["top_k"], p["n_expert"]
         T = x.shape[0]
         kern = self._moe_w.get(names[0])
-        if kern is not None and mk.use_kernels(x):
-            ids, w = mk.route(logits, k, p["norm"])
-        else:
-            prob = torch.softmax(logits.double(), dim=-1)
-            w, ids = torch.topk(prob, k, dim=-1)
-            if p["norm"]:
-                w = w / w.sum(dim=-1, keepdim=True)
-            w = w.float()
+        ids, w = self._route_dev(logits, k, p["norm"], kern is not None)
         if kern is not None:
             if is_small_batch(T) or self.dtype == torch.float32:  # GEMVs: exact fp32 products
                 return mk.decode(x, ids, w, *kern)
@@ -194,6 +187,17 @@ class MoEMixin:
             y = self._ffn(names, x[tok], [self._experts_dev[n][e] for n in names])
             out.index_add_(0, tok, y * w_dev[torch.as_tensor(pairs, device=self.device)][:, None])
         return out
+
+    def _route_dev(self, logits, k: int, norm: bool, kernel: bool = True):
+        """core/moe.route on the device: (ids (T, k) int64, weights (T, k) fp32), no host sync: one
+        launch (moe_kernels.route) where Triton runs, else torch's softmax and top-k."""
+        if kernel and mk.use_kernels(logits) and self._use_moe_kernels():
+            return mk.route(logits, k, norm)
+        prob = torch.softmax(logits.double(), dim=-1)
+        w, ids = torch.topk(prob, k, dim=-1)
+        if norm:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return ids, w.float()
 
     def _slot_experts(self, node, es) -> list:
         """The expert slot holding node's layer as the kernels' operands, one Experts per tensor (gate,
@@ -236,14 +240,18 @@ class MoEMixin:
             # a prompt's ubatch whose layer a prefetch brought whole: routed and computed on the device,
             # no host sync (the GPU keeps the queue; the copy stream the next layer's prefetch)
             st.prefetch_next(node.layer)
-            ids_d, w_d = mk.route(logits, k, p["norm"])
+            ids_d, w_d = self._route_dev(logits, k, p["norm"])
             ex = self._slot_experts(node, es)
             out = mk.prefill(x.to(self.dtype), ids_d, w_d, ex[0], ex[2], up=ex[1])
             st.release(node.layer)
             if ctx.profile is not None:
                 ctx.profile.add(f"{self.name} experts uploaded", 0.0, n_exp)
             return out
-        ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
+        if is_small_batch(T):
+            ids, w = route(logits.float().cpu().numpy(), k, p["norm"])
+        else:  # a prompt's ubatch: routed here (numpy's top-k over T x n_expert costs ms), ids read back
+            ids_d, w_d = self._route_dev(logits, k, p["norm"])
+            ids, w = ids_d.to(torch.int32).cpu().numpy(), w_d.cpu().numpy()
         cache = self._expert_cache if is_small_batch(T) and self._cache_kernels(entry) else None
         hits = cache.lookup(node.layer, np.unique(ids).tolist()) if cache is not None else {}
         up = [x for x in self.policy.experts_to_upload(Op.MOE, entry, expert_counts(ids, n_exp), T) if x not in hits]

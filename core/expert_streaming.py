@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .residency import ResidencyMap, State, TensorEntry
 from .streaming import StreamStats, _align
@@ -90,9 +90,10 @@ class ExpertStreamer:
         s.layer, s.ready = layer, {}
         return s
 
-    def acquire(self, layer: int, experts: list[int]) -> dict[int, dict[str, Any]]:
+    def acquire(self, layer: int, experts: list[int]) -> "Callable[[int], dict[str, Any]]":
         """Copy the experts of `layer` the slot lacks (runs of consecutive ones as one copy per tensor),
-        make the compute stream wait for each; returns expert -> {tensor: device uint8 view}."""
+        make the compute stream wait for each; returns expert -> {tensor: device uint8 view}, made
+        when asked (the kernels read the slot whole: 3 x 128 views would cost ~1 ms a ubatch)."""
         rt = self.rt
         slot = self._copy(layer, experts)
         waited = set()
@@ -101,7 +102,7 @@ class ExpertStreamer:
             if id(ev) not in waited:
                 waited.add(id(ev))
                 rt.compute_stream.wait_event(ev)
-        return {x: self.views(slot, x) for x in experts}
+        return lambda x: self.views(slot, x)
 
     def acquire_all(self, layer: int) -> bool:
         """When the slot of `layer` holds (or has queued) every expert of it, a prefetch's: make the

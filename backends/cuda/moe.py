@@ -256,7 +256,7 @@ class MoEMixin:
         hits = cache.lookup(node.layer, np.unique(ids).tolist()) if cache is not None else {}
         up = [x for x in self.policy.experts_to_upload(Op.MOE, entry, expert_counts(ids, n_exp), T) if x not in hits]
         before = st.stats.bytes_streamed
-        views = st.acquire(node.layer, up) if up else {}
+        views = st.acquire(node.layer, up) if up else None
         if 4 * len(up) >= 3 * n_exp:  # a large ubatch: the next layer's experts are copied meanwhile
             st.prefetch_next(node.layer)
         on_dev = np.zeros(n_exp, dtype=bool)
@@ -290,7 +290,7 @@ class MoEMixin:
             for j, e in enumerate(groups.experts):
                 pairs = groups.pairs[groups.starts[j]:groups.starts[j + 1]]
                 tok = torch.as_tensor(pairs // k, device=self.device)
-                y = self._ffn(names, x[tok], [views[int(e)][n] for n in names])
+                y = self._ffn(names, x[tok], [views(int(e))[n] for n in names])
                 out.index_add_(0, tok, y * torch.as_tensor(wflat[pairs], device=self.device)[:, None])
         if up:
             st.release(node.layer)

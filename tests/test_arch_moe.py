@@ -64,26 +64,28 @@ def test_logits_match_transformers(tiny, fmt):
 
 def test_q8_0_matches_its_dequantized_weights(tiny, monkeypatch):
     """The Q8_0 file against transformers running the same (dequantized) weights: prefill through the
-    per-expert kernels, decode steps through the grouped pair kernels (counted)."""
+    per-expert kernels (an expert with few of the prompt's tokens through the pair kernels), decode
+    steps through the grouped pair kernels alone (counted)."""
     arch, d, ids, _ = tiny
     path = d / f"{arch}-Q8_0.gguf"
     ref = tiny_moe.reference_from_gguf(arch, d, path, ids)
-    calls = {"pairs": 0}
-    real = cpu_moe._pairs
-
-    def spy(*a):
-        calls["pairs"] += 1
-        return real(*a)
-    monkeypatch.setattr(cpu_moe, "_pairs", spy)
+    calls = {"_pairs": 0, "_by_expert": 0}
+    for name in calls:
+        def spy(*a, _real=getattr(cpu_moe, name), _name=name):
+            calls[_name] += 1
+            return _real(*a)
+        monkeypatch.setattr(cpu_moe, name, spy)
     with lstream.load(str(path), n_ctx=128, load_tokenizer=False) as m:
         assert m.residency[next(n for n in m.graph.nodes if n.op is Op.MOE).weight].qtype == QType.Q8_0
         _check(m.eval(ids, logits="all"), ref, f"{arch} Q8_0 prefill", MAX_NMSE_Q8)
-        assert calls["pairs"] == 0
+        assert calls["_by_expert"] > 0
         m.reset()
         m.eval(ids[:-4])
+        before = dict(calls)
         for i in range(4, 0, -1):
             _check(m.eval([ids[-i]])[None], ref[-i:len(ref) - i + 1], f"{arch} Q8_0 decode", MAX_NMSE_Q8)
-        assert calls["pairs"] > 0
+        assert calls["_pairs"] - before["_pairs"] == 4 * sum(n.op is Op.MOE for n in m.graph.nodes)
+        assert calls["_by_expert"] == before["_by_expert"]
 
 
 def test_quantize_at_load_gathers_experts(tiny):
@@ -164,6 +166,33 @@ def test_grouped_decode_kernels_every_layout(qtype, act8):
         be16.residency = rm
         c = cpu_moe._pairs(*[cpu_moe.experts_of(be16, n) for n in node.weights], x, ids, w)
         assert _nmse(a, c) < 1e-3
+
+
+def test_rare_experts_of_a_batch_by_the_pair_kernels():
+    """A batch past SMALL_BATCH: experts with fewer than RARE_TOKENS of its tokens go through the
+    grouped pair kernels, the others through per-expert products; together as per-expert alone."""
+    from lstream.backends.cpu.backend import CPUBackend
+    from test_cpu_kernels import make_raw
+    n_exp, E, F, T, k = 8, 256, 128, 24, 2
+    rm = ResidencyMap(1)
+    for i, (name, rows, cols) in enumerate((("gate", F, E), ("up", F, E), ("down", E, F))):
+        raw = make_raw(QType.Q4_0, n_exp * rows, cols, seed=i).reshape(n_exp, rows, -1)
+        rm.add(TensorEntry(f"blk.0.ffn_{name}_exps.weight", 0, (n_exp, rows, cols), QType.Q4_0, raw.nbytes, raw))
+    be = CPUBackend(n_threads=2)
+    be.residency = rm
+    node = type("N", (), {"weights": tuple(f"blk.0.ffn_{n}_exps.weight" for n in ("gate", "up", "down"))})()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((T, E)).astype(np.float32)
+    ids = np.stack([np.full(T, 0), np.full(T, 1)], axis=1).astype(np.int32)  # experts 0, 1: every token
+    ids[3, 1], ids[9, 1], ids[17, 0] = 5, 5, 6  # 5: two tokens, 6: one (rare)
+    ids[20, 1] = -1  # a pair another backend computes
+    w = rng.random((T, k)).astype(np.float32)
+    counts = expert_counts(ids, n_exp)
+    assert counts[5] == 2 and counts[6] == 1 and counts[0] >= cpu_moe.RARE_TOKENS
+    ex = [cpu_moe.experts_of(be, n) for n in node.weights]
+    got = cpu_moe.experts_ffn(be, node, x, ids, w)
+    want = cpu_moe._by_expert(be, *ex, x, ids, w)
+    assert _nmse(got, want) < 1e-10
 
 
 def test_residency_knows_experts_as_units():

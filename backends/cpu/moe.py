@@ -8,13 +8,19 @@ from __future__ import annotations
 import numpy as np
 
 from ...core.batch import is_small_batch
-from ...core.moe import group, route
+from ...core.moe import expert_counts, group, route
 from ...core.residency import TensorEntry
 from . import matmul_int
 from . import moe_kernels as K
 from . import ops as O
 from .matmul import matmul
 from .weights import PackedWeight, pack, row_view
+
+
+# An expert with fewer of a batch's tokens than this runs its pairs through the grouped decode kernels
+# (its weights read once per token) instead of a per-expert product (~0.1 ms of Python and launches
+# each): in a prompt whose experts the device uploads, the CPU gets these (by default < 4 tokens).
+RARE_TOKENS = 4
 
 
 class Experts:
@@ -76,9 +82,20 @@ def experts_ffn(backend, node, x: np.ndarray, ids: np.ndarray, w: np.ndarray) ->
     gate, up, down = (experts_of(backend, n) for n in node.weights[:3])
     x = np.ascontiguousarray(x, dtype=np.float32)
     # (gate and up share x's scales in the grouped kernel: both int8 or both int16 activations)
-    if (is_small_batch(x.shape[0]) and gate.grouped and up.grouped and down.grouped
-            and gate.whole.int8_act == up.whole.int8_act):
+    grouped = gate.grouped and up.grouped and down.grouped and gate.whole.int8_act == up.whole.int8_act
+    if grouped and is_small_batch(x.shape[0]):
         return _pairs(gate, up, down, x, ids, w)
+    if grouped:  # an expert with few of the batch's tokens: its pairs by the grouped kernels too
+        counts = expert_counts(ids, gate.n_expert)
+        rare = (ids >= 0) & (counts[np.maximum(ids, 0)] < RARE_TOKENS)
+        if rare.any():
+            rows = np.nonzero(rare.any(axis=1))[0]
+            out = np.zeros(x.shape, np.float32)
+            out[rows] = _pairs(gate, up, down, x[rows], np.where(rare[rows], ids[rows], -1), w[rows])
+            rest = np.where(rare, -1, ids)
+            if (rest >= 0).any():
+                out += _by_expert(backend, gate, up, down, x, rest, w)
+            return out
     return _by_expert(backend, gate, up, down, x, ids, w)
 
 

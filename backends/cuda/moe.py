@@ -9,9 +9,11 @@ types, or with LSTREAM_MOE_KERNELS=0, the first path: a few tokens gather their 
 id and multiply them batched, larger batches dequantize each used expert once for its tokens.
 Experts in host memory (--cpu-moe, --n-cpu-moe, -ot exps=cpu):
 the scheduler gives the op to this backend when the policy could upload one of them at this batch
-size; then the ubatch is routed (its logits read back), every expert with enough routed tokens
+size; then the ubatch is routed (on the device for a prompt, its ids read back), every expert with
+enough routed tokens
 (UploadPolicy.should_upload_expert) is uploaded through the expert slots (core/expert_streaming.py)
-and computed here, and the others are computed by the host backend meanwhile (one hop each way)."""
+and computed here, and the others are computed by the host backend meanwhile (one hop each way).
+A prompt ubatch whose layer a prefetch brought whole skips the host: routed and computed here."""
 from __future__ import annotations
 
 import os

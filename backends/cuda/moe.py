@@ -237,8 +237,10 @@ class MoEMixin:
         entry = self.residency[names[0]]
         st = self._expert_streamer()
         es = [self.residency[n] for n in names]
-        if (not is_small_batch(T) and self.dtype != torch.float32 and mk.use_kernels(x) and self._use_moe_kernels()
-                and es[0].qtype == es[1].qtype and all(e.qtype in mk.TYPES for e in es) and st.acquire_all(node.layer)):
+        # the kernels read the slot's gate, up and down apart: gate and up of one type they know
+        slot_kernels = self._use_moe_kernels() and es[0].qtype == es[1].qtype and all(e.qtype in mk.TYPES for e in es)
+        if (not is_small_batch(T) and self.dtype != torch.float32 and mk.use_kernels(x) and slot_kernels
+                and st.acquire_all(node.layer)):
             # a prompt's ubatch whose layer a prefetch brought whole: routed and computed on the device,
             # no host sync (the GPU keeps the queue; the copy stream the next layer's prefetch)
             st.prefetch_next(node.layer)
@@ -279,7 +281,7 @@ class MoEMixin:
         if hits:  # the cached experts here, read from their slots
             out += self._pairs_decode(self._cache_experts(node, es), x, ids, w, cached[ids], slot=hits)
             cache.release(hits.values())
-        kernels = up and self._use_moe_kernels() and es[0].qtype == es[1].qtype and all(e.qtype in mk.TYPES for e in es)
+        kernels = up and slot_kernels
         if kernels and (is_small_batch(T) or self.dtype == torch.float32):  # GEMVs over the slot's experts
             out += self._pairs_decode(self._slot_experts(node, es), x, ids, w, on_dev[ids])
         elif kernels:  # grouped GEMMs over the slot, experts by id

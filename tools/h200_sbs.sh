@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -126,7 +126,7 @@ depth)
   llama_cpp
   s "decode at depth 4096"
   timeout 120 $L -p 0 -n 32 -d 4096 -ngl 33,16 -fa 1 -r 2
-  timeout 150 $B -p 0 -n 32 -d 4096 -ngl 33,16 -r 2 2>&1 ;;
+  timeout 150 $B -p 0 -n 32 -d 4096 -ngl 33,16 -r 2 ${DEC_V:-} 2>&1 | grep -v "^lstream-bench: model\|^ *$" ;;
 prefill)
   llama_cpp
   s "prefill -p 2048"
@@ -176,6 +176,12 @@ moehost)
   timeout 80 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 16 -ngl 99 -ncmoe 8 -r 1 --profile -v 2>&1 | grep -v "^ *$" | tail -24
   timeout 90 python3 -m lstream.tools.profile_decode $M/q3moe8.gguf -ngl 99 --ncmoe 8 -n 16 --top ${MH_TOP:-22} 2>&1 | grep -v "^ *$" \
     | grep -v "function calls\|Ordered by\|ncalls\|List reduced" | tail -60 ;;
+mixprof)
+  s "mixed decode's host time: cProfile of graph-replayed steps at \${MP_RUNS:-16:split:14 0:split:30} (ngl:policy)"
+  for a in ${MP_RUNS:-16:split:14 0:split:30}; do
+    timeout ${MP_S:-90} python3 -m lstream.tools.profile_decode $M/l8b.gguf -ngl ${a%%:*} --policy ${a#*:} -n 16 --mixed --top ${MP_TOP:-20} 2>&1 \
+      | grep -v "^ *$" | grep -v "function calls\|Ordered by\|List reduced" | tail -50
+  done ;;
 ngl0)
   s "-ngl 0 decode: splits near all-CPU with per-step times (-v), then auto (the bench's steps against the split measured at load)"
   timeout ${N0_S:-240} $B -p 0 -n 32 -ngl 0 -r 3 --policy ${N0_POL:-split:33,split:32,split:30,auto} -v 2>&1 | grep -v "^ *$" ;;

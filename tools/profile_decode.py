@@ -21,7 +21,9 @@ import click
 @click.option("--kernels", is_flag=True, help="also the GPU time per kernel of eager steps (torch.profiler)")
 @click.option("--ncmoe", type=int, default=0, help="the experts of the first N layers in host memory (and the "
               "graphs' steps profiled too: their host work is the MoE orchestration)")
-def main(model, ngl, policy, n, top, kernels, ncmoe):
+@click.option("--mixed", is_flag=True, help="only the steps with graphs, under cProfile (mixed decode: the "
+              "CPU's layers, the hops and the eager streamed layers between the replayed segments)")
+def main(model, ngl, policy, n, top, kernels, ncmoe, mixed):
     from ..api import Model
     from ..core.policy import make_policy
     from ..loaders.model_file import load_model
@@ -29,15 +31,15 @@ def main(model, ngl, policy, n, top, kernels, ncmoe):
     if policy == "cost":
         from ..backends.calibrate import load_or_measure
         cal = load_or_measure()
-    for graphs in (False, True):
+    for graphs in ((True,) if mixed else (False, True)):
         m = Model(load_model(model), n_gpu_layers=ngl, policy=make_policy(policy, calibration=cal), n_ctx=512,
                   load_tokenizer=False, cuda_graphs=graphs, n_cpu_moe=ncmoe)
         m.eval([1, 2, 3, 4])
         for t in range(3):  # warm up (and capture)
             m.eval([5 + t])
         m.synchronize()
-        prof = cProfile.Profile() if not graphs or ncmoe else None
-        if graphs and not ncmoe:
+        prof = cProfile.Profile() if not graphs or ncmoe or mixed else None
+        if graphs and not ncmoe and not mixed:
             _host_share(m, n)
         t0 = time.perf_counter()
         if prof:
@@ -54,6 +56,8 @@ def main(model, ngl, policy, n, top, kernels, ncmoe):
             print(f"kernels proven here: {selfcheck._RESULTS}, timed (us): {selfcheck.TIMES}")
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+            if mixed:
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
         if kernels and not graphs:
             _kernel_table(m, n, top)
         m.close()

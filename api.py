@@ -3,6 +3,7 @@ chat and score. Everything runs through the graph, the scheduler and the executo
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -13,6 +14,7 @@ from .core.batch import UPLOAD_THRESHOLD
 from .core.errors import NonFiniteError, OutOfMemory
 from .core.executor import Executor, Profile, RunContext
 from .core.kv_cache import ContextFullError, KVCache
+from .core.ops import Op
 from .core.options import Options
 from .core.policy import AutoSplit, UploadPolicy
 from .core.residency import HOST, moe_overrides
@@ -20,6 +22,9 @@ from .core.runner import Runner
 from .core.sampling import Sampler, SamplerConfig
 from .core.timings import Timings
 from .core.scheduler import Plan, schedule
+
+
+SHARES = (0.0, 0.3, 0.45, 0.6)  # the device's fractions of the CPU layers' FFN columns that auto measures
 
 
 def _depth_bucket(n_past: int) -> int:
@@ -113,6 +118,7 @@ class Model:
             self.tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template, cfg.bos_id,
                                        cfg.eos_ids, cfg.add_bos)
         self._tune_policy()
+        self._apply_share()
 
     # -- planning ----------------------------------------------------------------------------
     def plan(self, n_tokens: int, with_output: bool = True) -> Plan:
@@ -130,6 +136,7 @@ class Model:
             b.set_policy(policy)
         self._plans.clear()
         self._tune_policy()
+        self._apply_share()
 
     def _tune_policy(self) -> None:
         """A policy that sets itself by measurement (AutoSplit) times decode steps of each setting it
@@ -145,9 +152,11 @@ class Model:
         start, tok = self.kv.n_past, int(self.config.bos_id or 0)
 
         def timer(attr: str):
-            def step_seconds(j: int) -> float:
+            def step_seconds(j) -> float:
                 setattr(pol, attr, j)
                 self._plans.clear()
+                if attr in ("cpu_layers", "share"):
+                    self._apply_share()  # the shared layers follow the split
                 times = []
                 for _ in range(3):  # the first builds plans, programs, ring slots and graphs: not counted
                     self.kv.n_past = start
@@ -162,8 +171,18 @@ class Model:
             if pol.n_host:
                 # (the split whose streamed layers fit the ring: they stay there, nothing is copied)
                 ring = getattr(dev, "ring_slots", 0)
+                cliff = pol.n_host - ring if 0 < ring < pol.n_host else pol.n_host
+                if hasattr(pol, "share") and hasattr(dev, "rt"):  # the device's FFN share, at that split
+                    pol.cpu_layers, f = cliff, timer("share")
+                    try:
+                        pol.share_measured = {s: f(s) for s in SHARES}
+                        pol.share = min(pol.share_measured, key=pol.share_measured.get)
+                    except (RuntimeError, OSError) as e:  # an optimization: decode goes on without it
+                        warnings.warn(f"decode FFN share off: {e}", RuntimeWarning, stacklevel=2)
+                        pol.share = 0.0
+                        self._apply_share()
                 pol.cpu_layers, pol.measured = tune_split(pol.n_host, timer("cpu_layers"),
-                                                          also=(pol.n_host - ring,) if ring else ())
+                                                          also=(cliff,) if ring else ())
                 self._depth_bucket = _depth_bucket(start)
                 self._splits[self._depth_bucket] = (pol.cpu_layers, pol.measured)
             if top_k:
@@ -172,6 +191,23 @@ class Model:
             self.kv.n_past = start
             self._plans.clear()
             self.runner.clear()
+            self._apply_share()
+
+    def _apply_share(self) -> None:
+        """The policy's device share of the CPU's decode FFNs (LayerSplit.share) on the CPU layers of
+        its split (backends/cuda/ffn_share.py); the CPU's programs are compiled again."""
+        pol, dev = self.policy, self.device_backend
+        frac = getattr(pol, "share", 0.0)
+        if dev is None or not hasattr(dev, "rt") or (not frac and self.cpu.share is None):
+            return
+        from .backends.cuda import ffn_share
+        first = getattr(pol, "first_host_layer", 0)  # (set by the device backend's load: LayerSplit.prepare)
+        layers = range(first, min(first + getattr(pol, "cpu_layers", 0), self.config.n_layer))
+        ffn_share.configure(dev, self.cpu, layers, frac, {n.layer for n in self.graph.nodes if n.op is Op.GEGLU})
+        self._plans.clear()
+        self.runner.clear()
+        for ex in (self.executor, self.body_executor):
+            ex.forget_compiled()
 
     def _follow_depth(self, measure: bool = True) -> None:
         """A measured decode split holds for one depth: attention over a deep cache makes the CPU's
@@ -192,6 +228,7 @@ class Model:
                 pol.cpu_layers, pol.measured = hit
                 self._plans.clear()
                 self.runner.clear()
+                self._apply_share()
 
     # -- evaluation --------------------------------------------------------------------------
     @property

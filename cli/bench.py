@@ -89,7 +89,7 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
               metavar="GIB", help="MoE: VRAM for recently routed host experts in decode (LRU; hits on the GPU)")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
-              help="auto|threshold|never|always|split:N|cost (comma list)")
+              help="auto|threshold|never|always|split:N[:SHARE]|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
               callback=values_option(1))
 @click.option("-r", "--repetitions", "reps", type=at_least(1), default=5, show_default=True)
@@ -226,6 +226,9 @@ class _Run:
             measured = getattr(model.policy, "measured", None)  # AutoSplit: seconds per step by CPU layers
             tried = (", split steps (ms) " + " ".join(f"{j}:{s * 1e3:.1f}" for j, s in sorted(measured.items()))
                      if measured else "")
+            shares = getattr(model.policy, "share_measured", None)  # and by the device's FFN share
+            tried += (", share steps (ms) " + " ".join(f"{f:g}:{s * 1e3:.1f}" for f, s in sorted(shares.items()))
+                      if shares else "")
             click.echo(f"lstream-bench: {r.name}: policy {model.policy.describe()}{tried}, samples_ns {r.samples_ns}",
                        err=True)
         if prof is not None and self.profile:

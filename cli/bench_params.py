@@ -63,13 +63,19 @@ POLICIES = ("auto", "threshold", "never", "always", "cost")
 
 
 def policy_ok(name: str) -> bool:
-    return name in POLICIES or (name.startswith("split:") and name[6:].isdigit())
+    if name in POLICIES:
+        return True
+    from ..core.policy import make_policy
+    try:
+        return name.startswith("split:") and make_policy(name) is not None
+    except ValueError:
+        return False
 
 
 def check_policy(ctx, param, value):
     """--policy NAME (run, plan, perplexity)."""
     if value is not None and not policy_ok(value):
-        raise click.BadParameter(f"expected auto, threshold, never, always, split:N or cost, found {value!r}")
+        raise click.BadParameter(f"expected auto, threshold, never, always, split:N[:SHARE] or cost, found {value!r}")
     return value
 
 

@@ -81,7 +81,7 @@ def model_options(fn=None, *, n_ctx: int = 4096, min_ctx: int = 1, n_ubatch: int
                      help="upload policy for non-resident weights: auto (prefill streams from --threshold "
                           "tokens; decode splits the host layers between the CPU and streaming as measured "
                           "here), threshold, never, always, split:N (decode: CPU computes N host layers while "
-                          "the rest stream) or cost (a cost model on a stored calibration)"),
+                          "the rest stream; split:N:F: the device computes a fraction F of their FFN meanwhile) or cost (a cost model on a stored calibration)"),
         click.option("--threshold", type=at_least(1), default=32, show_default=True, help="batch size from which weights are uploaded"),
         click.option("-nopo", "--no-op-offload", "nopo", type=click.IntRange(0, 1), default=0, help="1: never upload non-resident weights"),
         click.option("--no-fit", "no_fit", is_flag=True, help="fail when -ngl does not fit in free VRAM (default: lower it)"),

@@ -213,6 +213,10 @@ class Executor:
         self.check_finite(logits, self.graph.output, src)
         out.append(logits)
 
+    def forget_compiled(self) -> None:
+        """Compile splits again (a backend's weights for them changed)."""
+        self._compiled.clear()
+
     def _units(self, plan, si, split, backend, ctx, k, start, stop, fuse):
         """A split's nodes, with the runs its backend compiled (compile_split) as single units where
         they lie wholly inside [start, stop)."""

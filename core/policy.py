@@ -121,13 +121,17 @@ class LayerSplit(UploadPolicy):
     """Small batches (decode): the CPU computes the first `cpu_layers` non-resident layers while
     the copy engine streams the rest to the GPU, both from the start of the step (the CPU cores and
     the PCIe link are independent resources). Their attention stays on the CPU, where their K/V
-    live. Batches of `threshold` tokens or more upload everything, like BatchThreshold."""
+    live. Batches of `threshold` tokens or more upload everything, like BatchThreshold.
+    share: the fraction of each CPU layer's FFN columns the device computes meanwhile, from bytes the
+    copy engine streams every step (backends/cuda/ffn_share.py; 0: none)."""
     name = "split"
 
-    def __init__(self, cpu_layers: int, threshold: int = UPLOAD_THRESHOLD):
+    def __init__(self, cpu_layers: int, threshold: int = UPLOAD_THRESHOLD, share: float = 0.0):
         if cpu_layers < 0:
             raise ValueError(f"cpu_layers must be >= 0, found {cpu_layers}")
-        self.cpu_layers, self.threshold = cpu_layers, threshold
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"share must be a fraction in [0, 1), found {share}")
+        self.cpu_layers, self.threshold, self.share = cpu_layers, threshold, share
         self.first_host_layer = 0  # set by prepare(): cpu_layers counts from the first host layer
         self.n_host = 0  # layers with weights in host memory (the output layer included)
 
@@ -144,7 +148,8 @@ class LayerSplit(UploadPolicy):
         return entry.layer >= self.first_host_layer + self.cpu_layers
 
     def describe(self):
-        return f"split(cpu {self.cpu_layers} layers, threshold {self.threshold})"
+        sh = f", device share {self.share:.2f} of their FFN" if self.share else ""
+        return f"split(cpu {self.cpu_layers} layers{sh}, threshold {self.threshold})"
 
 
 class AutoSplit(LayerSplit):
@@ -158,6 +163,7 @@ class AutoSplit(LayerSplit):
     def __init__(self, threshold: int = UPLOAD_THRESHOLD):
         super().__init__(0, threshold)
         self.measured: dict[int, float] | None = None  # CPU layers -> seconds per decode step
+        self.share_measured: dict[float, float] | None = None  # FFN share -> seconds per decode step
         self.experts_measured: dict[int, float] | None = None  # decode_experts -> seconds per step
 
     def prepare(self, residency, device: str) -> None:
@@ -168,7 +174,8 @@ class AutoSplit(LayerSplit):
     def describe(self):
         how = "measured" if self.measured else "unmeasured"
         ex = f", {self.decode_experts} routed experts uploaded per step" if self.experts_measured else ""
-        return (f"auto(decode: cpu {self.cpu_layers} of {self.n_host} host layers, {how}{ex}; "
+        sh = f", device share {self.share:.2f} of their FFN" if self.share else ""
+        return (f"auto(decode: cpu {self.cpu_layers} of {self.n_host} host layers{sh}, {how}{ex}; "
                 f"threshold {self.threshold})")
 
 
@@ -233,13 +240,17 @@ def _make_policy(name: str, threshold: int, no_op_offload: bool, calibration: Ca
         return Always()
     if name.startswith("split"):
         _, _, k = name.partition(":")
+        k, _, share = k.partition(":")
         if not k.isdigit():
-            raise ValueError(f"policy split needs the CPU's layer count, as split:N, found {name!r}")
-        return LayerSplit(int(k), threshold)
+            raise ValueError(f"policy split needs the CPU's layer count, as split:N or split:N:SHARE, found {name!r}")
+        try:
+            return LayerSplit(int(k), threshold, float(share or 0))
+        except ValueError:
+            raise ValueError(f"policy split:N:SHARE needs a share in [0, 1), found {name!r}") from None
     if name == "auto":
         return AutoSplit(threshold)
     if name == "cost":
         if calibration is None:
             raise ValueError("policy 'cost' needs a calibration (run on a machine with a GPU)")
         return CostModel(calibration, threshold=threshold)
-    raise ValueError(f"unknown policy {name!r}: expected auto, threshold, never, always, split:N or cost")
+    raise ValueError(f"unknown policy {name!r}: expected auto, threshold, never, always, split:N[:SHARE] or cost")

@@ -105,6 +105,10 @@ class FakeRuntime:
         self.log.append(("copy", stream.name, dst.data_ptr(), dst.numel()))
         stream.submit(lambda: dst.copy_(src))
 
+    def copy_2d(self, dst, src, offset, pitch, width, height, stream):
+        self.log.append(("copy", stream.name, dst.data_ptr(), dst.numel()))
+        stream.submit(lambda: dst.view(height, width).copy_(src.as_strided((height, width), (pitch, 1), offset)))
+
     def synchronize(self):
         for s in (self.compute_stream, self.copy_stream, self.kv_stream):
             s.synchronize()

@@ -57,7 +57,8 @@ def cpu_tokens(model_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ngl,policy", [(0, Always()), (N_LAYER + 1, Never()), (1, LayerSplit(1))])
+@pytest.mark.parametrize("ngl,policy", [(0, Always()), (N_LAYER + 1, Never()), (1, LayerSplit(1)),
+                                        (0, LayerSplit(N_LAYER, share=0.5))])
 def test_fake_device_bf16_agrees_with_cpu(model_path, cpu_tokens, ngl, policy):
     """The device backend's own code in bf16 (its default dtype) on CPU tensors: streamed, resident
     and mixed decode give the CPU's greedy tokens."""
@@ -83,7 +84,8 @@ def test_float16_overflow_is_reported(model_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ngl,policy", [(99, None), (0, Always()), (1, LayerSplit(1)), (1, None), (0, LayerSplit(1))])
+@pytest.mark.parametrize("ngl,policy", [(99, None), (0, Always()), (1, LayerSplit(1)), (1, None), (0, LayerSplit(1)),
+                                        (0, LayerSplit(N_LAYER, share=0.45))])
 def test_gpu_agrees_with_cpu(model_path, cpu_tokens, ngl, policy):
     """On the GPU (bf16 matmul inputs, fp32 residual and GEMV sums): resident, streamed and every
     mixed split decode the large model to the CPU's greedy tokens."""

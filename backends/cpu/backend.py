@@ -87,6 +87,9 @@ class CPUBackend(Backend):
         self._run_probe = False
         self._run_limit = None
         self._probe_every = self._ADAPT_PROBE_MIN
+        # the device's part of decode FFNs (backends/cuda/ffn_share.py): set by it, read by programs
+        self.share = None
+        self.share_w: dict[tuple[str, int], PackedWeight] = {}  # ffn_share.cpu_weight's
 
     def set_threads(self, n: int) -> None:
         self.n_threads = n
@@ -204,6 +207,7 @@ class CPUBackend(Backend):
 
     def unload(self) -> None:
         self._packed.clear()
+        self.share, self.share_w = None, {}
         self._experts.clear()
         self._vectors.clear()
         self.residency = None

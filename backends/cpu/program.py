@@ -7,6 +7,7 @@ import numpy as np
 from ...core.executor import Fused
 from ...core.ops import Op
 from . import ops as O
+from . import ffn_share
 from . import program_kernels as P
 from .matmul_int import LAYOUT_ID
 
@@ -53,6 +54,7 @@ class _Assembler:
         self.vec_ix: dict[str, int] = {}
         self.stacked: dict[tuple, int] = {}  # (stack id, input id) -> buffer
         self.code, self.fpar = [], []
+        self.hooks: list[tuple] = []  # (before instruction k, "start" | "finish", layer, value)
 
     def alloc(self, rows, width) -> int:
         pool = self.free.get((rows, width))
@@ -98,6 +100,9 @@ class _Assembler:
     def matmul(self, node, rows) -> None:
         x = node.inputs[0]
         name = node.weights[0]
+        shared = self.prog.shared.get(name)
+        if shared is not None:
+            return self._shared_mm(node, rows, *shared)
         st = self.be.stack_of(name)
         key = (id(st.weight), x) if st is not None else None
         if st is not None and (key in self.stacked or self.prog.stackable(st, x)):
@@ -114,6 +119,20 @@ class _Assembler:
             self.bind(node.id, b, 0, w.n_rows, rows)
         if len(node.weights) > 1:
             self.emit(P.OP_BIAS, self.val[node.id], self.val[node.id], ps=(self.vec(node.weights[1]),))
+
+    def _shared_mm(self, node, rows, layer, r, kind) -> None:
+        """An FFN matmul whose last columns the device computes (backends/cuda/ffn_share.py): the
+        device starts on the input before gate (a hook), the CPU's partial down product gets the
+        device's added after down (another): the program runs in pieces between them."""
+        x = self.whole(node.inputs[0])
+        if kind == "gate":
+            self.hooks.append((len(self.code), "start", layer, x))
+        w = ffn_share.cpu_weight(self.be, node.weights[0], r)
+        b = self.alloc(rows, w.n_rows)
+        self._mm(w, x, b, rows)
+        self.bind(node.id, b, 0, w.n_rows, rows)
+        if kind == "down":
+            self.hooks.append((len(self.code), "finish", layer, (b, 0, w.n_rows)))
 
     def _mm(self, w, x, b, rows) -> None:
         a = w.kernel_args()
@@ -181,6 +200,7 @@ class _Assembler:
             # the arrays behind the tables' addresses: alive as long as the program
             alive=(bufs, list(ws), list(self.vecs), kc, vc, xq, xd, xs),
             in_bufs=[bufs[b] for b in in_bufs],
+            hooks=[(k, what, layer, bufs[v[0]][:, v[1]:v[2]]) for k, what, layer, v in self.hooks],
             out_views=[bufs[self.val[i][0]][:, self.val[i][1]:self.val[i][2]] for i in outputs],
             kv=ctx.kv)
 
@@ -196,6 +216,8 @@ class Program(Fused):
         self._last_use = last_use
         self._built = None  # compiled on the first run, when the inputs' shapes are known
         self.ids = frozenset(n.id for n in nodes)
+        self.shared = ffn_share.shared_layers(backend, nodes)  # FFN weights the device takes part of
+        self.share = backend.share
 
     # -- compile -----------------------------------------------------------------------------
     def _build(self, args: list[np.ndarray], ctx):
@@ -239,8 +261,16 @@ class Program(Fused):
         b = ctx.batch
         paged = (b.slots, b.seq, np.asarray(ctx.positions, np.int64), b.tables, b.block_size) if b is not None \
             else _NO_BATCH
-        P.run(bt["code"], bt["fpar"], bt["bufs"], bt["wk"], bt["wq"], bt["wh"], bt["wd"], bt["wm"], bt["vec"],
-              bt["kc"], bt["vc"], bt["cos"], bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"], *paged)
+        rest = (bt["bufs"], bt["wk"], bt["wq"], bt["wh"], bt["wd"], bt["wm"], bt["vec"], bt["kc"], bt["vc"], bt["cos"],
+                bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"], *paged)
+        code, fpar, k0 = bt["code"], bt["fpar"], 0
+        for k, what, layer, v in bt["hooks"]:  # the device's part of shared FFNs, between pieces
+            if k > k0:
+                P.run(code[k0:k], fpar[k0:k], *rest)
+            getattr(self.share, what)(layer, v)
+            k0 = k
+        if k0 < len(code):
+            P.run(code[k0:], fpar[k0:], *rest)
         return [v.copy() for v in bt["out_views"]]
 
 

@@ -3,6 +3,7 @@ device-specific the CUDA backend does goes through one of these, so tests/fake_d
 backend's exact code on CPU tensors."""
 from __future__ import annotations
 
+import ctypes
 import warnings
 
 import numpy as np
@@ -47,6 +48,11 @@ class CudaRuntime:
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
 
+    def copy_2d(self, dst: torch.Tensor, src: torch.Tensor, offset: int, pitch: int, width: int, height: int,
+                stream) -> None:
+        """Rows of `width` bytes, `pitch` apart in pinned `src` from `offset`, packed into `dst`."""
+        _copy_2d(dst, src, offset, pitch, width, height, stream)
+
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
@@ -57,3 +63,31 @@ class CudaRuntime:
         """Free device bytes now, plus what torch's allocator holds cached (reusable by us)."""
         free, _ = torch.cuda.mem_get_info(self.device)
         return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+
+class _Memcpy2D(ctypes.Structure):  # CUDA_MEMCPY2D (cuda.h)
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t), ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t),
+                ("dstMemoryType", ctypes.c_int), ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64),
+                ("dstArray", ctypes.c_void_p), ("dstPitch", ctypes.c_size_t), ("WidthInBytes", ctypes.c_size_t),
+                ("Height", ctypes.c_size_t)]
+
+
+_driver = None
+
+
+def _copy_2d(dst: torch.Tensor, src: torch.Tensor, offset: int, pitch: int, width: int, height: int, stream) -> None:
+    """height rows of `width` bytes, `pitch` apart from byte `offset` of pinned `src`, packed into
+    device `dst`: one DMA (cuMemcpy2DAsync; torch has no strided host-to-device copy that stays async)."""
+    global _driver
+    if _driver is None:
+        _driver = ctypes.CDLL("libcuda.so.1")
+        _driver.cuMemcpy2DAsync_v2.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+    if dst.numel() != width * height or offset + (height - 1) * pitch + width > src.numel():
+        raise ValueError(f"2-D copy of {height} x {width} bytes: dst has {dst.numel()}, src {src.numel()}")
+    c = _Memcpy2D(srcMemoryType=1, srcHost=src.data_ptr() + offset, srcPitch=pitch,
+                  dstMemoryType=2, dstDevice=dst.data_ptr(), dstPitch=width, WidthInBytes=width, Height=height)
+    err = _driver.cuMemcpy2DAsync_v2(ctypes.byref(c), ctypes.c_void_p(stream.cuda_stream))
+    if err:
+        raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {err}")

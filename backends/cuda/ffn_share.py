@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...core.qtypes import QTYPE_INFO
+from . import decode_kernels as dk
 from . import gemv as cg
 
 GRAIN = 256  # FFN columns: a K-quant super-block is never cut between the two sides
@@ -122,8 +122,7 @@ class FFNShare:
                 for o, n, qt, nr, nc in geo.parts]
         gu = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         m = gu.shape[1] // 2
-        a = F.gelu(gu[:, :m], approximate="tanh") if geo.gelu else F.silu(gu[:, :m])
-        h = (a * gu[:, m:]).to(self.dev.dtype)
+        h = dk.act(gu[:, :m], gu[:, m:], geo.gelu, self.dev.dtype, self.dev.use_triton)
         d = self.src[layer][2]
         cg.gemv(h, buf[geo.down_off:geo.down_off + geo.down_bytes], d.qtype, d.n_rows, m, out=yd)
         rt.copy(yh, yd, cs)

@@ -9,6 +9,9 @@ device reads x once and returns one partial down product that the CPU adds: one 
 """
 from __future__ import annotations
 
+import os
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +44,7 @@ def ffn_columns(n_ff: int, frac: float) -> int:
 
 
 class FFNShare:
-    def __init__(self, dev, entries: dict[int, tuple], r: int, n_slots: int = SLOTS):
+    def __init__(self, dev, entries: dict[int, tuple], r: int, n_slots: int = SLOTS, threaded: bool = True):
         """entries: layer -> (gate, up, down TensorEntry, gelu), in decode order; their bytes are in
         the device's pinned staging arena. r: the columns the CPU keeps."""
         self.dev, self.rt, self.r = dev, dev.rt, r
@@ -72,6 +75,11 @@ class FFNShare:
                       for _ in range(min(n_slots, len(self.order)))]
         self._bufs: dict[int, tuple] = {}  # rows -> (pinned x, device x, device y, pinned y, done)
         self.runs = 0
+        self._thread = self._error = None
+        if threaded:
+            self._queue, self._job = queue.SimpleQueue(), threading.Event()
+            self._thread = threading.Thread(target=self._serve, name="lstream-ffn-share", daemon=True)
+            self._thread.start()
         for i in range(len(self.slots)):
             self._fill(i)
 
@@ -105,13 +113,34 @@ class FFNShare:
 
     # -- a layer of a decode step (called by the CPU backend's program) -------------------------
     def start(self, layer: int, x: np.ndarray) -> None:
-        """x (rows, n_embd) float32, the FFN's input: the device's columns start on it, no wait."""
+        """x (rows, n_embd) float32, the FFN's input: the device's columns start on it, no wait. The
+        launches (~20 calls through Python) go to the share's thread, while the CPU's numba code
+        (which releases the GIL) computes its columns."""
+        io = self._io(x.shape[0])
+        io[0].numpy()[...] = x
+        if self._thread is None:
+            self._launch(layer, io)
+        else:
+            self._job.clear()
+            self._queue.put((layer, io))
+
+    def finish(self, layer: int, out: np.ndarray) -> None:
+        """out (rows, n_embd): the CPU's partial down product; the device's is added to it."""
+        if self._thread is not None:
+            self._job.wait()
+            if self._error is not None:
+                e, self._error = self._error, None
+                raise e
+        io = self._bufs[out.shape[0]]
+        io[4].synchronize()
+        out += io[3].numpy()
+
+    def _launch(self, layer: int, io) -> None:
+        xh, xd, yd, yh, done = io
         i = self.index[layer]
         slot = self.slots[i % len(self.slots)]
         if slot[3] != layer:  # a step that did not visit every layer in order: copy it now
             self._fill(i)
-        xh, xd, yd, yh, done = self._io(x.shape[0])
-        xh.numpy()[...] = x
         rt, cs = self.rt, self.rt.compute_stream
         rt.copy(xd, xh, cs)
         cs.wait_event(slot[1])
@@ -132,11 +161,21 @@ class FFNShare:
             self._fill(i + len(self.slots))
         self.runs += 1
 
-    def finish(self, layer: int, out: np.ndarray) -> None:
-        """out (rows, n_embd): the CPU's partial down product; the device's is added to it."""
-        xh, xd, yd, yh, done = self._bufs[out.shape[0]]
-        done.synchronize()
-        out += yh.numpy()
+    def _serve(self) -> None:
+        if self.rt.device.type == "cuda":
+            torch.cuda.set_device(self.rt.device)  # this thread's current context (the 2-D copies)
+        while (job := self._queue.get()) is not None:
+            try:
+                self._launch(*job)
+            except BaseException as e:  # noqa: BLE001 - raised again by finish(), in the caller's thread
+                self._error = e
+            self._job.set()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def _io(self, rows: int):
         b = self._bufs.get(rows)
@@ -172,28 +211,28 @@ def configure(dev, cpu, layers, frac: float, gelu_layers=frozenset()) -> FFNShar
     old, cpu.share = cpu.share, None
     if old is not None:
         dev.rt.synchronize()  # its slots may still be read or written
-    if frac <= 0 or not layers:
-        cpu.share_w.clear()
-        return None
-    staged = dev._ensure_streamer().staging.offsets
-    ents = {layer: e for layer, e in ffn_entries(dev.residency, layers, gelu_layers).items()
-            if all(x.name in staged for x in e[:3])}
-    if not ents:
-        return None
-    n_ff = next(iter(ents.values()))[0].n_rows
-    ents = {layer: e for layer, e in ents.items() if e[0].n_rows == n_ff}
-    r = ffn_columns(n_ff, frac)
-    if r >= n_ff:
-        return None
-    if old is not None and old.r == r and old.order == list(ents):
+    ents, r = {}, 0
+    if frac > 0 and layers:
+        staged = dev._ensure_streamer().staging.offsets
+        ents = {layer: e for layer, e in ffn_entries(dev.residency, layers, gelu_layers).items()
+                if all(x.name in staged for x in e[:3])}
+    if ents:
+        n_ff = next(iter(ents.values()))[0].n_rows
+        ents = {layer: e for layer, e in ents.items() if e[0].n_rows == n_ff}
+        r = ffn_columns(n_ff, frac)
+        if r >= n_ff:
+            ents = {}
+    if old is not None and ents and old.r == r and old.order == list(ents):
         cpu.share = old
         return old
-    del old
+    if old is not None:
+        old.close()
     for k in [k for k in cpu.share_w if k[1] != r]:
         del cpu.share_w[k]
+    if not ents:
+        return None
     try:
-        share = FFNShare(dev, ents, r)
+        cpu.share = FFNShare(dev, ents, r, threaded=os.environ.get("LSTREAM_SHARE_THREAD", "1") != "0")
     except torch.OutOfMemoryError:
         return None
-    cpu.share = share
-    return share
+    return cpu.share

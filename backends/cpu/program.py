@@ -249,6 +249,8 @@ class Program(Fused):
     # -- run ---------------------------------------------------------------------------------
     def run(self, args: list[np.ndarray], ctx) -> list[np.ndarray]:
         bt = self._built
+        if self.share is not self.backend.share:  # the device's FFN share changed: build again
+            self.shared, self.share, bt = ffn_share.shared_layers(self.backend, self.nodes), self.backend.share, None
         if bt is None or bt["kv"] is not ctx.kv:
             self._build(args, ctx)
             bt = self._built

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ def ffn_columns(n_ff: int, frac: float) -> int:
 
 
 class FFNShare:
-    def __init__(self, dev, entries: dict[int, tuple], r: int, n_slots: int = SLOTS, threaded: bool = True):
+    def __init__(self, dev, entries: dict[int, tuple], r: int, n_slots: int = SLOTS, threaded: bool = False):
         """entries: layer -> (gate, up, down TensorEntry, gelu), in decode order; their bytes are in
         the device's pinned staging arena. r: the columns the CPU keeps."""
         self.dev, self.rt, self.r = dev, dev.rt, r
@@ -76,6 +77,10 @@ class FFNShare:
         self._bufs: dict[int, tuple] = {}  # rows -> (pinned x, device x, device y, pinned y, done)
         self.runs = 0
         self._thread = self._error = None
+        self._graphs: dict[tuple[int, int], object] = {}  # (layer, rows) -> its device part captured
+        self.use_graphs = (self.rt.device.type == "cuda" and getattr(dev, "graphs", False)
+                           and not threaded and os.environ.get("LSTREAM_SHARE_GRAPHS", "1") != "0")
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if threaded:
             self._queue, self._job = queue.SimpleQueue(), threading.Event()
             self._thread = threading.Thread(target=self._serve, name="lstream-ffn-share", daemon=True)
@@ -113,9 +118,9 @@ class FFNShare:
 
     # -- a layer of a decode step (called by the CPU backend's program) -------------------------
     def start(self, layer: int, x: np.ndarray) -> None:
-        """x (rows, n_embd) float32, the FFN's input: the device's columns start on it, no wait. The
-        launches (~20 calls through Python) go to the share's thread, while the CPU's numba code
-        (which releases the GIL) computes its columns."""
+        """x (rows, n_embd) float32, the FFN's input: the device's columns start on it, no wait: one
+        graph launch per layer, or (LSTREAM_SHARE_THREAD=1) ~20 eager launches on the share's own
+        thread while the CPU's numba code (which releases the GIL) computes its columns."""
         io = self._io(x.shape[0])
         io[0].numpy()[...] = x
         if self._thread is None:
@@ -136,15 +141,37 @@ class FFNShare:
         out += io[3].numpy()
 
     def _launch(self, layer: int, io) -> None:
-        xh, xd, yd, yh, done = io
         i = self.index[layer]
         slot = self.slots[i % len(self.slots)]
         if slot[3] != layer:  # a step that did not visit every layer in order: copy it now
             self._fill(i)
-        rt, cs = self.rt, self.rt.compute_stream
-        rt.copy(xd, xh, cs)
+        cs = self.rt.compute_stream
         cs.wait_event(slot[1])
+        key = (layer, io[0].shape[0])
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+        elif self.use_graphs:  # (its warm-up computes this step's columns)
+            try:
+                self._graphs[key] = self._capture(layer, io, slot)
+            except RuntimeError as e:  # eager from here on: ~20 launches a layer through Python
+                warnings.warn(f"decode FFN share runs eagerly: {e}", RuntimeWarning, stacklevel=2)
+                self.use_graphs = False
+                self.rt.synchronize()
+                self._compute(layer, io, slot)
+        else:
+            self._compute(layer, io, slot)
+        io[4].record(cs)
+        slot[2].record(cs)
+        if len(self.order) > len(self.slots):  # the slot's next layer, behind this one's reads
+            self._fill(i + len(self.slots))
+        self.runs += 1
+
+    def _compute(self, layer: int, io, slot) -> None:
+        """The device's columns of `layer` on the current stream: x up, gate|up, act, down, y down."""
+        xh, xd, yd, yh, _ = io
         geo, buf = self.geo[layer], slot[0]
+        xd.copy_(xh, non_blocking=True)
         xb = xd.to(self.dev.dtype)
         outs = [cg.gemv(xb, buf[o:o + n], qt, nr, nc, out=torch.empty((xb.shape[0], nr), dtype=torch.float32,
                                                                       device=xb.device))
@@ -154,12 +181,21 @@ class FFNShare:
         h = dk.act(gu[:, :m], gu[:, m:], geo.gelu, self.dev.dtype, self.dev.use_triton)
         d = self.src[layer][2]
         cg.gemv(h, buf[geo.down_off:geo.down_off + geo.down_bytes], d.qtype, d.n_rows, m, out=yd)
-        rt.copy(yh, yd, cs)
-        done.record(cs)
-        slot[2].record(cs)
-        if len(self.order) > len(self.slots):  # the slot's next layer, behind this one's reads
-            self._fill(i + len(self.slots))
-        self.runs += 1
+        yh.copy_(yd, non_blocking=True)
+
+    def _capture(self, layer: int, io, slot):
+        """A layer's device part as a CUDA graph (one launch instead of ~20 through Python): warmed
+        up on a side stream, which computes this step's columns, then captured."""
+        cs = self.rt.compute_stream
+        side = torch.cuda.Stream(self.rt.device)
+        side.wait_stream(cs)
+        with torch.cuda.stream(side):
+            self._compute(layer, io, slot)
+        cs.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._compute(layer, io, slot)
+        return graph
 
     def _serve(self) -> None:
         if self.rt.device.type == "cuda":
@@ -232,7 +268,7 @@ def configure(dev, cpu, layers, frac: float, gelu_layers=frozenset()) -> FFNShar
     if not ents:
         return None
     try:
-        cpu.share = FFNShare(dev, ents, r, threaded=os.environ.get("LSTREAM_SHARE_THREAD", "1") != "0")
+        cpu.share = FFNShare(dev, ents, r, threaded=os.environ.get("LSTREAM_SHARE_THREAD") == "1")
     except torch.OutOfMemoryError:
         return None
     return cpu.share

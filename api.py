@@ -166,7 +166,7 @@ class Model:
                     times.append(time.perf_counter() - t0)
                 return min(times[1:])
             return step_seconds
-        from .core.tuning import tune_split
+        from .core.tuning import confirm, tune_split
         try:
             if pol.n_host:
                 # (the split whose streamed layers fit the ring: they stay there, nothing is copied)
@@ -176,7 +176,7 @@ class Model:
                     pol.cpu_layers, f = cliff, timer("share")
                     try:
                         pol.share_measured = {s: f(s) for s in SHARES}
-                        pol.share = min(pol.share_measured, key=pol.share_measured.get)
+                        pol.share = confirm(pol.share_measured, f)
                     except (RuntimeError, OSError) as e:  # an optimization: decode goes on without it
                         warnings.warn(f"decode FFN share off: {e}", RuntimeWarning, stacklevel=2)
                         pol.share = 0.0

@@ -195,7 +195,7 @@ class Model:
 
     def _apply_share(self) -> None:
         """The policy's device share of the CPU's decode FFNs (LayerSplit.share) on the CPU layers of
-        its split (backends/cuda/ffn_share.py); the CPU's programs are compiled again."""
+        its split (backends/cuda/ffn_share.py)."""
         pol, dev = self.policy, self.device_backend
         frac = getattr(pol, "share", 0.0)
         if dev is None or not hasattr(dev, "rt") or (not frac and self.cpu.share is None):
@@ -203,11 +203,11 @@ class Model:
         from .backends.cuda import ffn_share
         first = getattr(pol, "first_host_layer", 0)  # (set by the device backend's load: LayerSplit.prepare)
         layers = range(first, min(first + getattr(pol, "cpu_layers", 0), self.config.n_layer))
+        before = self.cpu.share
         ffn_share.configure(dev, self.cpu, layers, frac, {n.layer for n in self.graph.nodes if n.op is Op.GEGLU})
-        self._plans.clear()
-        self.runner.clear()
-        for ex in (self.executor, self.body_executor):
-            ex.forget_compiled()
+        if self.cpu.share is not before:  # (a program built for another share builds itself again)
+            for ex in (self.executor, self.body_executor):
+                ex.forget_compiled()
 
     def _follow_depth(self, measure: bool = True) -> None:
         """A measured decode split holds for one depth: attention over a deep cache makes the CPU's

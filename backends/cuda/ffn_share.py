@@ -216,10 +216,10 @@ class FFNShare:
     def _io(self, rows: int):
         b = self._bufs.get(rows)
         if b is None:
-            n = rows * self.n_embd
-            pin = lambda: self.rt.alloc_host(4 * n)[0].view(torch.float32).view(rows, self.n_embd)  # noqa: E731
-            dev = lambda: torch.empty((rows, self.n_embd), dtype=torch.float32, device=self.rt.device)  # noqa: E731
-            b = self._bufs[rows] = (pin(), dev(), dev(), pin(), self.rt.new_event())
+            shape = (rows, self.n_embd)
+            dev = lambda: torch.empty(shape, dtype=torch.float32, device=self.rt.device)  # noqa: E731
+            b = self._bufs[rows] = (self.dev._pinned_f32(shape), dev(), dev(), self.dev._pinned_f32(shape),
+                                    self.rt.new_event())
         return b
 
 

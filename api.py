@@ -362,8 +362,6 @@ class Model:
         return perplexity(self, self.tokenize(text, bos=False), n_ctx)
 
     def close(self) -> None:
-        if self.cpu.share is not None:
-            self.cpu.share.close()  # its launch thread
         for b in self.backends:
             b.unload()
         self._plans.clear()

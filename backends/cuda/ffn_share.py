@@ -10,8 +10,6 @@ device reads x once and returns one partial down product that the CPU adds: one 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import warnings
 from dataclasses import dataclass
 
@@ -29,9 +27,6 @@ SLOTS = 4  # the share's ring: layers copied ahead of the CPU
 @dataclass
 class _Geo:
     """One layer's device part: where its bytes are in the arena and in a slot."""
-    gate: str
-    up: str
-    down: str
     gelu: bool
     parts: list  # (slot offset, nbytes, qtype, n_rows, n_cols) of gate[r:], up[r:] (stacked when alike)
     down_off: int
@@ -45,7 +40,7 @@ def ffn_columns(n_ff: int, frac: float) -> int:
 
 
 class FFNShare:
-    def __init__(self, dev, entries: dict[int, tuple], r: int, n_slots: int = SLOTS, threaded: bool = False):
+    def __init__(self, dev, entries: dict[int, tuple], r: int, n_slots: int = SLOTS):
         """entries: layer -> (gate, up, down TensorEntry, gelu), in decode order; their bytes are in
         the device's pinned staging arena. r: the columns the CPU keeps."""
         self.dev, self.rt, self.r = dev, dev.rt, r
@@ -68,7 +63,7 @@ class FFNShare:
             info = QTYPE_INFO[d.qtype]
             row = d.nbytes // d.n_rows
             skip = r // info.block_size * info.type_size
-            self.geo[layer] = _Geo(g.name, u.name, d.name, gelu, parts, off, d.n_rows * (row - skip))
+            self.geo[layer] = _Geo(gelu, parts, off, d.n_rows * (row - skip))
             self.src[layer] = (g, u, d, row, skip)
             size = max(size, off + d.n_rows * (row - skip))
         self.n_embd = entries[self.order[0]][2].n_rows if entries else 0
@@ -76,15 +71,10 @@ class FFNShare:
                       for _ in range(min(n_slots, len(self.order)))]
         self._bufs: dict[int, tuple] = {}  # rows -> (pinned x, device x, device y, pinned y, done)
         self.runs = 0
-        self._thread = self._error = None
         self._graphs: dict[tuple[int, int], object] = {}  # (layer, rows) -> its device part captured
         self.use_graphs = (self.rt.device.type == "cuda" and getattr(dev, "graphs", False)
-                           and not threaded and os.environ.get("LSTREAM_SHARE_GRAPHS", "1") != "0")
+                           and os.environ.get("LSTREAM_SHARE_GRAPHS", "1") != "0")
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        if threaded:
-            self._queue, self._job = queue.SimpleQueue(), threading.Event()
-            self._thread = threading.Thread(target=self._serve, name="lstream-ffn-share", daemon=True)
-            self._thread.start()
         for i in range(len(self.slots)):
             self._fill(i)
 
@@ -118,24 +108,15 @@ class FFNShare:
 
     # -- a layer of a decode step (called by the CPU backend's program) -------------------------
     def start(self, layer: int, x: np.ndarray) -> None:
-        """x (rows, n_embd) float32, the FFN's input: the device's columns start on it, no wait: one
-        graph launch per layer, or (LSTREAM_SHARE_THREAD=1) ~20 eager launches on the share's own
-        thread while the CPU's numba code (which releases the GIL) computes its columns."""
+        """x (rows, n_embd) float32, the FFN's input: the device's columns start on it, no wait (one
+        graph launch per layer). Launching them from a thread of its own while the CPU computed
+        measured no faster: the thread took a core from the numba team (2026-12-03)."""
         io = self._io(x.shape[0])
         io[0].numpy()[...] = x
-        if self._thread is None:
-            self._launch(layer, io)
-        else:
-            self._job.clear()
-            self._queue.put((layer, io))
+        self._launch(layer, io)
 
     def finish(self, layer: int, out: np.ndarray) -> None:
         """out (rows, n_embd): the CPU's partial down product; the device's is added to it."""
-        if self._thread is not None:
-            self._job.wait()
-            if self._error is not None:
-                e, self._error = self._error, None
-                raise e
         io = self._bufs[out.shape[0]]
         io[4].synchronize()
         out += io[3].numpy()
@@ -197,22 +178,6 @@ class FFNShare:
             self._compute(layer, io, slot)
         return graph
 
-    def _serve(self) -> None:
-        if self.rt.device.type == "cuda":
-            torch.cuda.set_device(self.rt.device)  # this thread's current context (the 2-D copies)
-        while (job := self._queue.get()) is not None:
-            try:
-                self._launch(*job)
-            except BaseException as e:  # noqa: BLE001 - raised again by finish(), in the caller's thread
-                self._error = e
-            self._job.set()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
     def _io(self, rows: int):
         b = self._bufs.get(rows)
         if b is None:
@@ -261,14 +226,12 @@ def configure(dev, cpu, layers, frac: float, gelu_layers=frozenset()) -> FFNShar
     if old is not None and ents and old.r == r and old.order == list(ents):
         cpu.share = old
         return old
-    if old is not None:
-        old.close()
     for k in [k for k in cpu.share_w if k[1] != r]:
         del cpu.share_w[k]
     if not ents:
         return None
     try:
-        cpu.share = FFNShare(dev, ents, r, threaded=os.environ.get("LSTREAM_SHARE_THREAD") == "1")
+        cpu.share = FFNShare(dev, ents, r)
     except torch.OutOfMemoryError:
         return None
     return cpu.share

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -185,6 +185,15 @@ mixprof)
 ngl0)
   s "-ngl 0 decode: splits near all-CPU with per-step times (-v), then auto (the bench's steps against the split measured at load)"
   timeout ${N0_S:-240} $B -p 0 -n 32 -ngl 0 -r 3 --policy ${N0_POL:-split:33,split:32,split:30,auto} -v 2>&1 | grep -v "^ *$" ;;
+shareab)
+  s "decode FFN share alternated in one process (tools/share_ab.py): \${SA_RUNS:-16:14 0:31} (ngl:split)"
+  for a in ${SA_RUNS:-16:14 0:31}; do
+    timeout ${SA_S:-150} python3 -m lstream.tools.share_ab $M/l8b.gguf -ngl ${a%%:*} --split ${a#*:} --shares ${SA_SHARES:-0,0.45} \
+      -n 32 --rounds ${SA_ROUNDS:-3} 2>&1 | grep -v "^ *$"
+  done ;;
+hostbw)
+  s "host reads and pinned copies, alone and together (tools/host_bandwidth.py)"
+  timeout 120 python3 -m lstream.tools.host_bandwidth --gib 4 --threads 8,16 2>&1 ;;
 membw)
   s "host memory read bandwidth (torch, float32 sum of 4 GiB, 16 and 8 threads)"
   timeout 60 python3 -c "

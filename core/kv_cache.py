@@ -15,10 +15,22 @@ class KVCache:
     def __init__(self, n_ctx: int, n_layer: int, n_kv_head: int, head_dim: int,
                  residency: ResidencyMap, backends: dict):
         self.n_ctx = n_ctx
-        self.n_past = 0
+        self._n_past = 0
         self.homes = [residency.layer_home(layer) for layer in range(n_layer)]
         self.layers: list[Any] = [backends[h].alloc_kv(layer, n_ctx, n_kv_head, head_dim)
                                   for layer, h in enumerate(self.homes)]
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    @n_past.setter
+    def n_past(self, n: int) -> None:
+        if n < self._n_past:  # back to n: rows from n on are written again (a layer's copies of them go stale)
+            for kv in self.layers:
+                if hasattr(kv, "rewritten_from"):
+                    kv.rewritten_from(n)
+        self._n_past = n
 
     def check_room(self, n_tokens: int) -> None:
         if self.n_past + n_tokens > self.n_ctx:

@@ -116,6 +116,9 @@ class PagedKVCache:
         self.homes = kv.homes
         self.n_ctx = kv.n_ctx
         self.pool = BlockPool(kv.n_ctx // block_size)
+        for store in self.layers:  # rows are slots now, written by the paged kernels: no decode mirror
+            if hasattr(store, "no_half"):
+                store.no_half()
 
     # -- sequences --------------------------------------------------------------------------
     def open(self, prompt: list[int], reuse: bool = True) -> SeqKV:

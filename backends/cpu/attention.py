@@ -1,6 +1,7 @@
-"""Causal grouped-query attention over the float32 KV cache.  Decode and small batches: attention_dec, per
-(token, kv head, key block) with every query head of the GQA group, split over the threads for long
-contexts (attention_decode writes the cache too, one call; also inside the compiled programs).  Prefill
+"""Causal grouped-query attention over the float32 KV cache, or in decode its float16 mirror (host_kv.py).
+Decode and small batches: attention_dec, per (token, kv head, key block) with every query head of the
+GQA group, split over the threads for long contexts (attention_decode writes the cache too, one call;
+attention_decode_half the mirror as well; also inside the compiled programs).  Prefill
 (from ATT_SGEMM_MIN_TOK query rows): per (head, block of queries) through sgemm + vectorized softmax."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import blas
-from .attn_simd import add_values, scores8
+from .attn_simd import add_values, put_kv, score1, scores8
 from .attention_paged import _row as paged_row
 from .attention_sgemm import ATT_SGEMM_MIN_TOK, attention_sgemm
 from .jit import INLINE as _INLINE, PAR, SER as _SER
@@ -62,6 +63,10 @@ def _scores(q, qo, kc, kh, c0, c1, scale, sc, so):
         n8 = (c1 - c0) // 8
         scores8(q, qo, kc, (c0 * kc.shape[1] + kh) * hd, kc.shape[1] * hd, n8, hd // 8, scale, sc, so)
         s = c0 + 8 * n8
+        if kc.itemsize == 2:  # a float16 mirror (uint16 bits): its tail one key at a time (attn_simd)
+            for s in range(s, c1):
+                score1(q, qo, kc, (s * kc.shape[1] + kh) * hd, hd // 8, scale, sc, so + s - c0)
+            return
     while s + 3 < c1:  # 4 keys at a time: 4 independent reductions
         k0 = kc[s, kh]
         k1 = kc[s + 1, kh]
@@ -259,6 +264,45 @@ def attention_decode(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, w
                 kc[n_past + t, kh, d] = k_new[t, kh * hd + d]
                 vc[n_past + t, kh, d] = v_new[t, kh * hd + d]
     attention_dec(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
+
+
+HALF_MAX = 65504.0  # the largest finite float16
+
+
+@njit(**_SER)
+def _to_half(src, dst, r0, r1):
+    """Rows [r0, r1) of a float32 cache into its float16 mirror; False if a value is beyond float16's
+    range (a NaN is carried over: it propagates as in float32)."""
+    n_kv, hd = src.shape[1], src.shape[2]
+    ok = True
+    for i in range(r0, r1):
+        for kh in range(n_kv):
+            for d in range(hd):
+                x = src[i, kh, d]
+                if abs(x) > HALF_MAX:
+                    ok = False
+                put_kv(dst, (i * n_kv + kh) * hd + d, x)
+    return ok
+
+
+@njit(**_SER)
+def attention_decode_half(q, k_new, v_new, kc, vc, kh, vh, n_half, n_past, n_head, n_kv, hd, scale, window, out):
+    """attention_decode reading the float16 mirrors kh / vh (uint16 bits) of the float32 caches kc / vc:
+    the new K/V go into kc / vc, then the mirrors' rows [n_half, n_past + n_tok) are converted (the
+    new ones, and what a prefill wrote since).  Returns the mirrors' valid row count, or -1 when a
+    value is beyond float16's range: this step and the caller's later ones read kc / vc."""
+    n_tok = q.shape[0]
+    for t in range(n_tok):
+        for h in range(n_kv):
+            for d in range(hd):
+                kc[n_past + t, h, d] = k_new[t, h * hd + d]
+                vc[n_past + t, h, d] = v_new[t, h * hd + d]
+    n = n_past + n_tok
+    if not (_to_half(kc, kh, min(n_half, n_past), n) and _to_half(vc, vh, min(n_half, n_past), n)):
+        attention_dec(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
+        return -1
+    attention_dec(q, kh, vh, n_past, n_head, n_kv, hd, scale, window, out)
+    return n
 
 
 def attention(q, k_cache, v_cache, n_past, n_head, n_kv, head_dim, scale, window=0, use_blas=None):

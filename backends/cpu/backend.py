@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +20,7 @@ from . import moe
 from . import ops as O
 from .attention_paged import attention_paged
 from .dequant import dequantize
+from .host_kv import HostKV
 from .llvm_ir import HAVE_AVX2
 from .matmul import BLAS_USABLE, NEVER, matmul
 from .threads import set_threads
@@ -39,12 +39,6 @@ def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
         return max(1, len(cores))
     except (OSError, AttributeError):
         return max(1, (os.cpu_count() or 2) // 2)
-
-
-@dataclass
-class HostKV:
-    k: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
-    v: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
 
 
 class Stack(NamedTuple):
@@ -359,8 +353,11 @@ class CPUBackend(Backend):
                 and kv.k.flags.c_contiguous and kv.v.flags.c_contiguous and kv.k.dtype == np.float32:
             # decode and small batches: cache write + attention in one numba call
             out = np.empty((t, n_head * hd), np.float32)
-            A.attention_decode(q, k, v, kv.k, kv.v, ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]),
-                               int(p.get("window", 0) or 0), out)
+            args = (ctx.n_past, n_head, n_kv, hd, self._f32(p["scale"]), int(p.get("window", 0) or 0), out)
+            if kv.half(ctx.n_past):  # deep: over the cache's float16 mirror (host_kv.py)
+                kv.n_half[0] = A.attention_decode_half(q, k, v, kv.k, kv.v, kv.kh, kv.vh, kv.n_half[0], *args)
+            else:
+                A.attention_decode(q, k, v, kv.k, kv.v, *args)
             return out
         kv.k[ctx.n_past:ctx.n_past + t] = k.reshape(t, n_kv, hd)
         kv.v[ctx.n_past:ctx.n_past + t] = v.reshape(t, n_kv, hd)

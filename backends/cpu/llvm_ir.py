@@ -11,11 +11,12 @@ try:
 
     _feat = _llb.get_host_cpu_features()
     HAVE_AVX2 = bool(_feat.get("avx2", False))
+    HAVE_F16C = bool(_feat.get("f16c", False))  # vcvtph2ps / vcvtps2ph: float16 <-> float32
     # vpdpbusd on 256-bit vectors (AVX-VNNI, or AVX512-VNNI with VL): u8 x s8 in groups of 4 into int32
     HAVE_VNNI = HAVE_AVX2 and bool(_feat.get("avxvnni", False) or (_feat.get("avx512vnni", False)
                                                                      and _feat.get("avx512vl", False)))
 except Exception:  # pragma: no cover
-    HAVE_AVX2 = HAVE_VNNI = False
+    HAVE_AVX2 = HAVE_VNNI = HAVE_F16C = False
 
 I1 = ir.IntType(1)
 I8 = ir.IntType(8)

@@ -7,7 +7,7 @@ import numpy as np
 from ...core.executor import Fused
 from ...core.ops import Op
 from . import ops as O
-from . import ffn_share
+from . import ffn_share, host_kv
 from . import program_kernels as P
 from .matmul_int import LAYOUT_ID
 
@@ -20,6 +20,7 @@ F32 = np.float32
 # P.run's paged-attention arguments (SeqBatch's slots, seq, positions, tables, block size) for a
 # single sequence: unused, typed as the real ones so both share one compilation
 _NO_BATCH = (np.zeros(1, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int64), np.zeros((1, 1), np.int32), 1)
+_NO_HALF = np.zeros((1, 1, 8), np.uint16)  # the mirror table's row of a layer that reads float32
 
 
 def _table(arrays, ndim: int, dtype) -> np.ndarray:
@@ -187,6 +188,11 @@ class _Assembler:
         xd = [np.zeros((k[0], k[1] // 32), np.float32) for k in qkeys]
         xs = [np.zeros((k[0], k[1] // 32), np.float32) for k in qkeys]
         kc, vc = [kv.k for kv in self.kvs], [kv.v for kv in self.kvs]
+        # float16 mirrors decode reads when deep (host_kv.py); a layer without one: a row count of -1
+        half = [kv.half(ctx.n_past) for kv in self.kvs]
+        kh = [kv.kh if h else _NO_HALF for kv, h in zip(self.kvs, half)]
+        vh = [kv.vh if h else _NO_HALF for kv, h in zip(self.kvs, half)]
+        nh = [kv.n_half if h else np.full(1, -1, np.int64) for kv, h in zip(self.kvs, half)]
         return dict(
             code=np.array(self.code, np.int64).reshape(-1, P.N_COLS),
             fpar=np.array(self.fpar, np.float32).reshape(-1, 1), bufs=_table(bufs, 2, F32),
@@ -195,14 +201,15 @@ class _Assembler:
             wq=_table([w[0] for w in ws], 1, np.uint8), wh=_table([w[1] for w in ws], 1, np.uint32),
             wd=_table([w[2] for w in ws], 1, np.uint8), wm=_table([w[3] for w in ws], 1, np.uint8),  # scales as bytes
             vec=_table(self.vecs, 1, F32), kc=_table(kc, 3, F32), vc=_table(vc, 3, F32),
+            kh=_table(kh, 3, np.uint16), vh=_table(vh, 3, np.uint16), nh=_table(nh, 1, np.int64),
             cos=cos, sin=np.zeros_like(cos), ropes=[p for _, p in sorted(self.ropes.values(), key=lambda r: r[0])],
             xq=_table(xq, 2, np.int16), xd=_table(xd, 2, F32), xs=_table(xs, 2, F32),
             # the arrays behind the tables' addresses: alive as long as the program
-            alive=(bufs, list(ws), list(self.vecs), kc, vc, xq, xd, xs),
+            alive=(bufs, list(ws), list(self.vecs), kc, vc, kh, vh, nh, xq, xd, xs),
             in_bufs=[bufs[b] for b in in_bufs],
             hooks=[(k, what, layer, bufs[v[0]][:, v[1]:v[2]]) for k, what, layer, v in self.hooks],
             out_views=[bufs[self.val[i][0]][:, self.val[i][1]:self.val[i][2]] for i in outputs],
-            kv=ctx.kv)
+            kv=ctx.kv, deep=ctx.n_past >= host_kv.HALF_FROM)
 
 
 class Program(Fused):
@@ -251,7 +258,8 @@ class Program(Fused):
         bt = self._built
         if self.share is not self.backend.share:  # the device's FFN share changed: build again
             self.shared, self.share, bt = ffn_share.shared_layers(self.backend, self.nodes), self.backend.share, None
-        if bt is None or bt["kv"] is not ctx.kv:
+        if bt is None or bt["kv"] is not ctx.kv or (not bt["deep"] and ctx.n_past >= host_kv.HALF_FROM):
+            # (deep the first time: built again with the layers' float16 mirrors)
             self._build(args, ctx)
             bt = self._built
         for buf, a in zip(bt["in_bufs"], args):
@@ -263,8 +271,8 @@ class Program(Fused):
         b = ctx.batch
         paged = (b.slots, b.seq, np.asarray(ctx.positions, np.int64), b.tables, b.block_size) if b is not None \
             else _NO_BATCH
-        rest = (bt["bufs"], bt["wk"], bt["wq"], bt["wh"], bt["wd"], bt["wm"], bt["vec"], bt["kc"], bt["vc"], bt["cos"],
-                bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"], *paged)
+        rest = (bt["bufs"], bt["wk"], bt["wq"], bt["wh"], bt["wd"], bt["wm"], bt["vec"], bt["kc"], bt["vc"], bt["kh"],
+                bt["vh"], bt["nh"], host_kv.HALF_FROM, bt["cos"], bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"], *paged)
         code, fpar, k0 = bt["code"], bt["fpar"], 0
         for k, what, layer, v in bt["hooks"]:  # the device's part of shared FFNs, between pieces
             if k > k0:

@@ -7,7 +7,7 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from . import ops as O
-from .attention import attention_decode
+from .attention import attention_decode, attention_decode_half
 from .attention_paged import PAGED_PAR_MIN, paged_parallel, paged_serial
 from .jit import INLINE, SER as _SER
 from .matmul_int import mm_dec
@@ -25,7 +25,7 @@ from .matmul_int import mm_dec
 OP_NORM, OP_NORM_HEADS, OP_MM, OP_BIAS, OP_ADD, OP_ACT, OP_SCALE, OP_ROPE, OP_ATTN, OP_COPY, OP_PATTN = range(11)
 N_COLS = 20
 P0 = 13
-F32, U8, U32, I16 = np.float32, np.uint8, np.uint32, np.int16
+F32, U8, U16, U32, I16, I64 = np.float32, np.uint8, np.uint16, np.uint32, np.int16, np.int64
 
 
 @intrinsic
@@ -71,8 +71,8 @@ def _norm_heads(x, w, hd, eps, out):
 
 
 @njit(**_SER)
-def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq, xd, xs, slots, seq, pos, tables,
-        bs):
+def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, kh, vh, nh, half_from, cos, sin, n_past, xq, xd, xs, slots,
+        seq, pos, tables, bs):
     for i in range(code.shape[0]):
         c = code[i]
         op = c[0]
@@ -121,8 +121,14 @@ def run(code, fpar, bufs, wk, wq, wh, wd, wm, vec, kc, vc, cos, sin, n_past, xq,
             # q: a whole buffer (C layout, as op by op).  One thread, as op by op: spreading the heads
             # over 2 threads measured no faster (21.2 vs 22.1 ms/token at 1500 tokens) and compiles
             # another parallel kernel (~1.7 s cold)
-            attention_decode(_a2(bufs, c[4], F32), b, v, _a3(kc, p[0], F32), _a3(vc, p[0], F32), n_past,
-                             p[1], p[2], p[3], fpar[i, 0], p[4], _a2(bufs, c[1], F32))
+            n_half = _a1(nh, p[0], I64)  # (the layer's float16 mirror: host_kv.py)
+            if n_half[0] >= 0 and n_past >= half_from:
+                n_half[0] = attention_decode_half(_a2(bufs, c[4], F32), b, v, _a3(kc, p[0], F32), _a3(vc, p[0], F32),
+                                                  _a3(kh, p[0], U16), _a3(vh, p[0], U16), n_half[0], n_past,
+                                                  p[1], p[2], p[3], fpar[i, 0], p[4], _a2(bufs, c[1], F32))
+            else:
+                attention_decode(_a2(bufs, c[4], F32), b, v, _a3(kc, p[0], F32), _a3(vc, p[0], F32), n_past,
+                                 p[1], p[2], p[3], fpar[i, 0], p[4], _a2(bufs, c[1], F32))
         elif op == OP_PATTN:  # several sequences (continuous batching): the paged kernels op by op calls
             b = _a2(bufs, c[7], F32)[:, c[8]:c[9]]
             v = _a2(bufs, c[10], F32)[:, c[11]:c[12]]

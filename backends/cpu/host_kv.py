@@ -1,0 +1,48 @@
+"""A host layer's K/V cache: float32 rows every path writes and prefill reads, and a float16 mirror
+that CPU decode attention reads from HALF_FROM cached tokens on (half the bytes of a deep cache,
+llama.cpp's default cache type; decode at depth is bound by reading it).  The mirror is kept lazily: decode converts the rows
+written since (by a prefill on either backend) before it attends, so no other writer changes."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .llvm_ir import HAVE_AVX2, HAVE_F16C
+
+# LSTREAM_HOST_KV=f32: decode reads the float32 rows (no mirror)
+HALF_DECODE = HAVE_AVX2 and HAVE_F16C and os.environ.get("LSTREAM_HOST_KV", "f16") != "f32"
+# Decode reads the mirror from this many cached tokens: below, the cache is a small part of a step's
+# bytes and decode reads float32, the numbers the prefill and the paged server compute (exactly)
+HALF_FROM = 1024
+
+
+@dataclass
+class HostKV:
+    k: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
+    v: np.ndarray  # (n_ctx, n_kv_head, head_dim) float32
+    kh: np.ndarray | None = None  # float16 mirrors of k / v (uint16 bits: numba has no float16 arrays)
+    vh: np.ndarray | None = None
+    # rows [0, n_half[0]) of the mirrors equal k / v; -1: no mirror (a value beyond float16's range, a
+    # paged server cache).  An array so that the compiled decode programs update it in place.
+    n_half: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    def half(self, n_past: int) -> bool:
+        """Decode at n_past reads the mirrors (made here the first time)."""
+        if not HALF_DECODE or n_past < HALF_FROM or self.n_half[0] < 0 or self.k.shape[2] % 8 or not self.k.flags.c_contiguous:
+            return False
+        if self.kh is None:
+            self.kh = np.empty(self.k.shape, np.uint16)
+            self.vh = np.empty(self.v.shape, np.uint16)
+        return True
+
+    def rewritten_from(self, n: int) -> None:
+        """Rows from n on will be written again (the sequence went back to n): their mirror is stale."""
+        if self.n_half[0] > n:
+            self.n_half[0] = n
+
+    def no_half(self) -> None:
+        """Never use the mirrors (a paged cache: its rows are slots, written by the paged kernels)."""
+        self.n_half[0] = -1
+        self.kh = self.vh = None

@@ -24,7 +24,7 @@ from .core.timings import Timings
 from .core.scheduler import Plan, schedule
 
 
-SHARES = (0.0, 0.3, 0.45, 0.6)  # the device's fractions of the CPU layers' FFN columns that auto measures
+SHARES = (0.0, 0.3, 0.45, 0.6, 0.7)  # the device's fractions of the CPU layers' FFN columns that auto measures
 
 
 def _depth_bucket(n_past: int) -> int:
@@ -181,8 +181,9 @@ class Model:
                         warnings.warn(f"decode FFN share off: {e}", RuntimeWarning, stacklevel=2)
                         pol.share = 0.0
                         self._apply_share()
+                # (and the split whose one streamed entry is the last, the output head: it stays in the ring)
                 pol.cpu_layers, pol.measured = tune_split(pol.n_host, timer("cpu_layers"),
-                                                          also=(cliff,) if ring else ())
+                                                          also=(cliff, pol.n_host - 1) if ring else ())
                 self._depth_bucket = _depth_bucket(start)
                 self._splits[self._depth_bucket] = (pol.cpu_layers, pol.measured)
             if top_k:

@@ -43,11 +43,21 @@ def test_shared_ffn_decode_matches_the_cpu(model_path, reference, ngl, k):
               n_ubatch=64, n_ctx=256, load_tokenizer=False)
     share = m.cpu.share
     assert share is not None and share.order == list(range(k)) and share.r == GRAIN  # (-ngl keeps the last layers)
-    out = [m.eval(toks)] + [m.eval([t]) for t in (5, 9, 11, 13, 17)]
+    rt = m.device_backend.rt
+    slots = [(b[0].data_ptr(), b[0].data_ptr() + b[0].numel()) for b in share.slots]
+    copies = []  # copies into the share's slots during each decode step
+    out = [m.eval(toks)]
+    for t in (5, 9, 11, 13, 17):
+        n0 = len(rt.log)
+        out.append(m.eval([t]))
+        copies.append(sum(1 for e in rt.log[n0:] if e[0] == "copy" and any(a <= e[2] < b for a, b in slots)))
     for a, b in zip(out, ref):
         assert _nmse(a, b) < 1e-6
     assert share.runs == 5 * k  # decode steps only: the prompt streams its layers whole
     assert len(share.slots) == min(SLOTS, k)
+    # each layer's 3 copies once a step, all ahead (6 layers in 4 slots too: the copies a step's end
+    # starts are the next step's first layers, in the slots it reads); held in the slots when they fit
+    assert copies[1:] == [3 * k if k > SLOTS else 0] * 4
 
 
 def test_share_off_and_back(model_path, reference):

@@ -189,7 +189,7 @@ shareab)
   s "decode FFN share alternated in one process (tools/share_ab.py): \${SA_RUNS:-16:14 0:31} (ngl:split)"
   for a in ${SA_RUNS:-16:14 0:31}; do
     timeout ${SA_S:-150} python3 -m lstream.tools.share_ab $M/l8b.gguf -ngl ${a%%:*} --split ${a#*:} --shares ${SA_SHARES:-0,0.45} \
-      -n 32 --rounds ${SA_ROUNDS:-3} 2>&1 | grep -v "^ *$"
+      -n 32 --rounds ${SA_ROUNDS:-3} ${SA_WAITS:-} 2>&1 | grep -v "^ *$"
   done ;;
 hostbw)
   s "host reads and pinned copies, alone and together (tools/host_bandwidth.py)"

@@ -75,6 +75,7 @@ class _Memcpy2D(ctypes.Structure):  # CUDA_MEMCPY2D (cuda.h)
 
 
 _driver = None
+_descs: dict[tuple, _Memcpy2D] = {}  # the same copies come back every decode step (ffn_share's slots)
 
 
 def _copy_2d(dst: torch.Tensor, src: torch.Tensor, offset: int, pitch: int, width: int, height: int, stream) -> None:
@@ -84,10 +85,16 @@ def _copy_2d(dst: torch.Tensor, src: torch.Tensor, offset: int, pitch: int, widt
     if _driver is None:
         _driver = ctypes.CDLL("libcuda.so.1")
         _driver.cuMemcpy2DAsync_v2.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
-    if dst.numel() != width * height or offset + (height - 1) * pitch + width > src.numel():
-        raise ValueError(f"2-D copy of {height} x {width} bytes: dst has {dst.numel()}, src {src.numel()}")
-    c = _Memcpy2D(srcMemoryType=1, srcHost=src.data_ptr() + offset, srcPitch=pitch,
-                  dstMemoryType=2, dstDevice=dst.data_ptr(), dstPitch=width, WidthInBytes=width, Height=height)
+    key = (dst.data_ptr(), src.data_ptr() + offset, pitch, width, height)
+    c = _descs.get(key)
+    if c is None:
+        if dst.numel() != width * height or offset + (height - 1) * pitch + width > src.numel():
+            raise ValueError(f"2-D copy of {height} x {width} bytes: dst has {dst.numel()}, src {src.numel()}")
+        c = _Memcpy2D(srcMemoryType=1, srcHost=key[1], srcPitch=pitch, dstMemoryType=2, dstDevice=key[0],
+                      dstPitch=width, WidthInBytes=width, Height=height)
+        if len(_descs) > 4096:  # (buffers freed and reallocated elsewhere: start again)
+            _descs.clear()
+        _descs[key] = c
     err = _driver.cuMemcpy2DAsync_v2(ctypes.byref(c), ctypes.c_void_p(stream.cuda_stream))
     if err:
         raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {err}")

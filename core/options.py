@@ -16,6 +16,7 @@ ENV_OVERRIDES = {
     "LSTREAM_NO_BLAS_PREFILL": ("blas_prefill", lambda s: s != "1"),
     "LSTREAM_ADAPTIVE_THREADS": ("adaptive_threads", lambda s: s == "1"),
     "LSTREAM_CPU_ACT8": ("cpu_act8", lambda s: {"1": True, "0": False}.get(s)),
+    "LSTREAM_HOST_KV": ("host_kv_half", lambda s: s != "f32"),
 }
 
 
@@ -36,7 +37,9 @@ class Options:
       gigabytes per token is memory-bound, and int8's fewer instructions let the cores keep up:
       12.11 -> 14.08 t/s CPU-only on the H200's 16-core host, 8B Q4_0); int16 for smaller models.
     expert_cache_gib: VRAM (GiB) for the routed experts of host-expert layers in decode, least recently
-      used evicted (--expert-cache; core/expert_cache.py); 0: none."""
+      used evicted (--expert-cache; core/expert_cache.py); 0: none.
+    host_kv_half: CPU decode from HALF_FROM cached tokens reads a float16 mirror of each host layer's
+      K/V (backends/cpu/host_kv.py: half the bytes at depth); False: float32 at every depth."""
     n_threads: int | None = None
     cpu_programs: bool = True
     cpu_blk: str = "default"
@@ -46,6 +49,7 @@ class Options:
     layer_major: bool = True
     cpu_act8: bool | None = None
     expert_cache_gib: float = 0.0
+    host_kv_half: bool = True
 
     def __post_init__(self):
         if self.cpu_blk not in BLK_CHOICES:

@@ -3,6 +3,8 @@ the kernel against a float64 reference, the rows it catches up, the fallback bey
 and the mirror's rows forgotten when the sequence goes back (a new prompt over an old one)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,15 @@ def test_a_new_prompt_over_an_old_one_reads_its_own_rows(smollm2, monkeypatch):
     want = [m.eval([t]) for t in (9, 10)]
     for a, b in zip(tail, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_option_turns_the_mirror_off():
+    """LSTREAM_HOST_KV=f32 (Options.host_kv_half=False): decode reads float32 at every depth."""
+    from lstream.backends.cpu import CPUBackend
+    from lstream.core.options import Options
+    assert Options.from_env({"LSTREAM_HOST_KV": "f32"}).host_kv_half is False
+    assert Options.from_env({}).host_kv_half is True
+    # (alloc_kv reads only the options: no backend started, no thread count changed)
+    off = CPUBackend.alloc_kv(SimpleNamespace(options=Options(host_kv_half=False)), 0, 8, 1, 64)
+    on = CPUBackend.alloc_kv(SimpleNamespace(options=Options()), 0, 8, 1, 64)
+    assert not off.half(host_kv.HALF_FROM) and on.half(host_kv.HALF_FROM)

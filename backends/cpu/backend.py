@@ -208,7 +208,7 @@ class CPUBackend(Backend):
 
     def alloc_kv(self, layer, n_ctx, n_kv_head, head_dim):
         return HostKV(np.zeros((n_ctx, n_kv_head, head_dim), np.float32),
-                      np.zeros((n_ctx, n_kv_head, head_dim), np.float32))
+                      np.zeros((n_ctx, n_kv_head, head_dim), np.float32), allow_half=self.options.host_kv_half)
 
     # -- weights and per-run constants (also read by program.py) -----------------------------
     def weight(self, name: str) -> PackedWeight:

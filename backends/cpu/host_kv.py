@@ -4,15 +4,13 @@ llama.cpp's default cache type; decode at depth is bound by reading it).  The mi
 written since (by a prefill on either backend) before it attends, so no other writer changes."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .llvm_ir import HAVE_AVX2, HAVE_F16C
 
-# LSTREAM_HOST_KV=f32: decode reads the float32 rows (no mirror)
-HALF_DECODE = HAVE_AVX2 and HAVE_F16C and os.environ.get("LSTREAM_HOST_KV", "f16") != "f32"
+HALF_DECODE = HAVE_AVX2 and HAVE_F16C  # the kernels convert with vcvtph2ps / vcvtps2ph
 # Decode reads the mirror from this many cached tokens: below, the cache is a small part of a step's
 # bytes and decode reads float32, the numbers the prefill and the paged server compute (exactly)
 HALF_FROM = 1024
@@ -27,10 +25,11 @@ class HostKV:
     # rows [0, n_half[0]) of the mirrors equal k / v; -1: no mirror (a value beyond float16's range, a
     # paged server cache).  An array so that the compiled decode programs update it in place.
     n_half: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    allow_half: bool = True  # (Options.host_kv_half)
 
     def half(self, n_past: int) -> bool:
         """Decode at n_past reads the mirrors (made here the first time)."""
-        if not HALF_DECODE or n_past < HALF_FROM or self.n_half[0] < 0 or self.k.shape[2] % 8 or not self.k.flags.c_contiguous:
+        if not (HALF_DECODE and self.allow_half) or n_past < HALF_FROM or self.n_half[0] < 0 or self.k.shape[2] % 8 or not self.k.flags.c_contiguous:
             return False
         if self.kh is None:
             self.kh = np.empty(self.k.shape, np.uint16)

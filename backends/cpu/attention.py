@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import blas
-from .attn_simd import add_values, put_kv, score1, scores8
+from .attn_simd import add_values, put_half, score1, scores8
 from .attention_paged import _row as paged_row
 from .attention_sgemm import ATT_SGEMM_MIN_TOK, attention_sgemm
 from .jit import INLINE as _INLINE, PAR, SER as _SER
@@ -281,7 +281,7 @@ def _to_half(src, dst, r0, r1):
                 x = src[i, kh, d]
                 if abs(x) > HALF_MAX:
                     ok = False
-                put_kv(dst, (i * n_kv + kh) * hd + d, x)
+                put_half(dst, (i * n_kv + kh) * hd + d, x)
     return ok
 
 

@@ -168,8 +168,10 @@ def score1(typingctx, q, qo, kc, ko, hd8, scale, sc, so):
 
 
 @intrinsic
-def put_kv(typingctx, a, i, x):
-    """a.flat[i] = x: a float32 cache as is, a half cache (uint16 bits) rounded to float16."""
+def put_half(typingctx, a, i, x):
+    """a.flat[i] = the float16 bits of x rounded (vcvtps2ph), a: a half cache's uint16 array."""
+    if not _is_half(a):
+        return None
     sig = types.void(a, i, x)
 
     def codegen(context, builder, sig, args):
@@ -177,7 +179,7 @@ def put_kv(typingctx, a, i, x):
         ta = sig.args
         p = builder.gep(array_data(context, builder, ta[0], aa), [_i64(context, builder, i_, ta[1])])
         f = context.cast(builder, x_, ta[2], types.float32)
-        builder.store(builder.bitcast(builder.fptrunc(f, F16), I16) if _is_half(ta[0]) else f, p)
+        builder.store(builder.bitcast(builder.fptrunc(f, F16), I16), p)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -1,7 +1,8 @@
 """A host layer's K/V cache: float32 rows every path writes and prefill reads, and a float16 mirror
 that CPU decode attention reads from HALF_FROM cached tokens on (half the bytes of a deep cache,
-llama.cpp's default cache type; decode at depth is bound by reading it).  The mirror is kept lazily: decode converts the rows
-written since (by a prefill on either backend) before it attends, so no other writer changes."""
+llama.cpp's default cache type; decode at depth is bound by reading it).  The mirror is kept
+lazily: decode converts the rows written since (by a prefill on either backend) before it attends,
+so no other writer changes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ class HostKV:
 
     def half(self, n_past: int) -> bool:
         """Decode at n_past reads the mirrors (made here the first time)."""
-        if not (HALF_DECODE and self.allow_half) or n_past < HALF_FROM or self.n_half[0] < 0 or self.k.shape[2] % 8 or not self.k.flags.c_contiguous:
+        if not (HALF_DECODE and self.allow_half) or n_past < HALF_FROM or self.n_half[0] < 0:
             return False
+        if self.k.shape[2] % 8 or not (self.k.flags.c_contiguous and self.v.flags.c_contiguous):
+            return False  # (the kernels read head_dim in 8-lane steps over C-contiguous rows)
         if self.kh is None:
             self.kh = np.empty(self.k.shape, np.uint16)
             self.vh = np.empty(self.v.shape, np.uint16)

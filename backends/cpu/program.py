@@ -272,7 +272,8 @@ class Program(Fused):
         paged = (b.slots, b.seq, np.asarray(ctx.positions, np.int64), b.tables, b.block_size) if b is not None \
             else _NO_BATCH
         rest = (bt["bufs"], bt["wk"], bt["wq"], bt["wh"], bt["wd"], bt["wm"], bt["vec"], bt["kc"], bt["vc"], bt["kh"],
-                bt["vh"], bt["nh"], host_kv.HALF_FROM, bt["cos"], bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"], *paged)
+                bt["vh"], bt["nh"], host_kv.HALF_FROM, bt["cos"], bt["sin"], ctx.n_past, bt["xq"], bt["xd"], bt["xs"],
+                *paged)
         code, fpar, k0 = bt["code"], bt["fpar"], 0
         for k, what, layer, v in bt["hooks"]:  # the device's part of shared FFNs, between pieces
             if k > k0:

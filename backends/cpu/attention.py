@@ -253,16 +253,22 @@ def attention_dec(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
         attention_onepass(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
 
 
-@njit(**_SER)
-def attention_decode(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
-    """Decode: write k_new/v_new (n_tok, n_kv*hd; row-strided views allowed) into the caches at
-    n_past, then attention_dec (one call instead of two cache writes + attention)."""
-    n_tok = q.shape[0]
-    for t in range(n_tok):
+@njit(**_INLINE)
+def _write_kv(k_new, v_new, kc, vc, n_past):
+    """k_new/v_new (n_tok, n_kv*hd; row-strided views allowed) into the float32 caches at n_past."""
+    n_kv, hd = kc.shape[1], kc.shape[2]
+    for t in range(k_new.shape[0]):
         for kh in range(n_kv):
             for d in range(hd):
                 kc[n_past + t, kh, d] = k_new[t, kh * hd + d]
                 vc[n_past + t, kh, d] = v_new[t, kh * hd + d]
+
+
+@njit(**_SER)
+def attention_decode(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, window, out):
+    """Decode: write k_new/v_new into the caches at n_past, then attention_dec (one call instead of
+    two cache writes + attention)."""
+    _write_kv(k_new, v_new, kc, vc, n_past)
     attention_dec(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
 
 
@@ -291,13 +297,8 @@ def attention_decode_half(q, k_new, v_new, kc, vc, kh, vh, n_half, n_past, n_hea
     the new K/V go into kc / vc, then the mirrors' rows [n_half, n_past + n_tok) are converted (the
     new ones, and what a prefill wrote since).  Returns the mirrors' valid row count, or -1 when a
     value is beyond float16's range: this step and the caller's later ones read kc / vc."""
-    n_tok = q.shape[0]
-    for t in range(n_tok):
-        for h in range(n_kv):
-            for d in range(hd):
-                kc[n_past + t, h, d] = k_new[t, h * hd + d]
-                vc[n_past + t, h, d] = v_new[t, h * hd + d]
-    n = n_past + n_tok
+    _write_kv(k_new, v_new, kc, vc, n_past)
+    n = n_past + q.shape[0]
     if not (_to_half(kc, kh, min(n_half, n_past), n) and _to_half(vc, vh, min(n_half, n_past), n)):
         attention_dec(q, kc, vc, n_past, n_head, n_kv, hd, scale, window, out)
         return -1

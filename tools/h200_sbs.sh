@@ -113,7 +113,7 @@ decode)
   llama_cpp
   s "decode -p 0 -n 32"
   timeout 150 $L -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -fa ${LFA:-0,1} -r 3
-  timeout 150 $B -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -r 3 ${DEC_V:-} 2>&1 | grep -v "^lstream-bench: model\|^ *$" ;;
+  timeout ${DEC_S:-240} $B -p 0 -n 32 -ngl ${DEC_NGL:-33,16,0} -r 3 ${DEC_V:-} 2>&1 | grep -v "^lstream-bench: model\|^ *$" ;;
 act8)
   s "mixed decode with int8 CPU activations (LSTREAM_CPU_ACT8=1), default policy, -ngl \${A8_NGL:-16,0}"
   env LSTREAM_CPU_ACT8=1 timeout 200 $B -p 0 -n 32 -ngl ${A8_NGL:-16,0} -r 3 -v 2>&1 | grep -E "tg32|split steps" ;;

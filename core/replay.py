@@ -117,18 +117,26 @@ class StepReplay:
             si = self.be.step_inputs(n)
             self.be.fill_step_inputs(si, ctx)
             ctx.graph = si
-            graph, out = self.be.capture(lambda: ex.run(plan, ctx, to_host=False), si)
+            capture = lambda: ex.run(plan, ctx, to_host=False)  # noqa: E731
+            # a decode step's output is read after every replay: its inputs and output may be staged
+            graph, out = (self.be.capture(capture, si, whole=True) if is_small_batch(n) and to_host
+                          else self.be.capture(capture, si))
             self.captures += 1
             hit = self._graphs[key] = (plan, graph, si, None, out)
         _, graph, si, _, out = hit
         self.be.fill_step_inputs(si, ctx)
         self.be.replay(graph)
         self.replays += 1
-        return self._logits(out, ex) if to_host else None
+        if not to_host and getattr(si, "staged", None) is not None:
+            self.be.synchronize()  # the staged mirrors are rewritten by the next fill
+        return self._logits(out, ex, si) if to_host else None
 
-    def _logits(self, value, ex=None):
+    def _logits(self, value, ex=None, si=None):
         ex = ex or self.ex
-        logits = self.be.to_host(value)
+        staged = getattr(self.be, "staged_output", None)
+        logits = staged(si, value) if staged is not None and si is not None else None
+        if logits is None:
+            logits = self.be.to_host(value)
         ex.check_finite(logits, ex.graph.output, self.be.name)
         return logits
 

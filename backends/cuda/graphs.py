@@ -8,6 +8,7 @@ there and attends up to it, so one graph serves every position.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,12 +26,29 @@ class StepInputs:
     cache: dict = field(default_factory=dict)  # per-step values shared by the layers (rope cos/sin, mask)
     # layer -> DeviceKV standing in for a host layer's K/V cache (a layer-major prompt, core/layer_replay.py)
     kv: dict = field(default_factory=dict)
+    staged: StagedIO | None = None  # a whole decode step's pinned inputs and output, copied inside its graph
+
+
+@dataclass
+class StagedIO:
+    """Pinned host mirrors of a whole decode step's token ids, positions and output: the graph copies
+    them in first and the output out last, so a token's host turnaround is a numpy write, one replay
+    and one wait (no pageable copies, no allocation). Only for steps whose output is read before the
+    next step is filled (the mirrors are reused)."""
+    tokens: torch.Tensor  # (B,) int64, pinned
+    positions: torch.Tensor
+    value: torch.Tensor | None = None  # the device output the graph copies out
+    out: torch.Tensor | None = None  # its float32 pinned copy
 
 
 def static_angles(positions: torch.Tensor, inv_freq_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin (T, n_rot/2) fp32 of device-side positions, computed in fp64 like core/rope.py."""
     ang = positions.to(torch.float64)[:, None] * inv_freq_dev[None, :]
     return ang.cos().float(), ang.sin().float()
+
+
+# the pinned step mirrors (LSTREAM_STAGED_IO=0: pageable copies before and after each replay, to compare)
+STAGED_IO = os.environ.get("LSTREAM_STAGED_IO") != "0"
 
 
 class GraphsMixin:
@@ -46,6 +64,10 @@ class GraphsMixin:
                           torch.zeros(n_tokens, dtype=torch.int64, device=dev), rows)
 
     def fill_step_inputs(self, si: StepInputs, ctx) -> None:
+        if si.staged is not None:  # the replay copies these in
+            si.staged.tokens.numpy()[:] = ctx.tokens
+            si.staged.positions.numpy()[:] = ctx.positions
+            return
         toks = np.asarray(ctx.tokens, dtype=np.int64)
         si.tokens.copy_(torch.from_numpy(toks))
         si.positions.copy_(torch.from_numpy(np.asarray(ctx.positions, dtype=np.int64)))
@@ -105,10 +127,11 @@ class GraphsMixin:
                 return False
         return True
 
-    def capture(self, fn, inputs: StepInputs):
+    def capture(self, fn, inputs: StepInputs, whole: bool = False):
         """Warm up (Triton compiles, cuBLAS workspaces, scratch buffers) on a side stream with the
         real inputs, then capture. A warm-up writes the step's own K/V rows, which the replay right
-        after writes again with the same values."""
+        after writes again with the same values. `whole`: a decode step whose output the caller
+        reads after every replay: its inputs and output go through pinned mirrors (StagedIO)."""
         dev = self.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -117,9 +140,32 @@ class GraphsMixin:
         torch.cuda.current_stream(dev).wait_stream(side)
         inputs.cache.clear()  # the capture must record how the shared per-step values are made
         graph = torch.cuda.CUDAGraph()
+        io = None
+        if whole and inputs.rows is None and STAGED_IO and self.device.type == "cuda":
+            n = inputs.tokens.numel()
+            io = StagedIO(*(self.rt.alloc_host(8 * n)[0].view(torch.int64) for _ in range(2)))
         with torch.cuda.graph(graph):
+            if io is not None:
+                inputs.tokens.copy_(io.tokens, non_blocking=True)
+                inputs.positions.copy_(io.positions, non_blocking=True)
             out = fn()
+            if io is not None and isinstance(out, torch.Tensor):
+                io.value, io.out = out, self._pinned_f32(out.shape)
+                io.out.copy_(out.float(), non_blocking=True)
+        if io is not None:
+            io.tokens.copy_(inputs.tokens.cpu())  # what the warm-up ran with, until the next fill
+            io.positions.copy_(inputs.positions.cpu())
+            inputs.staged = io
         return graph, out
+
+    def staged_output(self, si: StepInputs, value) -> np.ndarray | None:
+        """The step's output as float32 numpy from its pinned mirror after the replay finishes (None:
+        not a staged step). A copy: the mirror is rewritten by the next replay."""
+        io = si.staged if isinstance(si, StepInputs) else None
+        if io is None or io.value is not value:
+            return None
+        torch.cuda.current_stream(self.device).synchronize()
+        return io.out.numpy().copy()
 
     def replay(self, graph) -> None:
         graph.replay()

@@ -271,6 +271,7 @@ class Model:
                               f"(-ub {self.n_ubatch}, -c {self.kv.n_ctx}): lower -ngl, -ub or -c; "
                               f"the model and its first {self.kv.n_past} cached tokens are kept") from None
         if len(tokens) > 1:  # a prompt: decode from here may want another split (not per token)
+            self.kv.prompt_done()
             self._follow_depth()
         return out
 

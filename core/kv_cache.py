@@ -32,6 +32,12 @@ class KVCache:
                     kv.rewritten_from(n)
         self._n_past = n
 
+    def prompt_done(self) -> None:
+        """After a prompt: host layers bring their decode copies of its rows up to date (HostKV.catch_up)."""
+        for kv in self.layers:
+            if hasattr(kv, "catch_up"):
+                kv.catch_up(self.n_past)
+
     def check_room(self, n_tokens: int) -> None:
         if self.n_past + n_tokens > self.n_ctx:
             raise ContextFullError(

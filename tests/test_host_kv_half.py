@@ -100,6 +100,29 @@ def test_beyond_float16_reads_float32_and_gives_up_the_mirror():
     assert kv.n_half[0] == -1
 
 
+def test_catch_up_converts_a_prompts_rows_over_the_threads():
+    """HostKV.catch_up (a prompt's end): the rows since the mirror's count, rounded as numpy rounds to
+    float16; a value beyond float16's range gives the mirror up; shallow caches are left alone."""
+    rng = np.random.default_rng(5)
+    n = host_kv.HALF_FROM + 40
+    kv = HostKV(rng.standard_normal((n + 8, 2, 64), np.float32) * 300,
+                rng.standard_normal((n + 8, 2, 64), np.float32))
+    kv.catch_up(host_kv.HALF_FROM - 1)
+    assert kv.n_half[0] == 0 and kv.kh is None
+    kv.n_half[0] = 7  # rows before 7 already converted: left as they are
+    kv.catch_up(n)
+    if not host_kv.HALF_DECODE:
+        assert kv.n_half[0] == 7
+        return
+    assert kv.n_half[0] == n
+    for c, h in ((kv.k, kv.kh), (kv.v, kv.vh)):
+        np.testing.assert_array_equal(h[7:n].view(np.float16), c[7:n].astype(np.float16))
+    kv.v[n - 3, 1, 5] = 1e5
+    kv.rewritten_from(n - 10)
+    kv.catch_up(n)
+    assert kv.n_half[0] == -1
+
+
 def test_shallow_decode_reads_float32():
     kv = HostKV(np.zeros((8, 1, 64), np.float32), np.zeros((8, 1, 64), np.float32))
     assert not kv.half(host_kv.HALF_FROM - 1) and kv.kh is None
@@ -123,6 +146,9 @@ def test_a_new_prompt_over_an_old_one_reads_its_own_rows(smollm2, monkeypatch):
             outs = [m.eval([t]) for t in (5, 6, 7, 8)]
         return outs
 
+    m.reset()
+    m.eval(second)
+    assert all(kv.n_half[0] == len(second) for kv in m.kv.layers)  # converted at the prompt's end
     fresh = run([second])
     assert all(kv.n_half[0] == len(second) + 4 for kv in m.kv.layers)  # the decode read the mirrors
     again = run([first, second])

@@ -275,20 +275,37 @@ def attention_decode(q, k_new, v_new, kc, vc, n_past, n_head, n_kv, hd, scale, w
 HALF_MAX = 65504.0  # the largest finite float16
 
 
+@njit(**_INLINE)
+def _half_row(src, dst, i):
+    """Row i of a float32 cache into its float16 mirror; returns the row's largest |value| (a loop
+    LLVM vectorizes: no branch per value)."""
+    n = src.shape[1] * src.shape[2]
+    sf = src.reshape(-1)
+    m = np.float32(0.0)
+    for j in range(i * n, (i + 1) * n):
+        x = sf[j]
+        m = max(m, abs(x))
+        put_half(dst, j, x)
+    return m
+
+
 @njit(**_SER)
 def _to_half(src, dst, r0, r1):
     """Rows [r0, r1) of a float32 cache into its float16 mirror; False if a value is beyond float16's
     range (a NaN is carried over: it propagates as in float32)."""
-    n_kv, hd = src.shape[1], src.shape[2]
-    ok = True
+    m = np.float32(0.0)
     for i in range(r0, r1):
-        for kh in range(n_kv):
-            for d in range(hd):
-                x = src[i, kh, d]
-                if abs(x) > HALF_MAX:
-                    ok = False
-                put_half(dst, (i * n_kv + kh) * hd + d, x)
-    return ok
+        m = max(m, _half_row(src, dst, i))
+    return not m > HALF_MAX
+
+
+@njit(**PAR)
+def to_half_rows(src, dst, r0, r1):
+    """_to_half over the threads: a prompt's rows converted at its end (HostKV.catch_up)."""
+    big = np.zeros(max(r1 - r0, 0), np.float32)
+    for i in prange(r0, r1):
+        big[i - r0] = _half_row(src, dst, i)
+    return not (r1 > r0 and big.max() > HALF_MAX)
 
 
 @njit(**_SER)

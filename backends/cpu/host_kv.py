@@ -39,6 +39,17 @@ class HostKV:
             self.vh = np.empty(self.v.shape, np.uint16)
         return True
 
+    def catch_up(self, n_past: int) -> None:
+        """At a prompt's end: the rows it wrote into the mirrors now, over the threads, so the first
+        decode step does not convert a whole prompt's rows on one thread (as llama.cpp's prefill writes
+        its float16 cache)."""
+        if not self.half(n_past) or self.n_half[0] >= n_past:
+            return
+        from .attention import to_half_rows
+        r0 = int(self.n_half[0])
+        ok = to_half_rows(self.k, self.kh, r0, n_past) and to_half_rows(self.v, self.vh, r0, n_past)
+        self.n_half[0] = n_past if ok else -1
+
     def rewritten_from(self, n: int) -> None:
         """Rows from n on will be written again (the sequence went back to n): their mirror is stale."""
         if self.n_half[0] > n:

@@ -256,7 +256,9 @@ class Executor:
     def check_finite(self, host: np.ndarray, node_id: int, backend: str) -> None:
         """Values crossing backends and the logits are checked (a few us for a decode step): a
         NaN or an infinity is reported with the node that made it, not carried into a kernel."""
-        if host.dtype.kind == "f" and not np.isfinite(host).all():
+        # (one dot product first: NaN/inf make it non-finite; only then, or on overflow, the full test)
+        if host.dtype.kind == "f" and not np.isfinite(np.dot(flat := host.reshape(-1), flat)) \
+                and not np.isfinite(host).all():
             node = self.graph.nodes[node_id]
             raise NonFiniteError(
                 f"non-finite values (NaN or inf) after {node.name} ({node.op.value}, layer {node.layer}, "

@@ -71,7 +71,8 @@ def _host_share(m, n: int) -> None:
     if rep is None or not rep._graphs:
         print("no captured graph to replay")
         return
-    graph = next(iter(rep._graphs.values()))[1]
+    # the one-token step's graph (not the warm-up prompt's)
+    graph = next(v[1] for k, v in rep._graphs.items() if k[0] == "whole" and k[-1] == 1)
     for _ in range(3):
         rep.be.replay(graph)
     torch.cuda.synchronize()
@@ -80,6 +81,13 @@ def _host_share(m, n: int) -> None:
         rep.be.replay(graph)
     torch.cuda.synchronize()
     g = (time.perf_counter() - t0) / n
+    launch = []
+    for _ in range(n):  # the host's time in one launch, the device idle before it (as between tokens)
+        t1 = time.perf_counter()
+        rep.be.replay(graph)
+        launch.append(time.perf_counter() - t1)
+        torch.cuda.synchronize()
+    print(f"graph launch (host, device idle): median {sorted(launch)[n // 2] * 1e6:.0f} us")
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()

@@ -1,8 +1,8 @@
 """A host layer's K/V cache: float32 rows every path writes and prefill reads, and a float16 mirror
 that CPU decode attention reads from HALF_FROM cached tokens on (half the bytes of a deep cache,
-llama.cpp's default cache type; decode at depth is bound by reading it).  The mirror is kept
-lazily: decode converts the rows written since (by a prefill on either backend) before it attends,
-so no other writer changes."""
+llama.cpp's default cache type; decode at depth is bound by reading it).  A prompt's rows (written
+by a prefill on either backend) are converted at its end over the threads (catch_up), decode's own
+rows as it writes them, so no other writer changes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -119,9 +119,10 @@ class Backend:
         """Write this step's tokens and positions into the static inputs."""
         raise NotImplementedError
 
-    def capture(self, fn: Callable[[], Any], inputs: Any) -> tuple[Any, Any]:
+    def capture(self, fn: Callable[[], Any], inputs: Any, whole: bool = False) -> tuple[Any, Any]:
         """Run fn once to warm up, then record it (`inputs`: the step's static inputs, set as
-        RunContext.graph): (graph, fn's outputs, which each replay refills)."""
+        RunContext.graph): (graph, fn's outputs, which each replay refills). `whole`: a decode step
+        whose output is read after every replay (its inputs and output may go through fixed host buffers)."""
         raise NotImplementedError
 
     def replay(self, graph: Any) -> None:

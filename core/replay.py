@@ -117,10 +117,9 @@ class StepReplay:
             si = self.be.step_inputs(n)
             self.be.fill_step_inputs(si, ctx)
             ctx.graph = si
-            capture = lambda: ex.run(plan, ctx, to_host=False)  # noqa: E731
             # a decode step's output is read after every replay: its inputs and output may be staged
-            graph, out = (self.be.capture(capture, si, whole=True) if is_small_batch(n) and to_host
-                          else self.be.capture(capture, si))
+            graph, out = self.be.capture(lambda: ex.run(plan, ctx, to_host=False), si,
+                                         whole=is_small_batch(n) and to_host)
             self.captures += 1
             hit = self._graphs[key] = (plan, graph, si, None, out)
         _, graph, si, _, out = hit

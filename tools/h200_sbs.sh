@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -170,6 +170,16 @@ moedec)
   s "MoE all on the GPU (8-layer Qwen3-30B-A3B shape): where a decode step's GPU time goes"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout 90 python3 -m lstream.tools.profile_decode $M/q3moe8.gguf -ngl 99 -n 8 --top 25 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;
+hops)
+  s "host-expert decode hops timed per phase (8-layer Qwen3-30B-A3B shape, -ncmoe 8): tools/profile_hops.py"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 2>&1 | grep -v "^ *$" | tail -20 ;;
+moetl)
+  s "host-expert prompt on the device's clock (8-layer Qwen3-30B-A3B shape, -ncmoe 8): copies and expert GEMMs"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  for ub in $(echo ${MOE_UB:-512,2048} | tr , ' '); do
+    timeout 120 python3 -m lstream.tools.profile_moe_prompt $M/q3moe8.gguf --ncmoe 8 -p 2048 -ub $ub --rows ${TL_ROWS:-30} 2>&1 | grep -v "^ *$" | tail -40
+  done ;;
 moehost)
   s "MoE with every layer's experts on the host (8-layer Qwen3-30B-A3B shape): decode phases per layer (--profile), host time (cProfile)"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8

@@ -94,6 +94,15 @@ _SCALES: dict[QType, list[tuple[int, float]]] = {
     QType.Q6_K: [(208, 8e-6)],  # d is the last field
 }
 
+# Mixtures of experts: with random q/k, attention averages over every earlier position, so its output
+# is nearly one vector for all tokens; summed into the residual over the layers it becomes the
+# direction every router sees, and from the fourth layer on every token of a prompt routed to the
+# same 8 of 128 experts (measured on the Qwen3-30B-A3B shape). Trained routers spread a ubatch over
+# all experts, and what a prompt uploads and a host computes depends on that: so the token's own
+# embedding is drawn larger and attention's output smaller, which keeps every layer's routing spread
+# (a 512-token prompt: all 128 experts in each of 8 layers, the top 16 taking ~16% of the pairs).
+ROUTED_GAIN = {"token_embd": 30.0, "attn_output": 0.1}
+
 
 def tensor_plan(p: Preset, wtype: QType, embd_type: QType, out_type: QType) -> list[tuple[str, tuple[int, ...], QType]]:
     """(name, numpy-order shape (rows, cols), or (n_expert, rows, cols) for experts, type) for every
@@ -131,9 +140,10 @@ def tensor_plan(p: Preset, wtype: QType, embd_type: QType, out_type: QType) -> l
 
 
 def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], qt: QType,
-                  scale: float | None = None) -> np.ndarray:
+                  scale: float | None = None, gain: float = 1.0) -> np.ndarray:
     """Random valid data: float arrays for F32/F16/BF16, (rows, row_bytes) uint8 blocks otherwise;
-    scale: every block's first scale field (d) set to it (the others keep their small sizes)."""
+    scale: every block's first scale field (d) set to it (the others keep their small sizes), else
+    weights of mean zero and typical size `gain` x _SCALES'."""
     if qt == QType.F32:
         if name.endswith("norm.weight"):
             return (1.0 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
@@ -151,9 +161,45 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], q
         if k == 0 and scale is not None:
             s = np.full(blocks.shape[0], scale, np.float16)
         else:  # |scale| in [0.5, 1.5] * mag
+            mag = mag * (gain if k == 0 else 1.0)
             s = (mag * (0.5 + rng.random(blocks.shape[0], dtype=np.float32))).astype(np.float16)
         blocks[:, off:off + 2] = s.view(np.uint8).reshape(-1, 2)
+    if scale is None:
+        _center(blocks, qt)
     return data.reshape(*shape[:-1], -1) if len(shape) > 1 else data.reshape(1, -1)
+
+
+def _center(blocks: np.ndarray, qt: QType) -> None:
+    """Make the random blocks' weights average zero, as trained weights do. Uniform quants average
+    -d/2 (Q4_0) or +7.5d + m (Q4_1); that shared offset gives every layer's output one common
+    direction, which grows over the layers until every token routes to the same experts (8 of 128
+    in each layer of the Qwen3-30B-A3B shape), where a real router spreads a ubatch over all."""
+    if qt == QType.Q4_0:  # nibble 0 (-8d) becomes 8 (0): the values -7..7 and 0 twice, mean 0
+        q = blocks[:, 2:]
+        lo, hi = q & 15, q >> 4
+        q[:] = np.where(lo == 0, 8, lo) | (np.where(hi == 0, 8, hi) << 4)
+    elif qt == QType.Q8_0:  # -128 becomes 0: -127..127
+        q = blocks[:, 2:]
+        q[q == 0x80] = 0
+    elif qt == QType.Q5_0:  # value 0 (-16d: low nibble 0, high bit 0) becomes 16 (0)
+        qh = blocks[:, 2:6].copy().view(np.uint32)[:, 0]
+        qs = blocks[:, 6:22]
+        bits = np.arange(16, dtype=np.uint32)
+        for nib, shift in ((qs & 15, 0), (qs >> 4, 16)):
+            fix = (nib == 0) & (((qh[:, None] >> (bits + shift)) & 1) == 0)
+            qh |= (fix.astype(np.uint32) << (bits + shift)).sum(axis=1, dtype=np.uint32)
+        blocks[:, 2:6] = qh.view(np.uint8).reshape(-1, 4)
+    elif qt in (QType.Q4_1, QType.Q5_1):  # m = -(levels - 1) / 2 * d: the block's values centred
+        d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+        half = 7.5 if qt == QType.Q4_1 else 15.5
+        blocks[:, 2:4] = (-half * d).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    elif qt in (QType.Q4_K, QType.Q5_K):  # each sub-block's min m_j = its scale sc_j, dmin = 7.5 d
+        sc = blocks[:, 4:16]  # (12 bytes of 6-bit sc/m: equal when bytes 4-7 = 0-3, 8-11's nibbles equal)
+        sc[:, 4:8] = sc[:, 0:4]
+        sc[:, 8:12] = (sc[:, 8:12] & 15) * 17
+        d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+        half = 7.5 if qt == QType.Q4_K else 15.5
+        blocks[:, 2:4] = (half * d).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
 
 def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QType.Q4_0, *,
@@ -214,7 +260,8 @@ def write_model(path: str | Path, preset: str | Preset, wtype: QType | str = QTy
     rng = np.random.default_rng(seed)
     t0, total = time.time(), 0
     for tname, shape, qt in plan:
-        arr = random_tensor(rng, tname, shape, qt, scale)
+        gain = ROUTED_GAIN.get(tname.split(".")[-2], 1.0) if p.n_expert and scale is None else 1.0
+        arr = random_tensor(rng, tname, shape, qt, scale, gain)
         w.write_tensor_data(arr)
         total += arr.nbytes
         if verbose and arr.nbytes > (64 << 20):

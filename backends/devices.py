@@ -156,4 +156,4 @@ def make_device_backend(device: str, policy, options):
     """The CUDA backend, imported only when asked for (torch.cuda is not needed otherwise)."""
     from .cuda import CUDABackend
     return CUDABackend(policy=policy, device=device, cuda_graphs=options.cuda_graphs,
-                       expert_cache_gib=options.expert_cache_gib)
+                       expert_cache_gib=options.expert_cache_gib, moe_share=options.moe_share)

@@ -88,6 +88,8 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: every layer's experts stay on the host")
 @click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
               metavar="GIB", help="MoE: VRAM for recently routed host experts in decode (LRU; hits on the GPU)")
+@click.option("--moe-share", "moe_share", type=click.IntRange(min=0), default=0, show_default=True,
+              help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes there")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
               help="auto|threshold|never|always|split:N[:SHARE]|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
@@ -105,7 +107,7 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
           progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False, ncmoe=("0",),
-          cpu_moe=False, expert_cache=0):
+          cpu_moe=False, expert_cache=0, moe_share=0):
     """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
 
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
@@ -124,7 +126,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     for pr in printers:
         pr.start()
     run = _Run(grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs, no_layer_major,
-               expert_cache=expert_cache, n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
+               expert_cache=expert_cache, moe_share=moe_share, n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
     try:
         for model_path in (models or [None]):
             path = resolve(model_path)
@@ -171,12 +173,12 @@ class _Run:
     """One `lstream bench` invocation: loads each (model, -ngl) once and yields a row per test."""
 
     def __init__(self, grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs,
-                 no_layer_major, n_total, expert_cache=0):
+                 no_layer_major, n_total, expert_cache=0, moe_share=0):
         self.grid, self.tests, self.ds, self.reps, self.ot = grid, tests, ds, reps, ot
         self.verbose, self.progress, self.no_warmup, self.profile, self.trace = verbose, progress, no_warmup, profile, trace
         self.no_cuda_graphs, self.no_layer_major, self.n_total, self.done = no_cuda_graphs, no_layer_major, n_total, 0
         self.n_ctx = max([pp + tg for pp, tg in tests] or [1]) + max(ds)
-        self.expert_cache = expert_cache
+        self.expert_cache, self.moe_share = expert_cache, moe_share
 
     def model_rows(self, path, n_gpu, n_cpu_moe=0):
         import time
@@ -188,7 +190,8 @@ class _Run:
         model = build_model(loaded, n_gpu, self.grid["n_threads"][0], self.n_ctx,
                             overrides=self.ot.split(";") if self.ot else (), load_tokenizer=False,
                             no_cuda_graphs=self.no_cuda_graphs, no_layer_major=self.no_layer_major,
-                            n_cpu_moe=min(n_cpu_moe, loaded.config.n_layer), expert_cache=self.expert_cache)
+                            n_cpu_moe=min(n_cpu_moe, loaded.config.n_layer), expert_cache=self.expert_cache,
+                            moe_share=self.moe_share)
         if self.verbose:
             click.echo(f"lstream-bench: loaded {path} ({model_type(loaded)}, ngl {n_gpu}, "
                        f"{' + '.join(b.describe() for b in model.backends)}) in "

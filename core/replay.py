@@ -10,6 +10,8 @@ same static step runs eagerly: the two give identical outputs, which the GPU tes
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .batch import is_small_batch
 from .graph import INPUT
 from .ops import Op
@@ -206,7 +208,15 @@ class StepReplay:
         xs = self.be.read_back([vals[i][name] for i in node.inputs])
         for i, h in zip(node.inputs, xs):
             self.ex.check_finite(h, i, name)
-        vals[node.id] = {name: self.be.send_up(host.moe_decode(node, xs[0], xs[1]))}
+        share = getattr(self.be, "share_experts", None)
+        if share is None:
+            vals[node.id] = {name: self.be.send_up(host.moe_decode(node, xs[0], xs[1]))}
+        else:  # the device computes some routed experts (copied from pinned memory) while the host does the rest
+            ids, w = host.moe_route(node, xs[1])
+            take, y_dev = share(node, vals[node.inputs[0]][name], ids, w)
+            y = host.moe_experts(node, xs[0], ids if take is None else np.where(take, -1, ids), w)
+            up = self.be.send_up(y)
+            vals[node.id] = {name: up if y_dev is None else up.add_(y_dev)}
         self.host_moe_runs += 1
         return 1
 

@@ -109,6 +109,11 @@ class FakeRuntime:
         self.log.append(("copy", stream.name, dst.data_ptr(), dst.numel()))
         stream.submit(lambda: dst.view(height, width).copy_(src.as_strided((height, width), (pitch, 1), offset)))
 
+    def copy_rows(self, dst, dst_pitch, src, offset, pitch, width, height, stream):
+        self.log.append(("copy", stream.name, dst.data_ptr(), width * height))
+        stream.submit(lambda: dst.as_strided((height, width), (dst_pitch, 1)).copy_(
+            src.as_strided((height, width), (pitch, 1), offset)))
+
     def synchronize(self):
         for s in (self.compute_stream, self.copy_stream, self.kv_stream):
             s.synchronize()

@@ -2,11 +2,12 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
-synth l8b llama3-8b Q4_0
+for sec in "$@"; do case $sec in  # the 8B file only for the sections that read it (~50 s to write)
+  moe*|hops|cpumoe|membw|hostbw) ;; *) synth l8b llama3-8b Q4_0; break ;; esac; done
 B="python3 -m lstream.cli bench -m $M/l8b.gguf"
 # llama.cpp's best load mode (-lm none: weights read into its own host buffers for the copies of
 # offloaded ops; with the default memory map a 2026-12-02 call made 1210 / 690 t/s at -ngl 16 / 0
@@ -42,7 +43,7 @@ pprofile)
   done; done ;;
 gemvsweep)
   s "int8 GEMV configs per decode shape (batch 1)"
-  timeout ${SWEEP_S:-150} python3 -m lstream.tools.bench_gemv --types Q4_0 --shapes ${SWEEP_SHAPES:-4096x14336,28672x4096,6144x4096,4096x4096,128256x4096} --dtype bf16 --q8 --q8-sweep --no-ref --reps 15 2>&1 | tail -20 ;;
+  timeout ${SWEEP_S:-150} python3 -m lstream.tools.bench_gemv --types Q4_0 --shapes ${SWEEP_SHAPES:-4096x14336,28672x4096,6144x4096,4096x4096,128256x4096} --dtype bf16 --q8 --q8-sweep --no-ref --reps 15 2>&1 | tail -40 ;;
 qgemm)
   s "prefill GEMM on quantized tiles vs dequantize + cuBLAS vs the bf16 cuBLAS ceiling"
   timeout ${QGEMM_S:-150} python3 -m lstream.tools.bench_qgemm --json $OUT/qgemm.json 2>&1 | tail -40 ;;
@@ -170,10 +171,17 @@ moedec)
   s "MoE all on the GPU (8-layer Qwen3-30B-A3B shape): where a decode step's GPU time goes"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout 90 python3 -m lstream.tools.profile_decode $M/q3moe8.gguf -ngl 99 -n 8 --top 25 --kernels 2>&1 | grep -v "^ *$" | grep -v "function calls\|Ordered by\|ncalls\|{built-in\|{method" | tail -45 ;;
+moetg)
+  llama_cpp
+  s "MoE decode side by side: -ncmoe \${MOE_NC:-48,24}; lstream's --moe-share \${MOE_SHARES:-0,3} by profile_hops, then its bench"
+  synth q3moe qwen3-30b-a3b Q4_0
+  timeout 150 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -fa 1 -r 3 -o md -lm ${LLM:-none}
+  timeout ${HOPS48_S:-150} python3 -m lstream.tools.profile_hops $M/q3moe.gguf --ncmoe 48 -n 32 --shares ${MOE_SHARES:-0,3} 2>&1 | grep -v "^ *$" | grep -v "  [a-z_]* .* us x" | tail -8
+  timeout ${MOETG_S:-200} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -r 3 2>&1 | grep -v "^ *$" ;;
 hops)
   s "host-expert decode hops timed per phase (8-layer Qwen3-30B-A3B shape, -ncmoe 8): tools/profile_hops.py"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
-  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 2>&1 | grep -v "^ *$" | tail -20 ;;
+  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} 2>&1 | grep -v "^ *$" | tail -40 ;;
 moetl)
   s "host-expert prompt on the device's clock (8-layer Qwen3-30B-A3B shape, -ncmoe 8): copies and expert GEMMs"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8

@@ -36,16 +36,30 @@ def _timed(obj, attr: str, acc: dict, key: str):
 @click.option("--ncmoe", type=int, default=99)
 @click.option("-n", "n", type=int, default=32)
 @click.option("-t", "threads", type=int, default=None)
-def main(model, ncmoe, n, threads):
+@click.option("--shares", default="0,3", help="--moe-share values to time in turn")
+def main(model, ncmoe, n, threads, shares):
     from ..api import Model
     from ..backends.cpu import moe as cmoe
     from ..loaders.model_file import load_model
+    import numba
     m = Model(load_model(model), n_gpu_layers=99, n_ctx=512, load_tokenizer=False, n_cpu_moe=ncmoe,
               n_threads=threads)
     m.eval([1, 2, 3, 4])
     for t in range(4):
         m.eval([5 + t])
     m.synchronize()
+    print(f"CPU threads {m.cpu.n_threads}, numba's threading layer {numba.threading_layer()}")
+    ref = None
+    for share in [0] + [int(v) for v in shares.split(",") if int(v)]:  # the share changes no logits
+        m.device_backend.moe_share = share
+        m.reset()
+        m.eval([1, 2, 3, 4])
+        out = np.concatenate([m.eval([5 + t]) for t in range(3)])
+        if ref is None:
+            ref = out
+        else:
+            print(f"--moe-share {share}: logits' max difference to 0's {np.abs(out - ref).max() / np.abs(ref).max():.2e} "
+                  f"of their largest, greedy tokens {'equal' if (out.reshape(3, -1).argmax(1) == ref.reshape(3, -1).argmax(1)).all() else 'DIFFER'}")
     rep = m.runner.replay
     be = rep.be
     acc: dict = defaultdict(float)
@@ -64,22 +78,27 @@ def main(model, ncmoe, n, threads):
         return f_pairs(*a)
     K.pairs_ffn = keep
     _timed(K, "pairs_ffn", acc, "experts")
-    t0 = time.perf_counter()
-    for t in range(n):
-        m.eval([10 + t])
-    m.synchronize()
-    wall = (time.perf_counter() - t0) / n
+    for share in [int(v) for v in shares.split(",")]:
+        be.moe_share = share
+        for t in range(3):
+            m.eval([40 + t])
+        m.synchronize()
+        acc.clear()
+        t0 = time.perf_counter()
+        for t in range(n):
+            m.eval([10 + t])
+        m.synchronize()
+        wall = (time.perf_counter() - t0) / n
+        hops = acc["read_back#"] / n
+        print(f"--moe-share {share}: {wall * 1e3:.2f} ms/token ({1 / wall:.1f} t/s), {hops:.0f} hops a token; per hop (us):")
+        named = 0.0
+        for k in ("replay", "read_back", "route", "experts", "send_up", "copy_in"):
+            per = acc[k] / max(acc[k + "#"], 1) * 1e6
+            named += acc[k]
+            print(f"  {k:10s} {per:8.1f} us x {acc[k + '#'] / n:5.1f}/token = {acc[k] / n * 1e3:7.3f} ms/token")
+        print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the device share, the head)")
     for obj, attr, f in saved:
         setattr(obj, attr, f)
-    hops = acc["read_back#"] / n
-    print(f"{wall * 1e3:.2f} ms/token ({1 / wall:.1f} t/s), {hops:.0f} hops a token, "
-          f"{m.runner.replay.host_moe_runs} host MoE runs; per hop (us):")
-    named = 0.0
-    for k in ("replay", "read_back", "route", "experts", "send_up", "copy_in"):
-        per = acc[k] / max(acc[k + "#"], 1) * 1e6
-        named += acc[k]
-        print(f"  {k:10s} {per:8.1f} us x {acc[k + '#'] / n:5.1f}/token = {acc[k] / n * 1e3:7.3f} ms/token")
-    print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the head)")
     a = last.get("a")
     if a is None:
         return

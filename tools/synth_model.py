@@ -155,7 +155,9 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], q
         return ((f + 0x8000) >> 16).astype(np.uint16)  # round to nearest; stored as raw uint16
     info = QTYPE_INFO[qt]
     nbytes = tensor_bytes(qt, shape)
-    data = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
+    data = rng.bit_generator.random_raw((nbytes + 7) // 8).view(np.uint8)[:nbytes]  # (7x integers' speed)
+    if scale is None and qt in _BYTE_CENTER:  # (the scale bytes are written after)
+        data[:] = _BYTE_CENTER[qt][data]
     blocks = data.reshape(-1, info.type_size)
     for k, (off, mag) in enumerate(_SCALES[qt]):
         if k == 0 and scale is not None:
@@ -169,19 +171,23 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...], q
     return data.reshape(*shape[:-1], -1) if len(shape) > 1 else data.reshape(1, -1)
 
 
+def _byte_luts() -> dict[QType, np.ndarray]:
+    b = np.arange(256)
+    lo, hi = b & 15, b >> 4
+    # Q4_0: nibble 0 (-8d) becomes 8 (0): the values -7..7 and 0 twice, mean 0; Q8_0: -128 becomes 0
+    return {QType.Q4_0: (np.where(lo == 0, 8, lo) | (np.where(hi == 0, 8, hi) << 4)).astype(np.uint8),
+            QType.Q8_0: np.where(b == 0x80, 0, b).astype(np.uint8)}
+
+
+_BYTE_CENTER = _byte_luts()
+
+
 def _center(blocks: np.ndarray, qt: QType) -> None:
     """Make the random blocks' weights average zero, as trained weights do. Uniform quants average
     -d/2 (Q4_0) or +7.5d + m (Q4_1); that shared offset gives every layer's output one common
     direction, which grows over the layers until every token routes to the same experts (8 of 128
     in each layer of the Qwen3-30B-A3B shape), where a real router spreads a ubatch over all."""
-    if qt == QType.Q4_0:  # nibble 0 (-8d) becomes 8 (0): the values -7..7 and 0 twice, mean 0
-        q = blocks[:, 2:]
-        lo, hi = q & 15, q >> 4
-        q[:] = np.where(lo == 0, 8, lo) | (np.where(hi == 0, 8, hi) << 4)
-    elif qt == QType.Q8_0:  # -128 becomes 0: -127..127
-        q = blocks[:, 2:]
-        q[q == 0x80] = 0
-    elif qt == QType.Q5_0:  # value 0 (-16d: low nibble 0, high bit 0) becomes 16 (0)
+    if qt == QType.Q5_0:  # value 0 (-16d: low nibble 0, high bit 0) becomes 16 (0)
         qh = blocks[:, 2:6].copy().view(np.uint32)[:, 0]
         qs = blocks[:, 6:22]
         bits = np.arange(16, dtype=np.uint32)

@@ -372,6 +372,9 @@ class CPUBackend(Backend):
     def moe_decode(self, node, x, logits):
         return moe.decode(self, node, x, logits)
 
+    def moe_route(self, node, logits):
+        return moe.route_small(node, logits)
+
     def moe_experts(self, node, x, ids, weights):
         return moe.experts_ffn(self, node, x, ids, weights)
 

@@ -69,11 +69,17 @@ def compute(backend, node, inputs, ctx) -> np.ndarray:
 def decode(backend, node, x: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """A decode step's MoE op without a shared expert: routed by the numba router (core/moe.route's
     result), then experts_ffn (the fast path between two replayed device segments, --cpu-moe)."""
+    ids, w = route_small(node, logits)
+    return experts_ffn(backend, node, x, ids, w)
+
+
+def route_small(node, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """core/moe.route for a few tokens by the numba router: (ids (T, top_k) int32, weights float32)."""
     p = node.params
-    T, k = len(x), p["top_k"]
+    T, k = len(logits), p["top_k"]
     ids, w = np.empty((T, k), np.int32), np.empty((T, k), np.float32)
     K.route(np.ascontiguousarray(logits, dtype=np.float32), k, bool(p["norm"]), ids, w)
-    return experts_ffn(backend, node, x, ids, w)
+    return ids, w
 
 
 def experts_ffn(backend, node, x: np.ndarray, ids: np.ndarray, w: np.ndarray) -> np.ndarray:

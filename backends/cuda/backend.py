@@ -33,8 +33,7 @@ from ..base import Backend
 from . import decode_kernels as dk
 from . import dequant as ck
 from . import fused
-from . import gemv as cg
-from . import gemv_q8, matmul_choice, repack, selfcheck
+from . import gemv as cg, gemv_q8, matmul_choice, repack, selfcheck
 from .attention import AttentionMixin, DeviceKV
 from .attention_paged import attention_paged, batch_tensors
 from .graphs import GraphsMixin, static_angles
@@ -56,13 +55,14 @@ class CUDABackend(StreamRunMixin, AttentionMixin, GraphsMixin, MoEMixin, Backend
     def __init__(self, policy: UploadPolicy | None = None, device: str = "cuda", runtime=None,
                  dtype: str | torch.dtype = "bf16", n_slots: int = 3, use_triton: bool | None = None,
                  speculate: bool = False, cuda_graphs: bool = True, gemv: bool | None = None, fuse: bool = True,
-                 repack_resident: bool | None = None, qgemm: bool | None = None, expert_cache_gib: float = 0.0):
+                 repack_resident: bool | None = None, qgemm: bool | None = None, expert_cache_gib: float = 0.0, moe_share=0):
         self.policy = policy or BatchThreshold(UPLOAD_THRESHOLD)
         self.rt = runtime if runtime is not None else CudaRuntime(device)
         self.device = self.rt.device
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.ring_slots = n_slots
-        self.expert_cache_gib = expert_cache_gib  # VRAM for routed host experts in decode (core/expert_cache.py)
+        # decode's host experts: VRAM for a cache of them (core/expert_cache.py), how many a step computes here
+        self.expert_cache_gib, self.moe_share = expert_cache_gib, moe_share  # (expert_share.py)
         self.use_triton = use_triton
         self.speculate = speculate
         self.residency: ResidencyMap | None = None

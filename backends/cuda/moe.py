@@ -46,6 +46,7 @@ class MoEMixin:
         self._moe_kernels: bool | None = None  # decided at the first resident expert tensor
         self.expert_streamer = None
         self._expert_cache = None  # core/expert_cache.py, made with the streamer when --expert-cache is set
+        self._share, self._share_ok = None, {}  # expert_share.py, made at the first host-expert decode hop
 
     def _use_moe_kernels(self) -> bool:
         if self._moe_kernels is None:
@@ -124,6 +125,26 @@ class MoEMixin:
                 from ...core.expert_cache import ExpertCache
                 self._expert_cache = ExpertCache(self.rt, self.expert_streamer, int(self.expert_cache_gib * 2**30))
         return self.expert_streamer
+
+    def share_experts(self, node, x, ids: np.ndarray, w: np.ndarray):
+        """A host-expert decode hop's device share (core/replay.py): of one token's routed experts
+        (ids, w: (1, top_k)), the last moe_share are copied from the pinned arena and computed here.
+        Returns (mask of the pairs taken, their weighted sum on the device), or (None, None)."""
+        k = ids.shape[1]
+        n = min(self.moe_share or 0, k)
+        if n <= 0 or ids.shape[0] != 1 or self.expert_cache_gib or not self._use_moe_kernels():
+            return None, None
+        if self._share is None:
+            from .expert_share import ExpertShare
+            self._share = ExpertShare(self, self._expert_streamer(), k)
+        ok = self._share_ok.get(node.id)
+        if ok is None:
+            ok = self._share_ok[node.id] = self._share.usable(node)
+        if not ok:
+            return None, None
+        take = np.zeros(ids.shape, dtype=bool)
+        take[0, k - n:] = True
+        return take, self._share.run(node, x, ids[0, k - n:], w[0, k - n:])
 
     def _cache_kernels(self, entry) -> bool:
         """The cache's hits run on the decode kernels: gate and up of one type they read."""

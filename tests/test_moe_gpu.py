@@ -60,6 +60,22 @@ def test_paths_give_the_cpus_greedy_tokens(tiny, kind):
         assert nmse < 1e-8, (arch, kw, nmse)
 
 
+@pytest.mark.parametrize("kind", [GPU])  # on the fake device: tests/test_expert_share.py
+def test_expert_share_gives_the_cpus_greedy_tokens(tiny, kind):
+    """--moe-share: of each token's routed experts in a host-expert decode layer the GPU copies and
+    computes some (real DMA of the pinned arena, kernels from a per-layer CUDA graph)."""
+    arch, path, ids = tiny
+    want, ref = _run(path, ids)
+    for share in (1, 2):
+        dev = _device(kind, "fp32")
+        dev.moe_share = share
+        gen, logits = _run(path, ids, dev, cpu_moe=True)
+        assert gen == want, (arch, share)
+        assert dev._share is not None and dev._share.experts_computed > 0
+        nmse = float(((logits - ref) ** 2).sum() / (ref ** 2).sum())
+        assert nmse < 1e-8, (arch, share, nmse)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_close_to_the_cpu(tiny, kind):
     arch, path, ids = tiny

@@ -181,7 +181,7 @@ moetg)
 hops)
   s "host-expert decode hops timed per phase (8-layer Qwen3-30B-A3B shape, -ncmoe 8): tools/profile_hops.py"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
-  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} 2>&1 | grep -v "^ *$" | tail -40 ;;
+  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} ${HOPS_T:+-t $HOPS_T} 2>&1 | grep -v "^ *$" | tail -40 ;;
 moetl)
   s "host-expert prompt on the device's clock (8-layer Qwen3-30B-A3B shape, -ncmoe 8): copies and expert GEMMs"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8

@@ -34,54 +34,49 @@ class ExpertShare:
         self.be, self.st, self.n_max = backend, streamer, n_max
         self.rt = backend.rt
         self._bufs: dict[int, torch.Tensor] = {}  # expert bytes -> slot (3, n_max, expert bytes)
-        self._experts: dict[tuple, list] = {}
+        self._layers: dict[int, tuple | None] = {}  # MoE node id -> its copy and kernel operands, or None
         self._w_pin = self.rt.alloc_host(4 * n_max)[0].view(torch.float32).view(1, n_max)
         self._w_dev = torch.empty((1, n_max), dtype=torch.float32, device=backend.device)
         self._ids = torch.arange(n_max, dtype=torch.int64, device=backend.device).view(1, n_max)
         self.experts_computed = 0
         self._graphs: dict[tuple, tuple] = {}  # (layer node, n, x's address) -> (graph, its output)
         self._pool = None
+        self._use_graphs = getattr(backend, "graphs", False) and os.environ.get("LSTREAM_SHARE_GRAPHS") != "0"
 
-    def usable(self, node) -> bool:
-        """Gate, up and down of one expert size, one type the kernels read (gate and up alike), one
-        tensor apart in the arena, and the arena pinned."""
+    def layer(self, node) -> tuple | None:
+        """(arena offset of expert 0's first row, pitch between the tensors, expert bytes, slot, gate/up/
+        down as the kernels' operands) for node's layer, made once; None when the share cannot take it:
+        gate, up and down of one expert size, of types the kernels read (gate and up alike), one tensor
+        apart in a pinned arena."""
+        if node.id in self._layers:
+            return self._layers[node.id]
         es = [self.be.residency[n] for n in node.weights[:3]]
-        if not self.st.pinned or any(e.qtype not in mk.TYPES for e in es) or es[0].qtype != es[1].qtype:
-            return False
         eb = es[0].expert_nbytes
-        offs = sorted(self.st.offset[e.name] for e in es)
-        return all(e.expert_nbytes == eb for e in es) and offs[1] - offs[0] == offs[2] - offs[1] > 0
-
-    def _order(self, es) -> list[int]:
-        """Each of gate, up, down's row in the slot: its rank in the arena (the file's order)."""
         offs = [self.st.offset[e.name] for e in es]
-        return [sorted(offs).index(o) for o in offs]
-
-    def _slot(self, es) -> tuple[torch.Tensor, list]:
-        eb = es[0].expert_nbytes
+        srt = sorted(offs)
+        ok = (self.st.pinned and all(e.qtype in mk.TYPES and e.expert_nbytes == eb for e in es)
+              and es[0].qtype == es[1].qtype and srt[1] - srt[0] == srt[2] - srt[1] > 0)
+        if not ok:
+            self._layers[node.id] = None
+            return None
         buf = self._bufs.get(eb)
         if buf is None:
             buf = self._bufs[eb] = torch.empty((3, self.n_max, eb), dtype=torch.uint8, device=self.be.device)
-        key = tuple((e.qtype, e.shape) for e in es) + tuple(self._order(es))
-        ex = self._experts.get(key)
-        if ex is None:  # gate, up, down as the kernels' operands: slot j is expert j
-            ex = self._experts[key] = [mk.Experts(e.qtype, self.n_max, e.shape[1], e.shape[2],
-                                                  buf[t].view(self.n_max * e.shape[1], -1))
-                                       for t, e in zip(self._order(es), es)]
-        return buf, ex
+        # slot row t holds the tensor of rank t in the arena (the file's order); slot j is expert j
+        ex = [mk.Experts(e.qtype, self.n_max, e.shape[1], e.shape[2],
+                         buf[srt.index(o)].view(self.n_max * e.shape[1], -1)) for o, e in zip(offs, es)]
+        hit = self._layers[node.id] = (self.st.layer_start[node.layer] + srt[0], srt[1] - srt[0], eb, buf, ex)
+        return hit
 
     def run(self, node, x: torch.Tensor, experts: np.ndarray, weights: np.ndarray) -> torch.Tensor:
         """x (1, dim) on the device; experts, weights: the n (<= n_max) routed experts it computes
-        here and their routing weights. Returns their weighted sum (1, dim) fp32, enqueued."""
-        es = [self.be.residency[nm] for nm in node.weights[:3]]
-        buf, ex = self._slot(es)
-        st, cs = self.st, self.rt.compute_stream
-        eb = es[0].expert_nbytes
-        offs = sorted(st.offset[e.name] for e in es)
-        base, pitch = st.layer_start[node.layer] + offs[0], offs[1] - offs[0]
+        here and their routing weights (node's layer known usable). Returns their weighted sum
+        (1, dim) fp32, enqueued."""
+        base, pitch, eb, buf, ex = self._layers[node.id]
+        cs = self.rt.compute_stream
         n = len(experts)
-        for j, e in enumerate(experts):  # expert e's rows of the 3 tensors, one tensor apart, in the arena's order
-            self.rt.copy_rows(buf[0, j], self.n_max * eb, st.buf, base + int(e) * eb, pitch, eb, 3, cs)
+        for j, e in enumerate(experts):  # expert e's rows of the 3 tensors, one tensor apart
+            self.rt.copy_rows(buf[0, j], self.n_max * eb, self.st.buf, base + int(e) * eb, pitch, eb, 3, cs)
         self._w_pin[0, :n] = torch.from_numpy(np.asarray(weights, dtype=np.float32))
         self.rt.copy(self._w_dev[:, :n], self._w_pin[:, :n], cs)  # (the compute stream is torch's current)
         self.experts_computed += n
@@ -93,7 +88,7 @@ class ExpertShare:
         host time than the CPU's share of the experts saves."""
         def kernels():
             return mk.decode(x, self._ids[:, :n], self._w_dev[:, :n], ex[0], ex[2], up=ex[1])
-        if not getattr(self.be, "graphs", False) or os.environ.get("LSTREAM_SHARE_GRAPHS") == "0":
+        if not self._use_graphs:
             return kernels()
         key = (nid, n, x.data_ptr())
         hit = self._graphs.get(key)

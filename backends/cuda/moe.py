@@ -46,7 +46,7 @@ class MoEMixin:
         self._moe_kernels: bool | None = None  # decided at the first resident expert tensor
         self.expert_streamer = None
         self._expert_cache = None  # core/expert_cache.py, made with the streamer when --expert-cache is set
-        self._share, self._share_ok = None, {}  # expert_share.py, made at the first host-expert decode hop
+        self._share = None  # expert_share.py, made at the first host-expert decode hop
 
     def _use_moe_kernels(self) -> bool:
         if self._moe_kernels is None:
@@ -137,10 +137,7 @@ class MoEMixin:
         if self._share is None:
             from .expert_share import ExpertShare
             self._share = ExpertShare(self, self._expert_streamer(), k)
-        ok = self._share_ok.get(node.id)
-        if ok is None:
-            ok = self._share_ok[node.id] = self._share.usable(node)
-        if not ok:
+        if self._share.layer(node) is None:
             return None, None
         take = np.zeros(ids.shape, dtype=bool)
         take[0, k - n:] = True

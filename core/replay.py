@@ -201,22 +201,19 @@ class StepReplay:
         host = self.ex.backends[a.backend]
         name = self.be.name
         if (a.node.op is not Op.MOE or a.backend == name or len(a.node.inputs) != 2
-                or not hasattr(host, "moe_decode") or not hasattr(self.be, "read_back")
+                or not hasattr(host, "moe_route") or not hasattr(self.be, "read_back")
                 or not all(i in vals and name in vals[i] for i in a.node.inputs)):
             return 0
         node = a.node
         xs = self.be.read_back([vals[i][name] for i in node.inputs])
         for i, h in zip(node.inputs, xs):
             self.ex.check_finite(h, i, name)
+        ids, w = host.moe_route(node, xs[1])
+        # --moe-share: the device computes some routed experts (copied from pinned memory) meanwhile
         share = getattr(self.be, "share_experts", None)
-        if share is None:
-            vals[node.id] = {name: self.be.send_up(host.moe_decode(node, xs[0], xs[1]))}
-        else:  # the device computes some routed experts (copied from pinned memory) while the host does the rest
-            ids, w = host.moe_route(node, xs[1])
-            take, y_dev = share(node, vals[node.inputs[0]][name], ids, w)
-            y = host.moe_experts(node, xs[0], ids if take is None else np.where(take, -1, ids), w)
-            up = self.be.send_up(y)
-            vals[node.id] = {name: up if y_dev is None else up.add_(y_dev)}
+        take, y_dev = share(node, vals[node.inputs[0]][name], ids, w) if share is not None else (None, None)
+        up = self.be.send_up(host.moe_experts(node, xs[0], ids if take is None else np.where(take, -1, ids), w))
+        vals[node.id] = {name: up if y_dev is None else up.add_(y_dev)}
         self.host_moe_runs += 1
         return 1
 

@@ -91,8 +91,7 @@ def _copy_2d(dst: torch.Tensor, src: torch.Tensor, offset: int, pitch: int, widt
     if c is None:
         if dst.numel() != width * height or offset + (height - 1) * pitch + width > src.numel():
             raise ValueError(f"2-D copy of {height} x {width} bytes: dst has {dst.numel()}, src {src.numel()}")
-        c = _Memcpy2D(srcMemoryType=1, srcHost=key[1], srcPitch=pitch, dstMemoryType=2, dstDevice=key[0],
-                      dstPitch=width, WidthInBytes=width, Height=height)
+        c = _desc(key[0], width, key[1], pitch, width, height)
         if len(_descs) > 4096:  # (buffers freed and reallocated elsewhere: start again)
             _descs.clear()
         _descs[key] = c
@@ -105,9 +104,13 @@ def copy_rows(dst: torch.Tensor, dst_pitch: int, src: torch.Tensor, offset: int,
     `dst_pitch` apart from dst's first byte: one DMA (an expert's gate, up and down in one call)."""
     if offset + (height - 1) * pitch + width > src.numel():
         raise ValueError(f"2-D copy of {height} x {width} bytes from {offset}: src has {src.numel()}")
-    c = _Memcpy2D(srcMemoryType=1, srcHost=src.data_ptr() + offset, srcPitch=pitch, dstMemoryType=2,
-                  dstDevice=dst.data_ptr(), dstPitch=dst_pitch, WidthInBytes=width, Height=height)
-    _issue(c, stream)
+    _issue(_desc(dst.data_ptr(), dst_pitch, src.data_ptr() + offset, pitch, width, height), stream)
+
+
+def _desc(dst: int, dst_pitch: int, src: int, pitch: int, width: int, height: int) -> _Memcpy2D:
+    """A pinned-host -> device 2-D copy's descriptor (memory types 1: host, 2: device)."""
+    return _Memcpy2D(srcMemoryType=1, srcHost=src, srcPitch=pitch, dstMemoryType=2, dstDevice=dst,
+                     dstPitch=dst_pitch, WidthInBytes=width, Height=height)
 
 
 def _issue(c: _Memcpy2D, stream) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .batch import is_small_batch
 from .graph import INPUT
+from .hop_replay import HopReplay
 from .ops import Op
 
 MIN_SEGMENT = 3  # nodes: a shorter run between two host ops costs less eagerly than as a graph
@@ -28,6 +29,7 @@ class StepReplay:
         self._eligible: dict[tuple, tuple] = {}  # key -> (plan, answer)
         self._seen: dict[tuple, tuple] = {}  # (plan id, prefill size) -> (plan, count)
         self.replays = self.captures = self.segment_runs = self.prefill_runs = self.host_moe_runs = 0
+        self.hops = HopReplay(self)  # host-expert steps as one graph, their hops served by a mailbox
 
     # -- which plans -----------------------------------------------------------------------------
     def _small(self, ctx) -> bool:
@@ -145,6 +147,10 @@ class StepReplay:
         """The plan with its segments replayed from graphs whose static inputs are the values that
         cross into them (the residual stream, an expert op's output), the rest run eagerly. The
         segments of a step share its static inputs (token ids, positions), filled once."""
+        if hops := self.hops.hops(plan, ctx):
+            out = self.hops.run(plan, ctx, hops)
+            if out is not None:
+                return out
         ex, be, name = self.ex, self.be, self.be.name
         n = len(ctx.tokens)
         self.segment_runs += 1
@@ -232,6 +238,7 @@ class StepReplay:
         return plan, graph, static, outs
 
     def clear(self) -> None:
+        self.hops.clear()
         self._graphs.clear()
         self._eligible.clear()
         self._seen.clear()

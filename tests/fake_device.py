@@ -8,7 +8,9 @@ logged for ordering assertions, and device allocations are counted (VRAM must st
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
+import time
 import warnings
 
 import numpy as np
@@ -113,6 +115,29 @@ class FakeRuntime:
         self.log.append(("copy", stream.name, dst.data_ptr(), width * height))
         stream.submit(lambda: dst.as_strided((height, width), (dst_pitch, 1)).copy_(
             src.as_strided((height, width), (pitch, 1), offset)))
+
+    def current_stream(self):
+        return self.compute_stream
+
+    # stream memory operations: host words read and written in place (a wait spins in the calling thread)
+    @staticmethod
+    def device_address(host):
+        return host.data_ptr()
+
+    def write_value(self, addr, value, stream):
+        self.log.append(("write value", stream.name, addr, value))
+        stream.submit(lambda: setattr(ctypes.c_int32.from_address(addr), "value", value))
+
+    def wait_value(self, addr, value, stream, timeout: float = 60.0):
+        self.log.append(("wait value", stream.name, addr, value))
+
+        def wait():
+            word, t0 = ctypes.c_int32.from_address(addr), time.perf_counter()
+            while word.value < value:
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"fake wait_value: {addr:#x} stayed below {value}")
+                time.sleep(0)
+        stream.submit(wait)
 
     def synchronize(self):
         for s in (self.compute_stream, self.copy_stream, self.kv_stream):

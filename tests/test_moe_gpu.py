@@ -168,3 +168,27 @@ def test_expert_cache_gives_the_cpus_greedy_tokens(tiny, kind):
         assert dev.expert_cache.hits > 0
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("kind", [GPU])  # on the fake device: tests/test_hop_replay.py
+def test_hops_in_one_graph_give_the_segment_paths_tokens(tiny, kind, monkeypatch):
+    """--cpu-moe decode replayed as one graph with its expert hops served through the mailbox (stream
+    memory operations on pinned flags) gives the segment path's greedy tokens and logits."""
+    from lstream.core import hop_replay
+    arch, path, ids = tiny
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(hop_replay, "HOP_GRAPHS", on)
+        m = Model(load_model(path), n_gpu_layers=99, device_backend=_device(kind, "fp32"), device=None,
+                  n_ctx=128, n_ubatch=16, load_tokenizer=False, cpu_moe=True)
+        try:
+            gen = list(m.generate_tokens(ids[:24], 12, stop_at_eos=False))
+            r = m.runner.replay
+            m.reset()
+            out[on] = gen, m.eval(ids[:24] + gen[:-1], logits="all"), r.hops.runs, r.segment_runs
+        finally:
+            m.close()
+    (gen, logits, runs, segs), (want, ref, runs0, segs0) = out[True], out[False]
+    assert gen == want, arch
+    assert float(((logits - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-10
+    assert runs >= 10 and segs == 0 and runs0 == 0 and segs0 >= 10

@@ -2,12 +2,12 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
 for sec in "$@"; do case $sec in  # the 8B file only for the sections that read it (~50 s to write)
-  moe*|hops|cpumoe|membw|hostbw) ;; *) synth l8b llama3-8b Q4_0; break ;; esac; done
+  moe*|hops|hopab|tests|cpumoe|membw|hostbw) ;; *) synth l8b llama3-8b Q4_0; break ;; esac; done
 B="python3 -m lstream.cli bench -m $M/l8b.gguf"
 # llama.cpp's best load mode (-lm none: weights read into its own host buffers for the copies of
 # offloaded ops; with the default memory map a 2026-12-02 call made 1210 / 690 t/s at -ngl 16 / 0
@@ -182,6 +182,14 @@ hops)
   s "host-expert decode hops timed per phase (8-layer Qwen3-30B-A3B shape, -ncmoe 8): tools/profile_hops.py"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} ${HOPS_T:+-t $HOPS_T} 2>&1 | grep -v "^ *$" | tail -40 ;;
+hopab)
+  llama_cpp
+  s "host-expert decode: hops in one graph (default) against replayed segments (LSTREAM_HOP_GRAPHS=0), 8-layer shape, -ncmoe \${HA_NC:-8,4}; llama.cpp beside"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  timeout 100 $LB -m $M/q3moe8.gguf -p 0 -n 32 -ngl 99 -ncmoe ${HA_NC:-8,4} -fa 1 -r 3 -o md -lm ${LLM:-none}
+  for e in LSTREAM_NONE=1 LSTREAM_HOP_GRAPHS=0; do
+    env $e timeout 100 python3 -m lstream.cli bench -m $M/q3moe8.gguf -p 0 -n 32 -ngl 99 -ncmoe ${HA_NC:-8,4} -r 3 2>&1 | grep tg32 | sed "s/$/  ($e)/"
+  done ;;
 moetl)
   s "host-expert prompt on the device's clock (8-layer Qwen3-30B-A3B shape, -ncmoe 8): copies and expert GEMMs"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8

@@ -127,17 +127,19 @@ class GraphsMixin:
                 return False
         return True
 
-    def capture(self, fn, inputs: StepInputs, whole: bool = False):
+    def capture(self, fn, inputs: StepInputs, whole: bool = False, warm: bool = True):
         """Warm up (Triton compiles, cuBLAS workspaces, scratch buffers) on a side stream with the
         real inputs, then capture. A warm-up writes the step's own K/V rows, which the replay right
         after writes again with the same values. `whole`: a decode step whose output the caller
-        reads after every replay: its inputs and output go through pinned mirrors (StagedIO)."""
+        reads after every replay: its inputs and output go through pinned mirrors (StagedIO).
+        warm=False: the caller has warmed up with an eager run of its own."""
         dev = self.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream(dev).wait_stream(side)
+        if warm:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream(dev).wait_stream(side)
         inputs.cache.clear()  # the capture must record how the shared per-step values are made
         graph = torch.cuda.CUDAGraph()
         io = None
@@ -175,6 +177,11 @@ class GraphsMixin:
 
     def copy_into(self, static, value) -> None:
         static.copy_(value)
+
+    def hop_mailbox(self, n_hops: int):
+        """The pinned flags and buffers of a step's n expert hops served in one graph (core/hop_replay.py)."""
+        from .mailbox import DeviceMailbox
+        return DeviceMailbox(self.rt, self.device, n_hops)
 
     # A decode step's hop to the host and back between two replayed segments (core/replay.py), through
     # pinned buffers kept per shape: the values read back with one wait, the answer sent up without any.

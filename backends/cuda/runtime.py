@@ -61,6 +61,30 @@ class CudaRuntime:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def current_stream(self):
+        """The stream work is enqueued on now (a graph's capture stream while capturing)."""
+        return torch.cuda.current_stream(self.device)
+
+    # stream memory operations on pinned host words (a decode step's expert hops, core/hop_mailbox.py)
+    @staticmethod
+    def device_address(host: torch.Tensor) -> int:
+        """The device's address of pinned host memory."""
+        ptr = ctypes.c_uint64()
+        _check(_drv().cuMemHostGetDevicePointer_v2(ctypes.byref(ptr), ctypes.c_void_p(host.data_ptr()), 0),
+               "cuMemHostGetDevicePointer")
+        return ptr.value
+
+    @staticmethod
+    def write_value(addr: int, value: int, stream) -> None:
+        """The 32-bit word at `addr` set to value in stream order, after a fence (the writes before
+        it are visible first)."""
+        _check(_drv().write32(ctypes.c_void_p(stream.cuda_stream), addr, value, 0), "cuStreamWriteValue32")
+
+    @staticmethod
+    def wait_value(addr: int, value: int, stream) -> None:
+        """The stream waits until the 32-bit word at `addr` is >= value."""
+        _check(_drv().wait32(ctypes.c_void_p(stream.cuda_stream), addr, value, 0), "cuStreamWaitValue32")
+
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device)
 
@@ -114,10 +138,24 @@ def _desc(dst: int, dst_pitch: int, src: int, pitch: int, width: int, height: in
 
 
 def _issue(c: _Memcpy2D, stream) -> None:
+    _check(_drv().cuMemcpy2DAsync_v2(ctypes.byref(c), ctypes.c_void_p(stream.cuda_stream)), "cuMemcpy2DAsync")
+
+
+def _drv():
+    """libcuda, the few driver calls torch does not expose given their argument types."""
     global _driver
     if _driver is None:
-        _driver = ctypes.CDLL("libcuda.so.1")
-        _driver.cuMemcpy2DAsync_v2.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
-    err = _driver.cuMemcpy2DAsync_v2(ctypes.byref(c), ctypes.c_void_p(stream.cuda_stream))
+        d = ctypes.CDLL("libcuda.so.1")
+        d.cuMemcpy2DAsync_v2.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+        d.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+        for short, name in (("write32", "cuStreamWriteValue32"), ("wait32", "cuStreamWaitValue32")):
+            fn = getattr(d, name + "_v2", None) or getattr(d, name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+            setattr(d, short, fn)
+        _driver = d
+    return _driver
+
+
+def _check(err: int, what: str) -> None:
     if err:
-        raise RuntimeError(f"cuMemcpy2DAsync failed with CUDA error {err}")
+        raise RuntimeError(f"{what} failed with CUDA error {err}")

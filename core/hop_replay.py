@@ -26,7 +26,7 @@ class HopReplay:
     def __init__(self, replay):
         self.r = replay  # the StepReplay: its executor, backend, caches and counters
         self._steps: dict[tuple, tuple] = {}  # (id(plan), n) -> (plan, graph, inputs, mailbox, output)
-        self.runs = 0
+        self.runs = self.served = 0
 
     def hops(self, plan, ctx) -> list | None:
         """[(plan index, node, host backend)] of the host-expert MoE ops when everything else runs on
@@ -42,7 +42,7 @@ class HopReplay:
             node = a.node
             if node.op is Op.MOE and a.backend != be.name:
                 host = r.ex.backends[a.backend]
-                if not hasattr(host, "moe_route") or len(node.inputs) != 2:
+                if not hasattr(host, "moe_hop"):
                     return None
                 out.append((k, node, host))
             elif (a.backend != be.name or (a.uploads and node.op is not Op.EMBED)
@@ -81,9 +81,8 @@ class HopReplay:
                     xs = box.wait_posted(j)
                     for i, h in zip(node.inputs, xs):
                         ex.check_finite(h, i, name)
-                    ids, w = host.moe_route(node, xs[1])
-                    box.answer(j, host.moe_experts(node, xs[0], ids, w))
-                    self.r.host_moe_runs += 1
+                    box.answer(j, host.moe_hop(node, xs))
+                    self.served += 1
             finally:
                 for h in hosts:
                     h.end_run()
@@ -120,7 +119,8 @@ class HopReplay:
             # warm-up (kernels compiled, scratch grown) with read-back hops: a mailbox hop needs the
             # host to answer while the device runs, which an eager run issuing every launch first cannot
             with ex.session(plan, ctx):
-                self._walk(plan, ctx, hops, lambda j, k, vals: r._host_moe(plan, vals, k))
+                self._walk(plan, ctx, hops, lambda j, k, vals: r._host_moe(plan, vals, k)
+                           or ex.run_part(plan, ctx, vals, start=k, stop=k + 1))
             try:
                 with ex.session(plan, ctx):  # (around the capture: a replay is the walk alone)
                     graph, out = be.capture(lambda: self._walk(plan, ctx, hops, boxed), si, whole=True,

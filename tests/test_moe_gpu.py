@@ -61,19 +61,18 @@ def test_paths_give_the_cpus_greedy_tokens(tiny, kind):
 
 
 @pytest.mark.parametrize("kind", [GPU])  # on the fake device: tests/test_expert_share.py
-def test_expert_share_gives_the_cpus_greedy_tokens(tiny, kind):
+def test_expert_share_close_to_the_cpu(tiny, kind):
     """--moe-share: of each token's routed experts in a host-expert decode layer the GPU copies and
     computes some (real DMA of the pinned arena, kernels from a per-layer CUDA graph)."""
     arch, path, ids = tiny
-    want, ref = _run(path, ids)
+    _, ref = _run(path, ids)
     for share in (1, 2):
-        dev = _device(kind, "fp32")
+        dev = _device(kind, "bf16")  # (the shared experts run moe_kernels, as the default dtype does)
         dev.moe_share = share
-        gen, logits = _run(path, ids, dev, cpu_moe=True)
-        assert gen == want, (arch, share)
-        assert dev._share is not None and dev._share.experts_computed > 0
+        _, logits = _run(path, ids, dev, cpu_moe=True)
+        assert dev._share is not None and dev._share.experts_computed > 0, (arch, share)
         nmse = float(((logits - ref) ** 2).sum() / (ref ** 2).sum())
-        assert nmse < 1e-8, (arch, share, nmse)
+        assert nmse < 1e-3, (arch, share, nmse)  # bf16 as test_bf16_close_to_the_cpu
 
 
 @pytest.mark.parametrize("kind", KINDS)

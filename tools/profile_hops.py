@@ -3,9 +3,11 @@ each layer's hop, by timers around the calls (no cProfile: its overhead is the s
 
     python -m lstream.tools.profile_hops MODEL.gguf --ncmoe 8 -n 32
 
-Phases: `replay` (a segment's graph launch), `read_back` (the device values copied down, waiting
-for the segment), `route`, `experts` (the grouped expert kernel), `send_up`, `copy_in`, `rest` (the
-Python around them). Then the expert kernel alone on the same inputs, back to back, and after a
+Phases: `replay` (a graph launch), `read_back` (the device values copied down, waiting for the
+segment), `route`, `experts` (the grouped expert kernel), `send_up`, `copy_in`, `rest` (the Python
+around them); with the hops in one graph (core/hop_replay.py): `wait_post` (the host spinning until
+the device posts a hop: the device's part of a layer and the flag's latency), `moe_hop` (route and
+experts), `answer`. Then the expert kernel alone on the same inputs, back to back, and after a
 sleep as long as a segment: what the engine's context adds to it.
 """
 from __future__ import annotations
@@ -64,7 +66,11 @@ def main(model, ncmoe, n, threads, shares):
     be = rep.be
     acc: dict = defaultdict(float)
     K = cmoe.K
-    saved = [(be, "replay", _timed(be, "replay", acc, "replay")),
+    from ..core.hop_mailbox import HostMailbox
+    saved = [(HostMailbox, "wait_posted", _timed(HostMailbox, "wait_posted", acc, "wait_post")),
+             (HostMailbox, "answer", _timed(HostMailbox, "answer", acc, "answer")),
+             (m.cpu, "moe_hop", _timed(m.cpu, "moe_hop", acc, "moe_hop")),
+             (be, "replay", _timed(be, "replay", acc, "replay")),
              (be, "read_back", _timed(be, "read_back", acc, "read_back")),
              (be, "send_up", _timed(be, "send_up", acc, "send_up")),
              (be, "copy_into", _timed(be, "copy_into", acc, "copy_in")),
@@ -89,12 +95,16 @@ def main(model, ncmoe, n, threads, shares):
             m.eval([10 + t])
         m.synchronize()
         wall = (time.perf_counter() - t0) / n
-        hops = acc["read_back#"] / n
-        print(f"--moe-share {share}: {wall * 1e3:.2f} ms/token ({1 / wall:.1f} t/s), {hops:.0f} hops a token; per hop (us):")
+        hops = max(acc["read_back#"], acc["wait_post#"]) / n
+        path = "hops in one graph" if acc["wait_post#"] else "replayed segments"
+        print(f"--moe-share {share} ({path}): {wall * 1e3:.2f} ms/token ({1 / wall:.1f} t/s), {hops:.0f} hops a "
+              f"token; per hop (us):")
         named = 0.0
-        for k in ("replay", "read_back", "route", "experts", "send_up", "copy_in"):
-            per = acc[k] / max(acc[k + "#"], 1) * 1e6
-            named += acc[k]
+        for k in ("replay", "wait_post", "read_back", "moe_hop", "route", "experts", "answer", "send_up", "copy_in"):
+            if not acc[k + "#"]:
+                continue
+            per = acc[k] / acc[k + "#"] * 1e6
+            named += acc[k] if k not in ("route", "experts") or not acc["moe_hop#"] else 0.0  # (inside moe_hop)
             print(f"  {k:10s} {per:8.1f} us x {acc[k + '#'] / n:5.1f}/token = {acc[k] / n * 1e3:7.3f} ms/token")
         print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the device share, the head)")
     for obj, attr, f in saved:

@@ -372,6 +372,10 @@ class CPUBackend(Backend):
     def moe_decode(self, node, x, logits):
         return moe.decode(self, node, x, logits)
 
+    def moe_hop(self, node, inputs):
+        """A decode step's MoE op on host values: x, the router's logits[, the shared expert's output]."""
+        return moe.decode(self, node, *inputs) if len(inputs) == 2 else moe.compute(self, node, inputs, None)
+
     def moe_route(self, node, logits):
         return moe.route_small(node, logits)
 

@@ -4,8 +4,10 @@ memory and raises a flag; the host, spinning on that flag, computes the experts,
 into pinned memory and raises the answering flag the device waits on. No host launch, copy or
 stream wait per hop: the whole step is one graph, and a hop costs the host a flag read and a write.
 
-The flags are one int32 array in memory both sides see: [posted 0..n-1, answered 0..n-1], all zero
-before each replay (the graph only sets posted flags and waits for answered ones).
+The flags are one int32 array in memory both sides see: [posted 0..n-1, answered 0..n-1, shared
+0..n-1], all zero before each replay (the graph sets posted flags and waits for the others; a shared
+flag is raised by the host's copy stream once the experts the device computes itself have landed,
+backends/cuda/hop_share.py).
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ class HopTimeout(RuntimeError):
 
 class HostMailbox:
     def __init__(self, flags: np.ndarray):
-        if flags.dtype != np.int32 or flags.ndim != 1 or len(flags) % 2:
-            raise ValueError(f"hop flags: expected an even-length int32 vector, found {flags.dtype} {flags.shape}")
+        if flags.dtype != np.int32 or flags.ndim != 1 or len(flags) % 3:
+            raise ValueError(f"hop flags: expected an int32 vector of 3 per hop, found {flags.dtype} {flags.shape}")
         self.flags = flags
-        self.n = len(flags) // 2
+        self.n = len(flags) // 3
         self.down: list = [None] * self.n  # hop -> (flat float32 array the device posts into, shapes)
         self.up: list = [None] * self.n  # hop -> float32 array the answer goes into
 
@@ -56,6 +58,6 @@ class HostMailbox:
         self.flags[self.n + j] = 1
 
     def release(self) -> None:
-        """Every answered flag up: a graph whose hop failed on the host runs to its end (its values
+        """Every answered and shared flag up: a graph whose hop failed on the host runs to its end (its values
         are discarded) instead of waiting forever."""
         self.flags[self.n:] = 1

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
+
 from .ops import Op
 
 HOP_GRAPHS = os.environ.get("LSTREAM_HOP_GRAPHS") != "0"
@@ -25,7 +27,8 @@ HOP_GRAPHS = os.environ.get("LSTREAM_HOP_GRAPHS") != "0"
 class HopReplay:
     def __init__(self, replay):
         self.r = replay  # the StepReplay: its executor, backend, caches and counters
-        self._steps: dict[tuple, tuple] = {}  # (id(plan), n) -> (plan, graph, inputs, mailbox, output)
+        # (id(plan), n, --moe-share) -> (plan, graph, inputs, mailbox, share, output)
+        self._steps: dict[tuple, tuple] = {}
         self.runs = self.served = 0
 
     def hops(self, plan, ctx) -> list | None:
@@ -35,7 +38,7 @@ class HopReplay:
 
     def _hops(self, plan, ctx):
         r, be = self.r, self.r.be
-        if not (HOP_GRAPHS and r.use_graphs and hasattr(be, "hop_mailbox")) or getattr(be, "moe_share", 0):
+        if not (HOP_GRAPHS and r.use_graphs and hasattr(be, "hop_mailbox")):
             return None
         out = []
         for k, a in enumerate(plan.assignments()):
@@ -53,11 +56,11 @@ class HopReplay:
     def run(self, plan, ctx, hops):
         """The step's logits as float32 numpy (vocab,) rows, or None when its graph could not be made
         (the caller runs the segment path)."""
-        key = (id(plan), len(ctx.tokens))
+        key = (id(plan), len(ctx.tokens), getattr(self.r.be, "moe_share", 0))
         hit = self._steps.get(key)
         if hit is None or hit[0] is not plan:
             hit = self._steps[key] = self._capture(plan, ctx, hops)
-        _, graph, si, box, out = hit
+        _, graph, si, box, share, out = hit
         if graph is None:
             return None
         r, ex, be = self.r, self.r.ex, self.r.be
@@ -66,10 +69,10 @@ class HopReplay:
         box.reset()
         be.replay(graph)
         r.replays += 1
-        self._serve(plan, ctx, hops, box)
+        self._serve(plan, ctx, hops, box, share)
         return r._logits(out, ex, si)
 
-    def _serve(self, plan, ctx, hops, box) -> None:
+    def _serve(self, plan, ctx, hops, box, share) -> None:
         """The hops in order, while the graph runs: wait for the posted values, route, compute, answer."""
         ex, name = self.r.ex, self.r.be.name
         hosts = list({id(h): h for _, _, h in hops}.values())
@@ -81,7 +84,12 @@ class HopReplay:
                     xs = box.wait_posted(j)
                     for i, h in zip(node.inputs, xs):
                         ex.check_finite(h, i, name)
-                    box.answer(j, host.moe_hop(node, xs))
+                    if share is not None and share.layers[j] is not None:  # --moe-share: the device's part first
+                        ids, w = host.moe_route(node, xs[1])
+                        take = share.issue(j, ids, w)
+                        box.answer(j, host.moe_experts(node, xs[0], np.where(take, -1, ids), w))
+                    else:
+                        box.answer(j, host.moe_hop(node, xs))
                     self.served += 1
             finally:
                 for h in hosts:
@@ -109,11 +117,15 @@ class HopReplay:
         si = be.step_inputs(len(ctx.tokens))
         be.fill_step_inputs(si, ctx)
         box = be.hop_mailbox(len(hops))
+        share = be.hop_share(box) if getattr(be, "moe_share", 0) else None
 
         def boxed(j, k, vals):
             node = hops[j][1]
-            box.post(j, [vals[i][name] for i in node.inputs])
-            vals[node.id] = {name: box.take(j)}
+            xs = [vals[i][name] for i in node.inputs]
+            box.post(j, xs)
+            ys = share.device(j, node, xs[0]) if share is not None else None
+            y = box.take(j)
+            vals[node.id] = {name: y if ys is None else y + ys}
         ctx.graph = si
         try:
             # warm-up (kernels compiled, scratch grown) with read-back hops: a mailbox hop needs the
@@ -127,11 +139,11 @@ class HopReplay:
                                             warm=False)
             except RuntimeError as e:  # (a driver without stream memory operations in graphs)
                 warnings.warn(f"expert hops in one graph unavailable ({e}); replaying segments instead")
-                return plan, None, None, None, None
+                return plan, None, None, None, None, None
         finally:
             ctx.graph = None
         r.captures += 1
-        return plan, graph, si, box, out
+        return plan, graph, si, box, share, out
 
     def clear(self) -> None:
         self._steps.clear()

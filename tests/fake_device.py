@@ -134,6 +134,8 @@ class FakeRuntime:
         def wait():
             word, t0 = ctypes.c_int32.from_address(addr), time.perf_counter()
             while word.value < value:
+                for s in (self.copy_stream, self.kv_stream):  # (what another thread queued there runs here)
+                    s.synchronize()
                 if time.perf_counter() - t0 > timeout:
                     raise RuntimeError(f"fake wait_value: {addr:#x} stayed below {value}")
                 time.sleep(0)

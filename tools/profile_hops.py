@@ -109,9 +109,12 @@ def main(model, ncmoe, n, threads, shares):
         print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the device share, the head)")
     for obj, attr, f in saved:
         setattr(obj, attr, f)
-    a = last.get("a")
-    if a is None:
-        return
+    if last.get("a") is not None:
+        _kernel_alone(f_pairs, last["a"])
+    m.close()
+
+
+def _kernel_alone(f_pairs, a) -> None:
     for pause in (0.0, 50e-6, 200e-6):
         ts = []
         for _ in range(50):
@@ -124,7 +127,6 @@ def main(model, ncmoe, n, threads, shares):
             ts.append(time.perf_counter() - t1)
         print(f"expert kernel alone after {pause * 1e6:.0f} us idle: median {np.median(ts) * 1e6:.0f} us, "
               f"min {min(ts) * 1e6:.0f} us")
-    m.close()
 
 
 if __name__ == "__main__":

@@ -183,6 +183,14 @@ class GraphsMixin:
         from .mailbox import DeviceMailbox
         return DeviceMailbox(self.rt, self.device, n_hops)
 
+    def hop_share(self, box):
+        """--moe-share N in a step replayed as one graph: the device's part of each hop (hop_share.py),
+        or None (no share asked, or the expert kernels unavailable)."""
+        if not self.moe_share or self.expert_cache_gib or not self._use_moe_kernels():
+            return None
+        from .hop_share import HopShare
+        return HopShare(self, box, self.moe_share)
+
     # A decode step's hop to the host and back between two replayed segments (core/replay.py), through
     # pinned buffers kept per shape: the values read back with one wait, the answer sent up without any.
     def read_back(self, values: list) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ from ...core.hop_mailbox import HostMailbox
 
 class DeviceMailbox(HostMailbox):
     def __init__(self, rt, device, n_hops: int):
-        flags, pinned = rt.alloc_host(8 * n_hops)
+        flags, pinned = rt.alloc_host(12 * n_hops)
         if not pinned:
             raise RuntimeError("expert hops need pinned host memory, and none could be allocated")
         super().__init__(flags.view(torch.int32).numpy())
@@ -37,11 +37,15 @@ class DeviceMailbox(HostMailbox):
             off += v.numel()
         stream = self.rt.current_stream()
         down.copy_(stage, non_blocking=True)
-        self.rt.write_value(self._addr + 4 * j, 1, stream)
+        self.rt.write_value(self.flag_address(0, j), 1, stream)
+
+    def flag_address(self, group: int, j: int) -> int:
+        """The device address of hop j's flag in group 0 (posted), 1 (answered) or 2 (shared)."""
+        return self._addr + 4 * (group * self.n + j)
 
     def take(self, j: int) -> torch.Tensor:
         """The stream waits for hop j's answer; returns it on the device (float32, x's shape)."""
         _, _, up, dev = self._bufs[j]
-        self.rt.wait_value(self._addr + 4 * (self.n + j), 1, self.rt.current_stream())
+        self.rt.wait_value(self.flag_address(1, j), 1, self.rt.current_stream())
         dev.copy_(up, non_blocking=True)
         return dev

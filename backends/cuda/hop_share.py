@@ -1,0 +1,66 @@
+"""The device's share of a host-expert decode step replayed as one graph (--moe-share N with
+core/hop_replay.py): of each token's routed experts the device computes the last N itself while the
+CPU computes the others, so the two read host memory at once (the CPU's reads and the copy engine's
+add up: ~100 + 55 GB/s measured on the H200's host, tools/gpu_notes.md).
+
+Per hop, the host, once it has routed: writes the N weights into pinned memory, enqueues one 2-D copy
+per expert (its gate, up and down rows, one tensor apart in the pinned arena) into the share slot on
+its copy stream, then raises the hop's shared flag on that stream (after the copies). The graph waits
+for that flag, copies the weights up and runs the expert kernels (moe_kernels.decode) on the slot;
+their sum meets the CPU's answer. The slot is reused by every layer: the next hop's copies are
+enqueued only after the device posts that hop, after this hop's kernels.
+
+Its operands (arena offsets, the slot, the kernels' views) are ExpertShare's (the segment path's share).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import moe_kernels as mk
+
+
+class HopShare:
+    def __init__(self, backend, box, n_share: int):
+        if backend._share is None:
+            from .expert_share import ExpertShare
+            backend._share = ExpertShare(backend, backend._expert_streamer(), n_share)
+        self.be, self.box, self.es = backend, box, backend._share
+        self.rt = backend.rt
+        self.n = min(n_share, self.es.n_max)
+        self._w_pin = self.rt.alloc_host(4 * box.n * self.n)[0].view(torch.float32).view(box.n, self.n)
+        self._w_dev = torch.empty((box.n, self.n), dtype=torch.float32, device=backend.device)
+        self._ids = torch.arange(self.n, dtype=torch.int64, device=backend.device).view(1, self.n)
+        self.layers: list = [None] * box.n  # hop -> ExpertShare.layer's operands, None: not shared
+        self.experts_computed = 0
+
+    def device(self, j: int, node, x: torch.Tensor):
+        """Inside the capture: hop j's shared experts' weighted sum (1, dim) fp32, or None when the
+        layer cannot be shared."""
+        lay = self.es.layer(node) if x.shape[0] == 1 and len(node.inputs) == 2 else None
+        self.layers[j] = lay
+        if lay is None:
+            return None
+        self.rt.wait_value(self.box.flag_address(2, j), 1, self.rt.current_stream())
+        w = self._w_dev[j:j + 1]
+        w.copy_(self._w_pin[j:j + 1], non_blocking=True)
+        ex = lay[4]
+        return mk.decode(x, self._ids, w, ex[0], ex[2], up=ex[1])
+
+    def issue(self, j: int, ids: np.ndarray, w: np.ndarray) -> np.ndarray | None:
+        """On the host, once hop j is routed: its last n experts' copies and shared flag enqueued;
+        returns the mask of the pairs taken (the CPU skips them), or None (a layer not shared)."""
+        lay = self.layers[j]
+        if lay is None:
+            return None
+        base, pitch, eb, buf, _ = lay
+        k, n = ids.shape[1], self.n
+        self._w_pin.numpy()[j] = w[0, k - n:]
+        cs = self.rt.copy_stream
+        for i, e in enumerate(ids[0, k - n:]):
+            self.rt.copy_rows(buf[0, i], self.es.n_max * eb, self.es.st.buf, base + int(e) * eb, pitch, eb, 3, cs)
+        self.rt.write_value(self.box.flag_address(2, j), 1, cs)
+        self.experts_computed += n
+        take = np.zeros(ids.shape, dtype=bool)
+        take[0, k - n:] = True
+        return take

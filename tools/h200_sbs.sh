@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -182,6 +182,15 @@ hops)
   s "host-expert decode hops timed per phase (8-layer Qwen3-30B-A3B shape, -ncmoe 8): tools/profile_hops.py"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
   timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} ${HOPS_T:+-t $HOPS_T} 2>&1 | grep -v "^ *$" | tail -40 ;;
+moetgs)
+  llama_cpp
+  s "MoE decode side by side on the full Qwen3-30B-A3B shape: -ncmoe \${MOE_NC:-48,24}; lstream with --moe-share \${TG_SHARES:-0,3}"
+  synth q3moe qwen3-30b-a3b Q4_0
+  timeout 150 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -fa 1 -r 3 -o md -lm ${LLM:-none}
+  for sh in $(echo ${TG_SHARES:-0,3} | tr , ' '); do
+    timeout ${MOETG_S:-150} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} \
+      --moe-share $sh -r 3 2>&1 | grep tg32 | sed "s/$/  (--moe-share $sh)/"
+  done ;;
 hopab)
   llama_cpp
   s "host-expert decode: hops in one graph (default) against replayed segments (LSTREAM_HOP_GRAPHS=0), 8-layer shape, -ncmoe \${HA_NC:-8,4}; llama.cpp beside"

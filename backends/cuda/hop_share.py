@@ -22,43 +22,46 @@ from . import moe_kernels as mk
 
 class HopShare:
     def __init__(self, backend, box, n_share: int):
-        if backend._share is None:
-            from .expert_share import ExpertShare
-            backend._share = ExpertShare(backend, backend._expert_streamer(), n_share)
-        self.be, self.box, self.es = backend, box, backend._share
-        self.rt = backend.rt
-        self.n = min(n_share, self.es.n_max)
-        self._w_pin = self.rt.alloc_host(4 * box.n * self.n)[0].view(torch.float32).view(box.n, self.n)
-        self._w_dev = torch.empty((box.n, self.n), dtype=torch.float32, device=backend.device)
-        self._ids = torch.arange(self.n, dtype=torch.int64, device=backend.device).view(1, self.n)
-        self.layers: list = [None] * box.n  # hop -> ExpertShare.layer's operands, None: not shared
+        self.be, self.box, self.rt = backend, box, backend.rt
+        self.n_share = n_share
+        self._w_pin = self.rt.alloc_host(4 * box.n * n_share)[0].view(torch.float32).view(box.n, n_share)
+        self._w_dev = torch.empty((box.n, n_share), dtype=torch.float32, device=backend.device)
+        self._ids = torch.arange(n_share, dtype=torch.int64, device=backend.device).view(1, n_share)
+        self.layers: list = [None] * box.n  # hop -> (experts taken, ExpertShare.layer's operands) or None
         self.experts_computed = 0
 
     def device(self, j: int, node, x: torch.Tensor):
         """Inside the capture: hop j's shared experts' weighted sum (1, dim) fp32, or None when the
         layer cannot be shared."""
-        lay = self.es.layer(node) if x.shape[0] == 1 and len(node.inputs) == 2 else None
-        self.layers[j] = lay
+        if x.shape[0] != 1 or len(node.inputs) != 2:
+            return None
+        k = node.params["top_k"]
+        if self.be._share is None:  # (the segment path's share: its slot holds a token's top_k experts)
+            from .expert_share import ExpertShare
+            self.be._share = ExpertShare(self.be, self.be._expert_streamer(), k)
+        es = self.be._share
+        lay = es.layer(node) if es.n_max >= k else None
         if lay is None:
             return None
+        n = min(self.n_share, k)
+        self.layers[j] = (n, lay)
         self.rt.wait_value(self.box.flag_address(2, j), 1, self.rt.current_stream())
-        w = self._w_dev[j:j + 1]
-        w.copy_(self._w_pin[j:j + 1], non_blocking=True)
+        w = self._w_dev[j:j + 1, :n]
+        w.copy_(self._w_pin[j:j + 1, :n], non_blocking=True)
         ex = lay[4]
-        return mk.decode(x, self._ids, w, ex[0], ex[2], up=ex[1])
+        return mk.decode(x, self._ids[:, :n], w, ex[0], ex[2], up=ex[1])
 
     def issue(self, j: int, ids: np.ndarray, w: np.ndarray) -> np.ndarray | None:
         """On the host, once hop j is routed: its last n experts' copies and shared flag enqueued;
         returns the mask of the pairs taken (the CPU skips them), or None (a layer not shared)."""
-        lay = self.layers[j]
-        if lay is None:
+        if self.layers[j] is None:
             return None
-        base, pitch, eb, buf, _ = lay
-        k, n = ids.shape[1], self.n
-        self._w_pin.numpy()[j] = w[0, k - n:]
+        n, (base, pitch, eb, buf, _) = self.layers[j]
+        es, k = self.be._share, ids.shape[1]
+        self._w_pin.numpy()[j, :n] = w[0, k - n:]
         cs = self.rt.copy_stream
         for i, e in enumerate(ids[0, k - n:]):
-            self.rt.copy_rows(buf[0, i], self.es.n_max * eb, self.es.st.buf, base + int(e) * eb, pitch, eb, 3, cs)
+            self.rt.copy_rows(buf[0, i], es.n_max * eb, es.st.buf, base + int(e) * eb, pitch, eb, 3, cs)
         self.rt.write_value(self.box.flag_address(2, j), 1, cs)
         self.experts_computed += n
         take = np.zeros(ids.shape, dtype=bool)

@@ -141,6 +141,15 @@ class FakeRuntime:
                 time.sleep(0)
         stream.submit(wait)
 
+    @staticmethod
+    def rows_copy(dst, dst_pitch, src, offset, pitch, width, height):
+        if offset + (height - 1) * pitch + width > src.numel():
+            raise ValueError(f"2-D copy of {height} x {width} bytes from {offset}: src has {src.numel()}")
+        return (dst, dst_pitch, src, offset, pitch, width, height)
+
+    def issue_copy(self, desc, stream):
+        self.copy_rows(*desc, stream)
+
     def synchronize(self):
         for s in (self.compute_stream, self.copy_stream, self.kv_stream):
             s.synchronize()

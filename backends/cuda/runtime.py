@@ -58,6 +58,19 @@ class CudaRuntime:
         """Rows `pitch` apart in pinned `src` to rows `dst_pitch` apart from dst's first byte: one DMA."""
         copy_rows(dst, dst_pitch, src, offset, pitch, width, height, stream)
 
+    @staticmethod
+    def rows_copy(dst: torch.Tensor, dst_pitch: int, src: torch.Tensor, offset: int, pitch: int, width: int,
+                  height: int):
+        """copy_rows' DMA as a descriptor checked and built once, issued by issue_copy as often as it
+        recurs (a decode hop's shared experts: ~20 us of host time a hop saved)."""
+        if offset + (height - 1) * pitch + width > src.numel():
+            raise ValueError(f"2-D copy of {height} x {width} bytes from {offset}: src has {src.numel()}")
+        return _desc(dst.data_ptr(), dst_pitch, src.data_ptr() + offset, pitch, width, height)
+
+    @staticmethod
+    def issue_copy(desc, stream) -> None:
+        _issue(desc, stream)
+
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 

@@ -84,10 +84,10 @@ class HopReplay:
                     xs = box.wait_posted(j)
                     for i, h in zip(node.inputs, xs):
                         ex.check_finite(h, i, name)
-                    if share is not None and share.layers[j] is not None:  # --moe-share: the device's part first
+                    if share is not None and len(node.inputs) == 2:  # --moe-share: the device's part first
                         ids, w = host.moe_route(node, xs[1])
-                        take = share.issue(j, ids, w)
-                        box.answer(j, host.moe_experts(node, xs[0], np.where(take, -1, ids), w))
+                        take = share.issue(j, ids, w)  # (None: a layer the device does not share)
+                        box.answer(j, host.moe_experts(node, xs[0], ids if take is None else np.where(take, -1, ids), w))
                     else:
                         box.answer(j, host.moe_hop(node, xs))
                     self.served += 1

@@ -139,9 +139,7 @@ def copy_rows(dst: torch.Tensor, dst_pitch: int, src: torch.Tensor, offset: int,
               height: int, stream) -> None:
     """height rows of `width` bytes, `pitch` apart from byte `offset` of pinned `src`, to device rows
     `dst_pitch` apart from dst's first byte: one DMA (an expert's gate, up and down in one call)."""
-    if offset + (height - 1) * pitch + width > src.numel():
-        raise ValueError(f"2-D copy of {height} x {width} bytes from {offset}: src has {src.numel()}")
-    _issue(_desc(dst.data_ptr(), dst_pitch, src.data_ptr() + offset, pitch, width, height), stream)
+    _issue(CudaRuntime.rows_copy(dst, dst_pitch, src, offset, pitch, width, height), stream)
 
 
 def _desc(dst: int, dst_pitch: int, src: int, pitch: int, width: int, height: int) -> _Memcpy2D:

@@ -88,8 +88,9 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: every layer's experts stay on the host")
 @click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
               metavar="GIB", help="MoE: VRAM for recently routed host experts in decode (LRU; hits on the GPU)")
-@click.option("--moe-share", "moe_share", type=click.IntRange(min=0), default=0, show_default=True,
-              help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes there")
+@click.option("--moe-share", "moe_share", multiple=True, default=["0"], show_default=True, callback=values_option(0),
+              help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes there "
+                   "(a list: one load)")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
               help="auto|threshold|never|always|split:N[:SHARE]|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
@@ -107,7 +108,7 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
           progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False, ncmoe=("0",),
-          cpu_moe=False, expert_cache=0, moe_share=0):
+          cpu_moe=False, expert_cache=0, moe_share=("0",)):
     """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
 
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
@@ -118,6 +119,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
 
     gpu = cuda_available()
     grid, tests, ds = _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu)
+    grid["moe_share"] = [v for text in moe_share for v in parse_values(text, "--moe-share")]
     moe = [10 ** 6] if cpu_moe else [v for text in ncmoe for v in parse_values(text, "-ncmoe")]
     choose_device(0, ot.split(";") if ot else ())  # a bad -ot, or cuda without a GPU, fails before any load
     varied = [k for k, v in grid.items() if len(v) > 1] + ["n_cpu_moe"] * (len(moe) > 1 or cpu_moe)
@@ -126,7 +128,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
     for pr in printers:
         pr.start()
     run = _Run(grid, tests, ds, reps, ot, verbose, progress, no_warmup, profile, trace, no_cuda_graphs, no_layer_major,
-               expert_cache=expert_cache, moe_share=moe_share, n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
+               expert_cache=expert_cache, moe_share=grid["moe_share"][0], n_total=len(models or [None]) * len(moe) * len(list(itertools.product(*grid.values()))) * len(tests) * len(ds))
     try:
         for model_path in (models or [None]):
             path = resolve(model_path)
@@ -198,15 +200,18 @@ class _Run:
                        f"{time.perf_counter() - t_load:.2f} s, context {self.n_ctx}", err=True)
         g = self.grid
         try:
-            for threads, nb, nub, no_off, flash, pol, thr in itertools.product(
+            for threads, nb, nub, no_off, flash, pol, thr, share in itertools.product(
                     g["n_threads"], g["n_batch"], g["n_ubatch"], g["no_op_offload"], g["flash_attn"], g["policy"],
-                    g["threshold"]):
+                    g["threshold"], g["moe_share"]):
                 model.cpu.set_threads(threads)
+                if model.device_backend is not None:  # (a CPU-only model has no share to set)
+                    model.device_backend.moe_share = share
                 model.n_ubatch = nub
                 model.set_policy(make_policy(pol, thr, bool(no_off), calibration=calibration() if pol == "cost" else None))
                 for (pp, tg), depth in itertools.product(self.tests, self.ds):
                     r = self._test(model, loaded, path, n_gpu, threads, nb, nub, pp, tg, depth)
-                    yield _row(model, loaded, path, r, nb, nub, threads, n_gpu, no_off, flash, pp, tg, depth, thr), r.name
+                    yield dict(_row(model, loaded, path, r, nb, nub, threads, n_gpu, no_off, flash, pp, tg, depth, thr),
+                               moe_share=share), r.name
         finally:
             model.close()
 

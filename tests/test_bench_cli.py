@@ -121,3 +121,16 @@ def test_bad_values_are_one_line_errors():
     assert res.exit_code != 0 and "never ends" in res.output
     res = CliRunner().invoke(cli, ["bench", "--policy", "sometimes"])
     assert res.exit_code != 0 and "sometimes" in res.output
+
+
+def test_moe_share_list_is_one_load_and_a_column(monkeypatch):
+    """--moe-share takes a comma list like llama-bench's numeric options: one row per value, from one
+    loaded model (the share is set on the loaded model), and a column once it varies."""
+    import lstream.loaders.model_file as model_file
+    real, loads = model_file.load_model, []
+    monkeypatch.setattr(model_file, "load_model", lambda path: loads.append(path) or real(path))
+    res = bench("-p", "0", "-n", "4", "-r", "1", "-t", "1", "--moe-share", "0,2", "-o", "json", base=["bench"])
+    rows = json.loads(res.stdout)
+    assert [r["moe_share"] for r in rows] == [0, 2] and len(loads) == 1
+    md = bench("-p", "0", "-n", "4", "-r", "1", "-t", "1", "--moe-share", "0,2", base=["bench"]).stdout.splitlines()
+    assert " moe-share " in md[0].split("|")

@@ -2,7 +2,10 @@
 experts per call, a different routing each call (so the experts come from memory, not the cache),
 timed with int16 and int8 activations; GB/s counts the routed experts' bytes.
 
-    python -m lstream.tools.bench_cpu_moe MODEL.gguf [-t 16] [-n 200]
+    python -m lstream.tools.bench_cpu_moe MODEL.gguf [-t 16] [-n 200] [--act 8]
+
+The row dots' software prefetch distance is LSTREAM_CPU_PREFETCH (bytes; compiled in: give each value
+its own NUMBA_CACHE_DIR).
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ import numpy as np
 @click.argument("model")
 @click.option("-t", "threads", default="", help="CPU threads (comma list; default: the engine's)")
 @click.option("-n", "n", type=int, default=200, help="calls per setting")
-def main(model, threads, n):
+@click.option("--act", type=click.Choice(["both", "16", "8"]), default="both", help="activations: int16, int8 or both")
+def main(model, threads, n, act):
     from ..api import Model
     from ..core.ops import Op
     from ..core.options import Options
     from ..loaders.model_file import load_model
-    for act8 in (False, True, False, True):
+    for act8 in {"both": (False, True, False, True), "16": (False,), "8": (True,)}[act]:
         m = Model(load_model(model), device=None, n_ctx=64, load_tokenizer=False, options=Options(cpu_act8=act8))
         cpu = m.by_name["cpu"]
         nodes = [nd for nd in m.graph.nodes if nd.op is Op.MOE]

@@ -10,7 +10,9 @@ export PYTHONPATH=/tmp/site:/tmp/p
 M=/root/models; mkdir -p $M
 synth() {  # synth NAME PRESET TYPE [args]: write once per machine
   local f=$M/$1.gguf; shift
-  [ -f $f ] || python3 -m lstream.tools.synth_model "$@" $f 2>&1 | tail -1
+  [ -f $f ] && return
+  mkdir -p $M/part && python3 -m lstream.tools.synth_model "$@" $M/part/$(basename $f) 2>&1 | tail -1
+  mv $M/part/$(basename $f) $f  # whole or absent: a section run beside a background synth never reads half
 }
 llama_cpp() {  # a CUDA llama.cpp for sm_90 in /root/lc/bin (shared libs: one copy of ggml-cuda)
   [ -x /root/lc/bin/llama-bench ] && return

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs cpupf bg bgwait (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -187,10 +187,21 @@ moetgs)
   s "MoE decode side by side on the full Qwen3-30B-A3B shape: -ncmoe \${MOE_NC:-48,24}; lstream with --moe-share \${TG_SHARES:-0,3}"
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 150 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -fa 1 -r 3 -o md -lm ${LLM:-none}
-  for sh in $(echo ${TG_SHARES:-0,3} | tr , ' '); do
-    timeout ${MOETG_S:-150} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} \
-      --moe-share $sh -r 3 2>&1 | grep tg32 | sed "s/$/  (--moe-share $sh)/"
-  done ;;
+  timeout ${MOETG_S:-240} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} \
+    --moe-share ${TG_SHARES:-0,3} -r 3 2>&1 | grep -v "^ *$" ;;
+bg)  # llama.cpp's build and the full MoE file in the background (CPU-heavy: put timed CPU sections after bgwait)
+  s "background: llama.cpp build, full Qwen3-30B-A3B-shaped file"
+  (renice -n 10 $BASHPID >/dev/null; llama_cpp >$OUT/lcbuild.log 2>&1) & BGP="$!"
+  (synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8; synth q3moe qwen3-30b-a3b Q4_0) >$OUT/synth.log 2>&1 & BGP="$BGP $!" ;;
+bgwait)
+  s "waiting for the background jobs"; wait $BGP; s "background done"; cat $OUT/lcbuild.log $OUT/synth.log | tail -5 ;;
+cpupf)
+  s "host expert kernel by software prefetch distance (LSTREAM_CPU_PREFETCH \${PF_LIST:-0,2048,4096} bytes), alternated, 8-layer shape"
+  synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
+  for r in 1 2; do for pf in $(echo ${PF_LIST:-0,2048,4096} | tr , ' '); do
+    LSTREAM_CPU_PREFETCH=$pf NUMBA_CACHE_DIR=/tmp/nc_pf$pf timeout 100 python3 -m lstream.tools.bench_cpu_moe \
+      $M/q3moe8.gguf -t ${CM_T:-16} -n 400 --act ${PF_ACT:-8} 2>&1 | grep -v "^ *$" | sed "s/$/  (prefetch $pf)/"
+  done; done ;;
 hopab)
   llama_cpp
   s "host-expert decode: hops in one graph (default) against replayed segments (LSTREAM_HOP_GRAPHS=0), 8-layer shape, -ncmoe \${HA_NC:-8,4}; llama.cpp beside"

@@ -48,6 +48,16 @@ def declare(builder, name: str, ret, argtys):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
 
 
+def prefetch(builder, p) -> None:
+    """A read prefetch of the cache line at byte pointer p into all cache levels (never faults: p may
+    run past the array's end)."""
+    opaque = getattr(ir.PointerType(I8), "is_opaque", False)  # llvmlite >= 0.44 on LLVM 15+: ptr
+    f = declare(builder, "llvm.prefetch.p0" if opaque else "llvm.prefetch.p0i8", ir.VoidType(),
+                [I8.as_pointer(), I32, I32, I32])
+    builder.call(f, [builder.bitcast(p, I8.as_pointer()), ir.Constant(I32, 0), ir.Constant(I32, 3),
+                     ir.Constant(I32, 1)])
+
+
 def array_data(context, builder, aty, aval):
     """Pointer to the first element of a numba array argument."""
     return context.make_array(aty)(context, builder, aval).data

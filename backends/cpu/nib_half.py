@@ -26,15 +26,22 @@ call (1 or 4): the 4-token dot is bitwise the 1-token one.
 """
 from __future__ import annotations
 
+import os
+
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
 from .llvm_ir import (F16, F32, I8, I16, V4F, V4I32, V8F, V8I16, V8I32, V16I16, V32I8, array_data, byte_nibbles,
-                      counted_loop, declare, dot_bytes, hsum4, i64, nibbles, splat, with_high_bits, HAVE_VNNI)
+                      counted_loop, declare, dot_bytes, hsum4, i64, nibbles, prefetch, splat, with_high_bits,
+                      HAVE_VNNI)
 
 V4H = ir.VectorType(F16, 4)
 G = 4  # blocks per group: their 4 scales in one vcvtph2ps / vmulps (xmm: whole uops on this Zen)
+# Software prefetch distance of the 4-bit layouts' row dots, in bytes of nibbles ahead (0: none). Why:
+# the decode GEMVs stream weights once from DRAM; a core's hardware prefetcher stops at each 4 KiB page
+# and runs a short way ahead, so a core reads far below its share of the host's bandwidth.
+PF_BYTES = int(os.environ.get("LSTREAM_CPU_PREFETCH", "2048"))
 N4 = 4  # tokens of the multi-token dot (matmul_multi.N_MULTI)
 
 
@@ -147,6 +154,10 @@ def row_dots(builder, q_p, qh_p, d_p, m_p, xq, xd, xs, rb, nb, mmul, act8=False)
 
         def group8(g, *acc8):  # blocks 4g .. 4g+3 two at a time
             base = builder.shl(g, i64(2))
+            if PF_BYTES:  # a group is one cache line of nibbles; its scales 8 bytes (the line PF/8 ahead)
+                blk = builder.add(rb, base)
+                prefetch(builder, builder.gep(q_p, [builder.add(builder.mul(blk, i64(16)), i64(PF_BYTES))]))
+                prefetch(builder, builder.gep(d_p, [builder.add(builder.mul(blk, i64(2)), i64(PF_BYTES // 8))]))
             d4 = f16x4(d_h, builder.add(rb, base))
             s4 = [builder.fmul(d4, f32x4(xd[t], base)) for t in range(n)]
             acc8 = list(acc8)

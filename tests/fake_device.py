@@ -147,6 +147,11 @@ class FakeRuntime:
             raise ValueError(f"2-D copy of {height} x {width} bytes from {offset}: src has {src.numel()}")
         return (dst, dst_pitch, src, offset, pitch, width, height)
 
+    @classmethod
+    def retarget(cls, desc, src, offset, pitch):
+        dst, dst_pitch, _, _, _, width, height = desc
+        return cls.rows_copy(dst, dst_pitch, src, offset, pitch, width, height)
+
     def issue_copy(self, desc, stream):
         self.copy_rows(*desc, stream)
 

@@ -26,7 +26,7 @@ class HopShare:
         self.n_share = n_share
         self._w_pin = self.rt.alloc_host(4 * box.n * n_share)[0].view(torch.float32).view(box.n, n_share)
         self._w_np = self._w_pin.numpy()
-        self._descs: dict[tuple, object] = {}  # (layer's arena offset, slot, expert) -> its copy's descriptor
+        self._slots: dict = {}  # (slot, expert bytes) -> a copy descriptor retargeted to each expert
         self._w_dev = torch.empty((box.n, n_share), dtype=torch.float32, device=backend.device)
         self._ids = torch.arange(n_share, dtype=torch.int64, device=backend.device).view(1, n_share)
         self.layers: list = [None] * box.n  # hop -> (experts taken, ExpertShare.layer's operands) or None
@@ -59,15 +59,14 @@ class HopShare:
         if self.layers[j] is None:
             return None
         n, (base, pitch, eb, buf, _) = self.layers[j]
-        k, rt, descs = ids.shape[1], self.rt, self._descs
+        k, rt, es = ids.shape[1], self.rt, self.be._share
         self._w_np[j, :n] = w[0, k - n:]
-        cs = rt.copy_stream
-        for i, e in enumerate(ids[0, k - n:].tolist()):  # (descriptors made once: this is every hop's host work)
-            d = descs.get((base, i, e))
-            if d is None:
-                es = self.be._share
-                d = descs[(base, i, e)] = rt.rows_copy(buf[0, i], es.n_max * eb, es.st.buf, base + e * eb, pitch, eb, 3)
-            rt.issue_copy(d, cs)
+        cs, src = rt.copy_stream, es.st.buf
+        for i, e in enumerate(ids[0, k - n:].tolist()):  # (a hop's host work: nothing built, one call a copy)
+            d = self._slots.get((i, eb))
+            if d is None:  # (layers of other quant types: other widths)
+                d = self._slots[(i, eb)] = rt.rows_copy(buf[0, i], es.n_max * eb, src, base, pitch, eb, 3)
+            rt.issue_copy(rt.retarget(d, src, base + e * eb, pitch), cs)
         self.rt.write_value(self.box.flag_address(2, j), 1, cs)
         self.experts_computed += n
         take = np.zeros(ids.shape, dtype=bool)

@@ -68,6 +68,15 @@ class CudaRuntime:
         return _desc(dst.data_ptr(), dst_pitch, src.data_ptr() + offset, pitch, width, height)
 
     @staticmethod
+    def retarget(desc, src: torch.Tensor, offset: int, pitch: int):
+        """rows_copy's descriptor read from byte `offset` of src, rows `pitch` apart, instead: changed in
+        place (the driver reads it when a copy is issued), so a hop's copies build nothing."""
+        if offset + (desc.Height - 1) * pitch + desc.WidthInBytes > src.numel():
+            raise ValueError(f"2-D copy of {desc.Height} x {desc.WidthInBytes} bytes from {offset}: src has {src.numel()}")
+        desc.srcHost, desc.srcPitch = src.data_ptr() + offset, pitch
+        return desc
+
+    @staticmethod
     def issue_copy(desc, stream) -> None:
         _issue(desc, stream)
 

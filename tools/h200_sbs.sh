@@ -186,9 +186,9 @@ moetgs)
   llama_cpp
   s "MoE decode side by side on the full Qwen3-30B-A3B shape: -ncmoe \${MOE_NC:-48,24}; lstream with --moe-share \${TG_SHARES:-0,3}"
   synth q3moe qwen3-30b-a3b Q4_0
-  timeout 150 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -fa 1 -r 3 -o md -lm ${LLM:-none}
+  timeout 150 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -fa 1 -r 3 -o md -lm ${LLM:-none} ${MOETG_T:+-t $MOETG_T}
   timeout ${MOETG_S:-240} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} \
-    --moe-share ${TG_SHARES:-0,3} -r 3 2>&1 | grep -v "^ *$" ;;
+    --moe-share ${TG_SHARES:-0,3} -r 3 ${MOETG_T:+-t $MOETG_T} 2>&1 | grep -v "^ *$" ;;
 bg)  # llama.cpp's build and the full MoE file in the background (CPU-heavy: put timed CPU sections after bgwait)
   s "background: llama.cpp build, full Qwen3-30B-A3B-shaped file"
   (renice -n 10 $BASHPID >/dev/null; llama_cpp >$OUT/lcbuild.log 2>&1) & BGP="$!"

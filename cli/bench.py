@@ -66,6 +66,22 @@ class Printer:
 FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 
 
+def _shares(ctx, param, value):
+    """--moe-share: comma lists of counts and ranges, or 'auto' (MOE_SHARE_AUTO: half a token's experts)."""
+    from ..core.options import MOE_SHARE_AUTO
+    out = []
+    for text in value or ():
+        for part in str(text).split(","):
+            if part.strip() == "auto":
+                out.append(MOE_SHARE_AUTO)
+                continue
+            try:
+                out += parse_values(part, "--moe-share", 0)
+            except click.BadParameter as e:
+                raise click.BadParameter(f"{e.message} (or auto)", param_hint="--moe-share") from None
+    return out
+
+
 @click.command()
 @click.option("-m", "--model", "models", multiple=True, help="model (repeatable); default smollm2-135m")
 @click.option("-p", "--n-prompt", "p", multiple=True, default=["512"], show_default=True, callback=values_option(0))
@@ -88,9 +104,9 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: every layer's experts stay on the host")
 @click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
               metavar="GIB", help="MoE: VRAM for recently routed host experts in decode (LRU; hits on the GPU)")
-@click.option("--moe-share", "moe_share", multiple=True, default=["0"], show_default=True, callback=values_option(0),
+@click.option("--moe-share", "moe_share", multiple=True, default=["auto"], show_default=True, callback=_shares,
               help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes there "
-                   "(a list: one load)")
+                   "(auto: half of them; a list: one load)")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,
               help="auto|threshold|never|always|split:N[:SHARE]|cost (comma list)")
 @click.option("--threshold", "thresholds", multiple=True, default=["32"], show_default=True,
@@ -108,7 +124,7 @@ FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 @one_line_errors
 def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds, reps, fmt, fmt_err,
           progress, verbose, no_warmup, profile, trace, no_cuda_graphs=False, no_layer_major=False, ncmoe=("0",),
-          cpu_moe=False, expert_cache=0, moe_share=("0",)):
+          cpu_moe=False, expert_cache=0, moe_share=(-1,)):
     """Benchmark prompt processing (pp) and generation (tg) like llama-bench.
 
     Every numeric option takes comma lists and ranges (first-last, first-last+step,
@@ -119,7 +135,7 @@ def bench(models, p, n, pg, d, b, ub, ngl, t, nopo, fa, ot, policies, thresholds
 
     gpu = cuda_available()
     grid, tests, ds = _grid(p, n, pg, d, b, ub, ngl, t, nopo, fa, policies, thresholds, gpu)
-    grid["moe_share"] = [v for text in moe_share for v in parse_values(text, "--moe-share")]
+    grid["moe_share"] = list(moe_share)
     moe = [10 ** 6] if cpu_moe else [v for text in ncmoe for v in parse_values(text, "-ncmoe")]
     choose_device(0, ot.split(";") if ot else ())  # a bad -ot, or cuda without a GPU, fails before any load
     varied = [k for k, v in grid.items() if len(v) > 1] + ["n_cpu_moe"] * (len(moe) > 1 or cpu_moe)
@@ -211,7 +227,7 @@ class _Run:
                 for (pp, tg), depth in itertools.product(self.tests, self.ds):
                     r = self._test(model, loaded, path, n_gpu, threads, nb, nub, pp, tg, depth)
                     yield dict(_row(model, loaded, path, r, nb, nub, threads, n_gpu, no_off, flash, pp, tg, depth, thr),
-                               moe_share=share), r.name
+                               moe_share="auto" if share < 0 else share), r.name
         finally:
             model.close()
 

@@ -10,7 +10,7 @@ FIELDS = ["build_commit", "build_number", "cpu_info", "gpu_info", "backends", "m
           "n_cpu_moe", "no_op_offload", "flash_attn", "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns",
           "avg_ts", "stddev_ts", "policy", "threshold", "moe_share", "bytes_streamed", "stream_gbps", "copy_hidden"]
 INT_FIELDS = {"build_number", "model_size", "model_n_params", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "n_cpu_moe",
-              "no_op_offload", "flash_attn", "n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "threshold", "moe_share",
+              "no_op_offload", "flash_attn", "n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "threshold",
               "bytes_streamed"}
 # Column header in markdown for a varied parameter.
 MD_NAMES = {"n_batch": "n_batch", "n_ubatch": "n_ubatch", "n_threads": "threads", "n_gpu_layers": "ngl", "n_cpu_moe": "n_cpu_moe",

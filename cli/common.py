@@ -96,8 +96,9 @@ def model_options(fn=None, *, n_ctx: int = 4096, min_ctx: int = 1, n_ubatch: int
         click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
                      metavar="GIB", help="MoE: VRAM for the recently routed experts of host-expert layers in decode "
                                          "(least recently used evicted; hits computed on the GPU)"),
-        click.option("--moe-share", "moe_share", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes there"),
+        click.option("--moe-share", "moe_share", default=None, callback=_share_option, metavar="N|auto",
+                     help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes "
+                          "there  [default: auto, half of them; 0: none]"),
         click.option("--expert-threshold", "expert_threshold", type=int, default=None,
                      help=f"MoE: tokens of a ubatch routed to one host expert from which it is uploaded "
                           f"(default {EXPERT_UPLOAD_THRESHOLD}; fewer: computed on the CPU)"),
@@ -138,6 +139,18 @@ def choose_device(ngl=0, overrides=(), no_fit=False, names=None, **_):
     return choice
 
 
+def _share_option(ctx, param, value):
+    """--moe-share N|auto -> N, or MOE_SHARE_AUTO (-1); None when not given (the environment's, else auto)."""
+    from ..core.options import MOE_SHARE_AUTO
+    if value is None:
+        return None
+    if str(value).strip() == "auto":
+        return MOE_SHARE_AUTO
+    if not str(value).strip().isdigit():
+        raise click.BadParameter(f"expected a count of experts (0 or more) or 'auto', found {value!r}")
+    return int(value)
+
+
 def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="auto",
                 threshold=UPLOAD_THRESHOLD, nopo=0, load_tokenizer=True, quantize=None, no_fit=False,
                 no_cuda_graphs=False, no_layer_major=False, choice=None, n_cpu_moe=0, cpu_moe=False,
@@ -153,7 +166,7 @@ def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides
         expert_threshold=expert_threshold)
     opts = Options.from_env(n_threads=threads, cuda_graphs=False if no_cuda_graphs else None,
                             layer_major=False if no_layer_major else None, cpu_act8=act8,
-                            expert_cache_gib=float(expert_cache or 0), moe_share=moe_share or None)
+                            expert_cache_gib=float(expert_cache or 0), moe_share=moe_share)
     return Model(loaded, n_gpu_layers=choice.n_gpu_layers, policy=pol, device=choice.device,
                  n_ctx=n_ctx or loaded.config.n_ctx_train, n_ubatch=n_ubatch, overrides=list(choice.overrides),
                  load_tokenizer=load_tokenizer, quantize=quantize, no_fit=no_fit, options=opts,

@@ -129,8 +129,20 @@ def test_moe_share_list_is_one_load_and_a_column(monkeypatch):
     import lstream.loaders.model_file as model_file
     real, loads = model_file.load_model, []
     monkeypatch.setattr(model_file, "load_model", lambda path: loads.append(path) or real(path))
-    res = bench("-p", "0", "-n", "4", "-r", "1", "-t", "1", "--moe-share", "0,2", "-o", "json", base=["bench"])
+    res = bench("-p", "0", "-n", "4", "-r", "1", "-t", "1", "--moe-share", "0,2", "--moe-share", "auto", "-o", "json",
+                base=["bench"])
     rows = json.loads(res.stdout)
-    assert [r["moe_share"] for r in rows] == [0, 2] and len(loads) == 1
+    assert [r["moe_share"] for r in rows] == [0, 2, "auto"] and len(loads) == 1
     md = bench("-p", "0", "-n", "4", "-r", "1", "-t", "1", "--moe-share", "0,2", base=["bench"]).stdout.splitlines()
     assert " moe-share " in md[0].split("|")
+
+
+def test_moe_share_default_is_auto_and_bad_values_are_one_line_errors():
+    from lstream.backends.cuda.hop_share import share_count
+    from lstream.core.options import MOE_SHARE_AUTO, Options
+    assert Options().moe_share == MOE_SHARE_AUTO and Options.from_env({"LSTREAM_MOE_SHARE": "0"}).moe_share == 0
+    assert [share_count(MOE_SHARE_AUTO, k) for k in (1, 2, 8)] == [0, 1, 4]  # Qwen3-MoE: 4 of 8
+    assert share_count(3, 8) == 3 and share_count(12, 8) == 8
+    for args in (["bench", "--moe-share", "half"], ["run", "--moe-share", "-2", "-p", "hi"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0 and "moe-share" in res.output and "Traceback" not in res.output, res.output

@@ -87,6 +87,29 @@ def test_expert_share_close_to_the_cpu(tiny, kind):
         assert nmse < 1e-3, (arch, share, nmse)  # bf16 as test_bf16_close_to_the_cpu
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_shares_half_the_experts(tiny):
+    """A model built as the CLI and the API build it (Options' defaults: --moe-share auto) replays
+    host-expert decode as one graph with half of each token's routed experts computed on the GPU."""
+    arch, path, ids = tiny
+    _, ref = _run(path, ids)
+    m = Model(load_model(path), n_gpu_layers=99, device="cuda", n_ctx=128, n_ubatch=16, load_tokenizer=False,
+              cpu_moe=True)
+    try:
+        gen = list(m.generate_tokens(ids[:24], 12, stop_at_eos=False))
+        hop = next(iter(m.runner.replay.hops._steps.values()), (None,) * 6)[4]
+        k = next(nd.params["top_k"] for nd in m.graph.nodes if "top_k" in nd.params)
+        if arch != "qwen2moe":  # (its shared expert keeps its MoE ops the host's)
+            assert hop is not None and {lay[0] for lay in hop.layers if lay} == {k // 2}, arch
+            assert hop.experts_computed > 0
+        m.reset()
+        logits = m.eval(ids[:24] + gen[:-1], logits="all")
+    finally:
+        m.close()
+    assert float(((logits - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3, arch
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_close_to_the_cpu(tiny, kind):
     arch, path, ids = tiny

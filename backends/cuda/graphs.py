@@ -186,7 +186,7 @@ class GraphsMixin:
     def hop_share(self, box):
         """--moe-share N in a step replayed as one graph: the device's part of each hop (hop_share.py),
         or None (no share asked, or the expert kernels unavailable)."""
-        if not self.moe_share or self.expert_cache_gib or not self._use_moe_kernels():
+        if self.moe_share == 0 or self.expert_cache_gib or not self._use_moe_kernels():
             return None
         from .hop_share import HopShare
         return HopShare(self, box, self.moe_share)

@@ -20,15 +20,22 @@ import torch
 from . import moe_kernels as mk
 
 
+def share_count(setting: int, top_k: int) -> int:
+    """Experts of a token's top_k the device takes: setting < 0 (auto) half of them (the copy engine's
+    55 GB/s and the CPU's ~65 GB/s of expert reads then take about as long), else at most top_k."""
+    return top_k // 2 if setting < 0 else min(setting, top_k)
+
+
 class HopShare:
     def __init__(self, backend, box, n_share: int):
         self.be, self.box, self.rt = backend, box, backend.rt
         self.n_share = n_share
-        self._w_pin = self.rt.alloc_host(4 * box.n * n_share)[0].view(torch.float32).view(box.n, n_share)
+        n_max = max(1, n_share if n_share >= 0 else 64)  # (auto: at most top_k // 2 of any MoE there is)
+        self._w_pin = self.rt.alloc_host(4 * box.n * n_max)[0].view(torch.float32).view(box.n, n_max)
         self._w_np = self._w_pin.numpy()
         self._slots: dict = {}  # (slot, expert bytes) -> a copy descriptor retargeted to each expert
-        self._w_dev = torch.empty((box.n, n_share), dtype=torch.float32, device=backend.device)
-        self._ids = torch.arange(n_share, dtype=torch.int64, device=backend.device).view(1, n_share)
+        self._w_dev = torch.empty((box.n, n_max), dtype=torch.float32, device=backend.device)
+        self._ids = torch.arange(n_max, dtype=torch.int64, device=backend.device).view(1, n_max)
         self.layers: list = [None] * box.n  # hop -> (experts taken, ExpertShare.layer's operands) or None
         self.experts_computed = 0
 
@@ -45,7 +52,9 @@ class HopShare:
         lay = es.layer(node) if es.n_max >= k else None
         if lay is None:
             return None
-        n = min(self.n_share, k)
+        n = min(share_count(self.n_share, k), self._w_dev.shape[1])
+        if n <= 0:
+            return None
         self.layers[j] = (n, lay)
         self.rt.wait_value(self.box.flag_address(2, j), 1, self.rt.current_stream())
         w = self._w_dev[j:j + 1, :n]

@@ -131,7 +131,7 @@ class MoEMixin:
         (ids, w: (1, top_k)), the last moe_share are copied from the pinned arena and computed here.
         Returns (mask of the pairs taken, their weighted sum on the device), or (None, None)."""
         k = ids.shape[1]
-        n = min(self.moe_share or 0, k)
+        n = min(self.moe_share or 0, k)  # (auto, < 0: off on this fallback path; hop_share.py's path shares)
         if n <= 0 or ids.shape[0] != 1 or self.expert_cache_gib or not self._use_moe_kernels():
             return None, None
         if self._share is None:

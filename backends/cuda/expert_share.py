@@ -8,7 +8,8 @@ at the same time at PCIe speed (55 GB/s), so n of them crossing to the GPU cut t
 n/8 at the price of one 2-D copy per expert (its gate, up and down rows, which lie one tensor apart
 in the arena) and two kernel launches.
 
-Off by default (--moe-share N / Options.moe_share turn it on). Measured on the H200 (8-layer
+On this segment path (LSTREAM_HOP_GRAPHS=0) only with an explicit --moe-share N; the default (auto)
+shares in steps replayed as one graph (hop_share.py). Measured on the H200 (8-layer
 Qwen3-30B-A3B shape, -ncmoe 8, tools/profile_hops.py): the CPU's expert time per layer fell with n
 as expected (400 -> 240 / 213 us at n = 4 / 5) but the share's own host work (the copies' and the
 weights' enqueueing, the graph replay, the add) cost ~200 us a layer (~600 us with the kernels

@@ -11,7 +11,7 @@ import click
 
 from .bench_output import (csv_text, json_text, jsonl_line, markdown_header, markdown_row, sql_create,
                            sql_insert)
-from .bench_params import check_pairs, check_policies, parse_pairs, parse_values, values_option
+from .bench_params import check_pairs, check_policies, parse_pairs, parse_shares, parse_values, values_option
 from .checks import at_least, threads_warning
 from .common import build_model, calibration, choose_device, one_line_errors
 from .profile_opts import profile_options
@@ -66,22 +66,6 @@ class Printer:
 FORMATS = click.Choice(["md", "csv", "json", "jsonl", "sql", "none"])
 
 
-def _shares(ctx, param, value):
-    """--moe-share: comma lists of counts and ranges, or 'auto' (MOE_SHARE_AUTO: half a token's experts)."""
-    from ..core.options import MOE_SHARE_AUTO
-    out = []
-    for text in value or ():
-        for part in str(text).split(","):
-            if part.strip() == "auto":
-                out.append(MOE_SHARE_AUTO)
-                continue
-            try:
-                out += parse_values(part, "--moe-share", 0)
-            except click.BadParameter as e:
-                raise click.BadParameter(f"{e.message} (or auto)", param_hint="--moe-share") from None
-    return out
-
-
 @click.command()
 @click.option("-m", "--model", "models", multiple=True, help="model (repeatable); default smollm2-135m")
 @click.option("-p", "--n-prompt", "p", multiple=True, default=["512"], show_default=True, callback=values_option(0))
@@ -104,7 +88,7 @@ def _shares(ctx, param, value):
 @click.option("-cmoe", "--cpu-moe", "cpu_moe", is_flag=True, help="MoE: every layer's experts stay on the host")
 @click.option("--expert-cache", "expert_cache", type=click.FloatRange(min=0), default=0, show_default=True,
               metavar="GIB", help="MoE: VRAM for recently routed host experts in decode (LRU; hits on the GPU)")
-@click.option("--moe-share", "moe_share", multiple=True, default=["auto"], show_default=True, callback=_shares,
+@click.option("--moe-share", "moe_share", multiple=True, default=["auto"], show_default=True, callback=lambda c, p, v: [x for t in v or () for x in parse_shares(t)],
               help="MoE: routed experts per token a host-expert decode layer copies to the GPU and computes there "
                    "(auto: half of them; a list: one load)")
 @click.option("--policy", "policies", multiple=True, default=["auto"], show_default=True, callback=check_policies,

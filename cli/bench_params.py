@@ -45,6 +45,22 @@ def values_option(minimum: int | None = None, maximum: int | None = None):
     return check
 
 
+def parse_shares(text: str, what: str = "--moe-share") -> list[int]:
+    """--moe-share: counts, comma lists and ranges as parse_values, or 'auto' (MOE_SHARE_AUTO: half a
+    token's routed experts)."""
+    from ..core.options import MOE_SHARE_AUTO
+    out = []
+    for part in str(text).split(","):
+        if part.strip() == "auto":
+            out.append(MOE_SHARE_AUTO)
+            continue
+        try:
+            out += parse_values(part, what, 0)
+        except click.BadParameter as e:
+            raise click.BadParameter(f"{e.message} (or auto)", param_hint=what) from None
+    return out
+
+
 def parse_pairs(text: str, what: str) -> list[tuple[int, int]]:
     """-pg PP,TG (repeatable)."""
     parts = [p.strip() for p in str(text).split(",")]

@@ -10,7 +10,7 @@ import click
 
 from ..core.batch import EXPERT_UPLOAD_THRESHOLD, UPLOAD_THRESHOLD
 from ..core.errors import LStreamError
-from .bench_params import check_policy
+from .bench_params import check_policy, parse_shares
 from .checks import at_least, check_threads, end_line, reset_line
 
 
@@ -141,14 +141,12 @@ def choose_device(ngl=0, overrides=(), no_fit=False, names=None, **_):
 
 def _share_option(ctx, param, value):
     """--moe-share N|auto -> N, or MOE_SHARE_AUTO (-1); None when not given (the environment's, else auto)."""
-    from ..core.options import MOE_SHARE_AUTO
     if value is None:
         return None
-    if str(value).strip() == "auto":
-        return MOE_SHARE_AUTO
-    if not str(value).strip().isdigit():
-        raise click.BadParameter(f"expected a count of experts (0 or more) or 'auto', found {value!r}")
-    return int(value)
+    got = parse_shares(value)
+    if len(got) != 1:
+        raise click.BadParameter(f"expected one count of experts or 'auto', found {value!r}")
+    return got[0]
 
 
 def build_model(loaded, ngl=0, threads=None, n_ctx=4096, n_ubatch=512, overrides=(), policy="auto",

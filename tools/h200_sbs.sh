@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs cpupf bg bgwait (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moegtg moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs cpupf bg bgwait (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -167,6 +167,14 @@ moegpu)
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 150 $LB -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -b 2048 -ngl 99 -fa 1 -r 2 -o md
   timeout 200 python3 -m lstream.cli bench -m $M/q3moe.gguf -p 2048 -n 32 -ub 512,2048 -ngl 99 -r 2 2>&1 | grep -v "^ *$" ;;
+moegtg)
+  llama_cpp
+  s "MoE qwen3-30b-a3b Q4_0 all on the GPU, side by side: tg32 (and pp\${GTG_P} -ub 512)"
+  synth q3moe qwen3-30b-a3b Q4_0
+  timeout 100 $LB -m $M/q3moe.gguf -p ${GTG_P:-0} -n 32 -ub 512 -ngl 99 -fa 1 -r ${GTG_R:-5} -o md
+  timeout ${GTG_S:-150} python3 -m lstream.cli bench -m $M/q3moe.gguf -p ${GTG_P:-0} -n 32 -ub 512 -ngl 99 -r ${GTG_R:-5} 2>&1 | grep -v "^ *$"
+  [ -n "${GTG_AB:-}" ] && LSTREAM_MOE_REPACK=0 timeout ${GTG_S:-150} python3 -m lstream.cli bench -m $M/q3moe.gguf -p ${GTG_P:-0} \
+    -n 32 -ub 512 -ngl 99 -r ${GTG_R:-5} 2>&1 | grep "pp\|tg" | sed "s/$/  (LSTREAM_MOE_REPACK=0)/" ;;
 moedec)
   s "MoE all on the GPU (8-layer Qwen3-30B-A3B shape): where a decode step's GPU time goes"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8

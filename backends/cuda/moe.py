@@ -29,6 +29,8 @@ from ...core.ops import Op
 from ...core.residency import HOST, State
 from . import dequant as ck
 from . import moe_kernels as mk
+from . import moe_q8
+from .repack import TYPES as REPACK_TYPES, repack
 from . import selfcheck
 
 
@@ -85,15 +87,25 @@ class MoEMixin:
     def _stack_experts(self) -> None:
         """After loading: the kernels' operands of every layer whose gate|up is stacked and down resident
         (the first path still reads the single names: views of the stack)."""
-        for gname, gu in self._gu.items():
+        for gname, gu in list(self._gu.items()):
             dname = gname.replace("ffn_gate_exps", "ffn_down_exps")
             g, d = self.residency[gname], self.residency[dname] if dname in self._experts_dev else None
             if d is None or d.qtype not in mk.TYPES:
                 continue
             n_exp, ffn, dim = g.shape
             ws = [gu.view(n_exp * 2 * ffn, -1), self._experts_dev[dname].view(n_exp * d.shape[1], -1)]
+            if self._repack_experts(g.qtype, d.qtype):  # int8 decode GEMVs (moe_q8.py); the same bytes
+                ws = [repack(ws[0], g.qtype, n_exp * 2 * ffn, dim), repack(ws[1], d.qtype, n_exp * d.shape[1], d.shape[2])]
+                for n in (gname, gname.replace("ffn_gate_exps", "ffn_up_exps"), dname):
+                    self._experts_dev[n] = None  # (the blocks: only the path without kernels read them)
+                del self._gu[gname]
             self._moe_w[gname] = (mk.Experts(g.qtype, n_exp, 2 * ffn, dim, ws[0]),
                                   mk.Experts(d.qtype, n_exp, d.shape[1], d.shape[2], ws[1]))
+
+    def _repack_experts(self, *qtypes) -> bool:
+        """Resident experts in repack.Packed rows where the Gluon GEMVs run (LSTREAM_MOE_REPACK=0: GGUF blocks)."""
+        return (self.device.type == "cuda" and moe_q8.HAVE_GLUON and os.environ.get("LSTREAM_MOE_REPACK") != "0"
+                and all(q in REPACK_TYPES for q in qtypes))
 
     @property
     def host_experts(self) -> list[str]:

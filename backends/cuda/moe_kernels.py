@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ...core.qtypes import QType
 from . import dequant as ck
-from . import gemv_q8
+from . import gemv_q8, moe_q8
 from . import qgemm as qg
 from .dequant import HAVE_TRITON, tl, triton
 from .fast_launch import launcher
@@ -257,6 +257,10 @@ def decode(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, d
     ids = ids.contiguous()
     h = torch.empty((T * k, ffn), dtype=torch.float32, device=x.device)
     y = torch.empty((T * k, down.n_rows), dtype=torch.float32, device=x.device)
+    if up is None and cfg is None and moe_q8.usable(x, gu.w) and moe_q8.usable(x, down.w):  # int8 dp4a GEMVs
+        moe_q8.launch(x, ids, None, gu.w, gu.n_rows, ffn, h, k)
+        moe_q8.launch(h, ids, wts.float().contiguous(), down.w, down.n_rows, down.n_rows, y, k)
+        return y.view(T, k, -1).sum(dim=1)
     (q, hp, b, e), rs, hs, cx = gu.ops
     (uq, uh, ub, ue), urs, uhs, _ = (up or gu).ops
     assert (urs, uhs) == (rs, hs), "gate and up experts of one format and shape"

@@ -196,8 +196,8 @@ class MoEMixin:
         kern = self._moe_w.get(names[0])
         ids, w = self._route_dev(logits, k, p["norm"], kern is not None)
         if kern is not None:
-            if is_small_batch(T) or self.dtype == torch.float32:  # GEMVs: exact fp32 products
-                return mk.decode(x, ids, w, *kern)
+            if is_small_batch(T) or self.dtype == torch.float32:  # GEMVs (fp32: exact products, no int8 x)
+                return mk.decode(x, ids, w, *kern, int8=self.dtype != torch.float32)
             return mk.prefill(x.to(self.dtype), ids, w, *kern)
         if is_small_batch(T):  # every (token, expert) pair: its blocks gathered by id, one batched product
             flat = ids.reshape(-1)

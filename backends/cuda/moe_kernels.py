@@ -216,7 +216,7 @@ def route(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, t
     ids = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
     w = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
     _launch(_k_route, (T,), logits.contiguous(), ids, w, E, KTOP=top_k, KP=triton.next_power_of_2(top_k),
-            NORM=bool(norm), BE=triton.next_power_of_2(E))
+            NORM=bool(norm), BE=triton.next_power_of_2(E), num_warps=1)  # (its reductions: warp shuffles, no shared memory)
     return ids, w
 
 
@@ -245,10 +245,11 @@ def gemv_cfg(ex: Experts, n_out: int, programs_per_row: int) -> tuple[int, int, 
 
 
 def decode(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, down: Experts,
-           cfg=None, up: Experts | None = None) -> torch.Tensor:
+           cfg=None, up: Experts | None = None, int8: bool = True) -> torch.Tensor:
     """The routed SwiGLU experts of T tokens: x (T, dim), ids/wts (T, top_k) -> (T, dim) fp32.
     Two kernel launches (gate|up with SiLU*up, weighted down) and the sum; any T, meant for a few tokens.
-    gu: gate|up stacked per expert, or with `up` given the gate alone (a slot of streamed experts)."""
+    gu: gate|up stacked per expert, or with `up` given the gate alone (a slot of streamed experts).
+    Repacked experts on a GPU with Gluon: the int8 GEMVs of moe_q8.py unless int8=False (fp32 products)."""
     T, k = ids.shape
     ffn = gu.n_rows // 2 if up is None else gu.n_rows
     if not use_kernels(x):
@@ -257,7 +258,7 @@ def decode(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, gu: Experts, d
     ids = ids.contiguous()
     h = torch.empty((T * k, ffn), dtype=torch.float32, device=x.device)
     y = torch.empty((T * k, down.n_rows), dtype=torch.float32, device=x.device)
-    if up is None and cfg is None and moe_q8.usable(x, gu.w) and moe_q8.usable(x, down.w):  # int8 dp4a GEMVs
+    if int8 and up is None and cfg is None and moe_q8.usable(x, gu.w) and moe_q8.usable(x, down.w):  # int8 dp4a GEMVs
         moe_q8.launch(x, ids, None, gu.w, gu.n_rows, ffn, h, k)
         moe_q8.launch(h, ids, wts.float().contiguous(), down.w, down.n_rows, down.n_rows, y, k)
         return y.view(T, k, -1).sum(dim=1)

@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 
-from ...core.batch import SMALL_BATCH
 from ...core.qtypes import QType
 from . import qgemm as qg
 from .repack import Packed
@@ -94,9 +93,6 @@ def matmul(x: torch.Tensor, w, qtype: QType, n_rows: int, n_cols: int, dtype: to
            dequant: Callable[[], torch.Tensor]) -> torch.Tensor:
     """y = x @ W^T in `dtype` for a prefill-sized x. w: the weight's GGUF blocks or Packed;
     dequant(): the current path's full float weight (the backend's scratch)."""
-    if qtype == QType.F32 and x.shape[0] <= SMALL_BATCH and isinstance(w, torch.Tensor) and w.is_contiguous():
-        # a float32 weight (a MoE router) at decode: read in place in fp32, no converted copy each step
-        return x.float() @ w.view(torch.float32).view(n_rows, n_cols).t()
     if not usable(x, w, qtype, dtype):
         return _cublas(x, dtype, dequant)
     key = (isinstance(w, Packed), int(w.qtype if isinstance(w, Packed) else qtype), n_rows, n_cols,

@@ -238,7 +238,8 @@ def gemv_cfg(ex: Experts, n_out: int, programs_per_row: int) -> tuple[int, int, 
     instructions per weight, 56-80 registers, no spills; 16 x 256 took 153), whole k steps of
     qgemm's format (Q6_K: 128)."""
     bn = 16
-    while bn > 4 and programs_per_row * triton.cdiv(n_out, bn) < 1056:
+    # (repacked experts: tiles of 16 rows or more; a [4, 256] tile of them gave wrong sums on the H200, 2026-12-04)
+    while bn > (16 if isinstance(ex.w, Packed) else 4) and programs_per_row * triton.cdiv(n_out, bn) < 1056:
         bn //= 2
     bk = qg._bk(128 if ex.qtype == QType.Q6_K else min(256, 2048 // bn), ex.qtype, ex.n_cols)
     return bn, bk, max(1, min(4, bn * bk // 256))  # >= 8 weights per thread (4 x 128 at 4 warps: 32 instr/weight)

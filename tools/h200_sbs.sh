@@ -20,7 +20,7 @@ tests)
   s "GPU tests"
   export LSTREAM_SMOL=$(ls $PWD/.carry*/smollm2-8l.gguf | head -1)  # python -m lstream.tools.truncate_gguf SMOLLM2 F --layers 8
   python3 -c "import transformers, tokenizers, torch, triton; print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
-  timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE ${GPU_TESTS:-tests/} 2>&1 | tee $OUT/gpu-tests.log | tail -25 ;;
+  timeout ${GPU_TESTS_S:-240} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short ${GPU_TESTS:-tests/} 2>&1 | tee $OUT/gpu-tests.log | tail -25 ;;
 readme)
   s "the README's examples with a GPU (SmolLM2's first 8 layers stand in for the 30-layer file)"
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl .carry/p*.whl 2>&1 | tail -2

@@ -69,6 +69,19 @@ if HAVE_GLUON:
         return w, s
 
     @gluon.jit
+    def _xblocks(px, e):
+        """The x blocks at px ([KB, 1, BP, 4, 4] pointers to values 0-15; 16-31 follow) as int8 words for
+        _wmul: (values 0-15, values 16-31, sum of the int8s as float, the block's scale), [KB, 1, BP] each."""
+        xa = gl.load(px).to(gl.float32)
+        xb = gl.load(px + 16).to(gl.float32)
+        amax = gl.maximum(gl.max(gl.max(gl.abs(xa), axis=4), axis=3), gl.max(gl.max(gl.abs(xb), axis=4), axis=3))
+        inv = gl.where(amax > 0, 127.0 / amax, 0.0)
+        inv5 = gl.expand_dims(gl.expand_dims(inv, 3), 4)
+        xwa, sa = _quant(xa, inv5, e)
+        xwb, sb = _quant(xb, inv5, e)
+        return xwa, xwb, (sa + sb).to(gl.float32), amax * (1.0 / 127.0)
+
+    @gluon.jit
     def _wload(pw, od, d_ptr, m_ptr, qh_ptr, BITS: gl.constexpr, HAS_MIN: gl.constexpr, HAS_QH: gl.constexpr):
         """One step's weight words, scales (and mins, fifth bits) at pw / od: what _wmul multiplies."""
         w = gl.load(pw)  # [KB, BN, 1, 4]
@@ -142,15 +155,7 @@ if HAVE_GLUON:
             if PRE:  # the last step loads itself again (in bounds, unused)
                 nx = (k0 + KB < NB).to(gl.int32) * KB
                 nw_, nw2, nd, nm, nq = _wload(pw + nx * WPB, od + nx, d_ptr, m_ptr, qh_ptr, BITS, HAS_MIN, HAS_QH)
-            xa = gl.load(px).to(gl.float32)  # values 0-15 of each block
-            xb = gl.load(px + 16).to(gl.float32)  # values 16-31
-            amax = gl.maximum(gl.max(gl.max(gl.abs(xa), axis=4), axis=3), gl.max(gl.max(gl.abs(xb), axis=4), axis=3))
-            inv = gl.where(amax > 0, 127.0 / amax, 0.0)
-            inv5 = gl.expand_dims(gl.expand_dims(inv, 3), 4)
-            xwa, sa = _quant(xa, inv5, e)
-            xwb, sb = _quant(xb, inv5, e)
-            sqf = (sa + sb).to(gl.float32)  # [KB, 1, BP]
-            dx = amax * (1.0 / 127.0)
+            xwa, xwb, sqf, dx = _xblocks(px, e)
             if PRE:
                 acc += _wmul(cw, cw2, cd, cm, cq, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
                 cw, cw2, cd, cm, cq = nw_, nw2, nd, nm, nq

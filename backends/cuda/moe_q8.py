@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .gemv import pow2_divisor
+from .gemv_q8 import _KIND
 from .gemv_q8_gluon import HAVE_GLUON
 from .repack import Packed
 
@@ -24,7 +25,7 @@ if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    from .gemv_q8_gluon import _ar, _quant, _wdot
+    from .gemv_q8_gluon import _ar, _wdot, _xblocks
 
     @gluon.jit
     def _k_q8e(x_ptr, ids_ptr, wt_ptr, qs_ptr, d_ptr, m_ptr, qh_ptr, out_ptr, N, NB, RPE, KTOP,
@@ -58,15 +59,7 @@ if HAVE_GLUON:
         acc = gl.zeros([KB, BN, 1], gl.float32, layout=L3)
         accu = gl.zeros([KB, BN, 1], gl.float32, layout=L3)
         for k0 in range(0, NB, KB):
-            xa = gl.load(px).to(gl.float32)
-            xb = gl.load(px + 16).to(gl.float32)
-            amax = gl.maximum(gl.max(gl.max(gl.abs(xa), axis=4), axis=3), gl.max(gl.max(gl.abs(xb), axis=4), axis=3))
-            inv = gl.where(amax > 0, 127.0 / amax, 0.0)
-            inv5 = gl.expand_dims(gl.expand_dims(inv, 3), 4)
-            xwa, sa = _quant(xa, inv5, e)
-            xwb, sb = _quant(xb, inv5, e)
-            sqf = (sa + sb).to(gl.float32)
-            dx = amax * (1.0 / 127.0)
+            xwa, xwb, sqf, dx = _xblocks(px, e)
             acc += _wdot(pw, od, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
             if GLU:
                 accu += _wdot(pwu, odu, d_ptr, m_ptr, qh_ptr, xwa, xwb, sqf, dx, wi, BITS, OFF, HAS_MIN, HAS_QH)
@@ -99,7 +92,6 @@ def config(n: int, n_cols: int, pairs: int) -> tuple[int, int, int, int]:
 
 
 def usable(x: torch.Tensor, p) -> bool:
-    from .gemv_q8 import _KIND
     return HAVE_GLUON and x.is_cuda and isinstance(p, Packed) and p.qtype in _KIND
 
 
@@ -107,7 +99,6 @@ def launch(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor | None, p: Pack
            n: int, out: torch.Tensor, top_k: int) -> None:
     """out (P, n) fp32 for the P = ids.numel() pairs. wts None: gate|up (p stacked per expert,
     rows_per_expert = 2n, x (T, cols)); else down (x (P, cols), out scaled by wts)."""
-    from .gemv_q8 import _KIND
     bits, off, has_min, has_qh = _KIND[p.qtype]
     pairs = ids.numel()
     bn, kb, tk, nw = config(n, p.n_cols, pairs)

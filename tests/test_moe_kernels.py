@@ -363,11 +363,13 @@ def test_gpu_qwen3_30b_shapes(qt, packed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("qt", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0], ids=str)
 @pytest.mark.parametrize("dim,ffn", [(2048, 768), (224, 96), (4096, 1408)], ids=str)
-def test_gpu_int8_expert_gemvs_against_gguf(qt, dim, ffn):
+@pytest.mark.parametrize("outliers", [0.0, 3000.0], ids=["plain", "outliers"])
+def test_gpu_int8_expert_gemvs_against_gguf(qt, dim, ffn, outliers):
     """moe_q8's GEMVs on repacked experts against gguf's dequantization in float64 (tolerance as the
     dense int8 GEMV's, 5e-4), for every 32-block type, with rows and blocks that fill no tile: 224
     columns are 7 blocks (one thread each), 96 rows; a token routed twice to one expert is not
-    possible, two tokens on the same experts are."""
+    possible, two tokens on the same experts are. With outlier features (+3000 every 97th) a block's
+    int8 scale follows its largest value, as llama.cpp's q8_1 activations do."""
     from lstream.backends.cuda import moe_q8
     E, k = 6, 3
     gu, gu_ref = _experts(qt, E, 2 * ffn, dim, 11, True, dev="cuda")
@@ -377,6 +379,7 @@ def test_gpu_int8_expert_gemvs_against_gguf(qt, dim, ffn):
         if T > 1:
             ids[1] = ids[0]
         x = torch.randn(T, dim, generator=torch.Generator().manual_seed(T)) * 3
+        x[:, 5::97] += outliers  # real models' outlier features: thousands, SwiGLU outputs past fp16's range
         assert moe_q8.usable(x.cuda(), gu.w)
         y = mk.decode(x.cuda(), ids.cuda(), wts.cuda(), gu, dn)
         assert y.shape == (T, dim) and nmse(y, reference(x, ids, wts, gu_ref, d_ref)) <= 5e-4, T

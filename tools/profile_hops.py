@@ -67,6 +67,8 @@ def main(model, ncmoe, n, threads, shares):
     acc: dict = defaultdict(float)
     K = cmoe.K
     from ..core.hop_mailbox import HostMailbox
+    from ..core.hop_replay import HopReplay
+    from ..backends.cuda.hop_share import HopShare
     saved = [(HostMailbox, "wait_posted", _timed(HostMailbox, "wait_posted", acc, "wait_post")),
              (HostMailbox, "answer", _timed(HostMailbox, "answer", acc, "answer")),
              (m.cpu, "moe_hop", _timed(m.cpu, "moe_hop", acc, "moe_hop")),
@@ -75,6 +77,10 @@ def main(model, ncmoe, n, threads, shares):
              (be, "send_up", _timed(be, "send_up", acc, "send_up")),
              (be, "copy_into", _timed(be, "copy_into", acc, "copy_in")),
              (K, "route", _timed(K, "route", acc, "route")),
+             (m.cpu, "moe_route", _timed(m.cpu, "moe_route", acc, "moe_route")),
+             (m.cpu, "moe_experts", _timed(m.cpu, "moe_experts", acc, "moe_experts")),
+             (HopShare, "issue", _timed(HopShare, "issue", acc, "share_issue")),
+             (HopReplay, "_serve", _timed(HopReplay, "_serve", acc, "serve")),
              (K, "pairs_ffn", _timed(K, "pairs_ffn", acc, "experts"))]
     last = {}
     f_pairs = saved[-1][2]
@@ -100,13 +106,20 @@ def main(model, ncmoe, n, threads, shares):
         print(f"--moe-share {share} ({path}): {wall * 1e3:.2f} ms/token ({1 / wall:.1f} t/s), {hops:.0f} hops a "
               f"token; per hop (us):")
         named = 0.0
-        for k in ("replay", "wait_post", "read_back", "moe_hop", "route", "experts", "answer", "send_up", "copy_in"):
+        inner = ("route", "experts") if acc["moe_hop#"] else ("route",) if acc["moe_route#"] else ()
+        for k in ("replay", "wait_post", "read_back", "moe_hop", "moe_route", "share_issue", "moe_experts", "route",
+                  "experts", "answer", "send_up", "copy_in"):
             if not acc[k + "#"]:
                 continue
             per = acc[k] / acc[k + "#"] * 1e6
-            named += acc[k] if k not in ("route", "experts") or not acc["moe_hop#"] else 0.0  # (inside moe_hop)
+            named += acc[k] if k not in inner else 0.0  # (inside moe_hop / moe_route)
             print(f"  {k:10s} {per:8.1f} us x {acc[k + '#'] / n:5.1f}/token = {acc[k] / n * 1e3:7.3f} ms/token")
+        if acc["moe_experts#"]:
+            named -= acc["experts"]  # (inside moe_experts)
         print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the device share, the head)")
+        if acc["serve#"]:
+            print(f"  outside the hops (launch, the layers after the last hop, the head, logits): "
+                  f"{(wall * n - acc['serve']) / n * 1e3:7.3f} ms/token")
     for obj, attr, f in saved:
         setattr(obj, attr, f)
     if last.get("a") is not None:

@@ -82,13 +82,15 @@ class HopReplay:
             try:
                 for j, (_, node, host) in enumerate(hops):
                     xs = box.wait_posted(j)
-                    for i, h in zip(node.inputs, xs):
-                        ex.check_finite(h, i, name)
-                    if share is not None and len(node.inputs) == 2:  # --moe-share: the device's part first
-                        ids, w = host.moe_route(node, xs[1])
-                        take = share.issue(j, ids, w)  # (None: a layer the device does not share)
-                        box.answer(j, host.moe_experts(node, xs[0], ids if take is None else np.where(take, -1, ids), w))
+                    if len(xs) > len(node.inputs):  # routed on the device: x, ids, weights
+                        x, ids, w = xs[0], xs[1].astype(np.int32), xs[2]  # (ids < 2^24: exact in float32)
+                        ex.check_finite(x, node.inputs[0], name)
+                        ex.check_finite(w, node.inputs[1], name)  # (non-finite logits make NaN weights)
+                        take = share.issue(j, ids, w) if share is not None else None  # (the device's part)
+                        box.answer(j, host.moe_experts(node, x, ids if take is None else np.where(take, -1, ids), w))
                     else:
+                        for i, h in zip(node.inputs, xs):
+                            ex.check_finite(h, i, name)
                         box.answer(j, host.moe_hop(node, xs))
                     self.served += 1
             finally:
@@ -119,20 +121,31 @@ class HopReplay:
         box = be.hop_mailbox(len(hops))
         share = be.hop_share(box) if getattr(be, "moe_share", 0) else None
 
+        def routed(node, xs):  # the device's routing of a hop's token(s), or None (a shared expert)
+            return be.hop_route(node, xs[1]) if len(xs) == 2 and hasattr(be, "hop_route") else None
+
         def boxed(j, k, vals):
             node = hops[j][1]
             xs = [vals[i][name] for i in node.inputs]
-            box.post(j, xs)
-            ys = share.device(j, node, xs[0]) if share is not None else None
+            rw = routed(node, xs)
+            box.post(j, xs if rw is None else [xs[0], *rw])
+            ys = share.device(j, node, xs[0], *rw) if share is not None and rw is not None else None
             y = box.take(j)
             vals[node.id] = {name: y if ys is None else y + ys}
+
+        def warm(j, k, vals):  # the segment path's hop, and the device's routing and share compiled
+            node = hops[j][1]
+            xs = [vals[i][name] for i in node.inputs]
+            rw = routed(node, xs)
+            if share is not None and rw is not None:
+                share.warm(node, xs[0], *rw)
+            return r._host_moe(plan, vals, k) or ex.run_part(plan, ctx, vals, start=k, stop=k + 1)
         ctx.graph = si
         try:
             # warm-up (kernels compiled, scratch grown) with read-back hops: a mailbox hop needs the
             # host to answer while the device runs, which an eager run issuing every launch first cannot
             with ex.session(plan, ctx):
-                self._walk(plan, ctx, hops, lambda j, k, vals: r._host_moe(plan, vals, k)
-                           or ex.run_part(plan, ctx, vals, start=k, stop=k + 1))
+                self._walk(plan, ctx, hops, warm)
             try:
                 with ex.session(plan, ctx):  # (around the capture: a replay is the walk alone)
                     graph, out = be.capture(lambda: self._walk(plan, ctx, hops, boxed), si, whole=True,

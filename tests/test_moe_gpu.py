@@ -61,12 +61,15 @@ def test_paths_give_the_cpus_greedy_tokens(tiny, kind):
 
 
 @pytest.mark.parametrize("kind", [GPU])  # on the fake device: tests/test_hop_replay.py, test_expert_share.py
-def test_expert_share_close_to_the_cpu(tiny, kind):
-    """--moe-share: of each token's routed experts in a host-expert decode layer the GPU copies and
-    computes some (real DMA of the pinned arena on the copy stream, a flag the step's graph waits on)."""
+def test_expert_share_close_to_the_cpu(tiny, kind, monkeypatch):
+    """--moe-share: of each token's routed experts in a host-expert decode layer the GPU fetches and
+    computes some: by its fetch kernel (zero-copy reads of the pinned arena, ids from the device's
+    router) or, with LSTREAM_SHARE_FETCH=0, by the host's DMA on the copy stream and a flag."""
+    from lstream.backends.cuda import hop_share
     arch, path, ids = tiny
     _, ref = _run(path, ids)
-    for share in (1, 2):
+    for share, fetch in ((1, True), (2, True), (2, False)):
+        monkeypatch.setattr(hop_share, "FETCH", fetch)
         dev = _device(kind, "bf16")  # (the shared experts run moe_kernels, as the default dtype does)
         dev.moe_share = share
         m = Model(load_model(path), n_gpu_layers=99, device_backend=dev, device=None, n_ctx=128, n_ubatch=16,
@@ -79,12 +82,13 @@ def test_expert_share_close_to_the_cpu(tiny, kind):
                     hop is not None and [lay is not None for lay in hop.layers])
             if arch != "qwen2moe":  # (its shared expert keeps its MoE ops the host's)
                 assert hop is not None and hop.experts_computed > 0, info
+                assert all(lay[2] == fetch for lay in hop.layers if lay), info
             m.reset()
             logits = m.eval(ids[:24] + gen[:-1], logits="all")
         finally:
             m.close()
         nmse = float(((logits - ref) ** 2).sum() / (ref ** 2).sum())
-        assert nmse < 1e-3, (arch, share, nmse)  # bf16 as test_bf16_close_to_the_cpu
+        assert nmse < 1e-3, (arch, share, fetch, nmse)  # bf16 as test_bf16_close_to_the_cpu
 
 
 @pytest.mark.gpu
@@ -102,7 +106,7 @@ def test_default_shares_half_the_experts(tiny):
         k = next(nd.params["top_k"] for nd in m.graph.nodes if "top_k" in nd.params)
         if arch != "qwen2moe":  # (its shared expert keeps its MoE ops the host's)
             assert hop is not None and {lay[0] for lay in hop.layers if lay} == {k // 2}, arch
-            assert hop.experts_computed > 0
+            assert hop.experts_computed > 0 and all(lay[2] for lay in hop.layers if lay)  # (the fetch kernel)
         m.reset()
         logits = m.eval(ids[:24] + gen[:-1], logits="all")
     finally:

@@ -2,7 +2,7 @@
 # Side-by-side device call: lstream (default policy unless a row says otherwise) and llama.cpp's
 # llama-bench (carried build, -fa 0 and 1: its best per row) on the same synthetic models, in one call.
 # Sections by argument: tests readme ab pre kprof gemv gemvsweep oldnew qgemm ownrows tg33 cpuattn profile pprofile
-# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moegtg moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs cpupf bg bgwait (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
+# decode depth prefill ubsweep copybound lgab ngl16 act8 cpudec serve large moe moecache moegpu moegtg moedec moehost mixprof ngl0 membw moesmall moepp moeprof moek moeold cpumoe moe8 shareab hostbw hops moetl moetg hopab moetgs cpupf fetch bg bgwait (llama.cpp carried as .carry2/llama-cuda.tar.xz.*, else
 # built: 6 minutes). Output: $OUT/sbs.log.
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
@@ -189,14 +189,21 @@ moetg)
 hops)
   s "host-expert decode hops timed per phase (8-layer Qwen3-30B-A3B shape, -ncmoe 8): tools/profile_hops.py"
   synth q3moe8 qwen3-30b-a3b Q4_0 --layers 8
-  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} ${HOPS_T:+-t $HOPS_T} 2>&1 | grep -v "^ *$" | tail -40 ;;
+  timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 -n 32 --shares ${MOE_SHARES:-0,3} ${HOPS_T:+-t $HOPS_T} 2>&1 | grep -v "^ *$" | tail -40
+  [ -n "${HOPS_AB:-}" ] && LSTREAM_SHARE_FETCH=0 timeout ${HOPS_S:-120} python3 -m lstream.tools.profile_hops $M/q3moe8.gguf --ncmoe 8 \
+    -n 32 --shares ${MOE_SHARES:-0,3} 2>&1 | grep -v "^ *$" | grep -v "expert kernel alone" | tail -30 | sed "s/^/(LSTREAM_SHARE_FETCH=0) /" ;;
 moetgs)
   llama_cpp
   s "MoE decode side by side on the full Qwen3-30B-A3B shape: -ncmoe \${MOE_NC:-48,24}; lstream with --moe-share \${TG_SHARES:-0,3}"
   synth q3moe qwen3-30b-a3b Q4_0
   timeout 150 $LB -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} -fa 1 -r 3 -o md -lm ${LLM:-none} ${MOETG_T:+-t $MOETG_T}
   timeout ${MOETG_S:-240} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 -ngl 99 -ncmoe ${MOE_NC:-48,24} \
-    --moe-share ${TG_SHARES:-0,3} -r 3 ${MOETG_T:+-t $MOETG_T} 2>&1 | grep -v "^ *$" ;;
+    --moe-share ${TG_SHARES:-0,3} -r 3 ${MOETG_T:+-t $MOETG_T} 2>&1 | grep -v "^ *$"
+  [ -n "${FETCH_AB:-}" ] && LSTREAM_SHARE_FETCH=0 timeout ${MOETG_S:-240} python3 -m lstream.cli bench -m $M/q3moe.gguf -p 0 -n 32 \
+    -ngl 99 -ncmoe ${MOE_NC:-48,24} --moe-share ${TG_SHARES:-0,3} -r 3 2>&1 | grep tg | sed "s/$/  (LSTREAM_SHARE_FETCH=0)/" ;;
+fetch)
+  s "routed experts from pinned memory to the device: the share's fetch kernel against 2-D copies"
+  timeout 120 python3 -m lstream.tools.bench_fetch --gib 8 --n 4 2>&1 ;;
 bg)  # llama.cpp's build and the full MoE file in the background (CPU-heavy: put timed CPU sections after bgwait)
   s "background: llama.cpp build, full Qwen3-30B-A3B-shaped file"
   (renice -n 10 $BASHPID >/dev/null; llama_cpp >$OUT/lcbuild.log 2>&1) & BGP="$!"

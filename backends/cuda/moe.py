@@ -220,6 +220,10 @@ class MoEMixin:
             out.index_add_(0, tok, y * w_dev[torch.as_tensor(pairs, device=self.device)][:, None])
         return out
 
+    def hop_route(self, node, logits):
+        """A host-expert hop's routing on the device (core/hop_replay.py): (ids, weights) (T, top_k)."""
+        return self._route_dev(logits, node.params["top_k"], node.params["norm"])
+
     def _route_dev(self, logits, k: int, norm: bool, kernel: bool = True):
         """core/moe.route on the device: (ids (T, k) int64, weights (T, k) fp32), no host sync: one
         launch (moe_kernels.route) where Triton runs, else torch's softmax and top-k."""

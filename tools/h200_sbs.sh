@@ -7,7 +7,7 @@
 . tools/gpu_setup.sh
 exec > >(tee -a $OUT/sbs.log) 2>&1
 for sec in "$@"; do case $sec in  # the 8B file only for the sections that read it (~50 s to write)
-  moe*|hops|hopab|tests|cpumoe|membw|hostbw|bg|bgwait|cpupf) ;; *) synth l8b llama3-8b Q4_0; break ;; esac; done
+  moe*|hops|hopab|tests|cpumoe|membw|hostbw|bg|bgwait|cpupf|fetch) ;; *) synth l8b llama3-8b Q4_0; break ;; esac; done
 B="python3 -m lstream.cli bench -m $M/l8b.gguf"
 # llama.cpp's best load mode (-lm none: weights read into its own host buffers for the copies of
 # offloaded ops; with the default memory map a 2026-12-02 call made 1210 / 690 t/s at -ngl 16 / 0

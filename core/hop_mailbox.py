@@ -1,6 +1,6 @@
 """The host's side of a decode step's expert hops served while the step's graph runs
-(core/hop_replay.py): per hop, the device posts its values (x and the router's logits) into pinned
-memory and raises a flag; the host, spinning on that flag, computes the experts, writes the answer
+(core/hop_replay.py): per hop, the device posts its values (x and its routing: expert ids and weights)
+into pinned memory and raises a flag; the host, spinning on that flag, computes the experts, writes the answer
 into pinned memory and raises the answering flag the device waits on. No host launch, copy or
 stream wait per hop: the whole step is one graph, and a hop costs the host a flag read and a write.
 

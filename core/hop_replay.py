@@ -4,8 +4,9 @@ with its expert hops served through a mailbox (core/hop_mailbox.py): a strategy 
 The segment path (StepReplay.run_segments) replays a graph per run of layers and, between two, reads
 x and the router's logits back, waits, computes the experts and sends the answer up: about 0.45 ms of
 host work a layer (launches, copies, waits, Python) beside 0.4 ms of expert compute (tools/gpu_notes.md).
-Here the device posts each hop's values into pinned memory and raises a flag, then waits in the stream
-for the host's answering flag; the host only spins, computes and answers. The step's launches, copies
+Here the device routes each hop, posts x with the expert ids and weights into pinned memory and raises
+a flag, then waits in the stream for the host's answering flag; the host only spins, computes and
+answers. The step's launches, copies
 and waits are all inside the graph.
 
 Used when every op but the host experts runs on the graphs backend and the backend offers a mailbox
@@ -73,7 +74,8 @@ class HopReplay:
         return r._logits(out, ex, si)
 
     def _serve(self, plan, ctx, hops, box, share) -> None:
-        """The hops in order, while the graph runs: wait for the posted values, route, compute, answer."""
+        """The hops in order, while the graph runs: wait for the posted values (x and the device's
+        routing, or x, the router's logits and a shared expert's output), compute, answer."""
         ex, name = self.r.ex, self.r.be.name
         hosts = list({id(h): h for _, _, h in hops}.values())
         try:

@@ -51,17 +51,7 @@ def main(model, ncmoe, n, threads, shares):
         m.eval([5 + t])
     m.synchronize()
     print(f"CPU threads {m.cpu.n_threads}, numba's threading layer {numba.threading_layer()}")
-    ref = None
-    for share in [0] + [int(v) for v in shares.split(",") if int(v)]:  # the share changes no logits
-        m.device_backend.moe_share = share
-        m.reset()
-        m.eval([1, 2, 3, 4])
-        out = np.concatenate([m.eval([5 + t]) for t in range(3)])
-        if ref is None:
-            ref = out
-        else:
-            print(f"--moe-share {share}: logits' max difference to 0's {np.abs(out - ref).max() / np.abs(ref).max():.2e} "
-                  f"of their largest, greedy tokens {'equal' if (out.reshape(3, -1).argmax(1) == ref.reshape(3, -1).argmax(1)).all() else 'DIFFER'}")
+    _share_check(m, shares)
     rep = m.runner.replay
     be = rep.be
     acc: dict = defaultdict(float)
@@ -105,26 +95,46 @@ def main(model, ncmoe, n, threads, shares):
         path = "hops in one graph" if acc["wait_post#"] else "replayed segments"
         print(f"--moe-share {share} ({path}): {wall * 1e3:.2f} ms/token ({1 / wall:.1f} t/s), {hops:.0f} hops a "
               f"token; per hop (us):")
-        named = 0.0
-        inner = ("route", "experts") if acc["moe_hop#"] else ("route",) if acc["moe_route#"] else ()
-        for k in ("replay", "wait_post", "read_back", "moe_hop", "moe_route", "share_issue", "moe_experts", "route",
-                  "experts", "answer", "send_up", "copy_in"):
-            if not acc[k + "#"]:
-                continue
-            per = acc[k] / acc[k + "#"] * 1e6
-            named += acc[k] if k not in inner else 0.0  # (inside moe_hop / moe_route)
-            print(f"  {k:10s} {per:8.1f} us x {acc[k + '#'] / n:5.1f}/token = {acc[k] / n * 1e3:7.3f} ms/token")
-        if acc["moe_experts#"]:
-            named -= acc["experts"]  # (inside moe_experts)
-        print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the device share, the head)")
-        if acc["serve#"]:
-            print(f"  outside the hops (launch, the layers after the last hop, the head, logits): "
-                  f"{(wall * n - acc['serve']) / n * 1e3:7.3f} ms/token")
+        _report(acc, wall, n)
     for obj, attr, f in saved:
         setattr(obj, attr, f)
     if last.get("a") is not None:
         _kernel_alone(f_pairs, last["a"])
     m.close()
+
+
+def _share_check(m, shares: str) -> None:
+    """The share changes no logits: each --moe-share value against 0's."""
+    ref = None
+    for share in [0] + [int(v) for v in shares.split(",") if int(v)]:
+        m.device_backend.moe_share = share
+        m.reset()
+        m.eval([1, 2, 3, 4])
+        out = np.concatenate([m.eval([5 + t]) for t in range(3)])
+        if ref is None:
+            ref = out
+            continue
+        same = (out.reshape(3, -1).argmax(1) == ref.reshape(3, -1).argmax(1)).all()
+        print(f"--moe-share {share}: logits' max difference to 0's {np.abs(out - ref).max() / np.abs(ref).max():.2e} "
+              f"of their largest, greedy tokens {'equal' if same else 'DIFFER'}")
+
+
+def _report(acc: dict, wall: float, n: int) -> None:
+    named = 0.0
+    inner = ("route", "experts") if acc["moe_hop#"] else ("route",) if acc["moe_route#"] else ()
+    for k in ("replay", "wait_post", "read_back", "moe_hop", "moe_route", "share_issue", "moe_experts", "route",
+              "experts", "answer", "send_up", "copy_in"):
+        if not acc[k + "#"]:
+            continue
+        per = acc[k] / acc[k + "#"] * 1e6
+        named += acc[k] if k not in inner else 0.0  # (inside moe_hop / moe_route)
+        print(f"  {k:10s} {per:8.1f} us x {acc[k + '#'] / n:5.1f}/token = {acc[k] / n * 1e3:7.3f} ms/token")
+    if acc["moe_experts#"]:
+        named -= acc["experts"]  # (inside moe_experts)
+    print(f"  {'rest':10s} {(wall * n - named) / n * 1e3:7.3f} ms/token (Python, checks, the device share, the head)")
+    if acc["serve#"]:
+        print(f"  outside the hops (launch, the layers after the last hop, the head, logits): "
+              f"{(wall * n - acc['serve']) / n * 1e3:7.3f} ms/token")
 
 
 def _kernel_alone(f_pairs, a) -> None:
